@@ -1,0 +1,49 @@
+# milter-wkd — the two commands a fresh Debian 12 machine needs, as root:
+#   make test   install what is missing, then ruff, mypy --strict and the test suite
+#   make demo   run the system on loopback and show it working
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Real peers the tests and the demo drive (see ../shared/RECIPES.md).
+DEBS := slapd ldap-utils postfix dovecot-core dovecot-ldap dovecot-lmtpd dovecot-imapd \
+        gnupg dirmngr gpg-wks-client gpg-wks-server sq libmilter-dev swaks nginx wrk gcc
+DEMO_ARGS ?=
+
+.PHONY: test demo debs venv lint typecheck pytest clean bench
+
+test: debs venv lint typecheck pytest
+
+debs:
+	@missing=$$(for p in $(DEBS); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
+	  done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+# The stamp follows pyproject.toml, so a re-run with nothing new costs nothing.
+venv: $(VENV)/.stamp
+$(VENV)/.stamp: pyproject.toml
+	@$(PYTHON) -m venv --help >/dev/null 2>&1 || { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+lint: venv
+	$(VENV)/bin/ruff check milter_wkd tests benchmarks
+
+typecheck: venv
+	$(VENV)/bin/mypy --strict milter_wkd
+
+pytest: venv
+	$(VENV)/bin/pytest -q
+
+demo: debs venv
+	$(PY) -m milter_wkd.demo $(DEMO_ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,31 @@
+"""The typed errors every layer shares.
+
+Each carries a human reason that is safe to show to the person who caused it (a refusal
+line on stderr, an SMTP reply text, a log line). Callers turn `Unavailable` into a temporary
+failure and everything else into a permanent refusal.
+"""
+
+from __future__ import annotations
+
+
+class MilterWkdError(Exception):
+    """Base of all errors raised on purpose by milter-wkd."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+class Refused(MilterWkdError):
+    """Input that will never be accepted as it is (permanent: 5xx, exit 2)."""
+
+
+class KeyRefused(Refused):
+    """An OpenPGP key (or what claimed to be one) that cannot be published."""
+
+
+class BadAddress(Refused):
+    """A mail address that is not a plain addr-spec we are willing to handle."""

@@ -1,0 +1,411 @@
+"""Cleaning a transferable public key for publication (RFC 9580 §10.1), flood-proof.
+
+Two passes. The first walks the packets once (`packets.iter_packets`) and decides by packet
+headers and issuer subpackets alone what can possibly be kept: third-party certifications,
+user attributes, user IDs of other addresses, trust and unknown packets are dropped on the
+spot, so a key flooded with 150,000 certifications costs one linear scan and the memory of
+what survives. Self-issued candidates are bounded per component (the newest few by creation
+time), so forged "self" signatures cannot make the second pass expensive either.
+The second pass verifies every remaining self-signature (`material`) and keeps:
+
+- the primary key, its newest valid direct-key self-signature and newest valid revocation;
+- for each allowed address exactly ONE user ID: the one with the newest valid
+  self-certification, unless a newer valid self-revocation revoked it;
+- every subkey with a valid binding: its newest binding and newest valid revocation
+  (expired and revoked subkeys stay, so that clients holding old copies learn of them).
+
+Dropped on purpose, and documented in README.md:
+- third-party certifications, and with them first-party attestations of third-party
+  certifications (1PA3PC, sig type 0x16): they attest signatures we never publish;
+- revocations by designated revokers: we cannot verify them without the revoker's key;
+- signatures of versions other than 4 and signatures without a creation time.
+
+Errors: `KeyRefused` with a human reason for every input we will not publish; nothing else
+escapes for any input bytes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from milter_wkd.errors import KeyRefused
+from milter_wkd.openpgp import packets as pk
+from milter_wkd.openpgp.material import (
+    PublicKey,
+    Signature,
+    parse_public_key,
+    parse_signature,
+    user_id_hash_prefix,
+)
+from milter_wkd.values import Address, address_of_user_id
+
+SIG_CERT_TYPES = frozenset({0x10, 0x11, 0x12, 0x13})
+SIG_CERT_REVOCATION = 0x30
+SIG_SUBKEY_BINDING = 0x18
+SIG_SUBKEY_REVOCATION = 0x28
+SIG_DIRECT_KEY = 0x1F
+SIG_KEY_REVOCATION = 0x20
+SIG_ATTESTATION = 0x16
+
+_ALLOWED_TYPES = {
+    "key": frozenset({SIG_DIRECT_KEY, SIG_KEY_REVOCATION}),
+    "uid": SIG_CERT_TYPES | {SIG_CERT_REVOCATION},
+    "subkey": frozenset({SIG_SUBKEY_BINDING, SIG_SUBKEY_REVOCATION}),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Hard bounds on what a key may cost us. Defaults take a 64 MiB flooded key."""
+
+    max_input: int = 90 * 1024 * 1024
+    max_signature_packet: int = 16 * 1024
+    max_user_id: int = 2048
+    max_candidates: int = 8
+    max_user_ids: int = 64
+    max_subkeys: int = 64
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(slots=True)
+class _Candidates:
+    """The newest self-issued signatures of one component, bounded in number."""
+
+    limit: int
+    heap: list[tuple[int, int, bytes, Signature]] = field(default_factory=list)
+    counter: int = 0
+
+    def offer(self, raw: bytes, sig: Signature, stats: Counter[str]) -> None:
+        self.counter += 1
+        entry = (sig.created, self.counter, raw, sig)
+        if len(self.heap) < self.limit:
+            heapq.heappush(self.heap, entry)
+        else:
+            heapq.heappushpop(self.heap, entry)
+            stats["dropped:excess-self-signature"] += 1
+
+    def newest_first(self) -> list[tuple[bytes, Signature]]:
+        return [(raw, sig) for _, _, raw, sig in sorted(self.heap, reverse=True)]
+
+
+@dataclass(slots=True)
+class _Component:
+    kind: str  # "uid" or "subkey"
+    raw: bytes
+    body: bytes
+    candidates: _Candidates
+    key: PublicKey | None = None
+    address: Address | None = None
+
+
+@dataclass(slots=True)
+class Skeleton:
+    """What the first pass keeps: the primary key and its candidate components."""
+
+    primary_raw: bytes
+    primary: PublicKey
+    key_candidates: _Candidates
+    components: dict[tuple[str, bytes], _Component]
+    stats: Counter[str]
+
+
+def _signature_owner_check(
+    data: bytes, ref: pk.PacketRef, key_id: bytes, primary: PublicKey,
+    allowed_types: frozenset[int], stats: Counter[str], limits: Limits,
+) -> tuple[bytes, Signature] | None:
+    """Decide, cheaply and in this order, whether a signature packet can be a self-signature."""
+    if ref.body_start >= ref.end or data[ref.body_start] != 4:
+        stats["dropped:signature-not-v4"] += 1
+        return None
+    # Fast path for floods: a v4 self-signature names the key ID (or the fingerprint, which
+    # ends with it) somewhere in its body. One C-level search rejects every other issuer.
+    if data.find(key_id, ref.body_start, ref.end) < 0:
+        stats["dropped:third-party-signature"] += 1
+        return None
+    if ref.end - ref.start > limits.max_signature_packet:
+        stats["dropped:oversize-signature"] += 1
+        return None
+    body = data[ref.body_start : ref.end]
+    try:
+        sig = parse_signature(body)
+    except KeyRefused:
+        stats["dropped:malformed-signature"] += 1
+        return None
+    if not sig.issued_by(primary.fingerprint):
+        stats["dropped:third-party-signature"] += 1
+        return None
+    if sig.sig_type == SIG_ATTESTATION:
+        stats["dropped:attestation-signature"] += 1
+        return None
+    if sig.sig_type not in allowed_types:
+        stats["dropped:misplaced-signature"] += 1
+        return None
+    return data[ref.start : ref.end], sig
+
+
+def scan(data: bytes, addresses: Iterable[Address] | None, limits: Limits = DEFAULT_LIMITS,
+         ) -> Skeleton:
+    """First pass: frame the packets and keep only what could be published.
+
+    `addresses` None keeps user IDs of every address (for inspection and merging).
+    """
+    if len(data) > limits.max_input:
+        raise KeyRefused(f"key is {len(data)} octets, over the limit of {limits.max_input}")
+    if pk.looks_armored(data):
+        label, data = pk.dearmor(data)
+        if label == pk.ARMOR_PRIVATE_KEY:
+            raise KeyRefused("secret key material: refusing a private key block")
+        if label != pk.ARMOR_PUBLIC_KEY:
+            raise KeyRefused(f"armor label is {label!r}, not a public key block")
+    if not data:
+        raise KeyRefused("empty input")
+    wanted = None if addresses is None else {a.key for a in addresses}
+    stats: Counter[str] = Counter()
+    packets = pk.iter_packets(data)
+    first = next(packets)
+    if first.tag in (pk.TAG_SECRET_KEY, pk.TAG_SECRET_SUBKEY):
+        raise KeyRefused("secret key material: refusing a secret key")
+    if first.tag != pk.TAG_PUBLIC_KEY:
+        raise KeyRefused(f"input does not start with a public key packet (type {first.tag})")
+    primary = parse_public_key(data[first.body_start : first.end])
+    if not primary.can_sign:
+        raise KeyRefused(f"primary key algorithm {primary.algorithm_name} cannot certify")
+    if not primary.can_verify:
+        raise KeyRefused(f"unsupported primary key: {primary.algorithm_name} {primary.curve}")
+    key_id = primary.key_id
+    key_candidates = _Candidates(limits.max_candidates)
+    components: dict[tuple[str, bytes], _Component] = {}
+    current: _Component | None = None
+    current_kind = "key"  # "key", "uid", "subkey" or "skip"
+    uid_count = 0
+    for ref in packets:
+        tag = ref.tag
+        if tag == pk.TAG_SIGNATURE:
+            if current_kind == "skip":
+                stats["dropped:signature-on-dropped-component"] += 1
+                continue
+            found = _signature_owner_check(
+                data, ref, key_id, primary, _ALLOWED_TYPES[current_kind], stats, limits)
+            if found is not None:
+                target = key_candidates if current is None else current.candidates
+                target.offer(found[0], found[1], stats)
+        elif tag == pk.TAG_USER_ID:
+            current, current_kind = None, "skip"
+            if ref.end - ref.body_start > limits.max_user_id:
+                stats["dropped:oversize-user-id"] += 1
+                continue
+            body = data[ref.body_start : ref.end]
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError:
+                stats["dropped:user-id-not-utf8"] += 1
+                continue
+            address = address_of_user_id(text)
+            if address is None:
+                stats["dropped:user-id-without-address"] += 1
+                continue
+            if wanted is not None and address.key not in wanted:
+                stats["dropped:user-id-other-address"] += 1
+                continue
+            ident = ("uid", body)
+            if ident not in components:
+                uid_count += 1
+                if uid_count > limits.max_user_ids:
+                    stats["dropped:excess-user-id"] += 1
+                    continue
+                components[ident] = _Component(
+                    "uid", data[ref.start : ref.end], body,
+                    _Candidates(limits.max_candidates), address=address)
+            current, current_kind = components[ident], "uid"
+        elif tag == pk.TAG_PUBLIC_SUBKEY:
+            current, current_kind = None, "skip"
+            body = data[ref.body_start : ref.end]
+            try:
+                subkey = parse_public_key(body)
+            except KeyRefused:
+                stats["dropped:unusable-subkey"] += 1
+                continue
+            ident = ("subkey", body)
+            if ident not in components:
+                if sum(1 for k in components if k[0] == "subkey") >= limits.max_subkeys:
+                    raise KeyRefused(f"more than {limits.max_subkeys} subkeys")
+                components[ident] = _Component(
+                    "subkey", data[ref.start : ref.end], body,
+                    _Candidates(limits.max_candidates), key=subkey)
+            current, current_kind = components[ident], "subkey"
+        elif tag == pk.TAG_USER_ATTRIBUTE:
+            current, current_kind = None, "skip"
+            stats["dropped:user-attribute"] += 1
+        elif tag in (pk.TAG_SECRET_KEY, pk.TAG_SECRET_SUBKEY):
+            raise KeyRefused("secret key material inside the key")
+        elif tag == pk.TAG_PUBLIC_KEY:
+            raise KeyRefused("more than one key in the input; submit one key at a time")
+        elif tag in (pk.TAG_COMPRESSED, pk.TAG_SED, pk.TAG_SEIPD, pk.TAG_AEAD,
+                     pk.TAG_PKESK, pk.TAG_SKESK):
+            raise KeyRefused(f"compressed or encrypted packet (type {tag}) inside a key")
+        elif tag in (pk.TAG_LITERAL, pk.TAG_ONE_PASS):
+            raise KeyRefused(f"message packet (type {tag}) inside a key")
+        elif tag == pk.TAG_TRUST:
+            stats["dropped:trust-packet"] += 1
+        else:
+            stats["dropped:unknown-packet"] += 1
+    return Skeleton(first_raw(data, first), primary, key_candidates, components, stats)
+
+
+def first_raw(data: bytes, ref: pk.PacketRef) -> bytes:
+    return data[ref.start : ref.end]
+
+
+def merge_skeletons(old: Skeleton, new: Skeleton, limits: Limits = DEFAULT_LIMITS) -> Skeleton:
+    """Union of two copies of the same key; the second pass then picks the newest."""
+    if old.primary.fingerprint != new.primary.fingerprint:
+        raise KeyRefused("the update is a different key (fingerprints differ)")
+    merged = Skeleton(old.primary_raw, old.primary, _Candidates(limits.max_candidates), {},
+                      old.stats + new.stats)
+    for source in (old, new):
+        for raw, sig in source.key_candidates.newest_first():
+            merged.key_candidates.offer(raw, sig, merged.stats)
+        for ident, comp in source.components.items():
+            target = merged.components.get(ident)
+            if target is None:
+                target = _Component(comp.kind, comp.raw, comp.body,
+                                    _Candidates(limits.max_candidates), comp.key, comp.address)
+                merged.components[ident] = target
+            seen = {raw for raw, _ in target.candidates.newest_first()}
+            for raw, sig in comp.candidates.newest_first():
+                if raw not in seen:
+                    target.candidates.offer(raw, sig, merged.stats)
+    return merged
+
+
+@dataclass(frozen=True, slots=True)
+class CleanUserID:
+    raw: bytes
+    text: str
+    address: Address
+    certification: bytes
+    signature: Signature
+
+
+@dataclass(frozen=True, slots=True)
+class CleanSubkey:
+    raw: bytes
+    key: PublicKey
+    binding: bytes
+    signature: Signature
+    revocation: bytes | None
+    revocation_signature: Signature | None
+
+
+@dataclass(frozen=True, slots=True)
+class CleanKey:
+    """A verified, publishable key: the packets to emit, in order, and their meaning."""
+
+    primary_raw: bytes
+    primary: PublicKey
+    revocation: bytes | None
+    revocation_signature: Signature | None
+    direct: bytes | None
+    direct_signature: Signature | None
+    user_ids: tuple[CleanUserID, ...]
+    subkeys: tuple[CleanSubkey, ...]
+    stats: Counter[str]
+
+    def to_bytes(self) -> bytes:
+        parts = [self.primary_raw]
+        parts += [p for p in (self.revocation, self.direct) if p is not None]
+        for uid in self.user_ids:
+            parts += [uid.raw, uid.certification]
+        for sub in self.subkeys:
+            parts += [sub.raw, sub.binding]
+            if sub.revocation is not None:
+                parts.append(sub.revocation)
+        return b"".join(parts)
+
+
+def _newest_valid(
+    signer: PublicKey, prefix: bytes, candidates: list[tuple[bytes, Signature]],
+    types: frozenset[int], now: int, stats: Counter[str],
+) -> tuple[bytes, Signature] | None:
+    for raw, sig in candidates:
+        if sig.sig_type not in types:
+            continue
+        if not signer.verify(sig, prefix):
+            stats["dropped:invalid-self-signature"] += 1
+            continue
+        expires = sig.sig_expires
+        if expires is not None and expires <= now:
+            stats["dropped:expired-self-signature"] += 1
+            continue
+        return raw, sig
+    return None
+
+
+def verify_skeleton(skeleton: Skeleton, now: int | None = None) -> CleanKey:
+    """Second pass: verify the candidates and choose what is published."""
+    now = int(time.time()) if now is None else now
+    stats = skeleton.stats
+    primary = skeleton.primary
+    key_prefix = primary.hash_prefix()
+    key_sigs = skeleton.key_candidates.newest_first()
+    revocation = _newest_valid(primary, key_prefix, key_sigs,
+                               frozenset({SIG_KEY_REVOCATION}), now, stats)
+    direct = _newest_valid(primary, key_prefix, key_sigs, frozenset({SIG_DIRECT_KEY}), now, stats)
+    best_by_address: dict[str, CleanUserID] = {}
+    subkeys: list[CleanSubkey] = []
+    for comp in skeleton.components.values():
+        candidates = comp.candidates.newest_first()
+        if comp.kind == "uid":
+            if comp.address is None:  # set for every uid component by scan()
+                continue
+            prefix = key_prefix + user_id_hash_prefix(comp.body)
+            cert = _newest_valid(primary, prefix, candidates, SIG_CERT_TYPES, now, stats)
+            if cert is None:
+                stats["dropped:user-id-without-valid-self-signature"] += 1
+                continue
+            revoked = _newest_valid(primary, prefix, candidates,
+                                    frozenset({SIG_CERT_REVOCATION}), now, stats)
+            if revoked is not None and revoked[1].created >= cert[1].created:
+                stats["dropped:revoked-user-id"] += 1
+                continue
+            entry = CleanUserID(comp.raw, comp.body.decode("utf-8"), comp.address,
+                                cert[0], cert[1])
+            previous = best_by_address.get(comp.address.key)
+            if previous is not None:
+                stats["dropped:duplicate-user-id-for-address"] += 1
+                if previous.signature.created >= entry.signature.created:
+                    continue
+            best_by_address[comp.address.key] = entry
+        else:
+            if comp.key is None:  # set for every subkey component by scan()
+                continue
+            prefix = key_prefix + comp.key.hash_prefix()
+            binding = _newest_valid(primary, prefix, candidates,
+                                    frozenset({SIG_SUBKEY_BINDING}), now, stats)
+            if binding is None:
+                stats["dropped:subkey-without-valid-binding"] += 1
+                continue
+            sub_rev = _newest_valid(primary, prefix, candidates,
+                                    frozenset({SIG_SUBKEY_REVOCATION}), now, stats)
+            subkeys.append(CleanSubkey(
+                comp.raw, comp.key, binding[0], binding[1],
+                sub_rev[0] if sub_rev else None, sub_rev[1] if sub_rev else None))
+    if not best_by_address:
+        raise KeyRefused("no user ID with a valid self-signature for any allowed address")
+    user_ids = tuple(best_by_address.values())
+    stats["kept:user-id"] = len(user_ids)
+    stats["kept:subkey"] = len(subkeys)
+    stats["kept:self-signature"] = (
+        len(user_ids) + sum(2 if s.revocation else 1 for s in subkeys)
+        + (revocation is not None) + (direct is not None))
+    return CleanKey(
+        skeleton.primary_raw, primary,
+        revocation[0] if revocation else None, revocation[1] if revocation else None,
+        direct[0] if direct else None, direct[1] if direct else None,
+        user_ids, tuple(subkeys), stats)
