@@ -59,7 +59,7 @@ def _clean(args: argparse.Namespace) -> int:
     result = openpgp.clean_key(data, addresses, limits=limits)
     out = result.key
     if args.autocrypt:
-        out = openpgp.autocrypt_keydata(data, addresses[0], limits=limits)
+        out = openpgp.autocrypt_of(result, addresses[0])
     if args.armor:
         out = openpgp.armor_key(out)
     if args.stats:

@@ -27,7 +27,8 @@ from milter_wkd.values import Address, Fingerprint
 
 __all__ = [
     "DEFAULT_LIMITS", "CleanKey", "CleanResult", "KeyInfo", "KeyRefused", "Limits",
-    "SubkeyInfo", "armor_key", "autocrypt_keydata", "clean_key", "inspect_key", "merge_keys",
+    "SubkeyInfo", "armor_key", "autocrypt_keydata", "autocrypt_of", "clean_key", "inspect_key",
+    "merge_keys",
 ]
 
 _FLAG_LETTERS = ((0x01, "c"), (0x02, "s"), (0x04, "e"), (0x08, "e"), (0x20, "a"))
@@ -185,13 +186,20 @@ def autocrypt_keydata(data: bytes, address: Address, *, limits: Limits = DEFAULT
     """The Autocrypt Level 1 keydata for one address: primary key, that address's user ID,
     its self-signature, the newest valid encryption subkey and its binding (5 packets)."""
     now = int(time.time()) if now is None else now
-    result = clean_key(data, [address], limits=limits, now=now)
+    return autocrypt_of(clean_key(data, [address], limits=limits, now=now), address, now=now)
+
+
+def autocrypt_of(result: CleanResult, address: Address, *, now: int | None = None) -> bytes:
+    """The Autocrypt keydata of an already cleaned key (see `autocrypt_keydata`)."""
+    now = int(time.time()) if now is None else now
     clean = result.clean
     if clean.revocation is not None:
         raise KeyRefused("the key is revoked")
     if result.info.expired(now):
         raise KeyRefused("the key has expired")
-    uid = clean.user_ids[0]
+    uids = [u for u in clean.user_ids if u.address.key == address.key]
+    if not uids:
+        raise KeyRefused(f"no valid user ID for {address}")
     usable = [
         (sub, info) for sub, info in zip(clean.subkeys, result.info.subkeys, strict=True)
         if "e" in info.usage and sub.revocation is None
@@ -200,6 +208,7 @@ def autocrypt_keydata(data: bytes, address: Address, *, limits: Limits = DEFAULT
     if not usable:
         raise KeyRefused("no valid encryption subkey")
     sub = max(usable, key=lambda pair: (pair[0].key.created, pair[0].signature.created))[0]
+    uid = uids[0]
     return b"".join((clean.primary_raw, uid.raw, uid.certification, sub.raw, sub.binding))
 
 

@@ -1,12 +1,13 @@
 """Cleaning a transferable public key for publication (RFC 9580 §10.1), flood-proof.
 
-Two passes. The first walks the packets once (`packets.iter_packets`) and decides by packet
-headers and issuer subpackets alone what can possibly be kept: third-party certifications,
-user attributes, user IDs of other addresses, trust and unknown packets are dropped on the
-spot, so a key flooded with 150,000 certifications costs one linear scan and the memory of
-what survives. Self-issued candidates are bounded per component (the newest few by creation
-time), so forged "self" signatures cannot make the second pass expensive either.
-The second pass verifies every remaining self-signature (`material`) and keeps:
+One linear scan (`scan`) over the packets (`packets.iter_packets`) decides by packet headers
+and issuer subpackets alone what can possibly be kept: third-party certifications (found by
+a byte search for the key ID, before any parsing), user attributes, user IDs of other
+addresses, trust and unknown packets are dropped on the spot, so a key flooded with 150,000
+certifications costs one pass and the memory of what survives. Signatures that name the
+key as issuer are verified as they arrive (`material`); only valid ones are kept, the newest
+few per component and kind, and a budget of failed verifications bounds what forged "self"
+signatures can cost. The second step (`verify_skeleton`) then keeps:
 
 - the primary key, its newest valid direct-key self-signature and newest valid revocation;
 - for each allowed address exactly ONE user ID: the one with the newest valid
@@ -18,7 +19,9 @@ Dropped on purpose, and documented in README.md:
 - third-party certifications, and with them first-party attestations of third-party
   certifications (1PA3PC, sig type 0x16): they attest signatures we never publish;
 - revocations by designated revokers: we cannot verify them without the revoker's key;
-- signatures of versions other than 4 and signatures without a creation time.
+- signatures of versions other than 4, signatures without a creation time, and
+  self-signatures without an issuer (key ID or fingerprint) subpacket naming the key;
+- subkeys of versions other than 4 and subkeys we cannot parse.
 
 Errors: `KeyRefused` with a human reason for every input we will not publish; nothing else
 escapes for any input bytes.
@@ -68,30 +71,52 @@ class Limits:
     max_candidates: int = 8
     max_user_ids: int = 64
     max_subkeys: int = 64
+    max_invalid_signatures: int = 100
 
 
 DEFAULT_LIMITS = Limits()
 
+_REVOCATIONS = frozenset({SIG_KEY_REVOCATION, SIG_CERT_REVOCATION, SIG_SUBKEY_REVOCATION})
+_Entry = tuple[int, int, bytes, Signature]
+
 
 @dataclass(slots=True)
 class _Candidates:
-    """The newest self-issued signatures of one component, bounded in number."""
+    """The newest verified self-signatures of one component, bounded in number.
+
+    Revocations and the other signatures are kept apart, so that newer bindings never push
+    a revocation out (a key revocation stays in force whatever comes after it).
+    """
 
     limit: int
-    heap: list[tuple[int, int, bytes, Signature]] = field(default_factory=list)
+    heaps: tuple[list[_Entry], list[_Entry]] = field(default_factory=lambda: ([], []))
     counter: int = 0
 
-    def offer(self, raw: bytes, sig: Signature, stats: Counter[str]) -> None:
+    def _heap(self, sig: Signature) -> list[_Entry]:
+        return self.heaps[sig.sig_type in _REVOCATIONS]
+
+    def rejects(self, raw: bytes, sig: Signature) -> str | None:
+        """Why this signature need not even be verified (None: it would be kept)."""
+        heap = self._heap(sig)
+        if any(entry[2] == raw for entry in heap):
+            return "duplicate-signature"
+        if len(heap) >= self.limit and sig.created <= heap[0][0]:
+            return "superseded-self-signature"
+        return None
+
+    def add(self, raw: bytes, sig: Signature) -> None:
+        """Keep a verified signature (after `rejects` said None)."""
         self.counter += 1
+        heap = self._heap(sig)
         entry = (sig.created, self.counter, raw, sig)
-        if len(self.heap) < self.limit:
-            heapq.heappush(self.heap, entry)
+        if len(heap) < self.limit:
+            heapq.heappush(heap, entry)
         else:
-            heapq.heappushpop(self.heap, entry)
-            stats["dropped:excess-self-signature"] += 1
+            heapq.heappushpop(heap, entry)
 
     def newest_first(self) -> list[tuple[bytes, Signature]]:
-        return [(raw, sig) for _, _, raw, sig in sorted(self.heap, reverse=True)]
+        entries = sorted([*self.heaps[0], *self.heaps[1]], reverse=True)
+        return [(raw, sig) for _, _, raw, sig in entries]
 
 
 @dataclass(slots=True)
@@ -99,6 +124,7 @@ class _Component:
     kind: str  # "uid" or "subkey"
     raw: bytes
     body: bytes
+    prefix: bytes  # what its signatures hash before their trailer
     candidates: _Candidates
     key: PublicKey | None = None
     address: Address | None = None
@@ -106,7 +132,8 @@ class _Component:
 
 @dataclass(slots=True)
 class Skeleton:
-    """What the first pass keeps: the primary key and its candidate components."""
+    """What the first pass keeps: the primary key, its components and their VERIFIED
+    self-signatures (the newest few of each kind)."""
 
     primary_raw: bytes
     primary: PublicKey
@@ -123,8 +150,10 @@ def _signature_owner_check(
     if ref.body_start >= ref.end or data[ref.body_start] != 4:
         stats["dropped:signature-not-v4"] += 1
         return None
-    # Fast path for floods: a v4 self-signature names the key ID (or the fingerprint, which
-    # ends with it) somewhere in its body. One C-level search rejects every other issuer.
+    # Fast path for floods: a signature that `issued_by` can accept carries an issuer key ID
+    # subpacket equal to key_id or an issuer fingerprint subpacket ending with it, so its
+    # body contains key_id. One C-level search rejects every other issuer before parsing;
+    # the rare false positive (key_id inside a notation or an MPI) is parsed and dropped.
     if data.find(key_id, ref.body_start, ref.end) < 0:
         stats["dropped:third-party-signature"] += 1
         return None
@@ -149,11 +178,42 @@ def _signature_owner_check(
     return data[ref.start : ref.end], sig
 
 
+@dataclass(slots=True)
+class _Verifier:
+    """Verifies self-signatures as the scan meets them, with a budget for failures.
+
+    Verifying on arrival (instead of after the scan) means forged "self" signatures (an
+    issuer subpacket is no proof) can never push the real ones out of a component's
+    candidates; the budget bounds what forgeries can cost.
+    """
+
+    primary: PublicKey
+    limit: int
+    stats: Counter[str]
+    failures: int = 0
+
+    def offer(self, target: _Candidates, prefix: bytes, raw: bytes, sig: Signature) -> None:
+        reason = target.rejects(raw, sig)
+        if reason is not None:
+            self.stats["dropped:" + reason] += 1
+            return
+        if not self.primary.verify(sig, prefix):
+            self.stats["dropped:invalid-self-signature"] += 1
+            self.failures += 1
+            if self.failures > self.limit:
+                raise KeyRefused(
+                    f"more than {self.limit} self-signatures fail verification "
+                    "(forged or corrupt)")
+            return
+        target.add(raw, sig)
+
+
 def scan(data: bytes, addresses: Iterable[Address] | None, limits: Limits = DEFAULT_LIMITS,
          ) -> Skeleton:
     """First pass: frame the packets and keep only what could be published.
 
-    `addresses` None keeps user IDs of every address (for inspection and merging).
+    Self-signatures are verified here, as they arrive. `addresses` None keeps user IDs of
+    every address (for inspection and merging).
     """
     if len(data) > limits.max_input:
         raise KeyRefused(f"key is {len(data)} octets, over the limit of {limits.max_input}")
@@ -179,11 +239,13 @@ def scan(data: bytes, addresses: Iterable[Address] | None, limits: Limits = DEFA
     if not primary.can_verify:
         raise KeyRefused(f"unsupported primary key: {primary.algorithm_name} {primary.curve}")
     key_id = primary.key_id
+    key_prefix = primary.hash_prefix()
+    verifier = _Verifier(primary, limits.max_invalid_signatures, stats)
     key_candidates = _Candidates(limits.max_candidates)
     components: dict[tuple[str, bytes], _Component] = {}
     current: _Component | None = None
     current_kind = "key"  # "key", "uid", "subkey" or "skip"
-    uid_count = 0
+    uid_count = subkey_count = 0
     for ref in packets:
         tag = ref.tag
         if tag == pk.TAG_SIGNATURE:
@@ -193,50 +255,46 @@ def scan(data: bytes, addresses: Iterable[Address] | None, limits: Limits = DEFA
             found = _signature_owner_check(
                 data, ref, key_id, primary, _ALLOWED_TYPES[current_kind], stats, limits)
             if found is not None:
-                target = key_candidates if current is None else current.candidates
-                target.offer(found[0], found[1], stats)
+                if current is None:
+                    verifier.offer(key_candidates, key_prefix, *found)
+                else:
+                    verifier.offer(current.candidates, current.prefix, *found)
         elif tag == pk.TAG_USER_ID:
             current, current_kind = None, "skip"
             if ref.end - ref.body_start > limits.max_user_id:
                 stats["dropped:oversize-user-id"] += 1
                 continue
             body = data[ref.body_start : ref.end]
-            try:
-                text = body.decode("utf-8")
-            except UnicodeDecodeError:
-                stats["dropped:user-id-not-utf8"] += 1
-                continue
-            address = address_of_user_id(text)
-            if address is None:
-                stats["dropped:user-id-without-address"] += 1
-                continue
-            if wanted is not None and address.key not in wanted:
-                stats["dropped:user-id-other-address"] += 1
-                continue
             ident = ("uid", body)
             if ident not in components:
+                address = _wanted_address(body, wanted, stats)
+                if address is None:
+                    continue
                 uid_count += 1
                 if uid_count > limits.max_user_ids:
                     stats["dropped:excess-user-id"] += 1
                     continue
                 components[ident] = _Component(
                     "uid", data[ref.start : ref.end], body,
+                    key_prefix + user_id_hash_prefix(body),
                     _Candidates(limits.max_candidates), address=address)
             current, current_kind = components[ident], "uid"
         elif tag == pk.TAG_PUBLIC_SUBKEY:
             current, current_kind = None, "skip"
             body = data[ref.body_start : ref.end]
-            try:
-                subkey = parse_public_key(body)
-            except KeyRefused:
-                stats["dropped:unusable-subkey"] += 1
-                continue
             ident = ("subkey", body)
             if ident not in components:
-                if sum(1 for k in components if k[0] == "subkey") >= limits.max_subkeys:
+                # Unusable ones count too, so that a flood of them costs little.
+                subkey_count += 1
+                if subkey_count > limits.max_subkeys:
                     raise KeyRefused(f"more than {limits.max_subkeys} subkeys")
+                try:
+                    subkey = parse_public_key(body)
+                except KeyRefused:
+                    stats["dropped:unusable-subkey"] += 1
+                    continue
                 components[ident] = _Component(
-                    "subkey", data[ref.start : ref.end], body,
+                    "subkey", data[ref.start : ref.end], body, key_prefix + subkey.hash_prefix(),
                     _Candidates(limits.max_candidates), key=subkey)
             current, current_kind = components[ident], "subkey"
         elif tag == pk.TAG_USER_ATTRIBUTE:
@@ -258,29 +316,51 @@ def scan(data: bytes, addresses: Iterable[Address] | None, limits: Limits = DEFA
     return Skeleton(first_raw(data, first), primary, key_candidates, components, stats)
 
 
+def _wanted_address(body: bytes, wanted: set[str] | None, stats: Counter[str],
+                    ) -> Address | None:
+    """The address of a user ID packet body if it may be published, else None (counted)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        stats["dropped:user-id-not-utf8"] += 1
+        return None
+    address = address_of_user_id(text)
+    if address is None:
+        stats["dropped:user-id-without-address"] += 1
+        return None
+    if wanted is not None and address.key not in wanted:
+        stats["dropped:user-id-other-address"] += 1
+        return None
+    return address
+
+
 def first_raw(data: bytes, ref: pk.PacketRef) -> bytes:
     return data[ref.start : ref.end]
 
 
 def merge_skeletons(old: Skeleton, new: Skeleton, limits: Limits = DEFAULT_LIMITS) -> Skeleton:
-    """Union of two copies of the same key; the second pass then picks the newest."""
+    """Union of two copies of the same key (signatures already verified by `scan`); the
+    second pass then picks the newest."""
     if old.primary.fingerprint != new.primary.fingerprint:
         raise KeyRefused("the update is a different key (fingerprints differ)")
     merged = Skeleton(old.primary_raw, old.primary, _Candidates(limits.max_candidates), {},
                       old.stats + new.stats)
+
+    def offer(target: _Candidates, raw: bytes, sig: Signature) -> None:
+        if target.rejects(raw, sig) is None:
+            target.add(raw, sig)
+
     for source in (old, new):
         for raw, sig in source.key_candidates.newest_first():
-            merged.key_candidates.offer(raw, sig, merged.stats)
+            offer(merged.key_candidates, raw, sig)
         for ident, comp in source.components.items():
             target = merged.components.get(ident)
             if target is None:
-                target = _Component(comp.kind, comp.raw, comp.body,
+                target = _Component(comp.kind, comp.raw, comp.body, comp.prefix,
                                     _Candidates(limits.max_candidates), comp.key, comp.address)
                 merged.components[ident] = target
-            seen = {raw for raw, _ in target.candidates.newest_first()}
             for raw, sig in comp.candidates.newest_first():
-                if raw not in seen:
-                    target.candidates.offer(raw, sig, merged.stats)
+                offer(target.candidates, raw, sig)
     return merged
 
 
@@ -330,14 +410,12 @@ class CleanKey:
 
 
 def _newest_valid(
-    signer: PublicKey, prefix: bytes, candidates: list[tuple[bytes, Signature]],
-    types: frozenset[int], now: int, stats: Counter[str],
+    candidates: list[tuple[bytes, Signature]], types: frozenset[int], now: int,
+    stats: Counter[str],
 ) -> tuple[bytes, Signature] | None:
+    """The newest unexpired signature of the given types (all candidates are verified)."""
     for raw, sig in candidates:
         if sig.sig_type not in types:
-            continue
-        if not signer.verify(sig, prefix):
-            stats["dropped:invalid-self-signature"] += 1
             continue
         expires = sig.sig_expires
         if expires is not None and expires <= now:
@@ -348,15 +426,14 @@ def _newest_valid(
 
 
 def verify_skeleton(skeleton: Skeleton, now: int | None = None) -> CleanKey:
-    """Second pass: verify the candidates and choose what is published."""
+    """Second step: choose what is published among the verified candidates."""
     now = int(time.time()) if now is None else now
     stats = skeleton.stats
     primary = skeleton.primary
-    key_prefix = primary.hash_prefix()
     key_sigs = skeleton.key_candidates.newest_first()
-    revocation = _newest_valid(primary, key_prefix, key_sigs,
+    revocation = _newest_valid(key_sigs,
                                frozenset({SIG_KEY_REVOCATION}), now, stats)
-    direct = _newest_valid(primary, key_prefix, key_sigs, frozenset({SIG_DIRECT_KEY}), now, stats)
+    direct = _newest_valid(key_sigs, frozenset({SIG_DIRECT_KEY}), now, stats)
     best_by_address: dict[str, CleanUserID] = {}
     subkeys: list[CleanSubkey] = []
     for comp in skeleton.components.values():
@@ -364,12 +441,11 @@ def verify_skeleton(skeleton: Skeleton, now: int | None = None) -> CleanKey:
         if comp.kind == "uid":
             if comp.address is None:  # set for every uid component by scan()
                 continue
-            prefix = key_prefix + user_id_hash_prefix(comp.body)
-            cert = _newest_valid(primary, prefix, candidates, SIG_CERT_TYPES, now, stats)
+            cert = _newest_valid(candidates, SIG_CERT_TYPES, now, stats)
             if cert is None:
                 stats["dropped:user-id-without-valid-self-signature"] += 1
                 continue
-            revoked = _newest_valid(primary, prefix, candidates,
+            revoked = _newest_valid(candidates,
                                     frozenset({SIG_CERT_REVOCATION}), now, stats)
             if revoked is not None and revoked[1].created >= cert[1].created:
                 stats["dropped:revoked-user-id"] += 1
@@ -385,13 +461,12 @@ def verify_skeleton(skeleton: Skeleton, now: int | None = None) -> CleanKey:
         else:
             if comp.key is None:  # set for every subkey component by scan()
                 continue
-            prefix = key_prefix + comp.key.hash_prefix()
-            binding = _newest_valid(primary, prefix, candidates,
+            binding = _newest_valid(candidates,
                                     frozenset({SIG_SUBKEY_BINDING}), now, stats)
             if binding is None:
                 stats["dropped:subkey-without-valid-binding"] += 1
                 continue
-            sub_rev = _newest_valid(primary, prefix, candidates,
+            sub_rev = _newest_valid(candidates,
                                     frozenset({SIG_SUBKEY_REVOCATION}), now, stats)
             subkeys.append(CleanSubkey(
                 comp.raw, comp.key, binding[0], binding[1],

@@ -29,6 +29,7 @@ ALGORITHM_NAMES = {
     1: "RSA", 2: "RSA-E", 3: "RSA-S", 16: "ElGamal", 17: "DSA", 18: "ECDH", 19: "ECDSA",
     20: "ElGamal-old", 22: "EdDSA", 25: "X25519", 26: "X448", 27: "Ed25519", 28: "Ed448",
 }
+_RSA = frozenset({1, 3})
 SIGNING_ALGORITHMS = frozenset({1, 3, 17, 19, 22, 27, 28})
 ENCRYPTION_ALGORITHMS = frozenset({1, 2, 16, 18, 25, 26})
 
@@ -121,7 +122,10 @@ class PublicKey:
     def verify(self, signature: Signature, signed_data: bytes) -> bool:
         """True when signature (made by this key) is valid over signed_data + its trailer."""
         hash_class = _HASHES.get(signature.hash_algorithm)
-        if hash_class is None or self._verifier is None:
+        if hash_class is None or self._verifier is None or not signature.mpis:
+            return False
+        if signature.algorithm != self.algorithm and not (
+                signature.algorithm in _RSA and self.algorithm in _RSA):
             return False
         digest_obj = hashes.Hash(hash_class())
         digest_obj.update(signed_data)
@@ -131,7 +135,8 @@ class PublicKey:
             return False
         try:
             return bool(self._verifier(signature, digest, hash_class()))
-        except (InvalidSignature, ValueError, UnsupportedAlgorithm, TypeError, OverflowError):
+        except (InvalidSignature, ValueError, UnsupportedAlgorithm, TypeError, OverflowError,
+                IndexError):
             return False
 
 

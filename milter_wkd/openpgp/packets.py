@@ -194,8 +194,10 @@ ARMOR_SIGNATURE = "PGP SIGNATURE"
 
 
 def looks_armored(data: bytes) -> bool:
-    """True when the input starts (after white space) with an armor header line."""
-    return data.lstrip()[:15] == b"-----BEGIN PGP "
+    """True when the input is armored: it does not start with a packet header octet (after
+    white space) and has an armor header line (possibly after some text, as in a mail)."""
+    head = data.lstrip()[:1]
+    return bool(head) and not head[0] & 0x80 and b"-----BEGIN PGP " in data
 
 
 def dearmor(data: bytes) -> tuple[str, bytes]:
