@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import textwrap
 import tomllib
 import types
 import typing
@@ -70,9 +71,110 @@ class KeysConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DomainConfig:
+    """One mail domain that publishes keys ([[domains]] tables, one per domain)."""
+
+    name: str = field(default="example.org", metadata=_doc("The mail domain."))
+    submission_address: str = field(default="key-submission@example.org", metadata=_doc(
+        "WKS submission address of the domain (policy and submission-address files)."))
+    submission_key: str = field(
+        default="/etc/milter-wkd/keys/example.org/submission.asc", metadata=_doc(
+            "Armored secret key of the submission address (milter-wkd domain init makes it)."))
+    auth_submit: bool = field(default=True, metadata=_doc(
+        "Publish at once when the sender is logged in (SASL); advertised as auth-submit."))
+    allow_unauthenticated: bool = field(default=True, metadata=_doc(
+        "Accept submissions from senders who are not logged in, by the WKS confirmation "
+        "round trip."))
+    mailbox_only: bool = field(default=True, metadata=_doc(
+        "Advertise mailbox-only: published user IDs are bare addresses or 'Name <addr>'."))
+    dkim_selector: str = field(default="wkd", metadata=_doc(
+        "DKIM selector for mail milter-wkd generates or signs for this domain."))
+    dkim_key: str = field(default="", metadata=_doc(
+        "PEM private key for DKIM (empty: generated mail is not signed by milter-wkd)."))
+
+
+@dataclass(frozen=True, slots=True)
+class MilterConfig:
+    socket: str = field(default="unix:/run/milter-wkd/milter.sock", metadata=_doc(
+        "Where the milter listens: unix:/path or inet:PORT@127.0.0.1."))
+    timeout: int = field(default=600, metadata=_doc(
+        "Seconds the MTA may take between milter commands."))
+    max_submission_bytes: int = field(default=64 * 1024 * 1024, metadata=_doc(
+        "Largest submission mail collected; larger ones are refused with 552 5.3.4."))
+    pending_days: int = field(default=3, metadata=_doc(
+        "Days a WKS confirmation request stays valid."))
+    max_pending_per_address: int = field(default=3, metadata=_doc(
+        "Confirmation requests per address within pending_days (mail-bomb protection)."))
+    trusted_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"],
+                                        metadata=_doc(
+        "Clients whose mail counts as our users' own without SASL (webmail hosts)."))
+    autocrypt: bool = field(default=True, metadata=_doc(
+        "Add Autocrypt headers to outgoing mail of users with a published key."))
+    prefer_encrypt_mutual: bool = field(default=False, metadata=_doc(
+        "Site default for prefer-encrypt=mutual when the user's entry does not say."))
+    strip_inbound_autocrypt: bool = field(default=False, metadata=_doc(
+        "Remove Autocrypt headers from unauthenticated mail whose From claims one of our "
+        "domains (default: leave them; receivers check them against their own state)."))
+    dkim_sign_outgoing: bool = field(default=False, metadata=_doc(
+        "DKIM-sign our users' outgoing mail in the milter, after adding Autocrypt (for "
+        "sites without an external signer)."))
+
+
+@dataclass(frozen=True, slots=True)
+class MailerConfig:
+    method: str = field(default="smtp", metadata=_doc(
+        "How generated mail leaves: smtp (to a reinjection port without milters), "
+        "sendmail (the binary below) or directory (files, for tests)."))
+    smtp_host: str = field(default="127.0.0.1", metadata=_doc("Reinjection SMTP host."))
+    smtp_port: int = field(default=10026, metadata=_doc(
+        "Reinjection SMTP port: a Postfix smtpd WITHOUT milters, so nothing loops."))
+    sendmail: str = field(default="/usr/sbin/sendmail", metadata=_doc(
+        "sendmail binary for method sendmail."))
+    directory: str = field(default="", metadata=_doc(
+        "Folder for method directory (one .eml file per message)."))
+
+
+@dataclass(frozen=True, slots=True)
+class WebConfig:
+    listen_address: str = field(default="0.0.0.0", metadata=_doc(  # noqa: S104
+        "Address `milter-wkd web` listens on (HTTPS)."))
+    port: int = field(default=443, metadata=_doc(
+        "Port `milter-wkd web` listens on. WKD clients only ever use 443."))
+    cert_file: str = field(default="/etc/milter-wkd/wkd.crt", metadata=_doc(
+        "Certificate chain (PEM) for example.org and openpgpkey.example.org of every domain."))
+    key_file: str = field(default="/etc/milter-wkd/wkd.key", metadata=_doc(
+        "Private key (PEM, PKCS#8, unencrypted) of cert_file."))
+    workers: int = field(default=0, metadata=_doc(
+        "Server worker processes; 0: one per CPU core. Each keeps its own key cache."))
+    threads: int = field(default=2, metadata=_doc(
+        "Threads per worker that run the WSGI app (blocking directory look-ups)."))
+    keep_alive_seconds: int = field(default=30, metadata=_doc(
+        "Seconds an idle keep-alive connection may wait for its next request headers."))
+    cache_bytes: int = field(default=256 * 1024 * 1024, metadata=_doc(
+        "Memory budget of a worker's key cache (answers plus bookkeeping, estimated). A "
+        "directory that fits is mirrored whole, so unknown addresses are answered from "
+        "memory; a larger one is cached least-recently-used, misses asking the directory."))
+    refresh_interval: float = field(default=0.25, metadata=_doc(
+        "Seconds between checks of the directory's change token (contextCSN)."))
+    reconcile_interval: float = field(default=300.0, metadata=_doc(
+        "Seconds between full checks that no cached entry was deleted unnoticed."))
+    max_age: int = field(default=300, metadata=_doc(
+        "Cache-Control max-age (seconds) of key, policy and submission-address answers; "
+        "404 answers use at most 60."))
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
     keys: KeysConfig = field(default_factory=KeysConfig)
+    web: WebConfig = field(default_factory=WebConfig)
+    milter: MilterConfig = field(default_factory=MilterConfig)
+    mailer: MailerConfig = field(default_factory=MailerConfig)
+    domains: list[DomainConfig] = field(default_factory=lambda: [DomainConfig()])
+
+    def domain(self, name: str) -> DomainConfig | None:
+        lowered = name.lower()
+        return next((d for d in self.domains if d.name.lower() == lowered), None)
 
 
 def _field_types(cls: type[Any]) -> dict[str, Any]:
@@ -99,6 +201,25 @@ def _check_type(section: str, name: str, value: Any, expected: Any) -> Any:
     return value
 
 
+def _build_tables(name: str, list_type: Any, data: dict[str, Any]) -> list[Any]:
+    """[[name]] tables; environment overrides do not reach into them."""
+    (item_cls,) = typing.get_args(list_type)
+    if name not in data:
+        return [item_cls()]
+    tables = data[name]
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"[[{name}]] must be a list of tables")
+    hints = _field_types(item_cls)
+    items = []
+    for index, table in enumerate(tables):
+        where = f"{name}[{index}]"
+        for unknown in set(table) - set(hints):
+            raise ConfigError(f"[[{name}]] #{index + 1}: unknown key {unknown!r}")
+        items.append(item_cls(**{k: _check_type(where, k, v, hints[k])
+                                 for k, v in table.items()}))
+    return items
+
+
 def _env_value(raw: str) -> Any:
     try:
         return tomllib.loads(f"v = {raw}")["v"]
@@ -115,6 +236,9 @@ def build(data: dict[str, Any], environ: typing.Mapping[str, str] | None = None)
         raise ConfigError(f"unknown section [{unknown}]")
     for section_name, section_field in known.items():
         section_cls = _field_types(Config)[section_name]
+        if typing.get_origin(section_cls) is list:
+            sections[section_name] = _build_tables(section_name, section_cls, data)
+            continue
         given = dict(data.get(section_name, {}))
         hints = _field_types(section_cls)
         for unknown in set(given) - set(hints):
@@ -165,10 +289,16 @@ def example() -> str:
              f"# Environment variables {ENV_PREFIX}<SECTION>_<KEY> override keys.", ""]
     defaults = Config()
     for section in dataclasses.fields(Config):
-        lines.append(f"[{section.name}]")
         value = getattr(defaults, section.name)
+        if isinstance(value, list):
+            lines.append(f"# One [[{section.name}]] table per entry.")
+            lines.append(f"[[{section.name}]]")
+            value = value[0]
+        else:
+            lines.append(f"[{section.name}]")
         for item in dataclasses.fields(value):
-            lines.append(f"# {item.metadata.get('doc', '')}")
+            doc = textwrap.wrap(item.metadata.get("doc", ""), 76, break_on_hyphens=False)
+            lines.extend(f"# {text}" for text in doc)
             lines.append(f"{item.name} = {_toml_value(getattr(value, item.name))}")
         lines.append("")
     return "\n".join(lines)

@@ -1,0 +1,57 @@
+"""The config file: defaults, the generated example, type checks, environment overrides."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from milter_wkd import config
+from milter_wkd.config import ConfigError
+
+
+def test_example_is_complete_and_loads_to_the_defaults() -> None:
+    text = config.example()
+    assert config.build(tomllib.loads(text), environ={}) == config.Config()
+    for line in text.splitlines():
+        assert len(line) <= 80, line
+
+
+def test_environment_overrides_keys() -> None:
+    cfg = config.build({}, environ={
+        "MILTER_WKD_DIRECTORY_URI": "ldap://127.0.0.1:3389/",
+        "MILTER_WKD_DIRECTORY_TIMEOUT": "5",
+        "MILTER_WKD_DIRECTORY_MAIL_ATTRIBUTES": '["mail", "mailLocalAddress"]',
+    })
+    assert cfg.directory.uri == "ldap://127.0.0.1:3389/"
+    assert cfg.directory.timeout == 5.0
+    assert cfg.directory.mail_attributes == ["mail", "mailLocalAddress"]
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"directory": {"urri": "x"}}, "unknown key 'urri'"),
+    ({"nonsense": {}}, "unknown section [nonsense]"),
+    ({"directory": {"timeout": "soon"}}, "[directory] timeout: expected float"),
+    ({"milter": {"autocrypt": 1}}, "[milter] autocrypt: expected bool"),
+    ({"domains": {"name": "x"}}, "must be a list of tables"),
+    ({"domains": [{"nam": "x"}]}, "unknown key 'nam'"),
+])
+def test_mistakes_name_the_key(data: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        config.build(data, environ={})
+
+
+def test_domains_tables(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[[domains]]\nname = "a.example"\n[[domains]]\nname = "B.example"\n'
+                    'auth_submit = false\n')
+    cfg = config.load(path, environ={})
+    assert [d.name for d in cfg.domains] == ["a.example", "B.example"]
+    found = cfg.domain("b.EXAMPLE")
+    assert found is not None
+    assert not found.auth_submit
+    assert cfg.domain("c.example") is None
+
+
+def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "nope.toml", environ={})
