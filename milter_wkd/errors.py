@@ -29,3 +29,8 @@ class KeyRefused(Refused):
 
 class BadAddress(Refused):
     """A mail address that is not a plain addr-spec we are willing to handle."""
+
+
+class MessageRefused(Refused):
+    """A mail or OpenPGP message that cannot be processed (garbage MIME, wrong parts, not
+    decryptable, oversize, a WKS request that does not match what is pending)."""
