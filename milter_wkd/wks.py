@@ -1,0 +1,447 @@
+"""The Web Key Service mail protocol (draft-koch-openpgp-webkey-service §4, GnuPG's
+tools/gpg-wks-server.c and gpg-wks-client.c as the reference) as data in, decision out.
+
+- `parse_submission`: a key publishing request, PGP/MIME `multipart/encrypted` (RFC 3156
+  §4) whose plaintext is an `application/pgp-keys` part, or the old unencrypted form;
+- `build_confirmation_request`: the draft ≥ 2 request gpg-wks-client --receive answers:
+  `multipart/signed` { `multipart/mixed` { text/plain, `application/vnd.gnupg.wks` encrypted
+  only to the submitted key } + detached signature by the submission key };
+- `parse_confirmation_response`: the client's answer (encrypted to the submission key, or
+  in the clear when the client found no key for us) carrying the nonce back;
+- `build_notice`: a plain text mail from the submission address (published, refused);
+- `new_nonce`, `nonces_equal`.
+
+Reads only the bytes it is given; no sockets, no directory, no clock (`now` is passed in).
+Mail is parsed with the standard `email` package after size caps (whole mail, header
+block, number and nesting of parts). Generated mail is bytes with CRLF line ends, ready for
+SMTP and DKIM; addresses with UTF-8 local parts need SMTPUTF8 from the mailer.
+
+Errors: anything we will not process raises `MessageRefused` (or `BadAddress`, `KeyRefused`:
+all `Refused`) with a reason fit for an SMTP reply or a log line; no other exception
+escapes for any input bytes (an unexpected error of the decrypt callback becomes a
+`MessageRefused` too).
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import hmac
+import re
+import secrets
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.headerregistry import AddressHeader
+from email.message import EmailMessage, Message
+from email.utils import format_datetime
+
+from milter_wkd.errors import MessageRefused, Refused
+from milter_wkd.openpgp import messages
+from milter_wkd.values import Address, Fingerprint
+from milter_wkd.wkd import zbase32
+
+WKS_DRAFT_VERSION = 3
+DEFAULT_MAX_MAIL = 2 * 1024 * 1024
+MAX_HEADER_BLOCK = 64 * 1024
+MAX_PARTS = 16
+MAX_DEPTH = 3
+# A WKS name-value body is five short lines; gpg-wks-server reads a few hundred octets.
+MAX_WKS_BODY = 4096
+
+SUBJECT_SUBMISSION = "Key publishing request"
+SUBJECT_CONFIRM = "Confirm your key publication"
+SUBJECT_RESPONSE = "Key publication confirmation"
+
+TYPE_PGP_KEYS = "application/pgp-keys"
+TYPE_WKS = "application/vnd.gnupg.wks"
+
+Decrypt = Callable[[bytes], bytes]
+
+_NONCE = re.compile(r"^[a-z0-9]{16,64}$")
+_NAME_VALUE = re.compile(r"^([A-Za-z][A-Za-z0-9-]*):[ \t]*(.*?)[ \t]*$")
+_PARSER = email.parser.BytesParser(policy=email.policy.default)
+
+
+def decrypter(secret_key: bytes, *, max_plaintext: int = messages.DEFAULT_MAX_PLAINTEXT,
+              ) -> Decrypt:
+    """A decrypt callback for the parsers, using the submission key's secret key."""
+    def decrypt(data: bytes) -> bytes:
+        return messages.decrypt(data, secret_key, max_plaintext=max_plaintext)
+    return decrypt
+
+
+# --- parsing ----------------------------------------------------------------------------
+
+@contextmanager
+def _mail_errors(what: str) -> Iterator[None]:
+    """Turn the email package's surprises into refusals."""
+    try:
+        yield
+    except Refused:
+        raise
+    # The stdlib header parser has raised IndexError, AttributeError, TypeError, ValueError
+    # and RecursionError on hostile headers over the years; none may escape.
+    except Exception as exc:  # noqa: BLE001
+        raise MessageRefused(f"malformed {what}: {type(exc).__name__}") from None
+
+
+def _header_block_size(raw: bytes) -> int:
+    ends = [pos for pos in (raw.find(b"\n\n"), raw.find(b"\r\n\r\n")) if pos >= 0]
+    return min(ends) if ends else len(raw)
+
+
+def _parse_entity(raw: bytes, what: str, max_size: int) -> Message:
+    if len(raw) > max_size:
+        raise MessageRefused(f"{what} is larger than {max_size} octets")
+    if _header_block_size(raw) > MAX_HEADER_BLOCK:
+        raise MessageRefused(f"{what} has more than {MAX_HEADER_BLOCK} octets of header")
+    with _mail_errors(what):
+        entity = _PARSER.parsebytes(raw)
+        _check_tree(entity, what)
+    return entity
+
+
+def _check_tree(entity: Message, what: str) -> None:
+    """Bound the MIME tree before anything walks it."""
+    count = 0
+    stack = [(entity, 0)]
+    while stack:
+        part, depth = stack.pop()
+        count += 1
+        if count > MAX_PARTS:
+            raise MessageRefused(f"{what} has more than {MAX_PARTS} MIME parts")
+        if depth > MAX_DEPTH:
+            raise MessageRefused(f"{what} nests MIME parts deeper than {MAX_DEPTH}")
+        if part.get_content_maintype() == "multipart":
+            stack.extend((child, depth + 1) for child in _children(part))
+
+
+def _children(part: Message) -> list[Message]:
+    children = part.get_payload()
+    if not part.is_multipart() or not isinstance(children, list):
+        raise MessageRefused("a multipart part without parts")
+    return [child for child in children if isinstance(child, Message)]
+
+
+def _single_header(entity: Message, name: str) -> str | None:
+    values = entity.get_all(name) or []
+    if len(values) > 1:
+        raise MessageRefused(f"more than one {name} header")
+    return str(values[0]) if values else None
+
+
+def _from_address(entity: Message) -> Address:
+    if _single_header(entity, "From") is None:
+        raise MessageRefused("no From header")
+    with _mail_errors("From header"):
+        header = entity["From"]
+        if not isinstance(header, AddressHeader):
+            raise MessageRefused("unreadable From header")
+        specs = [a.addr_spec for a in header.addresses]
+    if len(specs) != 1:
+        raise MessageRefused("From must hold exactly one address")
+    return Address.parse(specs[0])
+
+
+def _draft_version(entity: Message) -> int | None:
+    value = _single_header(entity, "Wks-Draft-Version")
+    if value is None:
+        return None
+    value = value.strip()
+    if not value.isdigit() or len(value) > 3:
+        raise MessageRefused("Wks-Draft-Version is not a number")
+    return int(value)
+
+
+def _payload(part: Message) -> bytes:
+    with _mail_errors("MIME part"):
+        data = part.get_payload(decode=True)
+    if not isinstance(data, bytes):
+        raise MessageRefused("a MIME part has no body")
+    return data
+
+
+def _pgp_mime_ciphertext(entity: Message) -> bytes:
+    """The encrypted body of an RFC 3156 §4 multipart/encrypted entity."""
+    protocol = str(entity.get_param("protocol", "") or "").strip().lower()
+    if protocol != "application/pgp-encrypted":
+        raise MessageRefused("multipart/encrypted without protocol=application/pgp-encrypted")
+    parts = _children(entity)
+    if len(parts) != 2:
+        raise MessageRefused("multipart/encrypted must have exactly two parts")
+    control, body = parts
+    if control.get_content_type() != "application/pgp-encrypted":
+        raise MessageRefused("first part of multipart/encrypted is not application/pgp-encrypted")
+    lines = [line.strip() for line in _payload(control).splitlines() if line.strip()]
+    if lines != [b"Version: 1"]:
+        raise MessageRefused("the application/pgp-encrypted part must say 'Version: 1'")
+    if body.get_content_type() != "application/octet-stream":
+        raise MessageRefused("second part of multipart/encrypted is not application/octet-stream")
+    return _payload(body)
+
+
+def _find_part(entity: Message, wanted: str) -> Message:
+    """The entity itself when it has the wanted type, or the one such child of a
+    multipart/mixed (some clients wrap the key in one, gpg's posteo form does)."""
+    if entity.get_content_type() == wanted:
+        return entity
+    if entity.get_content_type() == "multipart/mixed":
+        children = _children(entity)
+        found = [c for c in children if c.get_content_type() == wanted]
+        others = [c for c in children
+                  if c.get_content_type() != wanted and c.get_content_maintype() != "text"]
+        if len(found) == 1 and not others:
+            return found[0]
+        if len(found) > 1:
+            raise MessageRefused(f"more than one {wanted} part")
+    raise MessageRefused(f"expected a {wanted} part, found {entity.get_content_type()}")
+
+
+def _plaintext_body(plaintext: bytes, wanted: str, max_size: int) -> bytes:
+    """The body of the wanted type from a decrypted MIME entity. A plaintext without any
+    MIME header is taken as that body itself (bare armored keys, bare WKS data)."""
+    entity = _parse_entity(plaintext, "decrypted message", max_size)
+    with _mail_errors("decrypted message"):
+        if entity.get("Content-Type") is None:
+            return plaintext
+        return _payload(_find_part(entity, wanted))
+
+
+def _unwrap(raw: bytes, wanted: str, decrypt: Decrypt, max_mail: int,
+            ) -> tuple[Message, bytes, bool]:
+    """(the mail, the body of the wanted type, was it encrypted?)"""
+    mail = _parse_entity(raw, "mail", max_mail)
+    with _mail_errors("mail"):
+        if mail.get_content_type() == "multipart/encrypted":
+            ciphertext = _pgp_mime_ciphertext(mail)
+            return mail, _plaintext_body(decrypt(ciphertext), wanted, max_mail), True
+        return mail, _payload(_find_part(mail, wanted)), False
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """A key publishing request: who sent it and the key bytes as found (armored or
+    binary; run them through `openpgp.clean_key` before anything else)."""
+
+    sender: Address
+    key: bytes
+    encrypted: bool
+    draft_version: int | None
+
+
+def parse_submission(raw: bytes, decrypt: Decrypt, *,
+                     max_mail: int = DEFAULT_MAX_MAIL) -> Submission:
+    """Parse a WKS submission mail; `decrypt` opens the PGP/MIME body."""
+    mail, key, encrypted = _unwrap(raw, TYPE_PGP_KEYS, decrypt, max_mail)
+    sender = _from_address(mail)
+    if not key.strip():
+        raise MessageRefused("the application/pgp-keys part is empty")
+    return Submission(sender, key, encrypted, _draft_version(mail))
+
+
+@dataclass(frozen=True, slots=True)
+class ConfirmationResponse:
+    """A confirmation response. `address` is the address being confirmed (the From header
+    agreed with it), `submission_address` the `sender:` the client answered to."""
+
+    address: Address
+    submission_address: Address
+    nonce: str
+    encrypted: bool
+
+
+def parse_wks_data(body: bytes) -> dict[str, str]:
+    """The name-value lines of an application/vnd.gnupg.wks body (names lowercased).
+    Unknown names are kept; a repeated name is refused (which one would count?)."""
+    if len(body) > MAX_WKS_BODY:
+        raise MessageRefused(f"WKS data is larger than {MAX_WKS_BODY} octets")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MessageRefused("WKS data is not UTF-8") from None
+    fields: dict[str, str] = {}
+    for line in text.replace("\r\n", "\n").split("\n"):
+        if not line.strip():
+            continue
+        match = _NAME_VALUE.match(line)
+        if match is None or any(ord(ch) < 0x20 and ch != "\t" for ch in line):
+            raise MessageRefused(f"malformed WKS data line: {line[:60]!r}")
+        name = match.group(1).lower()
+        if name in fields:
+            raise MessageRefused(f"WKS data repeats '{name}'")
+        fields[name] = match.group(2)
+    return fields
+
+
+def _field(fields: dict[str, str], name: str) -> str:
+    value = fields.get(name)
+    if not value:
+        raise MessageRefused(f"WKS data lacks '{name}'")
+    return value
+
+
+def parse_confirmation_response(raw: bytes, decrypt: Decrypt, *,
+                                max_mail: int = DEFAULT_MAX_MAIL) -> ConfirmationResponse:
+    """Parse a WKS confirmation response mail; `decrypt` opens the PGP/MIME body."""
+    mail, body, encrypted = _unwrap(raw, TYPE_WKS, decrypt, max_mail)
+    fields = parse_wks_data(body)
+    if fields.get("type") != "confirmation-response":
+        raise MessageRefused(f"not a confirmation response: type {fields.get('type', '')[:40]!r}")
+    address = Address.parse(_field(fields, "address"))
+    submission_address = Address.parse(_field(fields, "sender"))
+    nonce = _field(fields, "nonce")
+    if not _NONCE.match(nonce):
+        raise MessageRefused("the nonce is malformed")
+    # GnuPG's server never looks at From; we insist that the confirming address sent it.
+    if _from_address(mail).key != address.key:
+        raise MessageRefused("From does not match the address being confirmed")
+    return ConfirmationResponse(address, submission_address, nonce, encrypted)
+
+
+# --- nonces -----------------------------------------------------------------------------
+
+def new_nonce() -> str:
+    """32 z-base-32 characters from 20 random octets, as gpg-wks-server makes them."""
+    return zbase32(secrets.token_bytes(20))
+
+
+def nonces_equal(expected: str, offered: str) -> bool:
+    """Compare nonces in constant time (for equal lengths)."""
+    return hmac.compare_digest(expected.encode("utf-8"), offered.encode("utf-8"))
+
+
+# --- building ---------------------------------------------------------------------------
+
+CRLF = b"\r\n"
+
+CONFIRMATION_TEXT = """\
+This message has been sent to confirm your request to publish your
+OpenPGP key for {address} (fingerprint {fingerprint}).
+If you did not request a key publication, simply ignore this message.
+
+Most mail software handles this kind of message automatically, so you
+would not have seen it. It seems that your client does not fully support
+the Web Key Service. The web page
+
+       https://gnupg.org/faq/wkd.html
+
+explains how you can process this message anyway in a few manual steps.
+"""
+
+
+def _headers(pairs: list[tuple[str, str]]) -> bytes:
+    for name, value in pairs:
+        if any(ord(ch) < 0x20 for ch in value):
+            raise MessageRefused(f"control character in the {name} header")
+    return b"".join(f"{name}: {value}".encode() + CRLF for name, value in pairs)
+
+
+def _message_id(domain: str) -> str:
+    return f"<wks.{secrets.token_hex(12)}@{domain}>"
+
+
+def _boundary() -> str:
+    return "=-=" + secrets.token_hex(12) + "=-="
+
+
+def _crlf(text: str) -> bytes:
+    return text.replace("\r\n", "\n").replace("\n", "\r\n").encode("utf-8")
+
+
+def build_confirmation_request(*, submission_address: Address, address: Address,
+                               fingerprint: Fingerprint, nonce: str, user_key: bytes,
+                               submission_secret_key: bytes, now: int) -> bytes:
+    """The confirmation request mail (draft ≥ 2 form) for a pending submission."""
+    if not _NONCE.match(nonce):
+        raise MessageRefused("the nonce is malformed")
+    wks_data = (f"type: confirmation-request\nsender: {submission_address}\n"
+                f"address: {address}\nfingerprint: {fingerprint.hex}\nnonce: {nonce}\n")
+    # Only the submitted key can read it: answering proves the secret key is held.
+    encrypted = messages.encrypt(wks_data.encode("utf-8"), [user_key], now=now)
+    mixed = _boundary()
+    signed_part = b"".join([
+        _headers([("Content-Type", f'multipart/mixed; boundary="{mixed}"')]), CRLF,
+        f"--{mixed}".encode(), CRLF,
+        _headers([("Content-Type", "text/plain; charset=utf-8"),
+                  ("Content-Transfer-Encoding", "8bit")]), CRLF,
+        _crlf(CONFIRMATION_TEXT.format(address=address, fingerprint=fingerprint.hex)),
+        f"--{mixed}".encode(), CRLF,
+        _headers([("Content-Type", TYPE_WKS), ("Content-Transfer-Encoding", "7bit")]), CRLF,
+        _crlf(encrypted.decode("ascii")),
+        f"--{mixed}--".encode(),
+    ])
+    # RFC 3156 §5: the signature covers the part exactly as sent, CRLF line ends.
+    signature = messages.sign_detached(signed_part, submission_secret_key)
+    outer = _boundary()
+    head = _headers([
+        ("From", str(submission_address)),
+        ("To", str(address)),
+        ("Subject", SUBJECT_CONFIRM),
+        ("Date", format_datetime(datetime.fromtimestamp(now, UTC))),
+        ("Message-ID", _message_id(submission_address.domain)),
+        ("Auto-Submitted", "auto-replied"),
+        ("Wks-Draft-Version", str(WKS_DRAFT_VERSION)),
+        ("Wks-Phase", "confirm"),
+        ("MIME-Version", "1.0"),
+        ("Content-Type", f'multipart/signed; micalg="pgp-sha256"; '
+                         f'protocol="application/pgp-signature"; boundary="{outer}"'),
+    ])
+    return b"".join([
+        head, CRLF,
+        b"This is an OpenPGP/MIME signed message (RFC 4880 and 3156)", CRLF,
+        f"--{outer}".encode(), CRLF,
+        signed_part, CRLF,
+        f"--{outer}".encode(), CRLF,
+        _headers([("Content-Type", 'application/pgp-signature; name="signature.asc"'),
+                  ("Content-Description", "OpenPGP digital signature")]), CRLF,
+        _crlf(signature.decode("ascii")),
+        f"--{outer}--".encode(), CRLF,
+    ])
+
+
+def _clean_text(text: str, limit: int) -> str:
+    """Drop control characters (keep newlines and tabs) from text that may quote input."""
+    return "".join(ch for ch in text[:limit] if ch in "\n\t" or ord(ch) >= 0x20)
+
+
+def build_notice(*, submission_address: Address, address: Address, subject: str, text: str,
+                 now: int, in_reply_to: str | None = None) -> bytes:
+    """A plain text mail from the submission address to `address`. `text` may quote
+    refusal reasons: control characters are dropped, the size is capped."""
+    one_line = " ".join(_clean_text(subject, 200).split())
+    # Only UTF-8 addresses need SMTPUTF8; everything else stays plain RFC 5322 + 2047.
+    ascii_only = str(submission_address).isascii() and str(address).isascii()
+    message = EmailMessage(policy=email.policy.SMTP if ascii_only else email.policy.SMTPUTF8)
+    with _mail_errors("notice"):
+        message["From"] = str(submission_address)
+        message["To"] = str(address)
+        message["Subject"] = one_line or "Web Key Service"
+        message["Date"] = format_datetime(datetime.fromtimestamp(now, UTC))
+        message["Message-ID"] = _message_id(submission_address.domain)
+        message["Auto-Submitted"] = "auto-replied"
+        if in_reply_to and re.fullmatch(r"<[\x21-\x3d\x3f-\x7e]{1,250}>", in_reply_to.strip()):
+            message["In-Reply-To"] = in_reply_to.strip()
+        message.set_content(_clean_text(text, 16 * 1024))
+        return message.as_bytes()
+
+
+def build_published_notice(*, submission_address: Address, address: Address,
+                           fingerprint: Fingerprint, now: int,
+                           in_reply_to: str | None = None) -> bytes:
+    text = (f"Your OpenPGP key {fingerprint.hex}\nis now published for {address}.\n\n"
+            "Others can find it through the Web Key Directory of your provider, e.g.\n"
+            f"  gpg --locate-keys {address}\n")
+    return build_notice(submission_address=submission_address, address=address,
+                        subject="Your key has been published", text=text, now=now,
+                        in_reply_to=in_reply_to)
+
+
+def build_refusal_notice(*, submission_address: Address, address: Address, reason: str,
+                         now: int, in_reply_to: str | None = None) -> bytes:
+    text = ("Your request to publish an OpenPGP key was refused:\n\n"
+            f"  {reason}\n\nNothing has been published or changed.\n")
+    return build_notice(submission_address=submission_address, address=address,
+                        subject="Your key publication request was refused", text=text,
+                        now=now, in_reply_to=in_reply_to)
