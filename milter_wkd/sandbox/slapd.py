@@ -1,0 +1,302 @@
+"""A private, throwaway slapd for tests, the demo and benchmarks (like python-ldap's slapdtest).
+
+`Slapd(workdir).start()` builds cn=config offline in `workdir/slapd.d` with the same LDIF
+files an administrator applies by hand (ldap/README.md): a base configuration as Debian
+installs it (schemas core, cosine, nis, inetorgperson, misc; back_mdb; database
+`olcDatabase={1}mdb` for dc=example,dc=org), then ldap/schema/*.ldif (slapadd -n0),
+ldap/config/{10-modules,20-indexes,30-access}.ldif (slapmodify -n0),
+ldap/config/40-overlays.ldif (slapadd -n0) and ldap/example-dit.ldif (slapadd -n1). It
+then runs `slapd -F workdir/slapd.d -h "ldap://127.0.0.1:PORT/ ldapi://SOCKET/"` in the
+foreground (`-d 0`, log in workdir/slapd.log) and waits until `ldapwhoami -Y EXTERNAL`
+answers. `stop()` ends that one process by pid; `start()` again keeps the data and the
+port (fault tests). Nothing outside workdir (and a short socket directory in /tmp when
+workdir's path is too long for a unix socket) is touched; the system slapd is never used.
+
+Failures raise `SlapdError` with the tool's output or the log tail.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import TypedDict
+from urllib.parse import quote
+
+from milter_wkd.errors import MilterWkdError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LDAP_DIR = REPO_ROOT / "ldap"
+SYSTEM_SCHEMA_DIR = Path("/etc/ldap/schema")
+SYSTEM_SCHEMAS = ("core", "cosine", "nis", "inetorgperson", "misc")
+OUR_SCHEMAS = ("gnupg-keyserver", "milter-wkd")
+MODULE_PATH = Path("/usr/lib/ldap")
+PEERCRED_ROOT = "gidNumber=0+uidNumber=0,cn=peercred,cn=external,cn=auth"
+_SOCKET_PATH_MAX = 100  # sun_path holds 108 octets
+
+
+class SlapdError(MilterWkdError):
+    """The private slapd could not be built, started or stopped."""
+
+
+class UserInfo(TypedDict):
+    address: str
+    password: str
+    dn: str
+
+
+class AccountInfo(TypedDict):
+    dn: str
+    password: str
+
+
+def ssha(password: str) -> str:
+    """An RFC 2307 {SSHA} hash, as slappasswd makes it."""
+    salt = os.urandom(8)
+    digest = hashlib.sha1(password.encode() + salt).digest()  # noqa: S324 (the format)
+    return "{SSHA}" + base64.b64encode(digest + salt).decode("ascii")
+
+
+def _free_port() -> int:
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port: int = probe.getsockname()[1]
+        if port != 443:
+            return port
+
+
+def _binary(name: str) -> str:
+    for candidate in (shutil.which(name), f"/usr/sbin/{name}"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise SlapdError(f"{name} is not installed (Debian packages slapd, ldap-utils)")
+
+
+class Slapd:
+    """One private slapd with the example.org directory of ldap/example-dit.ldif."""
+
+    suffix = "dc=example,dc=org"
+    admin_dn = "cn=admin,dc=example,dc=org"
+    admin_password = "admin-secret"  # noqa: S105 (a throwaway test directory)
+    people_dn = "ou=people,dc=example,dc=org"
+    pending_dn = "ou=wks-pending,dc=example,dc=org"
+    mail_attributes = ("mail", "mailLocalAddress")
+    database_dn = "olcDatabase={1}mdb,cn=config"
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.port = port if port is not None else _free_port()
+        self.config_dir = self.workdir / "slapd.d"
+        self.data_dir = self.workdir / "data"
+        self.log_path = self.workdir / "slapd.log"
+        self._socket_dir: Path | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self.users: dict[str, UserInfo] = {
+            name: {"address": f"{name}@example.org", "password": f"{name}-secret",
+                   "dn": f"uid={name},{self.people_dn}"}
+            for name in ("alice", "bob", "carol")
+        }
+        self.service_accounts: dict[str, AccountInfo] = {
+            name: {"dn": f"cn={name},ou=services,{self.suffix}", "password": f"{name}-secret"}
+            for name in ("milter", "wkd", "dovecot")
+        }
+
+    # -- addresses --------------------------------------------------------------------
+
+    @property
+    def uri(self) -> str:
+        return f"ldap://127.0.0.1:{self.port}"
+
+    @property
+    def socket_path(self) -> Path:
+        local = self.workdir / "ldapi"
+        if len(str(local.resolve())) <= _SOCKET_PATH_MAX:
+            return local
+        if self._socket_dir is None:
+            self._socket_dir = Path(tempfile.mkdtemp(prefix="slapd-"))
+        return self._socket_dir / "ldapi"
+
+    @property
+    def ldapi_uri(self) -> str:
+        return "ldapi://" + quote(str(self.socket_path.resolve()), safe="")
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self.running and self._process is not None else None
+
+    # -- building ---------------------------------------------------------------------
+
+    def _base_config(self) -> str:
+        schemas = "\n".join(
+            (SYSTEM_SCHEMA_DIR / f"{name}.ldif").read_text(encoding="utf-8")
+            for name in SYSTEM_SCHEMAS)
+        return f"""\
+dn: cn=config
+objectClass: olcGlobal
+cn: config
+olcLogLevel: none
+
+dn: cn=module{{0}},cn=config
+objectClass: olcModuleList
+cn: module{{0}}
+olcModulePath: {MODULE_PATH}
+olcModuleLoad: {{0}}back_mdb
+
+dn: cn=schema,cn=config
+objectClass: olcSchemaConfig
+cn: schema
+
+{schemas}
+
+dn: olcDatabase={{-1}}frontend,cn=config
+objectClass: olcDatabaseConfig
+objectClass: olcFrontendConfig
+olcDatabase: {{-1}}frontend
+olcAccess: {{0}}to * by dn.exact={PEERCRED_ROOT} manage by * break
+olcAccess: {{1}}to dn.exact="" by * read
+olcAccess: {{2}}to dn.base="cn=Subschema" by * read
+olcSizeLimit: 500
+
+dn: olcDatabase={{0}}config,cn=config
+objectClass: olcDatabaseConfig
+olcDatabase: {{0}}config
+olcAccess: {{0}}to * by dn.exact={PEERCRED_ROOT} manage by * break
+
+dn: {self.database_dn}
+objectClass: olcDatabaseConfig
+objectClass: olcMdbConfig
+olcDatabase: {{1}}mdb
+olcDbDirectory: {self.data_dir}
+olcSuffix: {self.suffix}
+olcRootDN: {self.admin_dn}
+olcRootPW: {ssha(self.admin_password)}
+olcDbIndex: objectClass eq
+olcDbMaxSize: 1073741824
+olcLastMod: TRUE
+olcAccess: {{0}}to attrs=userPassword by self write by anonymous auth by * none
+olcAccess: {{1}}to * by * read
+"""
+
+    def _tool(self, *args: str, stdin: str | None = None) -> None:
+        proc = subprocess.run(list(args), input=stdin.encode() if stdin else None,
+                              capture_output=True, timeout=60, check=False)
+        if proc.returncode != 0:
+            raise SlapdError(f"{' '.join(args[:4])} failed ({proc.returncode}):\n"
+                             f"{proc.stderr.decode(errors='replace')[-2000:]}")
+
+    def build(self) -> None:
+        """Create cn=config and the example directory in workdir (offline)."""
+        if self.config_dir.exists():
+            raise SlapdError(f"{self.config_dir} exists already")
+        self.config_dir.mkdir(parents=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        slapadd, slapmodify = _binary("slapadd"), _binary("slapmodify")
+        config = ("-n0", "-F", str(self.config_dir))
+        base = self.workdir / "base-config.ldif"
+        base.write_text(self._base_config(), encoding="utf-8")
+        self._tool(slapadd, *config, "-l", str(base))
+        for name in OUR_SCHEMAS:
+            self._tool(slapadd, *config, "-l", str(LDAP_DIR / "schema" / f"{name}.ldif"))
+        for name in ("10-modules", "20-indexes", "30-access"):
+            self._tool(slapmodify, *config, "-l", str(LDAP_DIR / "config" / f"{name}.ldif"))
+        self._tool(slapadd, *config, "-l", str(LDAP_DIR / "config" / "40-overlays.ldif"))
+        self._tool(slapadd, "-n1", "-F", str(self.config_dir),
+                   "-l", str(LDAP_DIR / "example-dit.ldif"))
+
+    # -- running ----------------------------------------------------------------------
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Build (first time only), start slapd and wait until it answers."""
+        if self.running:
+            return
+        if not self.config_dir.exists():
+            self.build()
+        socket_path = self.socket_path
+        with contextlib.suppress(FileNotFoundError):
+            socket_path.unlink()
+        log = self.log_path.open("ab")
+        try:
+            self._process = subprocess.Popen(
+                [_binary("slapd"), "-d", "0", "-F", str(self.config_dir),
+                 "-h", f"{self.uri}/ {self.ldapi_uri}/"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        finally:
+            log.close()
+        deadline = time.monotonic() + timeout
+        while not self._answers():
+            if self._process.poll() is not None:
+                self._process = None
+                raise SlapdError(f"slapd exited at start:\n{self._log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise SlapdError(f"slapd did not answer within {timeout:.0f} s:\n"
+                                 f"{self._log_tail()}")
+            time.sleep(0.02)
+
+    def _answers(self) -> bool:
+        if not self.socket_path.exists():
+            return False
+        proc = subprocess.run(
+            [_binary("ldapwhoami"), "-H", self.ldapi_uri, "-Y", "EXTERNAL", "-Q"],
+            capture_output=True, timeout=5, check=False)
+        return proc.returncode == 0
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the slapd this object started (by its pid); keeps the data."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, sig)
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                continue
+            return
+        raise SlapdError(f"slapd (pid {process.pid}) survived SIGKILL")
+
+    def close(self) -> None:
+        """Stop slapd and remove the socket directory made outside workdir, if any."""
+        self.stop()
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
+
+    def _log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    # -- administration as root over ldapi:// ---------------------------------------
+
+    def ldapmodify(self, ldif: str, *, add: bool = False) -> None:
+        """Apply an LDIF as root over ldapi:// (SASL EXTERNAL), like an administrator."""
+        args = [_binary("ldapmodify"), "-H", self.ldapi_uri, "-Y", "EXTERNAL", "-Q"]
+        if add:
+            args.append("-a")
+        self._tool(*args, stdin=ldif)
+
+    def __enter__(self) -> Slapd:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
