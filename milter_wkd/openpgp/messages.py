@@ -153,12 +153,14 @@ def encrypt(plaintext: bytes, recipients: Sequence[bytes], *, now: int | None = 
     message, uncompressed, integrity-protected (SEIPD v1 with MDC, what gpg 2.2 reads)."""
     if not recipients:
         raise KeyRefused("no recipient key to encrypt to")
-    subkeys = []
+    # pgpy's subkeys hold their primary key by weak reference: keep the primaries alive.
+    primaries, subkeys = [], []
     for data in recipients:
         key, sub = _load_cleaned_public(data, now)
         if sub is None:
             raise KeyRefused(f"key {key.fingerprint.replace(' ', '')} has no usable "
                              "encryption subkey")
+        primaries.append(key)
         subkeys.append(sub)
     cipher = _cipher_for(subkeys)
     with _pgpy(KeyRefused, "encryption failed"):
@@ -194,14 +196,15 @@ def _encrypted_parts(data: bytes) -> tuple[list[bytes], bytes]:
     except KeyRefused as exc:
         raise MessageRefused(f"bad OpenPGP message: {exc.reason}") from None
     for index, ref in enumerate(refs):
-        last = index == len(refs) - 1
-        if ref.tag == pk.TAG_PKESK and not last:
+        if ref.tag == pk.TAG_PKESK:
             if len(session_keys) == _MAX_SESSION_KEYS:
                 raise MessageRefused("too many session-key packets")
             session_keys.append(data[ref.start : ref.end])
-        elif ref.tag == pk.TAG_MARKER and not last:
+        elif ref.tag == pk.TAG_MARKER:
             continue
-        elif ref.tag == pk.TAG_SEIPD and last:
+        elif ref.tag == pk.TAG_SEIPD:
+            if index != len(refs) - 1:
+                raise MessageRefused("packets after the encrypted data")
             return session_keys, pk.packet_body(data, ref)
         elif ref.tag == pk.TAG_SED:
             raise MessageRefused("message is encrypted without integrity protection")
@@ -340,7 +343,9 @@ def verify_detached(data: bytes, signature: bytes, public_key: bytes, *,
     with _pgpy(MessageRefused, "signature cannot be checked"):
         parsed = PGPSignature.from_blob(signature)
         result = key.verify(bytes(data), parsed)
-        good = bool(result) and parsed.type.name == "BinaryDocument"
+        # Binary (0x00) or canonical text (0x01) document signatures; nothing else (a key
+        # certification or a timestamp signature over these bytes means something else).
+        good = bool(result) and parsed.type.name in ("BinaryDocument", "CanonicalDocument")
         signer = next((s.by.fingerprint for s in result.good_signatures), None)
     if not good or signer is None:
         raise MessageRefused("bad signature")
