@@ -80,6 +80,10 @@ class DomainConfig:
     submission_key: str = field(
         default="/etc/milter-wkd/keys/example.org/submission.asc", metadata=_doc(
             "Armored secret key of the submission address (milter-wkd domain init makes it)."))
+    submission_public_key: str = field(
+        default="/etc/milter-wkd/keys/example.org/submission.pub", metadata=_doc(
+            "Its public key, which the WKD responder serves like a user's key (clients "
+            "encrypt submissions to it). milter-wkd domain init writes it."))
     auth_submit: bool = field(default=True, metadata=_doc(
         "Publish at once when the sender is logged in (SASL); advertised as auth-submit."))
     allow_unauthenticated: bool = field(default=True, metadata=_doc(
