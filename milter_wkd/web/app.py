@@ -1,0 +1,106 @@
+"""The WKD responder as a WSGI callable: route, answer from the key cache, never raise.
+
+Answers (all with Content-Length, `Access-Control-Allow-Origin: *` and Cache-Control):
+- key: 200 `application/octet-stream`, the binary key with the one user ID of the address;
+  404 when nothing is published; 503 (Retry-After) only when the directory is down and the
+  cache knows nothing about the address;
+- policy and submission-address: 200 `text/plain`, built once at start;
+- refused requests: the `HttpError` status with a one-line reason.
+HEAD answers carry the same headers and no body. Any unexpected exception becomes a 500
+with a logged traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+from urllib.parse import parse_qs
+
+from milter_wkd.config import DomainConfig
+from milter_wkd.web.cache import KeyCache
+from milter_wkd.web.routes import (
+    HttpError,
+    Router,
+    policy_text,
+    submission_address_text,
+)
+from milter_wkd.web.source import SourceUnavailable, slot
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 3
+StartResponse = Callable[..., Any]
+Headers = list[tuple[str, str]]
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            414: "URI Too Long", 500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+class WkdApp:
+    def __init__(self, cache: KeyCache, domains: Sequence[DomainConfig], *,
+                 max_age: int = 300) -> None:
+        self.cache = cache
+        self.router = Router(d.name for d in domains)
+        self.max_age = max_age
+        self._cache_control = f"public, max-age={max_age}"
+        self._miss_cache_control = f"public, max-age={min(max_age, 60)}"
+        self.files: dict[tuple[str, str], bytes] = {}
+        for domain in domains:
+            name = domain.name.lower()
+            self.files[name, "policy"] = policy_text(
+                domain.submission_address, protocol_version=PROTOCOL_VERSION,
+                auth_submit=domain.auth_submit, mailbox_only=domain.mailbox_only)
+            self.files[name, "submission-address"] = submission_address_text(
+                domain.submission_address)
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse,
+                 ) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        try:
+            status, content_type, body = self._answer(method, environ)
+        except Exception:
+            log.exception("unexpected failure answering %r", environ.get("PATH_INFO", "")[:300])
+            status, content_type, body = 500, "text/plain", b"internal error\n"
+        headers: Headers = [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Access-Control-Allow-Origin", "*"),
+            ("Cache-Control", self._cache_control if status == 200
+             else self._miss_cache_control if status == 404 else "no-store"),
+            ("X-Content-Type-Options", "nosniff"),
+        ]
+        if status == 405:
+            headers.append(("Allow", "GET, HEAD"))
+        elif status == 503:
+            headers.append(("Retry-After", "30"))
+        start_response(f"{status} {_REASONS.get(status, 'Error')}", headers)
+        return [b""] if method == "HEAD" else [body]
+
+    def _answer(self, method: str, environ: dict[str, Any]) -> tuple[int, str, bytes]:
+        try:
+            route = self.router.route(method, environ.get("HTTP_HOST"),
+                                      environ.get("PATH_INFO", ""))
+        except HttpError as exc:
+            return exc.status, "text/plain; charset=utf-8", (exc.reason + "\n").encode()
+        if route.kind != "key":
+            return 200, "text/plain; charset=utf-8", self.files[route.domain, route.kind]
+        hint = None if self.cache.complete else _local_hint(environ.get("QUERY_STRING", ""))
+        try:
+            body = self.cache.get(slot(route.hash, route.domain), hint)
+        except SourceUnavailable as exc:
+            log.warning("directory unavailable for an uncached address: %s", exc)
+            return 503, "text/plain; charset=utf-8", b"directory unavailable\n"
+        if body is None:
+            return 404, "text/plain; charset=utf-8", b"no key published\n"
+        return 200, "application/octet-stream", body
+
+
+def _local_hint(query: str) -> str | None:
+    """The `l=` parameter, a hint only: the hash decides (sq keeps case, gpg lowercases)."""
+    if not query:
+        return None
+    values = parse_qs(query, max_num_fields=4).get("l")
+    if not values or len(values[0]) > 64 or any(c in values[0] for c in "()*\\\0@"):
+        return None
+    return values[0]

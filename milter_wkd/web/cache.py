@@ -1,0 +1,311 @@
+"""The responder's memory: WKD answers by slot (`<hash>@<domain>`), kept fresh from the
+directory's change token, bounded by a byte budget.
+
+Freshness. A background thread reads the change token (contextCSN: one base-scope read)
+every `refresh_interval`. When it moved, one search for `entryCSN >= <last token>` names the
+entries written since; every slot such an entry claimed before or claims now is rebuilt
+(mirror mode) or dropped (LRU mode). A delete leaves no entryCSN behind: when the newest
+CSN in the token is not accounted for by the changes, a listing of the publishing DNs (no
+key bytes) finds the vanished entries. A full listing also runs every `reconcile_interval`,
+the backstop for a delete followed by a write within one refresh interval.
+
+Bounded memory. Answers (the cleaned binary key, one user ID) and their bookkeeping are
+charged against `budget` bytes (an estimate of Python's cost). At start the thread mirrors
+the whole directory; if it fits, the cache is complete and an unknown slot is a 404 from
+memory. If it does not, the cache stays an LRU of answers and negative answers, and a miss
+costs one indexed directory search (and a key cleaning).
+
+Checking. Every key is cleaned (`openpgp.clean_key`) for the asked address before it is
+cached: corrupt values, secret key material or a key without a user ID for the address are
+not served, and logged once per entry, key and address with the entry's DN.
+
+Failure. A directory that does not answer leaves the cache as it is; `get` raises
+`SourceUnavailable` only for a slot it has nothing about (the app answers 503).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from milter_wkd import openpgp
+from milter_wkd.errors import KeyRefused
+from milter_wkd.values import Address
+from milter_wkd.web.source import (
+    ChangesUnknown,
+    KeySource,
+    Published,
+    SourceUnavailable,
+    address_slot,
+    explained,
+    newest_csn,
+)
+
+log = logging.getLogger(__name__)
+
+# Estimated Python cost of one cached answer beyond its bytes: the OrderedDict node, the
+# Answer object, the slot string, the DN index set entry.
+ENTRY_OVERHEAD = 400
+MAX_LOGGED_REFUSALS = 10_000
+
+Cleaner = Callable[[bytes, Address], bytes]
+
+
+def clean_for_address(key: bytes, address: Address) -> bytes:
+    """The binary key with exactly the one user ID of `address` (raises KeyRefused)."""
+    return openpgp.clean_key(key, [address]).key
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    body: bytes | None  # None: nothing is published for the slot
+    dns: tuple[str, ...]
+
+    @property
+    def cost(self) -> int:
+        return ENTRY_OVERHEAD + len(self.body or b"") + sum(len(d) for d in self.dns)
+
+
+NOT_FOUND = Answer(None, ())
+
+
+class KeyCache:
+    def __init__(self, source: KeySource, *, budget: int, refresh_interval: float = 0.25,
+                 reconcile_interval: float = 300.0, cleaner: Cleaner = clean_for_address,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.source = source
+        self.budget = budget
+        self.refresh_interval = refresh_interval
+        self.reconcile_interval = reconcile_interval
+        self.cleaner = cleaner
+        self.clock = clock
+        self.complete = False
+        self.token: str | None = None
+        self._answers: OrderedDict[str, Answer] = OrderedDict()
+        self._by_dn: dict[str, set[str]] = {}
+        self._bytes = 0
+        self._generation = 0
+        self._lock = threading.RLock()
+        self._logged: set[tuple[str, str, bytes, str]] = set()
+        self._last_reconcile = clock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._source_down = False
+        self._reload = True
+
+    # -- serving ------------------------------------------------------------------------
+
+    def get(self, slot: str, local_hint: str | None = None) -> bytes | None:
+        """The answer body for a slot, None when nothing is published."""
+        answer = self._answers.get(slot)
+        if answer is not None:
+            with self._lock:
+                if slot in self._answers:
+                    self._answers.move_to_end(slot)
+            return answer.body
+        if self.complete:
+            return None
+        generation = self._generation
+        answer = self._build(slot, self.source.lookup(slot, local_hint))
+        with self._lock:
+            if generation == self._generation:
+                self._put(slot, answer)
+        return answer.body
+
+    @property
+    def size(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+    # -- building answers ---------------------------------------------------------------
+
+    def _build(self, slot: str, entries: Iterable[Published]) -> Answer:
+        bodies: list[bytes] = []
+        dns: list[str] = []
+        for entry in entries:
+            body = self._clean(slot, entry)
+            if body is not None:
+                bodies.append(body)
+                dns.append(entry.dn)
+        return Answer(b"".join(bodies), tuple(dns)) if bodies else NOT_FOUND
+
+    def _clean(self, slot: str, entry: Published) -> bytes | None:
+        address = next((a for a in entry.addresses if address_slot(a) == slot), None)
+        if address is None:
+            return None
+        try:
+            return self.cleaner(entry.key, address)
+        except KeyRefused as exc:
+            self._log_refusal(entry, address, exc.reason)
+            return None
+
+    def _log_refusal(self, entry: Published, address: Address, reason: str) -> None:
+        digest = hashlib.sha256(entry.key).digest()[:16]
+        marker = (entry.dn, address.key, digest, reason)
+        with self._lock:
+            if marker in self._logged:
+                return
+            if len(self._logged) >= MAX_LOGGED_REFUSALS:
+                self._logged.clear()
+            self._logged.add(marker)
+        log.warning("not serving the key of %s for %s: %s", entry.dn, address, reason)
+
+    # -- bookkeeping (callers hold the lock) ---------------------------------------------
+
+    def _put(self, slot: str, answer: Answer) -> None:
+        self._remove(slot)
+        self._answers[slot] = answer
+        self._bytes += answer.cost
+        for dn in answer.dns:
+            self._by_dn.setdefault(dn, set()).add(slot)
+        while self._bytes > self.budget and self._answers:
+            if self.complete:
+                log.warning("the directory outgrew the key cache budget (%d bytes): "
+                            "caching least recently used answers from now on", self.budget)
+                self.complete = False
+            evicted, _ = next(iter(self._answers.items()))
+            self._remove(evicted)
+
+    def _remove(self, slot: str) -> None:
+        old = self._answers.pop(slot, None)
+        if old is None:
+            return
+        self._bytes -= old.cost
+        for dn in old.dns:
+            slots = self._by_dn.get(dn)
+            if slots is not None:
+                slots.discard(slot)
+                if not slots:
+                    del self._by_dn[dn]
+
+    def _merge(self, slot: str, entry: Published) -> None:
+        body = self._clean(slot, entry)
+        if body is None:
+            return
+        with self._lock:
+            old = self._answers.get(slot)
+            if old is not None and old.body is not None and entry.dn not in old.dns:
+                self._put(slot, Answer(old.body + body, (*old.dns, entry.dn)))
+            else:
+                self._put(slot, Answer(body, (entry.dn,)))
+
+    # -- mirroring and freshness ----------------------------------------------------------
+
+    def load(self) -> bool:
+        """Mirror the whole directory while it fits the budget; True if it did."""
+        token = self.source.change_token()
+        for entry in self.source.iter_published():
+            for slot in sorted(entry.slots()):
+                self._merge(slot, entry)
+            if self._bytes > self.budget * 0.9:
+                log.warning("the directory does not fit the key cache budget (%d bytes): "
+                            "caching least recently used answers", self.budget)
+                with self._lock:
+                    self.token = token if self.token is None else self.token
+                return False
+        with self._lock:
+            self._generation += 1
+            # Negative answers learnt while loading are implied by completeness now.
+            for slot in [s for s, a in self._answers.items() if a.body is None]:
+                self._remove(slot)
+            self.complete = True
+            self.token = token if self.token is None else self.token
+        return True
+
+    def refresh(self) -> bool:
+        """One freshness check; True if anything was invalidated or rebuilt."""
+        token = self.source.change_token()
+        reconcile_due = self.clock() - self._last_reconcile >= self.reconcile_interval
+        if self.token is None:
+            self.token = token
+            return False
+        if token == self.token and not reconcile_due:
+            return False
+        affected: set[str] = set()
+        if token != self.token:
+            try:
+                changes = self.source.changes_since(newest_csn(self.token))
+            except ChangesUnknown as exc:
+                log.info("cannot tell what changed (%s): emptying the key cache", exc)
+                self.reset()
+                self.token = token
+                return True
+            for change in changes:
+                affected |= self._by_dn.get(change.dn, set()) | change.slots
+            reconcile_due = reconcile_due or not explained(token, changes)
+        if reconcile_due:
+            self._last_reconcile = self.clock()
+            present = self.source.published_dns()
+            for dn in set(self._by_dn) - present:
+                affected |= self._by_dn.get(dn, set())
+        with self._lock:
+            self._generation += 1
+        self._apply(affected)
+        self.token = token
+        return bool(affected)
+
+    def reset(self) -> None:
+        """Forget everything; the background thread mirrors the directory again."""
+        with self._lock:
+            self._generation += 1
+            self.complete = False
+            self._answers.clear()
+            self._by_dn.clear()
+            self._bytes = 0
+            self._reload = True
+
+    def _apply(self, affected: set[str]) -> None:
+        if not self.complete:
+            with self._lock:
+                for slot in affected:
+                    self._remove(slot)
+            return
+        for slot in sorted(affected):
+            answer = self._build(slot, self.source.lookup(slot))
+            with self._lock:
+                if answer.body is None:
+                    self._remove(slot)
+                else:
+                    self._put(slot, answer)
+
+    # -- the background thread -------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="wkd-cache", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self._reload:
+                    started = time.monotonic()
+                    complete = self.load()
+                    self._reload = False
+                    log.info("key cache loaded in %.1f s: %d answers, %d bytes, %s",
+                             time.monotonic() - started, len(self), self._bytes,
+                             "complete" if complete else "least recently used")
+                else:
+                    self.refresh()
+                if self._source_down:
+                    log.warning("directory answers again")
+                    self._source_down = False
+            except SourceUnavailable as exc:
+                if not self._source_down:
+                    log.warning("directory unavailable, serving from memory: %s", exc)
+                    self._source_down = True
+            except Exception:
+                log.exception("key cache refresh failed")
+            self._stop.wait(self.refresh_interval)

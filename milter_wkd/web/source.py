@@ -1,0 +1,88 @@
+"""What the WKD cache needs from a key store: the `KeySource` protocol and its plain types.
+
+A published key is identified by its "slot", `<hash>@<domain>` (the WKD hash of an
+address's local part and the domain), the same string the directory keeps in its
+WKD-hash attribute so that one indexed look-up answers a miss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from milter_wkd.values import Address
+from milter_wkd.wkd import address_hash
+
+
+def slot(hash_: str, domain: str) -> str:
+    return f"{hash_}@{domain}"
+
+
+def address_slot(address: Address) -> str:
+    return slot(address_hash(address), address.domain)
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """One directory entry that publishes a key: its DN, its addresses, the stored key."""
+
+    dn: str
+    addresses: tuple[Address, ...]
+    key: bytes
+    csn: str = ""
+
+    def slots(self) -> set[str]:
+        return {address_slot(a) for a in self.addresses}
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """An entry written since a change token: its DN, its CSN, the slots it now claims
+    (empty when it publishes nothing any more)."""
+
+    dn: str
+    csn: str
+    slots: frozenset[str]
+
+
+class SourceUnavailable(Exception):
+    """The store did not answer; the cache keeps serving what it has."""
+
+
+class ChangesUnknown(Exception):
+    """The store cannot say what changed (e.g. entryCSN is not readable): start over."""
+
+
+class KeySource(Protocol):
+    def change_token(self) -> str:
+        """An opaque value that changes on every write (contextCSN)."""
+        ...
+
+    def changes_since(self, token: str) -> list[Change]:
+        """Entries written at or after `token` (any entry, keys or not)."""
+        ...
+
+    def lookup(self, slot: str, local_hint: str | None = None) -> list[Published]:
+        """Entries that publish a key for this slot (one indexed search)."""
+        ...
+
+    def iter_published(self) -> Iterator[Published]:
+        """Every entry that publishes a key (paged)."""
+        ...
+
+    def published_dns(self) -> set[str]:
+        """The DNs of every entry that publishes a key (no key bytes: a cheap listing)."""
+        ...
+
+
+def newest_csn(token: str) -> str:
+    """The newest CSN of a token (contextCSN has one value per provider, joined by '|')."""
+    return max(token.split("|")) if token else ""
+
+
+def explained(token: str, changes: Iterable[Change]) -> bool:
+    """Do these changes account for the newest write? If not, the newest write removed an
+    entry (a delete leaves no entryCSN behind), and the caller must reconcile."""
+    newest = newest_csn(token)
+    return any(c.csn >= newest for c in changes)
