@@ -1,0 +1,265 @@
+"""The sandbox: the real services, private, on loopback (tests, `make demo`, benchmarks).
+
+`Sandbox(directory)` starts, in this order and each only after the previous one answers,
+a private slapd (sandbox.slapd: our schema, DIT, ACLs, constraints), a private Dovecot
+(sandbox.dovecot: LDAP passdb/userdb, SASL socket for Postfix, LMTP, IMAP) and a private
+Postfix (sandbox.postfix: inbound MX-style smtpd, SASL submission, reinjection without
+milters, delivery to Dovecot by LMTP), all on free ports of 127.0.0.1 and with every file
+below `directory`. Postfix and Dovecot read the shipped postfix/ and dovecot/ snippets,
+so the documentation is what runs.
+
+It writes two files there: `milter-wkd.toml`, a complete milter-wkd configuration for
+this sandbox (the directory as the milter's service account, the reinjection port as
+the mailer), and `sandbox.json`, the state that `down(directory)` (`milter-wkd sandbox
+down`) uses to stop by pid everything that was started, also from another process and
+also when some of it has died already. As a context manager it always tears down,
+also when starting failed half-way or the body raised; `start_detached` starts a
+sandbox that outlives the calling process (`milter-wkd sandbox up`).
+
+Failures raise SandboxError (or SlapdError from slapd) naming the daemon, with its log tail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from milter_wkd import config
+from milter_wkd.sandbox.daemons import SandboxError, read_pid, terminate
+from milter_wkd.sandbox.dovecot import Dovecot, LdapAccess
+from milter_wkd.sandbox.postfix import Endpoint, Postfix
+from milter_wkd.sandbox.slapd import Slapd
+
+__all__ = ["Endpoint", "Sandbox", "SandboxError", "down", "start_detached"]
+
+DOMAINS = ["example.org"]
+CONFIG_NAME = "milter-wkd.toml"
+STATE_NAME = "sandbox.json"
+
+
+class Sandbox:
+    """Private slapd, Dovecot and Postfix under one directory (a new temp dir if None)."""
+
+    def __init__(self, directory: Path | str | None = None, *, keep: bool | None = None) -> None:
+        created = directory is None
+        if directory is None:
+            directory = tempfile.mkdtemp(prefix="milter-wkd-sandbox-")
+        self.dir = Path(directory).resolve()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # The mail owner (Dovecot) and postfix must traverse it; secrets inside are 0600.
+        self.dir.chmod(0o711)
+        self.keep = not created if keep is None else keep
+        self.slapd = Slapd(self.dir / "slapd")
+        dovecot_account = self.slapd.service_accounts["dovecot"]
+        self.dovecot = Dovecot(self.dir / "dovecot", ldap=LdapAccess(
+            uri=self.slapd.uri, base=self.slapd.people_dn,
+            bind_dn=dovecot_account["dn"], bind_password=dovecot_account["password"]))
+        self.postfix = Postfix(self.dir / "postfix", domains=DOMAINS,
+                               dovecot_auth_socket=self.dovecot.auth_socket,
+                               lmtp=self.dovecot.lmtp)
+        self.config_path = self.dir / CONFIG_NAME
+        self.state_path = self.dir / STATE_NAME
+
+    # -- endpoints --------------------------------------------------------------------
+
+    @property
+    def users(self) -> dict[str, dict[str, str]]:
+        return {name: {"address": user["address"], "password": user["password"]}
+                for name, user in self.slapd.users.items()}
+
+    def info(self) -> dict[str, Any]:
+        """Everything a client needs, as `milter-wkd sandbox up --json` prints it."""
+        return {
+            "dir": str(self.dir),
+            "config": str(self.config_path),
+            "ldap_uri": self.slapd.uri,
+            "ldapi_uri": self.slapd.ldapi_uri,
+            "ldap_suffix": self.slapd.suffix,
+            "ldap_admin_dn": self.slapd.admin_dn,
+            "ldap_admin_password": self.slapd.admin_password,
+            "users": self.users,
+            "smtp_inbound": self.postfix.inbound.as_dict(),
+            "smtp_submission": self.postfix.submission.as_dict(),
+            "smtp_reinject": self.postfix.reinject.as_dict(),
+            "lmtp": self.dovecot.lmtp.as_dict(),
+            "imap": self.dovecot.imap.as_dict(),
+            "logs": {"slapd": str(self.slapd.log_path), "dovecot": str(self.dovecot.log),
+                     "postfix": str(self.postfix.maillog)},
+            "pids": {name: entry["pid"] for name, entry in self._processes().items()},
+        }
+
+    # -- files ------------------------------------------------------------------------
+
+    def milter_config(self) -> str:
+        milter = self.slapd.service_accounts["milter"]
+        password_file = self.dir / "milter.password"
+        return f"""\
+# milter-wkd configuration of the sandbox in {self.dir} (written by `milter-wkd sandbox up`).
+[directory]
+uri = {_toml(self.slapd.uri)}
+bind_dn = {_toml(milter["dn"])}
+bind_password_file = {_toml(str(password_file))}
+base_dn = {_toml(self.slapd.people_dn)}
+mail_attributes = [{", ".join(_toml(a) for a in self.slapd.mail_attributes)}]
+pending_base = {_toml(self.slapd.pending_dn)}
+
+[mailer]
+method = "smtp"
+smtp_host = {_toml(self.postfix.reinject.host)}
+smtp_port = {self.postfix.reinject.port}
+"""
+
+    def write_milter_config(self) -> None:
+        password_file = self.dir / "milter.password"
+        password_file.touch(mode=0o600)
+        password_file.write_text(self.slapd.service_accounts["milter"]["password"] + "\n",
+                                 encoding="utf-8")
+        self.config_path.write_text(self.milter_config(), encoding="utf-8")
+        config.load(self.config_path, environ={})  # a key config.py does not know: fail now
+
+    def _processes(self) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        if self.slapd.pid is not None:
+            found["slapd"] = {"pid": self.slapd.pid, "name": "slapd", "pid_file": None}
+        for name, daemon, command in (("dovecot", self.dovecot, "dovecot"),
+                                      ("postfix", self.postfix, "master")):
+            pid = daemon.pid
+            if pid is not None:
+                found[name] = {"pid": pid, "name": command, "pid_file": str(daemon.pid_file)}
+        return found
+
+    def write_state(self) -> None:
+        socket_dir = self.slapd.socket_path.parent
+        state = {
+            "processes": self._processes(),
+            # slapd puts its ldapi socket in /tmp when this directory's path is too long.
+            "remove": [] if socket_dir.is_relative_to(self.dir) else [str(socket_dir)],
+            "info": self.info(),
+        }
+        temporary = self.state_path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+        temporary.replace(self.state_path)
+
+    # -- running ----------------------------------------------------------------------
+
+    def start(self) -> Sandbox:
+        """Start slapd, Dovecot and Postfix; on any failure stop what runs and re-raise."""
+        try:
+            self.write_state()
+            for daemon in (self.slapd, self.dovecot, self.postfix):
+                daemon.start()
+                self.write_state()
+            self.write_milter_config()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop everything this sandbox started (reverse order); remove a temp dir it made."""
+        errors: list[str] = []
+        for daemon in (self.postfix, self.dovecot):
+            try:
+                daemon.stop()
+            except SandboxError as exc:
+                errors.append(exc.reason)
+        try:
+            self.slapd.close()
+        except Exception as exc:  # noqa: BLE001 - collect, keep tearing down
+            errors.append(str(exc))
+        if not self.keep:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        elif self.state_path.exists():
+            self.write_state()
+        if errors:
+            raise SandboxError("; ".join(errors))
+
+    def __enter__(self) -> Sandbox:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def _toml(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def down(directory: Path | str) -> list[str]:
+    """Stop by pid what `start_detached`/`Sandbox.start` recorded in directory; names stopped.
+
+    Pids that are gone (or now belong to another program) are skipped; the pid files of
+    Postfix and Dovecot are consulted too, in case one started after the last state write.
+    """
+    state_path = Path(directory) / STATE_NAME
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SandboxError(f"no sandbox in {directory} ({STATE_NAME} is missing)") from None
+    except (OSError, ValueError) as exc:
+        raise SandboxError(f"cannot read {state_path}: {exc}") from None
+    stopped: list[str] = []
+    errors: list[str] = []
+    for name in ("postfix", "dovecot", "slapd"):
+        entry = state.get("processes", {}).get(name)
+        if entry is None:
+            continue
+        pids = {int(entry["pid"])}
+        if entry.get("pid_file"):
+            pids.add(read_pid(Path(entry["pid_file"])) or int(entry["pid"]))
+        for pid in sorted(pids):
+            try:
+                if terminate(pid, str(entry["name"])):
+                    stopped.append(name)
+            except SandboxError as exc:
+                errors.append(exc.reason)
+    for path in state.get("remove", []):
+        shutil.rmtree(path, ignore_errors=True)
+    if errors:
+        raise SandboxError("; ".join(errors))
+    return stopped
+
+
+def start_detached(directory: Path | str | None = None) -> dict[str, Any]:
+    """Start a sandbox whose daemons outlive this process; returns its info().
+
+    A forked child starts it in a session of its own (so that no terminal hang-up or
+    process-group signal of the caller reaches slapd, which runs as that child's
+    child) and exits; its daemons are then orphans, as daemons are.
+    """
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        os.close(read_end)
+        code = 1
+        answer: dict[str, Any]
+        try:
+            os.setsid()
+            sandbox = Sandbox(directory, keep=True)
+            sandbox.start()
+            answer = {"info": sandbox.info()}
+            code = 0
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            answer = {"error": str(exc) or type(exc).__name__}
+        with contextlib.suppress(OSError), os.fdopen(write_end, "w") as out:
+            out.write(json.dumps(answer))
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end) as incoming:
+        raw = incoming.read()
+    os.waitpid(child, 0)
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        raise SandboxError("the sandbox starter died without an answer") from None
+    if "error" in answer:
+        raise SandboxError(answer["error"])
+    info: dict[str, Any] = answer["info"]
+    return info
