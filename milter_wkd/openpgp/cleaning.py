@@ -143,24 +143,29 @@ class Skeleton:
 
 
 def _signature_owner_check(
-    data: bytes, ref: pk.PacketRef, key_id: bytes, primary: PublicKey,
+    data: bytes, ref: tuple[int, int, int, int], key_id: bytes, primary: PublicKey,
     allowed_types: frozenset[int], stats: Counter[str], limits: Limits,
 ) -> tuple[bytes, Signature] | None:
-    """Decide, cheaply and in this order, whether a signature packet can be a self-signature."""
-    if ref.body_start >= ref.end or data[ref.body_start] != 4:
+    """Decide, cheaply and in this order, whether a signature packet can be a self-signature.
+
+    `scan` inlines the first two checks for speed; they are repeated here so that this
+    function stands on its own.
+    """
+    _, start, body_start, end = ref
+    if body_start >= end or data[body_start] != 4:
         stats["dropped:signature-not-v4"] += 1
         return None
-    # Fast path for floods: a signature that `issued_by` can accept carries an issuer key ID
-    # subpacket equal to key_id or an issuer fingerprint subpacket ending with it, so its
-    # body contains key_id. One C-level search rejects every other issuer before parsing;
-    # the rare false positive (key_id inside a notation or an MPI) is parsed and dropped.
-    if data.find(key_id, ref.body_start, ref.end) < 0:
+    # A signature that `issued_by` can accept carries an issuer key ID subpacket equal to
+    # key_id or an issuer fingerprint subpacket ending with it, so its body contains key_id:
+    # one C-level search rejects every other issuer before parsing. The rare false positive
+    # (key_id inside a notation or an MPI) is parsed and dropped below.
+    if data.find(key_id, body_start, end) < 0:
         stats["dropped:third-party-signature"] += 1
         return None
-    if ref.end - ref.start > limits.max_signature_packet:
+    if end - start > limits.max_signature_packet:
         stats["dropped:oversize-signature"] += 1
         return None
-    body = data[ref.body_start : ref.end]
+    body = data[body_start:end]
     try:
         sig = parse_signature(body)
     except KeyRefused:
@@ -175,7 +180,7 @@ def _signature_owner_check(
     if sig.sig_type not in allowed_types:
         stats["dropped:misplaced-signature"] += 1
         return None
-    return data[ref.start : ref.end], sig
+    return data[start:end], sig
 
 
 @dataclass(slots=True)
@@ -227,13 +232,13 @@ def scan(data: bytes, addresses: Iterable[Address] | None, limits: Limits = DEFA
         raise KeyRefused("empty input")
     wanted = None if addresses is None else {a.key for a in addresses}
     stats: Counter[str] = Counter()
-    packets = pk.iter_packets(data)
-    first = next(packets)
-    if first.tag in (pk.TAG_SECRET_KEY, pk.TAG_SECRET_SUBKEY):
+    packets = pk.frames(data)
+    first_tag, _, first_body, first_end = next(packets)
+    if first_tag in (pk.TAG_SECRET_KEY, pk.TAG_SECRET_SUBKEY):
         raise KeyRefused("secret key material: refusing a secret key")
-    if first.tag != pk.TAG_PUBLIC_KEY:
-        raise KeyRefused(f"input does not start with a public key packet (type {first.tag})")
-    primary = parse_public_key(data[first.body_start : first.end])
+    if first_tag != pk.TAG_PUBLIC_KEY:
+        raise KeyRefused(f"input does not start with a public key packet (type {first_tag})")
+    primary = parse_public_key(data[first_body:first_end])
     if not primary.can_sign:
         raise KeyRefused(f"primary key algorithm {primary.algorithm_name} cannot certify")
     if not primary.can_verify:
@@ -246,11 +251,17 @@ def scan(data: bytes, addresses: Iterable[Address] | None, limits: Limits = DEFA
     current: _Component | None = None
     current_kind = "key"  # "key", "uid", "subkey" or "skip"
     uid_count = subkey_count = 0
+    # Per-packet counters of the hot path, added to stats at the end.
+    on_dropped = third_party = 0
+    find = data.find
     for ref in packets:
-        tag = ref.tag
+        tag, start, body_start, end = ref
         if tag == pk.TAG_SIGNATURE:
             if current_kind == "skip":
-                stats["dropped:signature-on-dropped-component"] += 1
+                on_dropped += 1
+                continue
+            if body_start < end and data[body_start] == 4 and find(key_id, body_start, end) < 0:
+                third_party += 1
                 continue
             found = _signature_owner_check(
                 data, ref, key_id, primary, _ALLOWED_TYPES[current_kind], stats, limits)
@@ -261,10 +272,10 @@ def scan(data: bytes, addresses: Iterable[Address] | None, limits: Limits = DEFA
                     verifier.offer(current.candidates, current.prefix, *found)
         elif tag == pk.TAG_USER_ID:
             current, current_kind = None, "skip"
-            if ref.end - ref.body_start > limits.max_user_id:
+            if end - body_start > limits.max_user_id:
                 stats["dropped:oversize-user-id"] += 1
                 continue
-            body = data[ref.body_start : ref.end]
+            body = data[body_start:end]
             ident = ("uid", body)
             if ident not in components:
                 address = _wanted_address(body, wanted, stats)
@@ -275,13 +286,13 @@ def scan(data: bytes, addresses: Iterable[Address] | None, limits: Limits = DEFA
                     stats["dropped:excess-user-id"] += 1
                     continue
                 components[ident] = _Component(
-                    "uid", data[ref.start : ref.end], body,
+                    "uid", data[start:end], body,
                     key_prefix + user_id_hash_prefix(body),
                     _Candidates(limits.max_candidates), address=address)
             current, current_kind = components[ident], "uid"
         elif tag == pk.TAG_PUBLIC_SUBKEY:
             current, current_kind = None, "skip"
-            body = data[ref.body_start : ref.end]
+            body = data[body_start:end]
             ident = ("subkey", body)
             if ident not in components:
                 # Unusable ones count too, so that a flood of them costs little.
@@ -294,7 +305,7 @@ def scan(data: bytes, addresses: Iterable[Address] | None, limits: Limits = DEFA
                     stats["dropped:unusable-subkey"] += 1
                     continue
                 components[ident] = _Component(
-                    "subkey", data[ref.start : ref.end], body, key_prefix + subkey.hash_prefix(),
+                    "subkey", data[start:end], body, key_prefix + subkey.hash_prefix(),
                     _Candidates(limits.max_candidates), key=subkey)
             current, current_kind = components[ident], "subkey"
         elif tag == pk.TAG_USER_ATTRIBUTE:
@@ -313,7 +324,11 @@ def scan(data: bytes, addresses: Iterable[Address] | None, limits: Limits = DEFA
             stats["dropped:trust-packet"] += 1
         else:
             stats["dropped:unknown-packet"] += 1
-    return Skeleton(first_raw(data, first), primary, key_candidates, components, stats)
+    if on_dropped:
+        stats["dropped:signature-on-dropped-component"] += on_dropped
+    if third_party:
+        stats["dropped:third-party-signature"] += third_party
+    return Skeleton(data[:first_end], primary, key_candidates, components, stats)
 
 
 def _wanted_address(body: bytes, wanted: set[str] | None, stats: Counter[str],
@@ -332,10 +347,6 @@ def _wanted_address(body: bytes, wanted: set[str] | None, stats: Counter[str],
         stats["dropped:user-id-other-address"] += 1
         return None
     return address
-
-
-def first_raw(data: bytes, ref: pk.PacketRef) -> bytes:
-    return data[ref.start : ref.end]
 
 
 def merge_skeletons(old: Skeleton, new: Skeleton, limits: Limits = DEFAULT_LIMITS) -> Skeleton:

@@ -77,34 +77,32 @@ def iter_packets(data: bytes, start: int = 0, end: int | None = None) -> Iterato
     (`body_start` is then the first chunk's start, and callers must reassemble with
     `packet_body`); only data packets may have them.
     """
+    for frame in frames(data, start, end):
+        yield PacketRef(*frame)
+
+
+def frames(data: bytes, start: int = 0, end: int | None = None,
+           ) -> Iterator[tuple[int, int, int, int]]:
+    """`iter_packets` as plain (tag, start, body_start, end) tuples: the hot loop of a
+    flooded key, kept free of per-packet objects and calls for the common header forms."""
     end = len(data) if end is None else end
     pos = start
     while pos < end:
         header = data[pos]
-        if not header & 0x80:
-            raise KeyRefused(f"not an OpenPGP packet at offset {pos} (bad header octet)")
-        if header & 0x40:
+        if header & 0xC0 == 0xC0:
             tag = header & 0x3F
-            length, used, partial = _new_length(data, pos + 1, end)
-            body_start = pos + 1 + used
-            if partial:
-                if tag not in _PARTIAL_OK:
-                    raise KeyRefused(f"partial body length in packet type {tag} at offset {pos}")
-                # Walk the chunks to find the end; the last has a definite length.
-                cursor = body_start + length
-                while True:
-                    if cursor > end:
-                        raise KeyRefused(f"truncated packet at offset {pos}")
-                    length, used, partial = _new_length(data, cursor, end)
-                    cursor += used + length
-                    if not partial:
-                        break
-                if cursor > end:
-                    raise KeyRefused(f"truncated packet at offset {pos}")
-                yield PacketRef(tag, pos, body_start, cursor)
-                pos = cursor
-                continue
-        else:
+            if pos + 1 < end and data[pos + 1] < 192:
+                length = data[pos + 1]
+                body_start = pos + 2
+            else:
+                length, used, partial = _new_length(data, pos + 1, end)
+                body_start = pos + 1 + used
+                if partial:
+                    cursor = _partial_end(data, tag, pos, body_start + length, end)
+                    yield tag, pos, body_start, cursor
+                    pos = cursor
+                    continue
+        elif header & 0x80:
             tag = (header >> 2) & 0x0F
             length_type = header & 0x03
             if length_type == 3:
@@ -114,6 +112,8 @@ def iter_packets(data: bytes, start: int = 0, end: int | None = None) -> Iterato
                 raise KeyRefused(f"truncated packet header at offset {pos}")
             length = int.from_bytes(data[pos + 1 : pos + 1 + used], "big")
             body_start = pos + 1 + used
+        else:
+            raise KeyRefused(f"not an OpenPGP packet at offset {pos} (bad header octet)")
         if tag == 0:
             raise KeyRefused(f"reserved packet type 0 at offset {pos}")
         packet_end = body_start + length
@@ -122,8 +122,24 @@ def iter_packets(data: bytes, start: int = 0, end: int | None = None) -> Iterato
                 f"truncated packet at offset {pos}: type {tag} claims {length} octets, "
                 f"{end - body_start} remain"
             )
-        yield PacketRef(tag, pos, body_start, packet_end)
+        yield tag, pos, body_start, packet_end
         pos = packet_end
+
+
+def _partial_end(data: bytes, tag: int, pos: int, cursor: int, end: int) -> int:
+    """Where a packet with partial body lengths ends; the last chunk has a definite length."""
+    if tag not in _PARTIAL_OK:
+        raise KeyRefused(f"partial body length in packet type {tag} at offset {pos}")
+    while True:
+        if cursor > end:
+            raise KeyRefused(f"truncated packet at offset {pos}")
+        length, used, partial = _new_length(data, cursor, end)
+        cursor += used + length
+        if not partial:
+            break
+    if cursor > end:
+        raise KeyRefused(f"truncated packet at offset {pos}")
+    return cursor
 
 
 def packet_body(data: bytes, ref: PacketRef) -> bytes:
