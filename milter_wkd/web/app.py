@@ -4,7 +4,9 @@ Answers (all with Content-Length, `Access-Control-Allow-Origin: *` and Cache-Con
 - key: 200 `application/octet-stream`, the binary key with the one user ID of the address;
   404 when nothing is published; 503 (Retry-After) only when the directory is down and the
   cache knows nothing about the address;
-- policy and submission-address: 200 `text/plain`, built once at start;
+- policy and submission-address: 200 `text/plain`, built once at start; the submission
+  address's own key comes from its `submission_public_key` file (read at start), else
+  from the directory like a user's;
 - refused requests: the `HttpError` status with a one-line reason.
 HEAD answers carry the same headers and no body. Any unexpected exception becomes a 500
 with a logged traceback.
@@ -14,18 +16,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
 from milter_wkd.config import DomainConfig
-from milter_wkd.web.cache import KeyCache
+from milter_wkd.errors import Refused
+from milter_wkd.values import Address
+from milter_wkd.web.cache import KeyCache, clean_for_address
 from milter_wkd.web.routes import (
     HttpError,
     Router,
     policy_text,
     submission_address_text,
 )
-from milter_wkd.web.source import SourceUnavailable, slot
+from milter_wkd.web.source import SourceUnavailable, address_slot, slot
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,7 @@ class WkdApp:
                 auth_submit=domain.auth_submit, mailbox_only=domain.mailbox_only)
             self.files[name, "submission-address"] = submission_address_text(
                 domain.submission_address)
+        self.static_keys = submission_keys(domains)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse,
                  ) -> Iterable[bytes]:
@@ -85,15 +91,38 @@ class WkdApp:
             return exc.status, "text/plain; charset=utf-8", (exc.reason + "\n").encode()
         if route.kind != "key":
             return 200, "text/plain; charset=utf-8", self.files[route.domain, route.kind]
+        key_slot = slot(route.hash, route.domain)
+        static = self.static_keys.get(key_slot)
+        if static is not None:
+            return 200, "application/octet-stream", static
         hint = None if self.cache.complete else _local_hint(environ.get("QUERY_STRING", ""))
         try:
-            body = self.cache.get(slot(route.hash, route.domain), hint)
+            body = self.cache.get(key_slot, hint)
         except SourceUnavailable as exc:
             log.warning("directory unavailable for an uncached address: %s", exc)
             return 503, "text/plain; charset=utf-8", b"directory unavailable\n"
         if body is None:
             return 404, "text/plain; charset=utf-8", b"no key published\n"
         return 200, "application/octet-stream", body
+
+
+def submission_keys(domains: Sequence[DomainConfig]) -> dict[str, bytes]:
+    """The submission addresses' public keys (`submission_public_key` files), each cleaned
+    to the one user ID of its address. A missing or unusable file is logged, and the
+    address is then looked up in the directory like a user's."""
+    keys: dict[str, bytes] = {}
+    for domain in domains:
+        path = Path(domain.submission_public_key)
+        try:
+            address = Address.parse(domain.submission_address)
+            keys[address_slot(address)] = clean_for_address(path.read_bytes(), address)
+        except OSError as exc:
+            log.warning("submission key of %s not served from %s: %s", domain.name, path,
+                        exc.strerror)
+        except Refused as exc:
+            log.warning("submission key of %s in %s not served: %s", domain.name, path,
+                        exc.reason)
+    return keys
 
 
 def _local_hint(query: str) -> str | None:
