@@ -126,7 +126,8 @@ def _children(part: Message) -> list[Message]:
 
 
 def _single_header(entity: Message, name: str) -> str | None:
-    values = entity.get_all(name) or []
+    with _mail_errors(f"{name} header"):
+        values = entity.get_all(name) or []
     if len(values) > 1:
         raise MessageRefused(f"more than one {name} header")
     return str(values[0]) if values else None
@@ -234,11 +235,13 @@ class Submission:
 def parse_submission(raw: bytes, decrypt: Decrypt, *,
                      max_mail: int = DEFAULT_MAX_MAIL) -> Submission:
     """Parse a WKS submission mail; `decrypt` opens the PGP/MIME body."""
-    mail, key, encrypted = _unwrap(raw, TYPE_PGP_KEYS, decrypt, max_mail)
-    sender = _from_address(mail)
-    if not key.strip():
-        raise MessageRefused("the application/pgp-keys part is empty")
-    return Submission(sender, key, encrypted, _draft_version(mail))
+    # Header values are parsed lazily, on first access: every access is guarded.
+    with _mail_errors("mail"):
+        mail, key, encrypted = _unwrap(raw, TYPE_PGP_KEYS, decrypt, max_mail)
+        sender = _from_address(mail)
+        if not key.strip():
+            raise MessageRefused("the application/pgp-keys part is empty")
+        return Submission(sender, key, encrypted, _draft_version(mail))
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +288,9 @@ def _field(fields: dict[str, str], name: str) -> str:
 def parse_confirmation_response(raw: bytes, decrypt: Decrypt, *,
                                 max_mail: int = DEFAULT_MAX_MAIL) -> ConfirmationResponse:
     """Parse a WKS confirmation response mail; `decrypt` opens the PGP/MIME body."""
-    mail, body, encrypted = _unwrap(raw, TYPE_WKS, decrypt, max_mail)
+    with _mail_errors("mail"):
+        mail, body, encrypted = _unwrap(raw, TYPE_WKS, decrypt, max_mail)
+        sender = _from_address(mail)
     fields = parse_wks_data(body)
     if fields.get("type") != "confirmation-response":
         raise MessageRefused(f"not a confirmation response: type {fields.get('type', '')[:40]!r}")
@@ -295,7 +300,7 @@ def parse_confirmation_response(raw: bytes, decrypt: Decrypt, *,
     if not _NONCE.match(nonce):
         raise MessageRefused("the nonce is malformed")
     # GnuPG's server never looks at From; we insist that the confirming address sent it.
-    if _from_address(mail).key != address.key:
+    if sender.key != address.key:
         raise MessageRefused("From does not match the address being confirmed")
     return ConfirmationResponse(address, submission_address, nonce, encrypted)
 

@@ -1,0 +1,444 @@
+"""The WKS protocol core without gpg: what we build parses back the way the draft says,
+and garbage, missing parts, wrong types, oversize and hostile headers are refused with
+a reason. Real gpg-wks-client is in tests/integration/test_wks_client.py."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import re
+from email.message import Message
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from milter_wkd import wks
+from milter_wkd.errors import BadAddress, MessageRefused, Refused
+from milter_wkd.openpgp import messages
+from milter_wkd.openpgp import packets as pk
+from milter_wkd.values import Address
+from milter_wkd.wkd import zbase32
+
+SUBMISSION = Address.parse("key-submission@example.org")
+USER = Address.parse("user@example.org")
+NOW = 1_790_000_000
+
+
+@pytest.fixture(scope="module")
+def service() -> messages.GeneratedKey:
+    return messages.generate_submission_key(SUBMISSION)
+
+
+@pytest.fixture(scope="module")
+def user() -> messages.GeneratedKey:
+    return messages.generate_submission_key(USER)
+
+
+def pgp_mime(headers: str, plaintext: bytes, recipient: bytes, *, version: str = "Version: 1",
+             protocol: str = 'protocol="application/pgp-encrypted"; ') -> bytes:
+    """A PGP/MIME multipart/encrypted mail, as gpg-wks-client lays it out."""
+    sealed = messages.encrypt(plaintext, [recipient]).decode()
+    return (
+        f"{headers}MIME-Version: 1.0\n"
+        f'Content-Type: multipart/encrypted; {protocol}boundary="BB"\n\n'
+        "--BB\nContent-Type: application/pgp-encrypted\n\n"
+        f"{version}\n\n"
+        "--BB\nContent-Type: application/octet-stream\n\n"
+        f"{sealed}\n--BB--\n"
+    ).encode()
+
+
+def key_part(key: bytes) -> bytes:
+    return b"Content-Type: application/pgp-keys\n\n" + pk.armor(pk.ARMOR_PUBLIC_KEY, key)
+
+
+SUBMIT_HEADERS = ("From: user@example.org\nTo: key-submission@example.org\n"
+                  "Subject: Key publishing request\nWks-Draft-Version: 3\n")
+RESPONSE_HEADERS = ("From: user@example.org\nTo: key-submission@example.org\n"
+                    "Subject: Key publication confirmation\nWks-Draft-Version: 3\n")
+
+
+def response_data(nonce: str = "a" * 32, **overrides: str) -> bytes:
+    fields = {"type": "confirmation-response", "sender": str(SUBMISSION),
+              "address": str(USER), "nonce": nonce, **overrides}
+    return "".join(f"{k}: {v}\n" for k, v in fields.items()).encode()
+
+
+def wks_part(data: bytes) -> bytes:
+    return b"Content-Type: application/vnd.gnupg.wks\nContent-Transfer-Encoding: 8bit\n\n" + data
+
+
+# --- nonces -----------------------------------------------------------------------------
+
+def test_nonces_are_32_zbase32_chars_and_distinct() -> None:
+    nonces = {wks.new_nonce() for _ in range(50)}
+    assert len(nonces) == 50
+    assert all(len(n) == 32 and set(n) <= set("ybndrfg8ejkmcpqxot1uwisza345h769")
+               for n in nonces)
+    assert len(zbase32(b"\x00" * 20)) == 32
+
+
+def test_nonce_comparison() -> None:
+    nonce = wks.new_nonce()
+    assert wks.nonces_equal(nonce, str(nonce))
+    assert not wks.nonces_equal(nonce, nonce[:-1] + ("y" if nonce[-1] != "y" else "b"))
+    assert not wks.nonces_equal(nonce, nonce[:16])
+    assert not wks.nonces_equal(nonce, "")
+
+
+# --- submissions ------------------------------------------------------------------------
+
+def test_encrypted_submission(service: messages.GeneratedKey, user: messages.GeneratedKey,
+                              ) -> None:
+    mail = pgp_mime(SUBMIT_HEADERS, key_part(user.public), service.public)
+    sub = wks.parse_submission(mail, wks.decrypter(service.secret))
+    assert sub.sender == USER
+    assert sub.encrypted
+    assert sub.draft_version == 3
+    assert pk.dearmor(sub.key)[1] == user.public
+
+
+def test_crlf_submission(service: messages.GeneratedKey, user: messages.GeneratedKey) -> None:
+    mail = pgp_mime(SUBMIT_HEADERS, key_part(user.public), service.public)
+    sub = wks.parse_submission(mail.replace(b"\n", b"\r\n"), wks.decrypter(service.secret))
+    assert pk.dearmor(sub.key)[1] == user.public
+
+
+def test_plaintext_without_mime_headers(service: messages.GeneratedKey,
+                                        user: messages.GeneratedKey) -> None:
+    armored = pk.armor(pk.ARMOR_PUBLIC_KEY, user.public)
+    mail = pgp_mime(SUBMIT_HEADERS, armored, service.public)
+    assert wks.parse_submission(mail, wks.decrypter(service.secret)).key == armored
+
+
+def test_unencrypted_submissions(user: messages.GeneratedKey) -> None:
+    def no_decrypt(_: bytes) -> bytes:
+        raise AssertionError("nothing to decrypt")
+
+    single = SUBMIT_HEADERS.encode() + key_part(user.public)
+    sub = wks.parse_submission(single, no_decrypt)
+    assert (sub.sender, sub.encrypted) == (USER, False)
+    wrapped = (SUBMIT_HEADERS + 'Content-Type: multipart/mixed; boundary="M"\n\n'
+               "--M\nContent-Type: text/plain\n\nhello\n--M\n").encode() \
+        + key_part(user.public) + b"\n--M--\n"
+    assert wks.parse_submission(wrapped, no_decrypt).key.startswith(b"-----BEGIN PGP PUBLIC")
+
+
+def test_submission_structure_refusals(service: messages.GeneratedKey,
+                                       user: messages.GeneratedKey) -> None:
+    decrypt = wks.decrypter(service.secret)
+    key = key_part(user.public)
+    cases = {
+        "protocol=application/pgp-encrypted": pgp_mime(SUBMIT_HEADERS, key, service.public,
+                                                       protocol=""),
+        "Version: 1": pgp_mime(SUBMIT_HEADERS, key, service.public, version="Version: 2"),
+        "not encrypted to the submission key": pgp_mime(SUBMIT_HEADERS, key, user.public),
+        "expected a application/pgp-keys part, found text/plain":
+            pgp_mime(SUBMIT_HEADERS, b"Content-Type: text/plain\n\nhi\n", service.public),
+        "application/pgp-keys part is empty": SUBMIT_HEADERS.encode()
+            + b"Content-Type: application/pgp-keys\n\n\n",
+        "exactly two parts": (SUBMIT_HEADERS + 'Content-Type: multipart/encrypted; '
+                              'protocol="application/pgp-encrypted"; boundary="B"\n\n'
+                              "--B\nContent-Type: application/pgp-encrypted\n\nVersion: 1\n"
+                              "--B--\n").encode(),
+        "first part": (SUBMIT_HEADERS + 'Content-Type: multipart/encrypted; '
+                       'protocol="application/pgp-encrypted"; boundary="B"\n\n'
+                       "--B\nContent-Type: text/plain\n\nVersion: 1\n"
+                       "--B\nContent-Type: application/octet-stream\n\nxx\n--B--\n").encode(),
+        "second part": (SUBMIT_HEADERS + 'Content-Type: multipart/encrypted; '
+                        'protocol="application/pgp-encrypted"; boundary="B"\n\n'
+                        "--B\nContent-Type: application/pgp-encrypted\n\nVersion: 1\n"
+                        "--B\nContent-Type: text/plain\n\nxx\n--B--\n").encode(),
+        "bad OpenPGP message|armored": (SUBMIT_HEADERS + 'Content-Type: multipart/encrypted; '
+                       'protocol="application/pgp-encrypted"; boundary="B"\n\n'
+                       "--B\nContent-Type: application/pgp-encrypted\n\nVersion: 1\n"
+                       "--B\nContent-Type: application/octet-stream\n\n"
+                       "-----BEGIN PGP MESSAGE-----\n\nAAAA\n-----END PGP MESSAGE-----\n"
+                       "--B--\n").encode(),
+        "more than one application/pgp-keys part": (
+            SUBMIT_HEADERS + 'Content-Type: multipart/mixed; boundary="M"\n\n--M\n').encode()
+            + key + b"\n--M\n" + key + b"\n--M--\n",
+        "a multipart part without parts": (SUBMIT_HEADERS
+                                           + "Content-Type: multipart/mixed\n\nhi\n").encode(),
+        "Wks-Draft-Version is not a number": SUBMIT_HEADERS.replace("3\n", "three\n").encode()
+            + key,
+    }
+    for reason, mail in cases.items():
+        with pytest.raises(MessageRefused, match=reason):
+            wks.parse_submission(mail, decrypt)
+
+
+@pytest.mark.parametrize(("from_lines", "error", "reason"), [
+    ("", MessageRefused, "no From"),
+    ("From: user@example.org\nFrom: other@example.org\n", MessageRefused, "more than one From"),
+    ("From: user@example.org, other@example.org\n", MessageRefused, "exactly one address"),
+    ("From: undisclosed-recipients:;\n", MessageRefused, "exactly one address"),
+    ("From: \"x\" <\"a b\"@example.org>\n", BadAddress, "local part"),
+    ("From: <user@exa$mple.org>\n", BadAddress, "not a mail domain"),
+    ("From: =?utf-8?q?a=0D=0ABcc=3A_x?= <user@localhost>\n", MessageRefused,
+     "malformed From header"),
+    ("From: " + "a" * 5000 + "@example.org\n", BadAddress, "longer than 64"),
+])
+def test_hostile_from_headers(user: messages.GeneratedKey, from_lines: str,
+                              error: type[Exception], reason: str) -> None:
+    mail = (from_lines + "Subject: Key publishing request\n").encode() + key_part(user.public)
+    with pytest.raises(error, match=reason):
+        wks.parse_submission(mail, lambda data: data)
+
+
+def test_from_with_display_name_and_encoded_words(user: messages.GeneratedKey) -> None:
+    mail = b"From: =?utf-8?q?J=C3=B6rg?= <User@Example.ORG>\n" + key_part(user.public)
+    assert wks.parse_submission(mail, lambda d: d).sender == Address("User", "example.org")
+
+
+def test_size_and_shape_caps(service: messages.GeneratedKey, user: messages.GeneratedKey,
+                             ) -> None:
+    decrypt = wks.decrypter(service.secret)
+    mail = pgp_mime(SUBMIT_HEADERS, key_part(user.public), service.public)
+    with pytest.raises(MessageRefused, match="mail is larger than"):
+        wks.parse_submission(mail, decrypt, max_mail=len(mail) - 1)
+    big_header = ("X-Junk: " + "a" * 900 + "\n") * 80
+    with pytest.raises(MessageRefused, match="octets of header"):
+        wks.parse_submission(big_header.encode() + mail, decrypt)
+    many = (SUBMIT_HEADERS + 'Content-Type: multipart/mixed; boundary="M"\n\n'
+            + "--M\nContent-Type: text/plain\n\nx\n" * 20 + "--M--\n").encode()
+    with pytest.raises(MessageRefused, match="more than 16 MIME parts"):
+        wks.parse_submission(many, decrypt)
+    deep = SUBMIT_HEADERS + 'Content-Type: multipart/mixed; boundary="B0"\n\n'
+    for level in range(1, 6):
+        deep += f'--B{level - 1}\nContent-Type: multipart/mixed; boundary="B{level}"\n\n'
+    with pytest.raises(MessageRefused, match="deeper than"):
+        wks.parse_submission(deep.encode(), decrypt)
+
+
+# --- confirmation requests --------------------------------------------------------------
+
+def _request(service: messages.GeneratedKey, user: messages.GeneratedKey,
+             nonce: str) -> bytes:
+    return wks.build_confirmation_request(
+        submission_address=SUBMISSION, address=USER, fingerprint=user.fingerprint,
+        nonce=nonce, user_key=user.public, submission_secret_key=service.secret, now=NOW)
+
+
+def _signed_part(raw: bytes, boundary: str) -> bytes:
+    """The first part of a multipart/signed mail exactly as sent (RFC 3156 §5)."""
+    delimiter = b"\r\n--" + boundary.encode()
+    start = raw.index(b"--" + boundary.encode() + b"\r\n") + len(boundary) + 4
+    return raw[start : raw.index(delimiter, start)]
+
+
+def test_confirmation_request_layout(service: messages.GeneratedKey,
+                                     user: messages.GeneratedKey) -> None:
+    nonce = wks.new_nonce()
+    raw = _request(service, user, nonce)
+    assert b"\n" not in raw.replace(b"\r\n", b"")  # CRLF everywhere, ready for SMTP
+    mail = email.message_from_bytes(raw, policy=email.policy.default)
+    assert mail["From"] == str(SUBMISSION)
+    assert mail["To"] == str(USER)
+    assert mail["Subject"] == "Confirm your key publication"
+    assert (mail["Wks-Draft-Version"], mail["Wks-Phase"]) == ("3", "confirm")
+    assert mail["Date"] == "Mon, 21 Sep 2026 14:13:20 +0000"
+    assert mail.get_content_type() == "multipart/signed"
+    assert mail.get_param("protocol") == "application/pgp-signature"
+    signed, signature = mail.get_payload()
+    assert isinstance(signed, Message)
+    assert isinstance(signature, Message)
+    assert signature.get_content_type() == "application/pgp-signature"
+    assert [p.get_content_type() for p in signed.get_payload()] == [
+        "text/plain", "application/vnd.gnupg.wks"]
+    # The signature is the submission key's over the part exactly as transmitted.
+    part = _signed_part(raw, mail.get_boundary() or "")
+    assert part.startswith(b"Content-Type: multipart/mixed;")
+    sig = signature.get_payload(decode=True)
+    assert isinstance(sig, bytes)
+    assert messages.verify_detached(part, sig, service.public) == service.fingerprint
+    with pytest.raises(MessageRefused):
+        messages.verify_detached(part.replace(b"ignore", b"IGNORE"), sig, service.public)
+    # Encrypted to the submitted key only.
+    sealed = signed.get_payload()[1].get_payload(decode=True)
+    with pytest.raises(MessageRefused, match="not encrypted to"):
+        messages.decrypt(sealed, service.secret)
+    fields = wks.parse_wks_data(messages.decrypt(sealed, user.secret))
+    assert fields == {"type": "confirmation-request", "sender": str(SUBMISSION),
+                      "address": str(USER), "fingerprint": user.fingerprint.hex,
+                      "nonce": nonce}
+
+
+def test_confirmation_request_refusals(service: messages.GeneratedKey,
+                                       user: messages.GeneratedKey) -> None:
+    for nonce in ("short", "UPPERCASEUPPERCASEUPPER", "a" * 15, "n" * 20 + "\nx: y"):
+        with pytest.raises(MessageRefused, match="nonce"):
+            _request(service, user, nonce)
+    with pytest.raises(Refused):
+        wks.build_confirmation_request(
+            submission_address=SUBMISSION, address=USER, fingerprint=user.fingerprint,
+            nonce=wks.new_nonce(), user_key=b"garbage", submission_secret_key=service.secret,
+            now=NOW)
+
+
+# --- confirmation responses -------------------------------------------------------------
+
+def test_encrypted_response(service: messages.GeneratedKey) -> None:
+    nonce = wks.new_nonce()
+    mail = pgp_mime(RESPONSE_HEADERS, wks_part(response_data(nonce)), service.public)
+    response = wks.parse_confirmation_response(mail, wks.decrypter(service.secret))
+    assert response == wks.ConfirmationResponse(USER, SUBMISSION, nonce, True)
+
+
+def test_clear_response() -> None:
+    # gpg-wks-client answers in the clear when it finds no key for the submission address.
+    mail = (RESPONSE_HEADERS.encode() + b"Content-Type: application/vnd.gnupg.wks\n\n"
+            + response_data("b" * 32))
+    response = wks.parse_confirmation_response(mail, lambda d: d)
+    assert (response.nonce, response.encrypted) == ("b" * 32, False)
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    (response_data(type="confirmation-request"), "not a confirmation response"),
+    (response_data().replace(b"nonce: " + b"a" * 32 + b"\n", b""), "lacks 'nonce'"),
+    (response_data(nonce="a" * 15), "nonce is malformed"),
+    (response_data(nonce="a" * 20 + "*)(uid=*"), "nonce is malformed"),
+    (response_data() + b"nonce: " + b"b" * 32 + b"\n", "repeats 'nonce'"),
+    (response_data() + b"TYPE: confirmation-response\n", "repeats 'type'"),
+    (response_data(address="other@example.org"), "From does not match"),
+    (response_data(address="not an address"), "not a mail address"),
+    (response_data() + b"garbage line\n", "malformed WKS data line"),
+    (response_data() + b"x: \x1b[31m\n", "malformed WKS data line"),
+    (response_data() + b"\xff\xfe\n", "not UTF-8"),
+    (response_data() + b"x: " + b"y" * 5000 + b"\n", "larger than 4096"),
+])
+def test_response_refusals(service: messages.GeneratedKey, data: bytes, reason: str) -> None:
+    mail = pgp_mime(RESPONSE_HEADERS, wks_part(data), service.public)
+    with pytest.raises(Refused, match=reason):
+        wks.parse_confirmation_response(mail, wks.decrypter(service.secret))
+
+
+def test_response_of_the_wrong_type(service: messages.GeneratedKey) -> None:
+    mail = pgp_mime(RESPONSE_HEADERS, key_part(service.public), service.public)
+    with pytest.raises(MessageRefused, match=r"expected a application/vnd\.gnupg\.wks part"):
+        wks.parse_confirmation_response(mail, wks.decrypter(service.secret))
+
+
+def test_wks_data_is_case_insensitive_in_names_only() -> None:
+    assert wks.parse_wks_data(b"Type: X\r\nNONCE:abc  \n\n") == {"type": "X", "nonce": "abc"}
+
+
+# --- notices ----------------------------------------------------------------------------
+
+def test_published_notice() -> None:
+    fingerprint = messages.generate_submission_key(USER).fingerprint
+    raw = wks.build_published_notice(submission_address=SUBMISSION, address=USER,
+                                     fingerprint=fingerprint, now=NOW,
+                                     in_reply_to="<abc@example.org>")
+    assert b"\n" not in raw.replace(b"\r\n", b"")
+    mail = email.message_from_bytes(raw, policy=email.policy.default)
+    assert (mail["From"], mail["To"]) == (str(SUBMISSION), str(USER))
+    assert mail["In-Reply-To"] == "<abc@example.org>"
+    assert mail["Auto-Submitted"] == "auto-replied"
+    assert mail.get_content_type() == "text/plain"
+    assert fingerprint.hex in mail.get_content()
+
+
+def test_refusal_notice_neutralises_hostile_text() -> None:
+    raw = wks.build_refusal_notice(
+        submission_address=SUBMISSION, address=USER, now=NOW,
+        reason="bad user ID 'x\r\nBcc: victim@example.net\x1b[2J' Jörg",
+        in_reply_to="<x>\r\nBcc: victim@example.net")
+    mail = email.message_from_bytes(raw, policy=email.policy.default)
+    assert mail["Bcc"] is None
+    assert mail["In-Reply-To"] is None
+    body = mail.get_content()
+    assert "\x1b" not in body
+    assert "Jörg" in body
+    assert "refused" in body
+    subject_raw = wks.build_notice(submission_address=SUBMISSION, address=USER,
+                                   subject="Hi\r\nBcc: victim@example.net", text="x", now=NOW)
+    parsed = email.message_from_bytes(subject_raw, policy=email.policy.default)
+    assert parsed["Bcc"] is None
+    assert parsed["Subject"] == "Hi Bcc: victim@example.net"
+
+
+def test_notice_to_a_utf8_address_uses_smtputf8() -> None:
+    raw = wks.build_notice(submission_address=SUBMISSION, address=Address("jörg", "example.org"),
+                           subject="Grüße", text="x", now=NOW)
+    assert "To: jörg@example.org".encode() in raw
+
+
+# --- property tests ---------------------------------------------------------------------
+
+MAIL_LINES = st.lists(st.one_of(
+    st.sampled_from([
+        "From: user@example.org", "Content-Type: multipart/encrypted; boundary=B",
+        'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted"; boundary=B',
+        "Content-Type: application/pgp-encrypted", "Content-Type: application/octet-stream",
+        "Content-Type: application/pgp-keys", "Content-Type: application/vnd.gnupg.wks",
+        "Content-Type: multipart/mixed; boundary=B", "Content-Transfer-Encoding: base64",
+        "Content-Transfer-Encoding: quoted-printable", "Version: 1", "--B", "--B--", "",
+        "-----BEGIN PGP MESSAGE-----", "-----END PGP MESSAGE-----", "type: confirmation-response",
+        "nonce: aaaaaaaaaaaaaaaaaaaaa", "address: user@example.org", "=?utf-8?b?AAAA?=",
+        "From: =?x?q?=00?= <@>", "From: a@b.c, (((((", "Content-Type: ;;;=\"",
+    ]),
+    st.text(max_size=40)), max_size=30)
+
+
+def _ignore_refusal(parse: object, mail: bytes, decrypt: wks.Decrypt) -> None:
+    try:
+        result = parse(mail, decrypt)  # type: ignore[operator]
+    except Refused:
+        return
+    assert isinstance(result, wks.Submission | wks.ConfirmationResponse)
+
+
+@settings(max_examples=150, deadline=None)
+@given(MAIL_LINES, st.sampled_from(["\n", "\r\n"]))
+def test_parsers_on_random_mails_only_refuse(lines: list[str], eol: str) -> None:
+    mail = eol.join(lines).encode("utf-8", "surrogatepass")
+    for parse in (wks.parse_submission, wks.parse_confirmation_response):
+        _ignore_refusal(parse, mail, lambda data: data)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=600))
+def test_parsers_on_random_bytes_only_refuse(mail: bytes) -> None:
+    for parse in (wks.parse_submission, wks.parse_confirmation_response):
+        _ignore_refusal(parse, mail, lambda data: data)
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.data())
+def test_parsers_on_mutated_mails_only_refuse(service: messages.GeneratedKey,
+                                              user: messages.GeneratedKey,
+                                              data: st.DataObject) -> None:
+    kind = data.draw(st.sampled_from(["submission", "response"]))
+    if kind == "submission":
+        mail = bytearray(pgp_mime(SUBMIT_HEADERS, key_part(user.public), service.public))
+    else:
+        mail = bytearray(pgp_mime(RESPONSE_HEADERS, wks_part(response_data()), service.public))
+    for _ in range(data.draw(st.integers(1, 5))):
+        pos = data.draw(st.integers(0, max(0, len(mail) - 1)))
+        action = data.draw(st.sampled_from(["flip", "cut", "insert", "line"]))
+        if action == "flip" and mail:
+            mail[pos] ^= data.draw(st.integers(1, 255))
+        elif action == "cut":
+            del mail[pos : pos + data.draw(st.integers(1, 40))]
+        elif action == "insert":
+            mail[pos:pos] = data.draw(st.binary(min_size=1, max_size=20))
+        else:
+            mail[pos:pos] = data.draw(st.sampled_from(
+                [b"\n--BB\n", b"\nContent-Type: multipart/mixed\n", b"\n\n", b"\r",
+                 b"From: x@y.z\n", b"\nContent-Transfer-Encoding: base64\n"]))
+    decrypt = wks.decrypter(service.secret)
+    for parse in (wks.parse_submission, wks.parse_confirmation_response):
+        _ignore_refusal(parse, bytes(mail), decrypt)
+
+
+def test_the_mutation_baseline_parses(service: messages.GeneratedKey,
+                                      user: messages.GeneratedKey) -> None:
+    """Without mutations the mails above are accepted, so the property tests do reach the
+    deep parts of the parsers."""
+    decrypt = wks.decrypter(service.secret)
+    submission = pgp_mime(SUBMIT_HEADERS, key_part(user.public), service.public)
+    assert wks.parse_submission(submission, decrypt).sender == USER
+    response = pgp_mime(RESPONSE_HEADERS, wks_part(response_data()), service.public)
+    assert re.fullmatch("a{32}", wks.parse_confirmation_response(response, decrypt).nonce)
