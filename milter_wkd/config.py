@@ -59,6 +59,8 @@ class DirectoryConfig:
         "Entry under which pending WKS confirmation requests are kept."))
     timeout: float = field(default=2.0, metadata=_doc(
         "Seconds before an unanswered directory operation counts as 'directory down'."))
+    pool_size: int = field(default=4, metadata=_doc(
+        "Most directory connections one process keeps open (one per concurrent request)."))
 
 
 @dataclass(frozen=True, slots=True)

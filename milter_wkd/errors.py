@@ -34,3 +34,26 @@ class BadAddress(Refused):
 class MessageRefused(Refused):
     """A mail or OpenPGP message that cannot be processed (garbage MIME, wrong parts, not
     decryptable, oversize, a WKS request that does not match what is pending)."""
+
+
+class Unavailable(MilterWkdError):
+    """A service we depend on did not answer in time (temporary: 4xx, exit 75)."""
+
+    exit_code = 75
+
+
+class DirectoryUnavailable(Unavailable):
+    """The LDAP directory is down, unreachable, too slow or refuses our bind."""
+
+
+class DirectoryError(MilterWkdError):
+    """The directory answered with an error nobody planned for (misconfiguration)."""
+
+
+class NotFound(Refused):
+    """No such user, key or pending request in the directory."""
+
+
+class Conflict(Refused):
+    """The directory holds something that contradicts the request (an address on two
+    entries, a fingerprint published by another user, a nonce in use)."""
