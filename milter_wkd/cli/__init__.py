@@ -14,13 +14,13 @@ import sys
 from collections.abc import Sequence
 
 from milter_wkd import __version__
-from milter_wkd.cli import config_cmd, key, keys, web
+from milter_wkd.cli import config_cmd, key, keys, sandbox, web
 from milter_wkd.errors import MilterWkdError, Refused
 
 EX_REFUSED = 2
 EX_TEMPFAIL = 75
 
-GROUPS = [key, config_cmd, web, keys]
+GROUPS = [key, config_cmd, web, keys, sandbox]
 
 
 def build_parser() -> argparse.ArgumentParser:

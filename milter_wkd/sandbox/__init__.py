@@ -63,6 +63,8 @@ class Sandbox:
         self.postfix = Postfix(self.dir / "postfix", domains=DOMAINS,
                                dovecot_auth_socket=self.dovecot.auth_socket,
                                lmtp=self.dovecot.lmtp)
+        # Daemon name -> pid of every daemon start() started (kept after stop, for checks).
+        self.started: dict[str, int] = {}
         self.config_path = self.dir / CONFIG_NAME
         self.state_path = self.dir / STATE_NAME
 
@@ -154,9 +156,12 @@ smtp_port = {self.postfix.reinject.port}
             self.write_state()
             for daemon in (self.slapd, self.dovecot, self.postfix):
                 daemon.start()
+                self.started.update(
+                    {name: entry["pid"] for name, entry in self._processes().items()})
                 self.write_state()
             self.write_milter_config()
         except BaseException:
+            self.started.update({name: entry["pid"] for name, entry in self._processes().items()})
             self.stop()
             raise
         return self
