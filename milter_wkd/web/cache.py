@@ -97,6 +97,7 @@ class KeyCache:
         self._thread: threading.Thread | None = None
         self._source_down = False
         self._reload = True
+        self.evictions = 0
 
     # -- serving ------------------------------------------------------------------------
 
@@ -172,6 +173,7 @@ class KeyCache:
                 self.complete = False
             evicted, _ = next(iter(self._answers.items()))
             self._remove(evicted)
+            self.evictions += 1
 
     def _remove(self, slot: str) -> None:
         old = self._answers.pop(slot, None)
@@ -201,10 +203,11 @@ class KeyCache:
     def load(self) -> bool:
         """Mirror the whole directory while it fits the budget; True if it did."""
         token = self.source.change_token()
+        evictions = self.evictions
         for entry in self.source.iter_published():
             for slot in sorted(entry.slots()):
                 self._merge(slot, entry)
-            if self._bytes > self.budget * 0.9:
+            if self._bytes > self.budget * 0.9 or self.evictions != evictions:
                 log.warning("the directory does not fit the key cache budget (%d bytes): "
                             "caching least recently used answers", self.budget)
                 with self._lock:

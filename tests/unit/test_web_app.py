@@ -1,0 +1,104 @@
+"""The WSGI app: status codes, headers, HEAD, 503 only when memory knows nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from milter_wkd.config import DomainConfig
+from milter_wkd.values import Address
+from milter_wkd.web.app import WkdApp
+from milter_wkd.web.cache import KeyCache
+from milter_wkd.wkd import address_hash
+from tests.unit.test_web_cache import ALICE, BOB, TableSource, cleaner
+
+
+class Response:
+    def __init__(self, app: WkdApp, method: str, path: str, host: str | None,
+                 query: str = "") -> None:
+        environ: dict[str, Any] = {"REQUEST_METHOD": method, "PATH_INFO": path,
+                                   "QUERY_STRING": query}
+        if host is not None:
+            environ["HTTP_HOST"] = host
+        self.status = 0
+        self.headers: dict[str, str] = {}
+
+        def start_response(status: str, headers: list[tuple[str, str]]) -> None:
+            self.status = int(status.split(maxsplit=1)[0])
+            self.headers = dict(headers)
+
+        self.body = b"".join(app(environ, start_response))
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> WkdApp:
+    source = TableSource()
+    source.write("uid=alice", (ALICE,), b"KA")
+    source.write("uid=bob", (BOB,), b"KB")
+    cache = KeyCache(source, budget=1 << 20, cleaner=cleaner)
+    cache.load()
+    domain = DomainConfig(name="example.org",
+                          submission_public_key=str(tmp_path / "missing.pub"))
+    return WkdApp(cache, [domain], max_age=600)
+
+
+def key_path(address: Address, advanced: bool = True) -> str:
+    if advanced:
+        return f"/.well-known/openpgpkey/{address.domain}/hu/{address_hash(address)}"
+    return f"/.well-known/openpgpkey/hu/{address_hash(address)}"
+
+
+def test_a_key_answer_has_the_wkd_headers(app: WkdApp) -> None:
+    got = Response(app, "GET", key_path(ALICE), "openpgpkey.example.org", "l=alice")
+    assert got.status == 200
+    assert got.body == b"KA|alice@example.org"
+    assert got.headers["Content-Type"] == "application/octet-stream"
+    assert got.headers["Content-Length"] == str(len(got.body))
+    assert got.headers["Access-Control-Allow-Origin"] == "*"
+    assert got.headers["Cache-Control"] == "public, max-age=600"
+
+
+def test_head_has_the_headers_and_no_body(app: WkdApp) -> None:
+    got = Response(app, "HEAD", key_path(BOB, advanced=False), "example.org")
+    assert got.status == 200
+    assert got.body == b""
+    assert got.headers["Content-Length"] == str(len(b"KB|bob@example.org"))
+
+
+def test_unknown_is_404_with_a_short_cache_life(app: WkdApp) -> None:
+    got = Response(app, "GET", key_path(Address.parse("nobody@example.org")), None)
+    assert got.status == 404
+    assert got.headers["Cache-Control"] == "public, max-age=60"
+    assert got.headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_policy_and_submission_address(app: WkdApp) -> None:
+    got = Response(app, "GET", "/.well-known/openpgpkey/policy", "example.org")
+    assert got.status == 200
+    assert got.body.endswith(b"\n")
+    assert b"submission-address: key-submission@example.org\n" in got.body
+    got = Response(app, "GET", "/.well-known/openpgpkey/example.org/submission-address",
+                   "openpgpkey.example.org")
+    assert got.body == b"key-submission@example.org\n"
+
+
+def test_refusals(app: WkdApp) -> None:
+    got = Response(app, "POST", key_path(ALICE), "openpgpkey.example.org")
+    assert (got.status, got.headers["Allow"]) == (405, "GET, HEAD")
+    assert Response(app, "GET", "/.well-known/openpgpkey/hu/x", "example.org").status == 400
+    assert Response(app, "GET", key_path(ALICE), "evil.example").status == 404
+
+
+def test_503_only_for_what_memory_does_not_know(tmp_path: Path) -> None:
+    source = TableSource()
+    source.write("uid=alice", (ALICE,), b"KA")
+    cache = KeyCache(source, budget=1 << 20, cleaner=cleaner)  # not loaded: LRU mode
+    app = WkdApp(cache, [DomainConfig(submission_public_key=str(tmp_path / "none"))])
+    assert Response(app, "GET", key_path(ALICE), None).status == 200
+    source.down = True
+    assert Response(app, "GET", key_path(ALICE), None).status == 200
+    got = Response(app, "GET", key_path(BOB), None)
+    assert got.status == 503
+    assert got.headers["Retry-After"] == "30"

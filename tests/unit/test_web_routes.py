@@ -1,0 +1,113 @@
+"""Routing of WKD requests and the policy file: pure logic, known answers."""
+
+import pytest
+
+from milter_wkd.web.routes import (
+    HttpError,
+    Route,
+    Router,
+    policy_text,
+    submission_address_text,
+)
+
+HASH = "iy9q119eutrkn8s1mk4r39qejnbu3n5q"  # Joe.Doe
+ROUTER = Router(["example.org", "Example.NET"])
+
+
+def route(path: str, host: str | None = "openpgpkey.example.org", method: str = "GET") -> Route:
+    return ROUTER.route(method, host, path)
+
+
+def refused(path: str, host: str | None = "openpgpkey.example.org", method: str = "GET") -> int:
+    with pytest.raises(HttpError) as info:
+        ROUTER.route(method, host, path)
+    return info.value.status
+
+
+def test_advanced_and_direct_methods() -> None:
+    assert route(f"/.well-known/openpgpkey/example.org/hu/{HASH}") == Route(
+        "key", "example.org", HASH)
+    assert route(f"/.well-known/openpgpkey/hu/{HASH}", host="example.org") == Route(
+        "key", "example.org", HASH)
+    assert route(f"/.well-known/openpgpkey/example.net/hu/{HASH}",
+                 host="OpenPGPKey.Example.Net:443") == Route("key", "example.net", HASH)
+    assert route(f"/.well-known/openpgpkey/hu/{HASH}", host="example.org.") == Route(
+        "key", "example.org", HASH)
+
+
+def test_policy_and_submission_address_in_both_forms() -> None:
+    assert route("/.well-known/openpgpkey/example.org/policy") == Route("policy", "example.org")
+    assert route("/.well-known/openpgpkey/policy", host="example.org") == Route(
+        "policy", "example.org")
+    assert route("/.well-known/openpgpkey/example.org/submission-address") == Route(
+        "submission-address", "example.org")
+    assert route("/.well-known/openpgpkey/submission-address", host="example.net") == Route(
+        "submission-address", "example.net")
+
+
+def test_without_host_only_the_advanced_path_names_a_domain() -> None:
+    assert route(f"/.well-known/openpgpkey/example.org/hu/{HASH}", host=None).domain == (
+        "example.org")
+    assert refused(f"/.well-known/openpgpkey/hu/{HASH}", host=None) == 400
+    assert refused(f"/.well-known/openpgpkey/hu/{HASH}", host="") == 400
+
+
+@pytest.mark.parametrize("bad_hash", [
+    HASH.upper(), HASH[:-1], HASH + "y", "0" * 32, "iy9q119eutrkn8s1mk4r39qejnbu3n5l", "",
+])
+def test_malformed_hashes_are_400(bad_hash: str) -> None:
+    assert refused(f"/.well-known/openpgpkey/example.org/hu/{bad_hash}") == 400
+
+
+@pytest.mark.parametrize("path", [
+    "/.well-known/openpgpkey/hu/../../../etc/passwd",
+    "/.well-known/openpgpkey/../openpgpkey/hu/" + HASH,
+    "/.well-known/openpgpkey/example.org/hu/./" + HASH,
+    "/.well-known/openpgpkey/example.org/hu//" + HASH,
+    "/.well-known/openpgpkey/example.org/%2e%2e/policy",
+    "/.well-known/openpgpkey/example.org/hu/" + HASH + "/",
+    "/.well-known/openpgpkey/example.org/",
+])
+def test_traversal_and_odd_shapes_are_refused(path: str) -> None:
+    assert refused(path, host="example.org") == 400
+
+
+def test_unknown_things_are_404() -> None:
+    assert refused(f"/.well-known/openpgpkey/evil.org/hu/{HASH}", host="example.org") == 404
+    assert refused(f"/.well-known/openpgpkey/hu/{HASH}", host="evil.org") == 404
+    assert refused(f"/.well-known/openpgpkey/hu/{HASH}", host="openpgpkey.evil.org") == 404
+    assert refused("/.well-known/openpgpkey/example.org/secret", host="example.org") == 404
+    assert refused("/index.html", host="example.org") == 404
+    # The advanced host serves only the advanced form.
+    assert refused(f"/.well-known/openpgpkey/hu/{HASH}") == 404
+
+
+def test_domain_in_path_must_match_the_host() -> None:
+    assert refused(f"/.well-known/openpgpkey/example.net/hu/{HASH}") == 400
+
+
+@pytest.mark.parametrize("host", [
+    "example.org/../x", "exa mple.org", "example..org", "-example.org", "example.org:99999x",
+    "a" * 300, "example.org\r\nX-Injected: 1", "[::1]",
+])
+def test_odd_hosts_are_400(host: str) -> None:
+    assert refused(f"/.well-known/openpgpkey/hu/{HASH}", host=host) == 400
+
+
+def test_overlong_path_is_414_and_methods_are_limited() -> None:
+    assert refused("/.well-known/openpgpkey/example.org/hu/" + "y" * 300) == 414
+    assert refused(f"/.well-known/openpgpkey/example.org/hu/{HASH}", method="POST") == 405
+    assert refused(f"/.well-known/openpgpkey/example.org/hu/{HASH}", method="OPTIONS") == 405
+    assert route(f"/.well-known/openpgpkey/example.org/hu/{HASH}", method="HEAD").kind == "key"
+
+
+def test_policy_file_byte_for_byte() -> None:
+    text = policy_text("key-submission@example.org", protocol_version=3, auth_submit=True,
+                       mailbox_only=True)
+    assert text == (b"protocol-version: 3\nsubmission-address: key-submission@example.org\n"
+                    b"mailbox-only\nauth-submit\n")
+    plain = policy_text("ks@example.net", protocol_version=5, auth_submit=False,
+                        mailbox_only=False)
+    assert plain == b"protocol-version: 5\nsubmission-address: ks@example.net\n"
+    assert submission_address_text("key-submission@example.org") == (
+        b"key-submission@example.org\n")
