@@ -103,6 +103,10 @@ class DomainConfig:
 class MilterConfig:
     socket: str = field(default="unix:/run/milter-wkd/milter.sock", metadata=_doc(
         "Where the milter listens: unix:/path or inet:PORT@127.0.0.1."))
+    socket_mode: str = field(default="0660", metadata=_doc(
+        "Permissions of the unix socket (octal)."))
+    socket_group: str = field(default="postfix", metadata=_doc(
+        "Group of the unix socket: the MTA's user must be in it (empty: leave as is)."))
     timeout: int = field(default=600, metadata=_doc(
         "Seconds the MTA may take between milter commands."))
     max_submission_bytes: int = field(default=64 * 1024 * 1024, metadata=_doc(
