@@ -638,6 +638,34 @@ class Directory:
         self.delete_pending(nonce)
         return request
 
+    def _pending_entries(self, filt: str) -> list[PendingRequest]:
+        entries = self._search(self.config.pending_base, f"(&(objectClass={PENDING_CLASS}){filt})",
+                               ["wkdNonce", "wkdAddress", "wkdFingerprint", "wkdCreated",
+                                "wkdExpires"])
+        found = []
+        for entry in entries:
+            try:
+                found.append(PendingRequest(
+                    _text(entry, "wkdNonce") or "",
+                    Address.parse(_text(entry, "wkdAddress") or ""),
+                    Fingerprint.parse(_text(entry, "wkdFingerprint") or ""), b"",
+                    parse_gnupg_time(_text(entry, "wkdCreated") or "") or 0,
+                    parse_gnupg_time(_text(entry, "wkdExpires") or "") or 0))
+            except Refused:
+                log.warning("ignoring malformed pending request %s", entry["dn"])
+        return found
+
+    def count_pending(self, address: Address, now: int | None = None) -> int:
+        """Unexpired requests for an address (the milter's rate limit counts them)."""
+        now = int(time.time()) if now is None else now
+        value = escape_filter_chars(str(address))
+        return len(self._pending_entries(
+            f"(wkdAddress={value})(!(wkdExpires<={gnupg_time(now)}))"))
+
+    def list_pending(self) -> list[PendingRequest]:
+        """Every pending request (without the submitted keys), oldest first."""
+        return sorted(self._pending_entries(""), key=lambda r: r.created)
+
     def expire_pending(self, now: int | None = None) -> int:
         """Delete every request that expired at or before now; returns how many."""
         now = int(time.time()) if now is None else now
