@@ -2,8 +2,8 @@
 
 `iter_packets` walks a buffer once and yields `PacketRef` offsets; it copies nothing, so the
 memory a caller needs is bounded by what the caller keeps. Old and new packet headers and all
-length forms are understood; partial body lengths are refused outside data packets (a key
-never has them) and indeterminate old-format lengths are refused everywhere.
+length forms are understood; partial body lengths and indeterminate old-format lengths
+("to the end of the input") are refused outside data packets (a key never has them).
 `dearmor` decodes one armored block and checks its CRC-24 when present.
 
 Errors: every problem raises `KeyRefused` with the offset and the reason.
@@ -106,7 +106,13 @@ def frames(data: bytes, start: int = 0, end: int | None = None,
             tag = (header >> 2) & 0x0F
             length_type = header & 0x03
             if length_type == 3:
-                raise KeyRefused(f"indeterminate packet length at offset {pos}")
+                # "Until the end of the file": only data packets (gpg writes its compressed
+                # packets so); the caller then refuses them by type.
+                if tag not in _PARTIAL_OK:
+                    raise KeyRefused(
+                        f"indeterminate packet length in packet type {tag} at offset {pos}")
+                yield tag, pos, pos + 1, end
+                return
             used = 1 << length_type
             if pos + used >= end:
                 raise KeyRefused(f"truncated packet header at offset {pos}")
