@@ -1,0 +1,413 @@
+"""The directory store against a real slapd: users, keys and every derived attribute,
+escaping, pending WKS requests, the change token, concurrency. gpg is the oracle for what
+the key attributes must say."""
+
+from __future__ import annotations
+
+import calendar
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ldap3
+import pytest
+
+from milter_wkd import openpgp
+from milter_wkd.config import DirectoryConfig
+from milter_wkd.directory import (
+    Directory,
+    KeySource,
+    PendingRequest,
+    Provenance,
+    StoredKey,
+)
+from milter_wkd.errors import Conflict, KeyRefused, NotFound, Refused
+from milter_wkd.sandbox.slapd import Slapd
+from milter_wkd.values import Address, Fingerprint
+from tests.support.gnupg import WKS_CLIENT, GnuPG
+
+pytestmark = pytest.mark.integration
+
+Publish = Callable[[str, bytes], StoredKey]
+
+
+def root_entry(slapd: Slapd, dn: str) -> dict[str, list[str]]:
+    """Every attribute of an entry as root sees it (names lowercased)."""
+    conn = ldap3.Connection(ldap3.Server(slapd.uri, get_info=ldap3.NONE),
+                            user=slapd.admin_dn, password=slapd.admin_password, auto_bind=True)
+    try:
+        conn.search(dn, "(objectClass=*)", search_scope=ldap3.BASE, attributes=["*"])
+        raw: dict[str, list[bytes]] = conn.response[0]["raw_attributes"]
+        return {k.lower(): [v.decode() for v in vals] for k, vals in raw.items()}
+    finally:
+        conn.unbind()
+
+
+def gnupg_time(epoch: str) -> str:
+    return time.strftime("%Y%m%d%H%M%SZ", time.gmtime(int(epoch)))
+
+
+def wkd_hash(gpg: GnuPG, address: str) -> str:
+    out = gpg.run("--print-wkd-hash", address, binary=WKS_CLIENT).stdout.decode()
+    return out.split()[0]
+
+
+# -- users ----------------------------------------------------------------------------
+
+
+def test_finds_users_by_mail_and_alias_in_any_case(store: Directory, slapd: Slapd) -> None:
+    alice_dn = slapd.users["alice"]["dn"]
+    for text in ("alice@example.org", "ALICE@Example.ORG", "alice.liddell@example.org"):
+        user = store.find_user(Address.parse(text))
+        assert user is not None
+        assert user.dn == alice_dn
+        assert {a.key for a in user.addresses} == {"alice@example.org",
+                                                    "alice.liddell@example.org"}
+    carol = store.user(Address.parse("carol@example.org"))
+    assert carol.dn == slapd.users["carol"]["dn"]
+    assert store.get_key(carol) is None
+
+
+def test_unknown_addresses_are_none_or_not_found(store: Directory) -> None:
+    assert store.find_user(Address.parse("nobody@example.org")) is None
+    assert store.find_user(Address.parse("alice@example.net")) is None
+    with pytest.raises(NotFound):
+        store.user(Address.parse("nobody@example.org"))
+    assert store.key_for(Address.parse("nobody@example.org")) is None
+
+
+@pytest.mark.parametrize("local", ["*", "a*)(mail=*", "alice*", "*)(uid=*", "alice)(|(mail=*",
+                                   "\\2a", "ali\\63e"])
+def test_hostile_local_parts_match_nothing(store: Directory, local: str) -> None:
+    # Address.parse refuses these; the store must be safe even when handed one directly.
+    assert store.find_user(Address(local, "example.org")) is None
+
+
+def test_unicode_local_part_is_looked_up_not_an_error(store: Directory) -> None:
+    # mail is IA5String: a UTF-8 assertion cannot match, but must not fail either.
+    assert store.find_user(Address.parse("jörg@example.org")) is None
+    assert store.find_user(Address.parse("ålice@example.org")) is None
+
+
+# -- keys -----------------------------------------------------------------------------
+
+
+def test_published_key_attributes_agree_with_gpg(
+        store: Directory, slapd: Slapd, publish: Publish, gpg_keys: dict[str, Any]) -> None:
+    key = gpg_keys["alice"]
+    stored = publish("alice.liddell@example.org", key.data)
+    entry = root_entry(slapd, slapd.users["alice"]["dn"])
+    colons = key.gpg.colons("--with-fingerprint", "--with-fingerprint", "--list-keys",
+                            key.fingerprint)
+    pub = next(r for r in colons if r[0] == "pub")
+    fprs = [r[9] for r in colons if r[0] == "fpr"]
+    subs = [r for r in colons if r[0] == "sub"]
+    uids = [r[9] for r in colons if r[0] == "uid"]
+
+    assert "wkdkeyholder" in [c.lower() for c in entry["objectclass"]]
+    assert entry["gpgfingerprint"] == [fprs[0]] == [key.fingerprint]
+    assert entry["pgpcertid"] == [pub[4]]
+    assert entry["pgpkeyid"] == [pub[4][-8:]]
+    assert sorted(entry["gpgsubfingerprint"]) == sorted(fprs[1:])
+    assert sorted(entry["pgpsubkeyid"]) == sorted(s[4] for s in subs)
+    assert sorted(entry["pgpuserid"]) == sorted(uids)
+    assert sorted(entry["gpgmailbox"]) == ["alice.liddell@example.org", "alice@example.org"]
+    assert entry["pgpkeycreatetime"] == [gnupg_time(pub[5])]
+    assert entry["pgpkeyexpiretime"] == [gnupg_time(pub[6])]
+    assert entry["pgprevoked"] == ["0"]
+    assert entry["pgpdisabled"] == ["0"]
+    assert entry["pgpkeysize"] == [f"{int(pub[2]):05d}"]
+    assert entry["pgpkey"][0].startswith("-----BEGIN PGP PUBLIC KEY BLOCK-----")
+    assert sorted(entry["wkdaddresshash"]) == sorted(
+        f"{wkd_hash(key.gpg, a)}@example.org"
+        for a in ("alice@example.org", "alice.liddell@example.org"))
+    assert entry["wkdkeysource"] == ["admin-import"]
+    assert entry["wkdkeysourceactor"] == ["test"]
+    assert len(entry["wkdkeypublished"]) == 1
+
+    assert stored.fingerprint == Fingerprint.parse(key.fingerprint)
+    assert stored.expires == int(pub[6])
+    assert stored.created == int(pub[5])
+    assert stored.provenance is not None
+    assert stored.provenance.source is KeySource.ADMIN_IMPORT
+
+
+def test_stored_key_imports_into_gpg(
+        tmp_path: Any, publish: Publish, store: Directory, gpg_keys: dict[str, Any]) -> None:
+    publish("alice@example.org", gpg_keys["alice"].data)
+    stored = store.key_for(Address.parse("alice.liddell@example.org"))
+    assert stored is not None
+    with GnuPG(tmp_path / "reader") as reader:
+        reader.import_key(stored.key)
+        uids = [r[9] for r in reader.colons("--list-keys") if r[0] == "uid"]
+        assert reader.fingerprint("alice@example.org") == gpg_keys["alice"].fingerprint
+    assert sorted(uids) == ["Alice L. <alice.liddell@example.org>",
+                            "Alice Liddell <alice@example.org>"]
+
+
+def test_rsa_key_type_and_size(slapd: Slapd, publish: Publish, gpg_keys: dict[str, Any]) -> None:
+    publish("bob@example.org", gpg_keys["bob"].data)
+    entry = root_entry(slapd, slapd.users["bob"]["dn"])
+    assert entry["pgpkeytype"] == ["RSA"]
+    assert entry["pgpkeysize"] == ["02048"]
+
+
+def test_replacing_a_key_leaves_nothing_of_the_old_one(
+        store: Directory, slapd: Slapd, publish: Publish, gpg_keys: dict[str, Any]) -> None:
+    old = publish("alice@example.org", gpg_keys["alice"].data)
+    new = publish("alice@example.org", gpg_keys["alice2"].data)
+    entry = root_entry(slapd, slapd.users["alice"]["dn"])
+    text = repr(entry)
+    assert old.fingerprint.hex not in text
+    assert old.fingerprint.key_id not in text
+    for sub in root_fprs(old):
+        assert sub not in text
+    assert entry["gpgfingerprint"] == [new.fingerprint.hex]
+    # The new key has no alias user ID: the alias is no longer published.
+    assert entry["gpgmailbox"] == ["alice@example.org"]
+    assert len(entry["wkdaddresshash"]) == 1
+    assert store.find_by_fingerprint(old.fingerprint) is None
+    found = store.find_by_fingerprint(new.fingerprint)
+    assert found is not None
+    assert found.dn == slapd.users["alice"]["dn"]
+
+
+def root_fprs(stored: StoredKey) -> list[str]:
+    info = openpgp.inspect_key(stored.key)
+    return [s.fingerprint.hex for s in info.subkeys]
+
+
+def test_revoked_key_is_marked(store: Directory, slapd: Slapd, publish: Publish,
+                               gpg_keys: dict[str, Any], tmp_path: Any) -> None:
+    key = gpg_keys["alice2"]
+    with GnuPG(tmp_path / "revoker") as gpg:
+        gpg.import_key(key.data)
+        certificate = (key.gpg.home / "openpgp-revocs.d" / f"{key.fingerprint}.rev").read_text()
+        gpg.import_key(certificate.replace(":-----BEGIN", "-----BEGIN").encode())
+        revoked = gpg.export(key.fingerprint)
+    stored = publish("alice@example.org", revoked)
+    assert stored.revoked
+    assert root_entry(slapd, slapd.users["alice"]["dn"])["pgprevoked"] == ["1"]
+
+
+def test_subkey_fingerprint_finds_the_key(store: Directory, publish: Publish,
+                                          gpg_keys: dict[str, Any]) -> None:
+    stored = publish("bob@example.org", gpg_keys["bob"].data)
+    (sub,) = root_fprs(stored)
+    found = store.find_by_fingerprint(Fingerprint.parse(sub))
+    assert found is not None
+    assert found.fingerprint == stored.fingerprint
+
+
+def test_key_with_someone_elses_address_is_refused(
+        store: Directory, gpg_keys: dict[str, Any]) -> None:
+    carol = store.user(Address.parse("carol@example.org"))
+    alice = store.user(Address.parse("alice@example.org"))
+    # Cleaned for alice's addresses, offered to carol's entry.
+    cleaned = openpgp.clean_key(gpg_keys["alice"].data, alice.addresses)
+    with pytest.raises(KeyRefused, match="someone else"):
+        store.publish_key(carol, cleaned, Provenance(KeySource.ADMIN_IMPORT, "t", 0))
+    assert store.get_key(carol) is None
+
+
+def test_same_fingerprint_on_two_users_is_a_conflict(
+        store: Directory, publish: Publish, tmp_path: Any) -> None:
+    with GnuPG(tmp_path / "g") as gpg:
+        fpr = gpg.generate("Shared <alice@example.org>")
+        gpg.run("--quick-add-uid", fpr, "Shared <bob@example.org>")
+        shared = gpg.export(fpr)
+    publish("alice@example.org", shared)
+    bob = store.user(Address.parse("bob@example.org"))
+    cleaned = openpgp.clean_key(shared, bob.addresses)
+    with pytest.raises(Conflict):
+        store.publish_key(bob, cleaned, Provenance(KeySource.ADMIN_IMPORT, "t", 0))
+    assert store.get_key(bob) is None
+
+
+def test_remove_clears_every_key_attribute(store: Directory, slapd: Slapd, publish: Publish,
+                                           gpg_keys: dict[str, Any]) -> None:
+    publish("alice@example.org", gpg_keys["alice"].data)
+    alice = store.user(Address.parse("alice@example.org"))
+    removed = store.remove_key(alice)
+    assert removed.fingerprint.hex == gpg_keys["alice"].fingerprint
+    entry = root_entry(slapd, alice.dn)
+    assert not {n for n in entry if n.startswith(("pgp", "gpg", "wkd"))}
+    assert "wkdkeyholder" not in [c.lower() for c in entry["objectclass"]]
+    assert entry["mail"] == ["alice@example.org"]
+    with pytest.raises(NotFound):
+        store.remove_key(alice)
+
+
+def test_remove_keeps_prefer_encrypt(store: Directory, slapd: Slapd, publish: Publish,
+                                     gpg_keys: dict[str, Any]) -> None:
+    alice = store.user(Address.parse("alice@example.org"))
+    store.set_prefer_encrypt(alice, "mutual")
+    publish("alice@example.org", gpg_keys["alice"].data)
+    stored = store.get_key(alice)
+    assert stored is not None
+    assert stored.prefer_encrypt == "mutual"
+    store.remove_key(alice)
+    assert store.get_prefer_encrypt(alice) == "mutual"
+    entry = root_entry(slapd, alice.dn)
+    assert "wkdkeyholder" in [c.lower() for c in entry["objectclass"]]
+    assert "pgpkey" not in entry
+    with pytest.raises(Refused):
+        store.set_prefer_encrypt(alice, "always")
+
+
+def test_lookups_by_wkd_hash_and_listing(store: Directory, publish: Publish,
+                                         gpg_keys: dict[str, Any]) -> None:
+    publish("alice@example.org", gpg_keys["alice"].data)
+    publish("bob@example.org", gpg_keys["bob"].data)
+    alias_hash = wkd_hash(gpg_keys["alice"].gpg, "alice.liddell@example.org")
+    (found,) = store.find_by_hash(alias_hash, "example.org")
+    assert found.fingerprint.hex == gpg_keys["alice"].fingerprint
+    assert store.find_by_hash(alias_hash, "example.net") == []
+    assert store.find_by_hash("*", "example.org") == []
+    listed = {k.fingerprint.hex for k in store.list_keys()}
+    assert listed == {gpg_keys["alice"].fingerprint, gpg_keys["bob"].fingerprint}
+
+
+# -- pending WKS requests ---------------------------------------------------------------
+
+
+def pending(nonce: str = "n" * 32, address: str = "bob@example.org",
+            expires_in: int = 3600) -> PendingRequest:
+    now = int(time.time())
+    return PendingRequest(nonce, Address.parse(address), Fingerprint.parse("AB" * 20),
+                          b"\x99\x00\x01binary\x00key", now, now + expires_in)
+
+
+def test_pending_request_lifecycle(store: Directory) -> None:
+    request = pending()
+    store.create_pending(request)
+    with pytest.raises(Conflict):
+        store.create_pending(request)
+    got = store.get_pending(request.nonce, Address.parse("BOB@example.org"))
+    assert got == request
+    with pytest.raises(NotFound):
+        store.get_pending(request.nonce, Address.parse("alice@example.org"))
+    with pytest.raises(NotFound):
+        store.get_pending("m" * 32, Address.parse("bob@example.org"))
+    assert store.take_pending(request.nonce, request.address) == request
+    with pytest.raises(NotFound):
+        store.take_pending(request.nonce, request.address)
+    with pytest.raises(NotFound):
+        store.delete_pending(request.nonce)
+
+
+def test_pending_requests_expire(store: Directory) -> None:
+    store.create_pending(pending("a" * 32, expires_in=60))
+    store.create_pending(pending("b" * 32, expires_in=7200))
+    later = int(time.time()) + 600
+    with pytest.raises(NotFound):
+        store.get_pending("a" * 32, Address.parse("bob@example.org"), now=later)
+    assert store.expire_pending(now=later) == 1
+    assert store.get_pending("b" * 32, Address.parse("bob@example.org"), now=later)
+    with pytest.raises(NotFound):
+        store.delete_pending("a" * 32)
+
+
+@pytest.mark.parametrize("nonce", ["short", "a" * 16 + ",ou=x", "*" * 32, "a" * 65])
+def test_malformed_nonces_are_refused(store: Directory, nonce: str) -> None:
+    with pytest.raises(Refused):
+        store.get_pending(nonce, Address.parse("bob@example.org"))
+
+
+def test_only_one_of_two_concurrent_takers_gets_a_request(store: Directory) -> None:
+    request = pending("c" * 32)
+    store.create_pending(request)
+    results: list[object] = []
+
+    def take() -> None:
+        try:
+            results.append(store.take_pending(request.nonce, request.address))
+        except NotFound as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=take) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results.count(request) == 1
+    assert sum(isinstance(r, NotFound) for r in results) == 3
+
+
+# -- change token, access paths, threads ---------------------------------------------------
+
+
+def test_change_token_changes_on_every_write(store: Directory, publish: Publish,
+                                             gpg_keys: dict[str, Any]) -> None:
+    tokens = [store.change_token()]
+    publish("bob@example.org", gpg_keys["bob"].data)
+    tokens.append(store.change_token())
+    store.create_pending(pending("d" * 32))
+    tokens.append(store.change_token())
+    store.remove_key(store.user(Address.parse("bob@example.org")))
+    tokens.append(store.change_token())
+    assert all(tokens)
+    assert len(set(tokens)) == 4
+    assert tokens[-1] == store.change_token()
+
+
+def test_responder_account_reads_keys_and_change_token(
+        config_for: Callable[..., DirectoryConfig], publish: Publish,
+        gpg_keys: dict[str, Any]) -> None:
+    publish("alice@example.org", gpg_keys["alice"].data)
+    with Directory(config_for("wkd")) as responder:
+        assert responder.change_token()
+        hash_ = wkd_hash(gpg_keys["alice"].gpg, "alice@example.org")
+        (found,) = responder.find_by_hash(hash_, "example.org")
+        assert found.fingerprint.hex == gpg_keys["alice"].fingerprint
+
+
+def test_sasl_external_over_ldapi(config_for: Callable[..., DirectoryConfig]) -> None:
+    with Directory(config_for(None)) as root:
+        user = root.user(Address.parse("bob@example.org"))
+        assert user.dn.startswith("uid=bob,")
+        assert root.change_token()
+
+
+def test_password_file_and_wrong_password(
+        config_for: Callable[..., DirectoryConfig], tmp_path: Any) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("milter-secret\n")
+    with Directory(config_for("milter", bind_password="", bind_password_file=str(secret))) as d:
+        assert d.find_user(Address.parse("bob@example.org")) is not None
+    from milter_wkd.errors import DirectoryUnavailable
+
+    with Directory(config_for("milter", bind_password="wrong")) as d, \
+            pytest.raises(DirectoryUnavailable, match="bind"):
+        d.find_user(Address.parse("bob@example.org"))
+
+
+def test_many_threads_share_a_small_pool(config_for: Callable[..., DirectoryConfig]) -> None:
+    names = ["alice", "bob", "carol", "alice.liddell"] * 10
+    errors: list[BaseException] = []
+    with Directory(config_for("milter", pool_size=2)) as directory:
+        def look(name: str) -> None:
+            try:
+                user = directory.user(Address.parse(f"{name}@example.org"))
+                owner = "alice" if name.startswith("alice") else name
+                assert user.dn.startswith(f"uid={owner},")
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=look, args=(n,)) for n in names]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors == []
+
+
+def test_gnupg_time_format() -> None:
+    from milter_wkd.directory import gnupg_time as fmt
+    from milter_wkd.directory import parse_gnupg_time
+
+    epoch = calendar.timegm((2020, 12, 31, 12, 0, 0))
+    assert fmt(epoch) == "20201231120000Z"
+    assert parse_gnupg_time("20201231120000Z") == epoch
+    assert parse_gnupg_time("garbage") is None
