@@ -1,0 +1,106 @@
+"""Real WKD clients against the sandbox responder, and keys written like an administrator.
+
+`WkdNamespace(tmp, ca_file, direct=False).run(cmd, env)` runs a command inside
+`unshare -m` after bind-mounting a test /etc/hosts (example.org and, unless `direct`,
+openpgpkey.example.org -> 127.0.0.1), a test /etc/resolv.conf (nameserver 127.0.0.1) and
+the test CA over /etc/ssl/certs/ca-certificates.crt: the system files are never touched.
+dirmngr is started by gpg INSIDE the namespace and killed there when the command ends, so
+no dirmngr outlives its namespace. Needs root (unshare -m).
+
+`write_key(slapd, dn, key, addresses)` does what an administrator does with ldapmodify:
+pgpKey (armored), gpgMailbox and wkdAddressHash on the entry, in one modify.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pytest
+
+from milter_wkd.openpgp import armor_key
+from milter_wkd.sandbox.slapd import Slapd, SlapdError
+from milter_wkd.values import Address
+from milter_wkd.web.source import address_slot
+from tests.support.peers import ON_CI, require_binary
+
+_SCRIPT = """\
+set -e
+mount --bind "$WKD_TEST_HOSTS" /etc/hosts
+mount --bind "$WKD_TEST_RESOLV" /etc/resolv.conf
+mount --bind "$WKD_TEST_CA" /etc/ssl/certs/ca-certificates.crt
+set +e
+"$@"
+rc=$?
+if [ -n "$GNUPGHOME" ]; then gpgconf --kill dirmngr; fi
+exit $rc
+"""
+
+
+def require_namespaces() -> None:
+    require_binary("unshare")
+    if os.geteuid() != 0:
+        message = "unshare -m with bind mounts needs root"
+        if ON_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+class WkdNamespace:
+    def __init__(self, workdir: Path, ca_file: Path, *, direct: bool = False) -> None:
+        require_namespaces()
+        workdir.mkdir(parents=True, exist_ok=True)
+        names = "example.org" if direct else "example.org openpgpkey.example.org"
+        self.hosts = workdir / "hosts"
+        self.hosts.write_text(f"127.0.0.1 localhost {names}\n")
+        self.resolv = workdir / "resolv.conf"
+        self.resolv.write_text("nameserver 127.0.0.1\n")
+        self.ca_file = ca_file
+
+    def run(self, cmd: Sequence[str], env: Mapping[str, str] | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+        full_env = {**(env if env is not None else os.environ),
+                    "WKD_TEST_HOSTS": str(self.hosts), "WKD_TEST_RESOLV": str(self.resolv),
+                    "WKD_TEST_CA": str(self.ca_file), "SSL_CERT_FILE": str(self.ca_file)}
+        return subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", _SCRIPT, "sh", *cmd],
+            env=full_env, capture_output=True, timeout=timeout, check=False)
+
+
+def key_ldif(dn: str, key: bytes, addresses: Sequence[str], *, add_class: bool) -> str:
+    """An LDIF modify that publishes `key` (binary or armored) for `addresses` on `dn`."""
+    armored = key if key.lstrip().startswith(b"-----") else armor_key(key)
+    parsed = [Address.parse(a) for a in addresses]
+    lines = [f"dn: {dn}", "changetype: modify"]
+    if add_class:
+        lines += ["add: objectClass", "objectClass: wkdKeyHolder", "-"]
+    lines += ["replace: pgpKey", f"pgpKey:: {base64.b64encode(armored).decode()}", "-"]
+    lines += ["replace: gpgMailbox", *[f"gpgMailbox: {a}" for a in parsed], "-"]
+    lines += ["replace: wkdAddressHash", *[f"wkdAddressHash: {address_slot(a)}" for a in parsed],
+              "-"]
+    return "\n".join(lines) + "\n"
+
+
+def write_key(slapd: Slapd, dn: str, key: bytes, addresses: Sequence[str]) -> None:
+    """Publish a key on an entry with ldapmodify, as root (like an administrator)."""
+    try:
+        slapd.ldapmodify(key_ldif(dn, key, addresses, add_class=True))
+    except SlapdError as exc:
+        if "Type or value exists" not in str(exc):
+            raise
+        slapd.ldapmodify(key_ldif(dn, key, addresses, add_class=False))
+
+
+def write_raw_key(slapd: Slapd, dn: str, value: bytes) -> None:
+    """Replace only pgpKey with any bytes (a corrupt or secret key written by hand)."""
+    slapd.ldapmodify(f"dn: {dn}\nchangetype: modify\nreplace: pgpKey\n"
+                     f"pgpKey:: {base64.b64encode(value).decode()}\n-\n")
+
+
+def remove_key(slapd: Slapd, dn: str) -> None:
+    """Delete pgpKey, gpgMailbox and wkdAddressHash from the entry with ldapmodify."""
+    slapd.ldapmodify(f"dn: {dn}\nchangetype: modify\nreplace: pgpKey\n-\n"
+                     "replace: gpgMailbox\n-\nreplace: wkdAddressHash\n-\n")
