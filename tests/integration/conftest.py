@@ -134,9 +134,8 @@ def bind(server: Slapd, who: str | None) -> ldap3.Connection:
     else:
         user = server.service_accounts[who]["dn"]
         password = server.service_accounts[who]["password"]
-    conn = ldap3.Connection(ldap3.Server(server.uri, get_info=ldap3.NONE), user=user,
+    return ldap3.Connection(ldap3.Server(server.uri, get_info=ldap3.NONE), user=user,
                             password=password, auto_bind=True, receive_timeout=5)
-    return conn
 
 
 @pytest.fixture

@@ -1,0 +1,254 @@
+"""ldap/config/30-access.ldif and 40-overlays.ldif as slapd enforces them: each account
+binds with its own password and tries what it may and may not do."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import ldap3
+import pytest
+from ldap3.core import exceptions as lex
+
+from milter_wkd.directory import StoredKey
+from milter_wkd.sandbox.slapd import Slapd
+
+pytestmark = pytest.mark.integration
+
+Connect = Callable[[str | None], ldap3.Connection]
+PEOPLE = "ou=people,dc=example,dc=org"
+
+
+@pytest.fixture
+def alice_key(publish: Callable[[str, bytes], StoredKey], gpg_keys: dict[str, Any]) -> StoredKey:
+    return publish("alice@example.org", gpg_keys["alice"].data)
+
+
+@pytest.fixture
+def bob_key(publish: Callable[[str, bytes], StoredKey], gpg_keys: dict[str, Any]) -> StoredKey:
+    return publish("bob@example.org", gpg_keys["bob"].data)
+
+
+def search(conn: ldap3.Connection, filt: str, attributes: list[str] | str = "*",
+           base: str = PEOPLE, scope: str = ldap3.SUBTREE) -> list[dict[str, Any]]:
+    conn.search(base, filt, search_scope=scope, attributes=attributes)
+    return [{k.lower(): v for k, v in r["raw_attributes"].items() if v} | {"dn": r["dn"]}
+            for r in conn.response if r["type"] == "searchResEntry"]
+
+
+def modify(conn: ldap3.Connection, dn: str, name: str, values: list[Any]) -> str:
+    """Replace an attribute; returns the LDAP result name ('success', ...)."""
+    try:
+        conn.modify(dn, {name: [(ldap3.MODIFY_REPLACE, values)]})
+    except lex.LDAPOperationResult as exc:
+        return str(exc.description)
+    return str(conn.result["description"])
+
+
+def raising(conn: ldap3.Connection) -> ldap3.Connection:
+    conn.raise_exceptions = False
+    return conn
+
+
+# -- anonymous: dirmngr's view ------------------------------------------------------------
+
+
+def test_anonymous_reads_what_dirmngr_needs(connect: Connect, alice_key: StoredKey) -> None:
+    anon = connect(None)
+    anon.search("", "(objectClass=*)", search_scope=ldap3.BASE, attributes=["namingContexts"])
+    assert anon.response[0]["raw_attributes"]["namingContexts"] == [b"dc=example,dc=org"]
+    (info,) = search(anon, "(objectClass=*)", base="cn=pgpServerInfo,dc=example,dc=org",
+                     scope=ldap3.BASE)
+    assert info["pgpbasekeyspacedn"] == [PEOPLE.encode()]
+    assert info["pgpsoftware"] == [b"GnuPG"]
+    assert info["pgpversion"] == [b"2"]
+    by_mail = search(anon, "(&(gpgMailbox=alice@example.org)(!(|(pgpRevoked=1)"
+                           "(pgpDisabled=1))))")
+    fpr = alice_key.fingerprint.hex
+    by_fpr = search(anon, f"(|(gpgFingerprint={fpr})(gpgSubFingerprint={fpr}))")
+    for found in (by_mail, by_fpr):
+        (entry,) = found
+        assert entry["dn"] == "uid=alice,ou=people,dc=example,dc=org"
+        assert entry["pgpkey"][0].startswith(b"-----BEGIN PGP PUBLIC KEY BLOCK-----")
+        assert entry["pgprevoked"] == [b"0"]
+        assert entry["pgpdisabled"] == [b"0"]
+        assert entry["pgpcertid"] == [alice_key.fingerprint.key_id.encode()]
+        # Nothing personal: no mail, no names, no WKD hashes, no provenance.
+        assert not {"mail", "maillocaladdress", "cn", "sn", "uid", "userpassword",
+                    "wkdaddresshash", "wkdkeysource", "wkdkeysourceactor"} & set(entry)
+
+
+@pytest.mark.parametrize("filt", [
+    "(gpgMailbox=*)", "(gpgMailbox=*@example.org)", "(gpgMailbox=a*)",
+    "(pgpUserID=*alice*)", "(objectClass=*)", "(pgpCertID=*)", "(gpgFingerprint=*)",
+    "(&(gpgMailbox=*example*)(!(|(pgpRevoked=1)(pgpDisabled=1))))",
+])
+def test_anonymous_cannot_enumerate(connect: Connect, alice_key: StoredKey,
+                                    bob_key: StoredKey, filt: str) -> None:
+    anon = raising(connect(None))
+    anon.search(PEOPLE, filt, attributes=["gpgMailbox"])
+    entries = [r for r in anon.response or [] if r["type"] == "searchResEntry"]
+    assert entries == []
+    assert anon.result["description"] in ("adminLimitExceeded", "sizeLimitExceeded")
+
+
+def test_anonymous_cannot_probe_mail_or_see_keyless_users(connect: Connect,
+                                                          alice_key: StoredKey) -> None:
+    anon = connect(None)
+    assert search(anon, "(mail=alice@example.org)") == []
+    assert search(anon, "(uid=carol)") == []
+    assert search(anon, "(objectClass=*)", base="uid=carol,ou=people,dc=example,dc=org",
+                  scope=ldap3.BASE) == []
+    assert search(anon, "(objectClass=*)", base="ou=wks-pending,dc=example,dc=org") == []
+
+
+def test_anonymous_cannot_write(connect: Connect, alice_key: StoredKey) -> None:
+    anon = raising(connect(None))
+    dn = "uid=alice,ou=people,dc=example,dc=org"
+    assert modify(anon, dn, "pgpDisabled", ["1"]) in ("strongerAuthRequired",
+                                                      "insufficientAccessRights")
+
+
+# -- users -------------------------------------------------------------------------------
+
+
+def test_users_bind_with_their_password(slapd: Slapd) -> None:
+    for info in slapd.users.values():
+        conn = ldap3.Connection(ldap3.Server(slapd.uri, get_info=ldap3.NONE), info["dn"],
+                                info["password"])
+        assert conn.bind()
+        assert conn.extend.standard.who_am_i() == f"dn:{info['dn']}"
+        conn.unbind()
+    wrong = ldap3.Connection(ldap3.Server(slapd.uri, get_info=ldap3.NONE),
+                             slapd.users["alice"]["dn"], "bob-secret")
+    assert not wrong.bind()
+    wrong.unbind()
+
+
+def test_user_edits_own_key_attributes_and_prefer_encrypt_only(
+        connect: Connect, alice_key: StoredKey, bob_key: StoredKey) -> None:
+    alice = raising(connect("alice"))
+    own = "uid=alice,ou=people,dc=example,dc=org"
+    bobs = "uid=bob,ou=people,dc=example,dc=org"
+    assert modify(alice, own, "pgpDisabled", ["1"]) == "success"
+    assert modify(alice, own, "pgpKey", [alice_key_text(connect, own)]) == "success"
+    assert modify(alice, own, "wkdPreferEncrypt", ["mutual"]) == "success"
+    # Not the addresses a key is served for, not provenance, nothing else of the entry.
+    for name, value in [("gpgMailbox", "bob@example.org"),
+                        ("wkdAddressHash", "kei1q4tipxxu1yj79k9kfukdhfy631xe@example.org"),
+                        ("wkdKeySource", "auth-submit"), ("mail", "root@example.org"),
+                        ("cn", "Mallory"), ("userPassword", "x"), ("uid", "root")]:
+        assert modify(alice, own, name, [value]) == "insufficientAccessRights", name
+    # Nothing of bob's.
+    for name, value in [("pgpKey", "x"), ("pgpDisabled", "1"), ("wkdPreferEncrypt", "mutual")]:
+        assert modify(alice, bobs, name, [value]) == "insufficientAccessRights", name
+    # Alice sees her own entry, and only bob's public key.
+    (mine,) = search(alice, "(objectClass=*)", base=own, scope=ldap3.BASE)
+    assert mine["mail"] == [b"alice@example.org"]
+    (his,) = search(alice, "(objectClass=*)", base=bobs, scope=ldap3.BASE)
+    assert "mail" not in his
+    assert "pgpkey" in his
+
+
+def alice_key_text(connect: Connect, dn: str) -> str:
+    (entry,) = search(connect("milter"), "(objectClass=*)", ["pgpKey"], base=dn,
+                      scope=ldap3.BASE)
+    return str(entry["pgpkey"][0].decode())
+
+
+def test_user_may_add_only_our_object_class(connect: Connect) -> None:
+    carol = raising(connect("carol"))
+    dn = "uid=carol,ou=people,dc=example,dc=org"
+    carol.modify(dn, {"objectClass": [(ldap3.MODIFY_ADD, ["posixAccount"])],
+                      "uidNumber": [(ldap3.MODIFY_ADD, ["0"])],
+                      "gidNumber": [(ldap3.MODIFY_ADD, ["0"])],
+                      "homeDirectory": [(ldap3.MODIFY_ADD, ["/root"])]})
+    assert carol.result["description"] == "insufficientAccessRights"
+    carol.modify(dn, {"objectClass": [(ldap3.MODIFY_ADD, ["wkdKeyHolder"])],
+                      "wkdPreferEncrypt": [(ldap3.MODIFY_ADD, ["nopreference"])]})
+    assert carol.result["description"] == "success"
+
+
+# -- service accounts -------------------------------------------------------------------------
+
+
+def test_milter_writes_keys_and_pending_but_nothing_else(connect: Connect,
+                                                         alice_key: StoredKey) -> None:
+    milter = raising(connect("milter"))
+    alice = "uid=alice,ou=people,dc=example,dc=org"
+    assert modify(milter, alice, "pgpDisabled", ["1"]) == "success"
+    assert modify(milter, alice, "gpgMailbox", ["alice@example.org"]) == "success"
+    for name, value in [("mail", "x@example.org"), ("userPassword", "x"), ("cn", "x")]:
+        assert modify(milter, alice, name, [value]) == "insufficientAccessRights", name
+    assert modify(milter, "cn=wkd,ou=services,dc=example,dc=org", "userPassword",
+                  ["x"]) == "insufficientAccessRights"
+    assert modify(milter, "cn=pgpServerInfo,dc=example,dc=org", "pgpBaseKeySpaceDN",
+                  ["dc=example,dc=org"]) == "insufficientAccessRights"
+    milter.add("uid=mallory,ou=people,dc=example,dc=org", ["inetOrgPerson"],
+               {"cn": "m", "sn": "m", "mail": "mallory@example.org"})
+    assert milter.result["description"] == "insufficientAccessRights"
+    # It reads the people it serves (addresses), never passwords.
+    (entry,) = search(milter, "(mail=alice@example.org)")
+    assert entry["maillocaladdress"] == [b"alice.liddell@example.org"]
+    assert "userpassword" not in entry
+
+
+def test_responder_reads_public_key_data_only(connect: Connect, alice_key: StoredKey) -> None:
+    wkd = raising(connect("wkd"))
+    alice = "uid=alice,ou=people,dc=example,dc=org"
+    (entry,) = search(wkd, "(objectClass=*)", ["*", "entryCSN"], base=alice, scope=ldap3.BASE)
+    assert entry["pgpkey"]
+    assert entry["wkdaddresshash"]
+    assert entry["entrycsn"]
+    assert not {"mail", "maillocaladdress", "userpassword", "cn", "uid"} & set(entry)
+    (suffix,) = search(wkd, "(objectClass=*)", ["contextCSN"], base="dc=example,dc=org",
+                       scope=ldap3.BASE)
+    assert suffix["contextcsn"]
+    assert modify(wkd, alice, "pgpDisabled", ["1"]) == "insufficientAccessRights"
+    wkd.add("wkdNonce=" + "x" * 32 + ",ou=wks-pending,dc=example,dc=org",
+            ["wkdPendingRequest"],
+            {"wkdAddress": "a@example.org", "wkdFingerprint": "AB" * 20,
+             "wkdSubmittedKey": b"k", "wkdCreated": "20260101000000Z",
+             "wkdExpires": "20260101000000Z"})
+    assert wkd.result["description"] == "insufficientAccessRights"
+
+
+def test_dovecot_finds_users_by_address_and_reads_nothing_secret(connect: Connect) -> None:
+    dovecot = raising(connect("dovecot"))
+    (entry,) = search(dovecot, "(&(objectClass=inetOrgPerson)"
+                               "(|(mail=alice.liddell@example.org)"
+                               "(mailLocalAddress=alice.liddell@example.org)))",
+                      ["mail", "uid", "mailLocalAddress", "userPassword"])
+    assert entry["dn"] == "uid=alice,ou=people,dc=example,dc=org"
+    assert entry["uid"] == [b"alice"]
+    assert entry["mail"] == [b"alice@example.org"]
+    assert "userpassword" not in entry
+    assert len(search(dovecot, "(objectClass=inetOrgPerson)", ["mail"])) == 3
+    assert modify(dovecot, entry["dn"], "mail", ["x@example.org"]) == "insufficientAccessRights"
+
+
+# -- constraints -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("pgpKey", "-----BEGIN PGP PUBLIC KEY BLOCK-----\n" + "A" * 200_000),
+    ("wkdPreferEncrypt", "always"),
+    ("gpgFingerprint", "NOT-A-FINGERPRINT"),
+    ("pgpRevoked", "yes"),
+    ("wkdKeySource", "trust-me"),
+])
+def test_slapd_refuses_bad_key_data_whoever_writes_it(
+        connect: Connect, alice_key: StoredKey, name: str, value: str) -> None:
+    alice = "uid=alice,ou=people,dc=example,dc=org"
+    writer = raising(connect("milter"))
+    assert modify(writer, alice, name, [value]) == "constraintViolation"
+
+
+@pytest.mark.parametrize("name", ["gpgMailbox", "pgpUserID", "wkdAddressHash"])
+def test_slapd_refuses_too_many_values(connect: Connect, alice_key: StoredKey,
+                                       name: str) -> None:
+    writer = raising(connect("milter"))
+    values = [f"a{i}@example.org" for i in range(65)]
+    alice = "uid=alice,ou=people,dc=example,dc=org"
+    assert modify(writer, alice, name, values) == "constraintViolation"
+    assert modify(writer, alice, name, values[:64]) == "success"
