@@ -22,18 +22,13 @@ import contextlib
 import logging
 import math
 import threading
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-# XXX ldap3 2.9.1 imports pyasn1 names that pyasn1 >= 0.5 deprecates; the warning is
-# attributed to ldap3's module, so pyproject's filter for module "pyasn1" misses it.
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", r".*(tagMap|typeMap)", DeprecationWarning)
-    import ldap3
-    from ldap3.core.exceptions import LDAPException
-    from ldap3.utils.conv import escape_filter_chars
+import ldap3
+from ldap3.core.exceptions import LDAPException
+from ldap3.utils.conv import escape_filter_chars
 
 from milter_wkd.config import DirectoryConfig
 from milter_wkd.errors import BadAddress
