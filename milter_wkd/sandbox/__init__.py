@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from types import TracebackType
@@ -51,6 +52,7 @@ class Sandbox:
         if directory is None:
             directory = tempfile.mkdtemp(prefix="milter-wkd-sandbox-")
         self.dir = Path(directory).resolve()
+        _check_traversable(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         # The mail owner (Dovecot) and postfix must traverse it; secrets inside are 0600.
         self.dir.chmod(0o711)
@@ -191,6 +193,16 @@ smtp_port = {self.postfix.reinject.port}
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def _check_traversable(directory: Path) -> None:
+    """Postfix (as `postfix`) and Dovecot (as the mail owner) must reach files below it."""
+    for parent in directory.parents:
+        if parent.exists() and not parent.stat().st_mode & stat.S_IXOTH:
+            raise SandboxError(
+                f"{parent} is not searchable by other users (mode "
+                f"{stat.S_IMODE(parent.stat().st_mode):o}), so Postfix and Dovecot could not "
+                f"reach {directory}; use a directory such as /tmp/NAME")
 
 
 def _toml(value: str) -> str:

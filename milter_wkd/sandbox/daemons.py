@@ -42,6 +42,16 @@ def free_port() -> int:
             return port
 
 
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def template_path(kind: str, name: str) -> Path:
     """A shipped snippet, e.g. template_path("postfix", "main.cf")."""
     path = REPO_ROOT / kind / name

@@ -26,6 +26,7 @@ from milter_wkd.sandbox.daemons import (
     answers,
     free_port,
     log_tail,
+    port_is_free,
     read_pid,
     render,
     template_path,
@@ -180,9 +181,14 @@ class Postfix:
         self.write_config()
         result = self.postfix("start")
         if result.returncode != 0:
+            # XXX the master's own fatal errors (a port in use) reach neither stderr nor
+            # the maillog (postlogd is not up yet): name busy ports ourselves.
+            busy = [str(e.port) for e in (self.inbound, self.submission, self.reinject)
+                    if not port_is_free(e.host, e.port)]
+            hint = f" (port {', '.join(busy)} already in use)" if busy else ""
             raise SandboxError(
-                f"postfix start failed (rc {result.returncode}):\n{log_tail(self.start_log)}"
-                f"\n{log_tail(self.maillog)}")
+                f"postfix start failed (rc {result.returncode}){hint}:\n"
+                f"{log_tail(self.start_log)}\n{log_tail(self.maillog)}")
         for name, endpoint in (("inbound", self.inbound), ("submission", self.submission),
                                ("reinjection", self.reinject)):
             wait_until(answers(endpoint.host, endpoint.port, "220 "),
