@@ -314,6 +314,11 @@ class _Pool:
 def _close(conn: ldap3.Connection) -> None:
     with contextlib.suppress(Exception):
         conn.unbind()
+    # ldap3 leaves the socket of a failed open() unclosed.
+    sock = getattr(conn, "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.close()
 
 
 def _why(exc: BaseException) -> str:

@@ -1,0 +1,77 @@
+"""The store when slapd goes away and comes back (a private slapd, stopped by its pid)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from milter_wkd.config import DirectoryConfig
+from milter_wkd.directory import Directory
+from milter_wkd.errors import DirectoryUnavailable
+from milter_wkd.sandbox.slapd import Slapd
+from milter_wkd.values import Address
+
+pytestmark = pytest.mark.integration
+
+BOUND = 2.0  # seconds: the brief's "a stopped slapd is reported within 2 s"
+ALICE = Address.parse("alice@example.org")
+
+
+def config(server: Slapd, uri: str | None = None) -> DirectoryConfig:
+    info = server.service_accounts["milter"]
+    return DirectoryConfig(uri=uri or server.uri, bind_dn=info["dn"],
+                           bind_password=info["password"], base_dn=server.people_dn,
+                           pending_base=server.pending_dn,
+                           mail_attributes=["mail", "mailLocalAddress"], timeout=1.0)
+
+
+def timed_failure(directory: Directory) -> float:
+    started = time.monotonic()
+    with pytest.raises(DirectoryUnavailable):
+        directory.find_user(ALICE)
+    return time.monotonic() - started
+
+
+def test_stopped_slapd_is_reported_quickly_and_restarted_one_is_used_again(
+        private_slapd: Slapd) -> None:
+    with Directory(config(private_slapd)) as directory:
+        assert directory.find_user(ALICE) is not None  # leaves a pooled connection
+        token = directory.change_token()
+        private_slapd.stop()
+        assert timed_failure(directory) < BOUND
+        assert timed_failure(directory) < BOUND  # and again, with nothing pooled
+        private_slapd.start()
+        user = directory.find_user(ALICE)
+        assert user is not None
+        assert directory.change_token() == token
+
+
+def test_restart_between_calls_is_invisible(private_slapd: Slapd) -> None:
+    # The pooled connection is dead after the restart; the store reconnects once.
+    with Directory(config(private_slapd)) as directory:
+        assert directory.find_user(ALICE) is not None
+        private_slapd.stop()
+        private_slapd.start()
+        assert directory.find_user(ALICE) is not None
+
+
+def test_hung_slapd_is_reported_within_the_timeout(private_slapd: Slapd) -> None:
+    with Directory(config(private_slapd)) as directory:
+        assert directory.find_user(ALICE) is not None
+        pid = private_slapd.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            assert timed_failure(directory) < BOUND + 1.5  # receive timeout is whole seconds
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert directory.find_user(ALICE) is not None
+
+
+def test_unreachable_ldapi_socket(private_slapd: Slapd) -> None:
+    missing = private_slapd.workdir / "no-such-socket"
+    with Directory(config(private_slapd, uri=f"ldapi://{str(missing).replace('/', '%2F')}")) as d:
+        assert timed_failure(d) < BOUND
