@@ -61,7 +61,24 @@ Decrypt = Callable[[bytes], bytes]
 
 _NONCE = re.compile(r"^[a-z0-9]{16,64}$")
 _NAME_VALUE = re.compile(r"^([A-Za-z][A-Za-z0-9-]*):[ \t]*(.*?)[ \t]*$")
-_PARSER = email.parser.BytesParser(policy=email.policy.default)
+# The stdlib's structured header parser is quadratic or worse on some hostile values (a
+# 60 KB From of escaped quotes takes minutes). It runs only when a header is looked at, so
+# every header we look at (From, Content-Type, Content-Transfer-Encoding, ...) is capped.
+MAX_PARSED_HEADER = 512
+
+
+class _BoundedPolicy(email.policy.EmailPolicy):
+    """policy.default, refusing to parse any header value longer than MAX_PARSED_HEADER."""
+
+    def header_fetch_parse(self, name: str, value: str) -> str:
+        if len(value) > MAX_PARSED_HEADER:
+            raise MessageRefused(
+                f"the {name[:40]} header is longer than {MAX_PARSED_HEADER} characters")
+        parsed: str = super().header_fetch_parse(name, value)
+        return parsed
+
+
+_POLICY = _BoundedPolicy()
 
 
 def decrypter(secret_key: bytes, *, max_plaintext: int = messages.DEFAULT_MAX_PLAINTEXT,
@@ -98,7 +115,7 @@ def _parse_entity(raw: bytes, what: str, max_size: int) -> Message:
     if _header_block_size(raw) > MAX_HEADER_BLOCK:
         raise MessageRefused(f"{what} has more than {MAX_HEADER_BLOCK} octets of header")
     with _mail_errors(what):
-        entity = _PARSER.parsebytes(raw)
+        entity = email.parser.BytesParser(policy=_POLICY).parsebytes(raw)
         _check_tree(entity, what)
     return entity
 
