@@ -151,7 +151,8 @@ class WebConfig:
     port: int = field(default=443, metadata=_doc(
         "Port `milter-wkd web` listens on. WKD clients only ever use 443."))
     cert_file: str = field(default="/etc/milter-wkd/wkd.crt", metadata=_doc(
-        "Certificate chain (PEM) for example.org and openpgpkey.example.org of every domain."))
+        "Certificate chain (PEM) for <domain> and openpgpkey.<domain> of every domain. "
+        "Empty: plain HTTP, only behind a TLS reverse proxy on loopback (docs/nginx-wkd.conf)."))
     key_file: str = field(default="/etc/milter-wkd/wkd.key", metadata=_doc(
         "Private key (PEM, PKCS#8, unencrypted) of cert_file."))
     workers: int = field(default=0, metadata=_doc(

@@ -4,8 +4,10 @@ granian (a Rust HTTP server, `--interface wsgi`) was chosen by measurement: on a
 machine, HTTPS with keep-alive, it serves this app at roughly nginx's static-file rate,
 where gunicorn's threaded worker manages about a seventh of it (benchmarks/wkd.py).
 Reads [web] (address, port, certificate and key, workers, threads, keep-alive), [directory]
-and [[domains]]. Each worker process builds the app from the same config file
-(MILTER_WKD_CONFIG) and keeps its own key cache. Runs in the foreground until SIGTERM/SIGINT.
+and [[domains]]. With an empty cert_file it speaks plain HTTP, for a TLS-terminating
+reverse proxy on the same host (docs/nginx-wkd.conf). Each worker process builds the app
+from the same config file (MILTER_WKD_CONFIG) and keeps its own key cache. Runs in the
+foreground until SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def _serve(args: argparse.Namespace) -> int:
     path = Path(args.config or config_module.DEFAULT_PATH).resolve()
     cfg = config_module.load(path)
     web = cfg.web
-    for name in (web.cert_file, web.key_file):
+    tls = bool(web.cert_file)
+    for name in (web.cert_file, web.key_file) if tls else ():
         if not Path(name).is_file():
             raise MilterWkdError(f"[web] certificate or key file {name} does not exist")
     os.environ[CONFIG_ENV] = str(path)
@@ -61,15 +64,16 @@ def _serve(args: argparse.Namespace) -> int:
         backlog=2048,
         http1_settings=HTTP1Settings(header_read_timeout=web.keep_alive_seconds * 1000,
                                      keep_alive=True),
-        ssl_cert=Path(web.cert_file),
-        ssl_key=Path(web.key_file),
+        ssl_cert=Path(web.cert_file) if tls else None,
+        ssl_key=Path(web.key_file) if tls else None,
         ssl_protocol_min=SSLProtocols.tls12,
         log_enabled=True,
         log_level=LogLevels.warning,
         respawn_failed_workers=True,
         websockets=False,
     )
-    log.info("serving WKD on https://%s:%d/", web.listen_address, web.port)
+    log.info("serving WKD on %s://%s:%d/", "https" if tls else "http", web.listen_address,
+             web.port)
     server.serve()
     return 0
 

@@ -105,9 +105,10 @@ class KeyCache:
         """The answer body for a slot, None when nothing is published."""
         answer = self._answers.get(slot)
         if answer is not None:
-            with self._lock:
-                if slot in self._answers:
-                    self._answers.move_to_end(slot)
+            if not self.complete:  # a mirror has no use for recency
+                with self._lock:
+                    if slot in self._answers:
+                        self._answers.move_to_end(slot)
             return answer.body
         if self.complete:
             return None

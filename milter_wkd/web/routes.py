@@ -51,13 +51,32 @@ class HttpError(Exception):
         self.reason = reason
 
 
+_FAST_KEY = re.compile(r"/\.well-known/openpgpkey/(?:([a-z0-9.-]+)/)?hu/"
+                       r"([ybndrfg8ejkmcpqxot1uwisza345h769]{32})")
+
+
 class Router:
     """Maps (method, Host, path) to a Route for a fixed set of served domains."""
 
     def __init__(self, domains: Iterable[str]) -> None:
         self.domains = frozenset(d.lower().rstrip(".") for d in domains)
+        # Host headers as clients send them -> (domain, advanced): the fast path.
+        self._exact_hosts: dict[str, tuple[str, bool]] = {}
+        for domain in self.domains:
+            for suffix in ("", ":443"):
+                self._exact_hosts[domain + suffix] = (domain, False)
+                self._exact_hosts[ADVANCED_LABEL + domain + suffix] = (domain, True)
 
     def route(self, method: str, host: str | None, path: str) -> Route:
+        # Fast path for well-formed key requests; everything else takes the careful way.
+        known = self._exact_hosts.get(host) if host is not None else None
+        if known is not None and (method == "GET" or method == "HEAD"):  # noqa: PLR1714
+            match = _FAST_KEY.fullmatch(path)
+            if match is not None:
+                named, hash_ = match.groups()
+                domain, advanced = known
+                if named == domain or (named is None and not advanced):
+                    return Route("key", domain, hash_)
         if method not in ("GET", "HEAD"):
             raise HttpError(405, "only GET and HEAD")
         if len(path) > MAX_PATH:

@@ -1,0 +1,211 @@
+"""WKD responder against nginx serving the same keys as static files (not a test).
+
+Setup, all on this machine and loopback:
+- a private slapd (milter_wkd.sandbox.slapd) with --users users u<n>@example.org, each with
+  a published ed25519 key (benchmarks/wkd_memory.py makes them);
+- `milter-wkd web` (granian, milter_wkd.sandbox.wkd.WkdResponder) reading it as cn=wkd;
+- the SAME cleaned keys written as static files in gpg-wks-server's layout
+  (<root>/<domain>/hu/<hash>, plus policy) and served by a private nginx (-p/-c in a temp
+  dir, never the system service) with the same certificate, TLS versions and
+  Access-Control-Allow-Origin header;
+- wrk over HTTPS with keep-alive, the same connections, threads and duration for both, and
+  a Lua script that walks a shuffled list of every user's advanced-method path plus 10 %
+  unknown addresses (90 % hits, 10 % misses), each thread from its own offset.
+Each server gets a warm-up run first (the responder's cache loads in the background).
+Prints requests/s and p99 latency of each and the ratio; the target is >= 0.9x nginx's
+requests/s with p99 < 5 ms. Run: .venv/bin/python benchmarks/wkd.py [--users N ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from wkd_memory import loaded_slapd  # noqa: E402
+
+from milter_wkd.openpgp import clean_key  # noqa: E402
+from milter_wkd.sandbox.daemons import free_port, terminate, wait_until  # noqa: E402
+from milter_wkd.sandbox.wkd import WkdResponder  # noqa: E402
+from milter_wkd.values import Address  # noqa: E402
+from milter_wkd.web.routes import policy_text  # noqa: E402
+from milter_wkd.wkd import address_hash  # noqa: E402
+
+HOST = "openpgpkey.example.org"
+
+NGINX_CONF = """\
+user root;
+worker_processes {workers};
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    sendfile on;
+    keepalive_timeout 60;
+    keepalive_requests 10000000;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_session_cache shared:SSL:10m;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        server_name {host} example.org;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        location /.well-known/openpgpkey/ {{
+            alias {root}/;
+            default_type application/octet-stream;
+            add_header Access-Control-Allow-Origin * always;
+            add_header Cache-Control "public, max-age=300";
+        }}
+    }}
+}}
+"""
+
+LUA = """\
+local paths = {{}}
+for line in io.lines("{paths}") do paths[#paths + 1] = line end
+local counter = 0
+function setup(thread)
+    thread:set("id", counter)
+    counter = counter + 1
+end
+local i = 0
+function init(args)
+    i = (id or 0) * 7919 % #paths
+    wrk.headers["Host"] = "{host}"
+end
+function request()
+    i = i % #paths + 1
+    return wrk.format("GET", paths[i])
+end
+"""
+
+
+def write_static(root: Path, keys: dict[str, bytes], submission: str) -> None:
+    """gpg-wks-server's layout: <root>/<domain>/hu/<hash> and <root>/<domain>/policy."""
+    hu = root / "example.org" / "hu"
+    hu.mkdir(parents=True)
+    for address, key in keys.items():
+        addr = Address.parse(address)
+        (hu / address_hash(addr)).write_bytes(clean_key(key, [addr]).key)
+    (root / "example.org" / "policy").write_bytes(policy_text(
+        submission, protocol_version=3, auth_submit=True, mailbox_only=True))
+
+
+def start_nginx(prefix: Path, port: int, cert: Path, key: Path, root: Path,
+                workers: int) -> subprocess.Popen[bytes]:
+    prefix.mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(prefix=prefix, port=port, cert=cert, key=key, root=root,
+                                      host=HOST, workers=workers))
+    process = subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(conf),
+                                "-g", "daemon off;"], stdin=subprocess.DEVNULL)
+    wait_until((prefix / "nginx.pid").exists, "nginx", 10, prefix / "error.log")
+    return process
+
+
+def wrk(port: int, script: Path, *, threads: int, connections: int,
+        duration: int) -> tuple[float, float, str]:
+    """Requests/s and p99 latency (ms) of one wrk run."""
+    proc = subprocess.run(
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency",
+         "-s", str(script), f"https://127.0.0.1:{port}/"],
+        capture_output=True, text=True, check=True)
+    out = proc.stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    value, unit = re.search(r"\s99%\s+([\d.]+)(us|ms|s)\b", out).groups()  # type: ignore[union-attr]
+    p99 = float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    return rps, p99, out
+
+
+def check_same_answers(wkd: WkdResponder, nginx_port: int, keys: dict[str, bytes]) -> None:
+    """Both servers give the same bytes for a sample of addresses (and 404 for a miss)."""
+    sample = random.Random(7).sample(sorted(keys), 20)  # noqa: S311 (a fixed sample)
+    other = WkdResponder(wkd.workdir, wkd.slapd, port=nginx_port)
+    for address in [*sample, "nobody-at-all@example.org"]:
+        addr = Address.parse(address)
+        path = f"/.well-known/openpgpkey/example.org/hu/{address_hash(addr)}"
+        ours, theirs = wkd.get(path), other.get(path)
+        assert ours[0] == theirs[0], (address, ours[0], theirs[0])
+        assert ours[2] == theirs[2] or ours[0] != 200, address
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=int, default=10_000)
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measured run")
+    parser.add_argument("--warmup", type=int, default=3, help="seconds of warm-up per server")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="granian workers and nginx worker processes")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="wkd-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        keys: dict[str, bytes] = {}
+        slapd = loaded_slapd(tmp, args.users, keys)
+        wkd = WkdResponder(tmp / "responder", slapd, port=free_port(), workers=args.workers)
+        nginx: subprocess.Popen[bytes] | None = None
+        try:
+            wkd.start()
+            write_static(tmp / "wks", keys, wkd.submission_address)
+            nginx_port = free_port()
+            nginx = start_nginx(tmp / "nginx", nginx_port, wkd.workdir / "wkd.crt",
+                                wkd.workdir / "wkd.key", tmp / "wks", args.workers)
+            last = Address.parse(f"u{args.users - 1}@example.org")
+            wait_until(lambda: wkd.get(
+                f"/.well-known/openpgpkey/example.org/hu/{address_hash(last)}")[0] == 200,
+                "the responder's first answers", 60)
+            paths = [f"/.well-known/openpgpkey/example.org/hu/{address_hash(Address.parse(a))}"
+                     for a in keys]
+            paths += [f"/.well-known/openpgpkey/example.org/hu/"
+                      f"{address_hash(Address.parse(f'nobody{n}@example.org'))}"
+                      for n in range(len(keys) // 9)]
+            random.Random(1).shuffle(paths)  # noqa: S311 (a fixed order)
+            (tmp / "paths.txt").write_text("\n".join(paths) + "\n")
+            script = tmp / "wkd.lua"
+            script.write_text(LUA.format(paths=tmp / "paths.txt", host=HOST))
+            check_same_answers(wkd, nginx_port, keys)
+            results = {}
+            for name, port in (("nginx static", nginx_port), ("milter-wkd web", wkd.port)):
+                wrk(port, script, threads=args.threads, connections=args.connections,
+                    duration=args.warmup)
+                results[name] = wrk(port, script, threads=args.threads,
+                                    connections=args.connections, duration=args.duration)
+                non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", results[name][2])
+                print(f"{name:15} {results[name][0]:10.0f} req/s   p99 {results[name][1]:6.2f} ms"
+                      f"   non-2xx {non_2xx.group(1) if non_2xx else 0}")
+            ratio = results["milter-wkd web"][0] / results["nginx static"][0]
+            p99 = results["milter-wkd web"][1]
+            print(f"ratio milter-wkd/nginx: {ratio:.2f}x requests/s "
+                  f"(target >= 0.90x: {'met' if ratio >= 0.9 else 'NOT met'}); "
+                  f"milter-wkd p99 {p99:.2f} ms (target < 5 ms: "
+                  f"{'met' if p99 < 5 else 'NOT met'})")
+            print(f"users {args.users}, {len(paths)} paths (90 % hits), wrk -t{args.threads} "
+                  f"-c{args.connections} -d{args.duration}s, {args.workers} worker(s) each, "
+                  f"{os.cpu_count()} CPUs shared by server and wrk")
+        finally:
+            if nginx is not None:
+                terminate(nginx.pid, "nginx")
+                nginx.wait()
+            wkd.stop()
+            slapd.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
