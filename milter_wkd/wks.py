@@ -8,12 +8,14 @@ tools/gpg-wks-server.c and gpg-wks-client.c as the reference) as data in, decisi
   only to the submitted key } + detached signature by the submission key };
 - `parse_confirmation_response`: the client's answer (encrypted to the submission key, or
   in the clear when the client found no key for us) carrying the nonce back;
-- `build_notice`: a plain text mail from the submission address (published, refused);
-- `new_nonce`, `nonces_equal`.
+- `build_notice` (`build_published_notice`, `build_refusal_notice`): a plain text mail from
+  the submission address;
+- `new_nonce`, `nonces_equal`; `parse_wks_data` for the name-value lines; `decrypter` makes
+  the decrypt callback the parsers take from the submission key's secret key.
 
 Reads only the bytes it is given; no sockets, no directory, no clock (`now` is passed in).
-Mail is parsed with the standard `email` package after size caps (whole mail, header
-block, number and nesting of parts). Generated mail is bytes with CRLF line ends, ready for
+Mail is parsed with the standard `email` package under caps (whole mail, header block,
+every header value it parses, number and nesting of parts). Generated mail is bytes with CRLF line ends, ready for
 SMTP and DKIM; addresses with UTF-8 local parts need SMTPUTF8 from the mailer.
 
 Errors: anything we will not process raises `MessageRefused` (or `BadAddress`, `KeyRefused`:
@@ -264,7 +266,9 @@ def parse_submission(raw: bytes, decrypt: Decrypt, *,
 @dataclass(frozen=True, slots=True)
 class ConfirmationResponse:
     """A confirmation response. `address` is the address being confirmed (the From header
-    agreed with it), `submission_address` the `sender:` the client answered to."""
+    agreed with it), `submission_address` the `sender:` the client answered to. The caller
+    checks that `submission_address` is ours, finds the pending request for `address` and
+    compares its nonce with `nonces_equal`, then deletes it (single use)."""
 
     address: Address
     submission_address: Address

@@ -36,7 +36,12 @@ from milter_wkd.values import Address, Fingerprint
 @contextmanager
 def _quiet_pgpy() -> Iterator[None]:
     """Silence pgpy's known noise, and only that: deprecated cipher imports, its
-    'TODO: revocation checks' notes, and preference notes when we pick AES ourselves."""
+    'TODO: revocation checks' notes, and preference notes when we pick AES ourselves.
+
+    XXX catch_warnings swaps the process-wide filter list and is not thread-safe before
+    Python 3.14: two threads inside at once can leave these ignore-filters installed for
+    good. That only ever silences the three notes above, so we accept it.
+    """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=CryptographyDeprecationWarning)
         warnings.filterwarnings("ignore", message=r"TODO: ", category=UserWarning)
