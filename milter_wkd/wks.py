@@ -15,8 +15,8 @@ tools/gpg-wks-server.c and gpg-wks-client.c as the reference) as data in, decisi
 
 Reads only the bytes it is given; no sockets, no directory, no clock (`now` is passed in).
 Mail is parsed with the standard `email` package under caps (whole mail, header block,
-every header value it parses, number and nesting of parts). Generated mail is bytes with CRLF line ends, ready for
-SMTP and DKIM; addresses with UTF-8 local parts need SMTPUTF8 from the mailer.
+every header value it parses, number and nesting of parts). Generated mail is bytes with
+CRLF line ends, ready for SMTP and DKIM; UTF-8 addresses need SMTPUTF8 from the mailer.
 
 Errors: anything we will not process raises `MessageRefused` (or `BadAddress`, `KeyRefused`:
 all `Refused`) with a reason fit for an SMTP reply or a log line; no other exception
