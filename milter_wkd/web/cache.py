@@ -48,9 +48,10 @@ from milter_wkd.web.source import (
 
 log = logging.getLogger(__name__)
 
-# Estimated Python cost of one cached answer beyond its bytes: the OrderedDict node, the
-# Answer object, the slot string, the DN index set entry.
-ENTRY_OVERHEAD = 400
+# Python's cost of one cached answer beyond its key bytes (the OrderedDict node, the Answer,
+# the bytes and slot string headers, the DN and its index entry), measured with
+# benchmarks/wkd_memory.py: about 1 KiB of RSS per 200-byte ed25519 answer.
+ENTRY_OVERHEAD = 800
 MAX_LOGGED_REFUSALS = 10_000
 
 Cleaner = Callable[[bytes, Address], bytes]

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 HASH_ATTRIBUTE = "wkdAddressHash"
 KEY_ATTRIBUTE = "pgpKey"
+KEY_CLASS = "wkdKeyHolder"
 MAILBOX_ATTRIBUTE = "gpgMailbox"
 PAGE_SIZE = 500
 _PAGED_OID = "1.2.840.113556.1.4.319"
@@ -53,7 +54,11 @@ _PAGED_OID = "1.2.840.113556.1.4.319"
 class LdapKeySource:
     def __init__(self, config: DirectoryConfig) -> None:
         self.config = config
-        self._published = f"(&({KEY_ATTRIBUTE}=*)({MAILBOX_ATTRIBUTE}=*)(!(pgpDisabled=1)))"
+        # objectClass is indexed (eq), so slapd only visits key holders; the presence tests
+        # have no index on purpose (no enumeration by wildcard) and only filter those.
+        self._holders = f"(objectClass={KEY_CLASS})"
+        self._published = (f"(&{self._holders}({KEY_ATTRIBUTE}=*)({MAILBOX_ATTRIBUTE}=*)"
+                           "(!(pgpDisabled=1)))")
         self._lock = threading.Lock()
         self._conn: Any = None
         self._suffix: str | None = None
@@ -179,7 +184,9 @@ class LdapKeySource:
                 yield published
 
     def published_dns(self) -> set[str]:
-        return {e["dn"] for e in self._paged(self._published, ["1.1"])}
+        # Every key holder: a superset of the publishing entries is all the delete check
+        # needs (a holder that stops publishing is a modify, seen by its entryCSN).
+        return {e["dn"] for e in self._paged(self._holders, ["1.1"])}
 
     def close(self) -> None:
         with self._lock:

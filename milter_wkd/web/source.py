@@ -72,7 +72,7 @@ class KeySource(Protocol):
         ...
 
     def published_dns(self) -> set[str]:
-        """The DNs of every entry that publishes a key (no key bytes: a cheap listing)."""
+        """The DNs of every entry that publishes a key, or a superset (a cheap listing)."""
         ...
 
 
