@@ -84,10 +84,15 @@ _POLICY = _BoundedPolicy()
 
 
 def decrypter(secret_key: bytes, *, max_plaintext: int = messages.DEFAULT_MAX_PLAINTEXT,
-              ) -> Decrypt:
-    """A decrypt callback for the parsers, using the submission key's secret key."""
+              max_message: int | None = None) -> Decrypt:
+    """A decrypt callback for the parsers, using the submission key's secret key.
+    max_message defaults to what the plaintext cap implies (armor and framing on top)."""
+    message_cap = max_message if max_message is not None else max(
+        messages.DEFAULT_MAX_MESSAGE, max_plaintext * 2)
+
     def decrypt(data: bytes) -> bytes:
-        return messages.decrypt(data, secret_key, max_plaintext=max_plaintext)
+        return messages.decrypt(data, secret_key, max_message=message_cap,
+                                max_plaintext=max_plaintext)
     return decrypt
 
 

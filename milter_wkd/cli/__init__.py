@@ -14,13 +14,13 @@ import sys
 from collections.abc import Sequence
 
 from milter_wkd import __version__
-from milter_wkd.cli import config_cmd, key, keys, sandbox, web
+from milter_wkd.cli import config_cmd, domain, key, keys, milter_cmd, pending, sandbox, web
 from milter_wkd.errors import MilterWkdError, Refused
 
 EX_REFUSED = 2
 EX_TEMPFAIL = 75
 
-GROUPS = [key, config_cmd, web, keys, sandbox]
+GROUPS = [key, keys, domain, milter_cmd, pending, web, sandbox, config_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,71 @@
+"""`milter-wkd milter --config FILE`: run the milter daemon in the foreground.
+
+systemd runs it (see systemd/milter-wkd.service); SIGTERM stops it. The unix socket gets
+[milter] socket_mode and socket_group as soon as libmilter has created it, so the MTA's
+user can connect while others cannot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import grp
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from milter_wkd import config as config_mod
+from milter_wkd import mailer, milter
+from milter_wkd.config import ConfigError
+from milter_wkd.directory import Directory
+from milter_wkd.service import MailService
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: Any) -> None:
+    parser = sub.add_parser("milter", help="run the milter (WKS submissions, Autocrypt)")
+    parser.add_argument("--config", default=str(config_mod.DEFAULT_PATH), metavar="FILE")
+    parser.add_argument("--socket", help="override [milter] socket")
+    parser.set_defaults(func=_run)
+
+
+def _fix_socket(path: Path, mode: int, group: str) -> None:
+    """Wait for libmilter to create the socket, then set its mode and group."""
+    for _ in range(100):
+        if path.exists():
+            try:
+                if group:
+                    os.chown(path, -1, grp.getgrnam(group).gr_gid)
+                path.chmod(mode)
+            except (OSError, KeyError) as exc:
+                log.error("cannot set mode/group of %s: %s", path, exc)  # noqa: TRY400
+            return
+        time.sleep(0.05)
+    log.error("milter socket %s did not appear", path)
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = config_mod.load(args.config)
+    socket_spec = args.socket or cfg.milter.socket
+    try:
+        mode = int(cfg.milter.socket_mode, 8)
+    except ValueError:
+        raise ConfigError(f"[milter] socket_mode {cfg.milter.socket_mode!r} is not octal") from None
+    if socket_spec.startswith(("unix:", "local:")):
+        path = Path(socket_spec.split(":", 1)[1])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        threading.Thread(target=_fix_socket, args=(path, mode, cfg.milter.socket_group),
+                         daemon=True).start()
+    directory = Directory(cfg.directory)
+    service = MailService(cfg, directory, mailer.from_config(cfg.mailer))
+    try:
+        milter.run(service, socket_spec, cfg.milter.timeout)
+    finally:
+        directory.close()
+    return 0

@@ -1,0 +1,140 @@
+"""The pymilter adapter: Postfix calls it on submission and inbound mail (Milter protocol 6).
+
+It only collects and relays: connect/envfrom/envrcpt/header/body fill a `Transaction`
+(SASL login from the {auth_authen} macro, which Postfix sends with MAIL FROM), and at end of
+message `MailService.decide` returns a `Reply` that is applied here. Bodies are collected
+only when needed (mail to a submission address, or DKIM signing in the milter), capped at
+[milter] max_submission_bytes.
+
+Reads [milter] socket and timeout. Failure: no exception ever reaches libmilter; an
+unexpected error while handling mail to a submission address answers 451 4.3.0 (Postfix
+keeps the mail), elsewhere the mail passes unchanged (a hint must never stop mail flow).
+Postfix's own milter_default_action (tempfail in the shipped snippet) covers a dead milter.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+import Milter
+
+from milter_wkd.replies import INTERNAL_ERROR, Accept, Discard, Reject, Reply, TempFail
+from milter_wkd.service import MailService
+from milter_wkd.transaction import Transaction
+
+log = logging.getLogger(__name__)
+
+# pymilter has no type information; name its return codes once, typed.
+CONTINUE: int = Milter.CONTINUE
+ACCEPT: int = Milter.ACCEPT
+REJECT: int = Milter.REJECT
+TEMPFAIL: int = Milter.TEMPFAIL
+DISCARD: int = Milter.DISCARD
+
+
+class WkdMilter(Milter.Base):  # type: ignore[misc]
+    """One instance per SMTP connection (libmilter may run connections in parallel)."""
+
+    def __init__(self, service: MailService) -> None:
+        self.service = service
+        self.client_ip: str | None = None
+        self.tx = Transaction()
+
+    # --- callbacks ----------------------------------------------------------------------
+
+    def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+        if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
+            self.client_ip = str(hostaddr[0])
+        return CONTINUE
+
+    def envfrom(self, mail_from: str, *params: str) -> int:
+        del params
+        self.tx = Transaction(client_ip=self.client_ip,
+                              sasl_login=self.getsymval("{auth_authen}") or None,
+                              queue_id=self.getsymval("i") or "-",
+                              mail_from=mail_from.strip("<>"))
+        return CONTINUE
+
+    def envrcpt(self, recipient: str, *params: str) -> int:
+        del params
+        self.tx.recipients.append(recipient.strip("<>"))
+        return CONTINUE
+
+    def header(self, name: str, value: str) -> int:
+        if len(self.tx.headers) < 2000:
+            self.tx.headers.append((name, value))
+        return CONTINUE
+
+    def eoh(self) -> int:
+        try:
+            self.tx.collect_body = self.service.wants_body(self.tx)
+        except Exception:
+            log.exception("%s: deciding whether to read the body failed", self.tx.queue_id)
+            self.tx.collect_body = False
+        return CONTINUE
+
+    def body(self, chunk: bytes) -> int:
+        tx = self.tx
+        if tx.collect_body and not tx.oversize:
+            if len(tx.body) + len(chunk) > self.service.max_body:
+                tx.oversize = True
+                tx.body.clear()
+            else:
+                tx.body += chunk
+        return CONTINUE
+
+    def eom(self) -> int:
+        tx = self.tx
+        if not tx.queue_id or tx.queue_id == "-":
+            tx.queue_id = self.getsymval("i") or "-"
+        try:
+            reply = self.service.decide(tx)
+        except Exception:
+            log.exception("%s: unexpected error", tx.queue_id)
+            reply = INTERNAL_ERROR if self.service.is_submission(tx) else Accept()
+        try:
+            return self._apply(reply)
+        except Exception:
+            log.exception("%s: applying %s failed", tx.queue_id, type(reply).__name__)
+            return TEMPFAIL if self.service.is_submission(tx) else CONTINUE
+        finally:
+            self.tx = Transaction(client_ip=self.client_ip)
+
+    def abort(self) -> int:
+        self.tx = Transaction(client_ip=self.client_ip)
+        return CONTINUE
+
+    def close(self) -> int:
+        return CONTINUE
+
+    # --- replies ------------------------------------------------------------------------
+
+    def _apply(self, reply: Reply) -> int:
+        if isinstance(reply, Reject):
+            self.setreply(str(reply.code), reply.xcode, reply.text)
+            return REJECT
+        if isinstance(reply, TempFail):
+            self.setreply(str(reply.code), reply.xcode, reply.text)
+            return TEMPFAIL
+        if isinstance(reply, Discard):
+            return DISCARD
+        for recipient in reply.remove_recipients:
+            self.delrcpt(f"<{recipient}>")
+        for edit in reply.edits:
+            if edit.value is None:
+                self.chgheader(edit.name, edit.index or 1, "")
+            elif edit.index is None:
+                self.addheader(edit.name, edit.value.replace("\r\n", "\n"))
+            else:
+                self.addheader(edit.name, edit.value.replace("\r\n", "\n"), edit.index)
+        return ACCEPT
+
+
+def run(service: MailService, socket_spec: str, timeout: int) -> None:
+    """Serve until SIGTERM/SIGINT (libmilter handles the signals)."""
+    Milter.factory = lambda: WkdMilter(service)
+    Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.DELRCPT)
+    log.info("milter-wkd listening on %s", socket_spec)
+    Milter.runmilter("milter-wkd", socket_spec, timeout, rmsock=True)

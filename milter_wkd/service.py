@@ -1,0 +1,447 @@
+"""What the milter does with a message: the WKS flows (DESIGN.md flows 1-3) and Autocrypt
+(flow 4), as decisions on a `Transaction`, with the directory and the mailer as peers.
+
+Mail to a domain's submission address:
+- from a logged-in user (SASL login = one of the user's addresses) and `auth_submit`:
+  decrypt, clean the key for the addresses that user owns (addresses of others are refused
+  and named in the notice), merge with the user's published copy of the same key, publish
+  with provenance auth-submit, send a DKIM-signed notice, discard the submission;
+- from anybody else (if `allow_unauthenticated`): for each address of the key that belongs
+  to a directory user, store a pending request (nonce bound to address and fingerprint,
+  expiring after pending_days, rate-limited per address) and send that address a
+  confirmation request encrypted to the submitted key;
+- a confirmation response: decrypt, take the pending request once (nonce compared in
+  constant time, From must be the confirmed address), publish with provenance
+  wks-confirmed, notify.
+Other mail from our users (SASL, or a client in trusted_networks) gets an Autocrypt header
+when its single From address has a published, valid key; optionally the milter DKIM-signs it.
+
+Reads the [milter], [keys], [mailer] and [[domains]] config and the files they name.
+Failures: directory or mailer down -> 451 4.7.1 / 451 4.4.1 (Postfix keeps the mail and
+retries); refused input -> 5xx with the reason, nothing stored; Autocrypt problems never
+stop mail (logged, mail passes unchanged).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from milter_wkd import autocrypt, dkim, openpgp, wks
+from milter_wkd.config import Config, ConfigError, DomainConfig
+from milter_wkd.directory import Directory, KeySource, PendingRequest, Provenance, User
+from milter_wkd.errors import (
+    Conflict,
+    DirectoryUnavailable,
+    MessageRefused,
+    NotFound,
+    Refused,
+    Unavailable,
+)
+from milter_wkd.mailer import Mailer, MailerUnavailable
+from milter_wkd.replies import DIRECTORY_DOWN, Accept, Discard, HeaderEdit, Reject, Reply, TempFail
+from milter_wkd.transaction import Transaction
+from milter_wkd.values import Address, Fingerprint
+
+log = logging.getLogger(__name__)
+
+MAILER_DOWN = TempFail(451, "4.4.1", "Cannot send the key service's reply - try again later")
+CONFIG_BROKEN = TempFail(451, "4.3.5", "Key service misconfigured - try again later")
+DAY = 86400
+
+
+@dataclass(frozen=True, slots=True)
+class _CachedHint:
+    keydata: bytes | None
+    dn: str | None
+    prefer_mutual: bool | None
+
+
+class MailService:
+    """Shared by all milter connections; every method is thread-safe."""
+
+    def __init__(self, config: Config, directory: Directory, mailer: Mailer, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.directory = directory
+        self.mailer = mailer
+        self.clock = clock
+        self.max_body = config.milter.max_submission_bytes
+        self._submission = {Address.parse(d.submission_address).key: d for d in config.domains}
+        self._domains = {d.name.lower(): d for d in config.domains}
+        self._trusted = [ipaddress.ip_network(n, strict=False)
+                         for n in config.milter.trusted_networks]
+        self._secrets: dict[str, bytes] = {}
+        self._dkim: dict[str, dkim.DkimKey | None] = {}
+        self._lock = threading.Lock()
+        self._hints: OrderedDict[str, _CachedHint] = OrderedDict()
+        self._hint_token: str | None = None
+        self._hint_checked = 0.0
+
+    # --- routing -------------------------------------------------------------------------
+
+    def _submission_domain(self, tx: Transaction) -> DomainConfig | None:
+        for recipient in tx.recipients:
+            try:
+                found = self._submission.get(Address.parse(recipient).key)
+            except Refused:
+                continue
+            if found is not None:
+                return found
+        return None
+
+    def is_submission(self, tx: Transaction) -> bool:
+        return self._submission_domain(tx) is not None
+
+    def _is_ours(self, tx: Transaction) -> bool:
+        """Mail of our own users: logged in, or from a trusted network (webmail)."""
+        if tx.sasl_login:
+            return True
+        if tx.client_ip is None:
+            return False
+        try:
+            ip = ipaddress.ip_address(tx.client_ip)
+        except ValueError:
+            return False
+        return any(ip in net for net in self._trusted)
+
+    def wants_body(self, tx: Transaction) -> bool:
+        if self.is_submission(tx):
+            return True
+        return self.config.milter.dkim_sign_outgoing and self._is_ours(tx)
+
+    def decide(self, tx: Transaction) -> Reply:
+        domain = self._submission_domain(tx)
+        if domain is None:
+            return self._outgoing(tx)
+        others = [r for r in tx.recipients if not self._is_submission_address(r)]
+        try:
+            reply = self._submission_mail(tx, domain)
+        except DirectoryUnavailable as exc:
+            log.warning("%s: directory unavailable: %s", tx.queue_id, exc.reason)
+            return DIRECTORY_DOWN
+        except MailerUnavailable as exc:
+            log.warning("%s: mailer unavailable: %s", tx.queue_id, exc.reason)
+            return MAILER_DOWN
+        except ConfigError as exc:
+            log.error("%s: configuration: %s", tx.queue_id, exc.reason)  # noqa: TRY400
+            return CONFIG_BROKEN
+        except Unavailable as exc:
+            log.warning("%s: unavailable: %s", tx.queue_id, exc.reason)
+            return DIRECTORY_DOWN
+        except Refused as exc:
+            log.info("%s: refused from %s: %s", tx.queue_id, tx.mail_from, exc.reason)
+            return Reject(550, "5.7.1", f"Key submission refused: {exc.reason}")
+        if isinstance(reply, Discard) and others:
+            # Mail that also goes elsewhere is delivered there; only our copy is consumed.
+            return Accept(remove_recipients=tuple(
+                r for r in tx.recipients if self._is_submission_address(r)))
+        return reply
+
+    def _is_submission_address(self, recipient: str) -> bool:
+        try:
+            return Address.parse(recipient).key in self._submission
+        except Refused:
+            return False
+
+    # --- keys of the service ----------------------------------------------------------------
+
+    def _secret(self, domain: DomainConfig) -> bytes:
+        cached = self._secrets.get(domain.name)
+        if cached is None:
+            try:
+                cached = Path(domain.submission_key).read_bytes()
+            except OSError as exc:
+                raise ConfigError(
+                    f"submission key {domain.submission_key}: {exc.strerror}") from None
+            self._secrets[domain.name] = cached
+        return cached
+
+    def _dkim_key(self, domain: DomainConfig) -> dkim.DkimKey | None:
+        if domain.name not in self._dkim:
+            self._dkim[domain.name] = (
+                dkim.load_key(Path(domain.dkim_key), domain.name, domain.dkim_selector)
+                if domain.dkim_key else None)
+        return self._dkim[domain.name]
+
+    def _send(self, domain: DomainConfig, recipient: Address, message: bytes) -> None:
+        key = self._dkim_key(domain)
+        if key is not None:
+            message = dkim.sign(message, key)
+        self.mailer.send(domain.submission_address, str(recipient), message)
+
+    # --- WKS ------------------------------------------------------------------------------
+
+    def _submission_mail(self, tx: Transaction, domain: DomainConfig) -> Reply:
+        if tx.oversize:
+            return Reject(552, "5.3.4", f"Key submission larger than {self.max_body} octets")
+        raw = tx.raw_message()
+        decrypt = wks.decrypter(self._secret(domain), max_plaintext=self.max_body)
+        try:
+            submission = wks.parse_submission(raw, decrypt, max_mail=self.max_body)
+        except MessageRefused as first:
+            try:
+                response = wks.parse_confirmation_response(raw, decrypt, max_mail=self.max_body)
+            except MessageRefused:
+                raise first from None
+            return self._confirmation(tx, domain, response)
+        if tx.sasl_login and domain.auth_submit:
+            return self._authenticated(tx, domain, submission)
+        if not domain.allow_unauthenticated:
+            return Reject(550, "5.7.1", "Log in (SMTP AUTH) to publish keys")
+        return self._unauthenticated(tx, domain, submission)
+
+    def _merge_and_publish(self, user: User, key: bytes, addresses: list[Address],
+                           source: KeySource, actor: str) -> openpgp.CleanResult:
+        limits = openpgp.Limits(max_input=self.config.keys.max_input_bytes)
+        cleaned = openpgp.clean_key(key, addresses, limits=limits)
+        stored = self.directory.get_key(user)
+        if stored is not None and stored.fingerprint == cleaned.info.fingerprint:
+            cleaned = openpgp.merge_keys(stored.key, key, list(user.addresses), limits=limits)
+        if len(cleaned.key) > self.config.keys.max_published_bytes:
+            raise MessageRefused(
+                f"the cleaned key has {len(cleaned.key)} octets, over the limit of "
+                f"{self.config.keys.max_published_bytes}")
+        now = int(self.clock())
+        self.directory.publish_key(user, cleaned, Provenance(source, actor, now))
+        self._forget_hints()
+        return cleaned
+
+    def _key_addresses(self, key: bytes) -> list[Address]:
+        limits = openpgp.Limits(max_input=self.config.keys.max_input_bytes)
+        return list(openpgp.clean_key(key, None, limits=limits).info.addresses)
+
+    def _authenticated(self, tx: Transaction, domain: DomainConfig,
+                       submission: wks.Submission) -> Reply:
+        assert tx.sasl_login is not None  # noqa: S101 — checked by the caller
+        try:
+            login = Address.parse(tx.sasl_login)
+        except Refused:
+            return Reject(550, "5.7.1", "The SASL login is not a mail address of this provider")
+        user = self.directory.find_user(login)
+        if user is None:
+            return Reject(550, "5.7.1", "The logged-in user is not in the key directory")
+        own: list[Address] = []
+        refused: list[str] = []
+        for address in self._key_addresses(submission.key):
+            if user.owns(address):
+                own.append(address)
+            elif address.domain in self._domains:
+                refused.append(f"{address}: belongs to another user or to nobody here")
+            else:
+                refused.append(f"{address}: not a domain of this provider")
+        if not own:
+            reason = "the key has no user ID with an address of " + str(login)
+            if refused:
+                reason += " (" + "; ".join(refused) + ")"
+            return Reject(550, "5.7.1", reason)
+        cleaned = self._merge_and_publish(user, submission.key, own, KeySource.AUTH_SUBMIT,
+                                          str(login))
+        now = int(self.clock())
+        submission_address = Address.parse(domain.submission_address)
+        text_refused = "".join(f"\nNot published for {r}" for r in refused)
+        notice = wks.build_notice(
+            submission_address=submission_address, address=login,
+            subject="Your key has been published",
+            text=(f"Your OpenPGP key {cleaned.info.fingerprint}\nis now published for: "
+                  + ", ".join(str(a) for a in cleaned.info.addresses) + "\n" + text_refused
+                  + f"\n\nAnyone can now find it, e.g. with: gpg --locate-keys {login}\n"),
+            now=now, in_reply_to=_message_id(tx))
+        self._send(domain, login, notice)
+        log.info("%s: published %s for %s (auth-submit by %s)%s", tx.queue_id,
+                 cleaned.info.fingerprint, ", ".join(map(str, cleaned.info.addresses)), login,
+                 f"; refused {len(refused)} address(es)" if refused else "")
+        return Discard("published")
+
+    def _unauthenticated(self, tx: Transaction, domain: DomainConfig,
+                         submission: wks.Submission) -> Reply:
+        now = int(self.clock())
+        submission_address = Address.parse(domain.submission_address)
+        secret = self._secret(domain)
+        limits = openpgp.Limits(max_input=self.config.keys.max_input_bytes)
+        sent = 0
+        reasons: list[str] = []
+        for address in self._key_addresses(submission.key):
+            if address.domain not in self._domains:
+                reasons.append(f"{address}: not a domain of this provider")
+                continue
+            if self.directory.find_user(address) is None:
+                reasons.append(f"{address}: no such user")
+                continue
+            recent = self.directory.count_pending(address)
+            if recent >= self.config.milter.max_pending_per_address:
+                reasons.append(f"{address}: too many pending requests")
+                log.warning("%s: rate limit for %s (%d pending)", tx.queue_id, address, recent)
+                continue
+            cleaned = openpgp.clean_key(submission.key, [address], limits=limits)
+            nonce = wks.new_nonce()
+            self.directory.create_pending(PendingRequest(
+                nonce, address, cleaned.info.fingerprint, cleaned.key, now,
+                now + self.config.milter.pending_days * DAY))
+            request = wks.build_confirmation_request(
+                submission_address=submission_address, address=address,
+                fingerprint=cleaned.info.fingerprint, nonce=nonce, user_key=cleaned.key,
+                submission_secret_key=secret, now=now)
+            try:
+                self._send(domain, address, request)
+            except MailerUnavailable:
+                self.directory.delete_pending(nonce)
+                raise
+            sent += 1
+            log.info("%s: confirmation request for %s (%s) sent", tx.queue_id, address,
+                     cleaned.info.fingerprint)
+        if not sent:
+            raise MessageRefused("nothing to confirm: " + ("; ".join(reasons) or "no address"))
+        return Discard("confirmation requested")
+
+    def _confirmation(self, tx: Transaction, domain: DomainConfig,
+                      response: wks.ConfirmationResponse) -> Reply:
+        if response.submission_address.key != Address.parse(domain.submission_address).key:
+            raise MessageRefused("the response names another submission address")
+        now = int(self.clock())
+        try:
+            pending = self.directory.get_pending(response.nonce, response.address, now)
+        except (NotFound, Refused):
+            raise MessageRefused("no pending request for this nonce (used, expired or unknown)"
+                                 ) from None
+        if not wks.nonces_equal(pending.nonce, response.nonce):
+            raise MessageRefused("no pending request for this nonce")
+        user = self.directory.find_user(response.address)
+        if user is None:
+            raise MessageRefused(f"{response.address} is no longer a user here")
+        try:
+            # Single use: of two concurrent responses only one deletes the request.
+            self.directory.delete_pending(pending.nonce)
+        except NotFound:
+            raise MessageRefused("this confirmation was used already") from None
+        try:
+            cleaned = self._merge_and_publish(user, pending.key, [response.address],
+                                              KeySource.WKS_CONFIRMED, str(response.address))
+        except (DirectoryUnavailable, Conflict):
+            # Put the request back so the retried response can still succeed.
+            self.directory.create_pending(pending)
+            raise
+        notice = wks.build_published_notice(
+            submission_address=Address.parse(domain.submission_address),
+            address=response.address, fingerprint=cleaned.info.fingerprint, now=now,
+            in_reply_to=_message_id(tx))
+        self._send(domain, response.address, notice)
+        log.info("%s: published %s for %s (WKS confirmed)", tx.queue_id,
+                 cleaned.info.fingerprint, response.address)
+        return Discard("confirmed")
+
+    # --- Autocrypt ------------------------------------------------------------------------
+
+    def _forget_hints(self) -> None:
+        with self._lock:
+            self._hints.clear()
+            self._hint_checked = 0.0
+
+    def _fresh_hints(self) -> None:
+        """Drop cached keydata when the directory changed (checked at most once a second)."""
+        now = self.clock()
+        if now - self._hint_checked < 1.0:
+            return
+        token = self.directory.change_token()
+        with self._lock:
+            self._hint_checked = now
+            if token != self._hint_token:
+                self._hints.clear()
+                self._hint_token = token
+
+    def _hint(self, address: Address) -> _CachedHint:
+        self._fresh_hints()
+        with self._lock:
+            cached = self._hints.get(address.key)
+            if cached is not None:
+                self._hints.move_to_end(address.key)
+                return cached
+        hint = _CachedHint(None, None, None)
+        user = self.directory.find_user(address)
+        if user is not None:
+            stored = self.directory.get_key(user)
+            if stored is not None and not stored.revoked and not stored.disabled:
+                try:
+                    keydata = openpgp.autocrypt_keydata(stored.key, address)
+                except Refused as exc:
+                    log.info("no Autocrypt header for %s: %s", address, exc.reason)
+                    keydata = None
+                prefer = stored.prefer_encrypt
+                hint = _CachedHint(keydata, user.dn,
+                                   None if prefer is None else prefer == "mutual")
+            else:
+                hint = _CachedHint(None, user.dn, None)
+        with self._lock:
+            self._hints[address.key] = hint
+            while len(self._hints) > 10000:
+                self._hints.popitem(last=False)
+        return hint
+
+    def _outgoing(self, tx: Transaction) -> Reply:
+        try:
+            return self._outgoing_edits(tx)
+        except (Unavailable, ConfigError, Refused) as exc:
+            log.warning("%s: no Autocrypt header: %s", tx.queue_id, exc.reason)
+            return Accept()
+
+    def _outgoing_edits(self, tx: Transaction) -> Reply:
+        cfg = self.config.milter
+        sender = autocrypt.single_from_address(tx.header_values("From"))
+        existing = len(tx.header_values(autocrypt.HEADER))
+        if not self._is_ours(tx):
+            if (cfg.strip_inbound_autocrypt and existing and sender is not None
+                    and sender.domain in self._domains):
+                log.info("%s: removing %d Autocrypt header(s) claiming %s", tx.queue_id,
+                         existing, sender)
+                return Accept(edits=tuple(HeaderEdit(autocrypt.HEADER, None, index)
+                                          for index in range(existing, 0, -1)))
+            return Accept()
+        edits: list[HeaderEdit] = []
+        if (cfg.autocrypt and sender is not None and not existing
+                and sender.domain in self._domains
+                and not autocrypt.is_multipart_report(_last(tx.header_values("Content-Type")))):
+            hint = self._hint(sender)
+            if hint.keydata is not None and self._sender_may_use(tx, hint):
+                mutual = cfg.prefer_encrypt_mutual if hint.prefer_mutual is None \
+                    else hint.prefer_mutual
+                value = autocrypt.build(sender, hint.keydata, prefer_encrypt_mutual=mutual)
+                edits.append(HeaderEdit(autocrypt.HEADER, value))
+        if cfg.dkim_sign_outgoing and sender is not None:
+            domain = self._domains.get(sender.domain)
+            key = self._dkim_key(domain) if domain is not None else None
+            if key is not None and not tx.oversize:
+                headers = list(tx.headers) + [(e.name, e.value or "") for e in edits]
+                message = Transaction(headers=headers, body=tx.body).raw_message()
+                signature = dkim.signature_header(message, key).decode("ascii")
+                name, _, value = signature.partition(":")
+                edits.append(HeaderEdit(name, value.strip().replace("\r\n", "\n"), 0))
+        return Accept(edits=tuple(edits))
+
+    def _sender_may_use(self, tx: Transaction, hint: _CachedHint) -> bool:
+        """A logged-in sender gets the header only for From addresses that are their own."""
+        if not tx.sasl_login:
+            return True
+        try:
+            login_user = self._hint(Address.parse(tx.sasl_login))
+        except Refused:
+            return False
+        return login_user.dn is not None and login_user.dn == hint.dn
+
+
+def _last(values: list[str]) -> str | None:
+    return values[-1] if values else None
+
+
+def _message_id(tx: Transaction) -> str | None:
+    values = tx.header_values("Message-ID")
+    return values[0].strip() if values else None
+
+
+def fingerprint_of(result: openpgp.CleanResult) -> Fingerprint:
+    return result.info.fingerprint
