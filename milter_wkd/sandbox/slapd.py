@@ -1,12 +1,15 @@
 """A private, throwaway slapd for tests, the demo and benchmarks (like python-ldap's slapdtest).
 
-`Slapd(workdir).start()` builds cn=config offline in `workdir/slapd.d` with the same LDIF
-files an administrator applies by hand (ldap/README.md): a base configuration as Debian
-installs it (schemas core, cosine, nis, inetorgperson, misc; back_mdb; database
-`olcDatabase={1}mdb` for dc=example,dc=org), then ldap/schema/*.ldif (slapadd -n0),
-ldap/config/{10-modules,20-indexes,30-access}.ldif (slapmodify -n0),
-ldap/config/40-overlays.ldif (slapadd -n0) and ldap/example-dit.ldif (slapadd -n1). It
-then runs `slapd -F workdir/slapd.d -h "ldap://127.0.0.1:PORT/ ldapi://SOCKET/"` in the
+`Slapd(workdir).start()` builds cn=config offline in `workdir/slapd.d`: a base
+configuration as Debian installs it (schemas core, cosine, nis, inetorgperson, misc;
+back_mdb; database `olcDatabase={1}mdb` for dc=example,dc=org) and the users of
+ldap/example-dit.ldif, then the SETUP_STEPS of ldap/README.md - the very files an
+administrator applies with ldapadd/ldapmodify, here with their offline twins slapadd and
+slapmodify. `Slapd(workdir, milter_wkd=False)` stops after the base and the users, and
+`apply_setup()` then performs SETUP_STEPS online over ldapi:// exactly as the README says
+(the test of the README).
+
+`start()` runs `slapd -F workdir/slapd.d -h "ldap://127.0.0.1:PORT/ ldapi://SOCKET/"` in the
 foreground (`-d 0`, log in workdir/slapd.log) and waits until `ldapwhoami -Y EXTERNAL`
 answers. `stop()` ends that one process by pid; `start()` again keeps the data and the
 port (fault tests). Nothing outside workdir (and a short socket directory in /tmp when
@@ -38,8 +41,18 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 LDAP_DIR = REPO_ROOT / "ldap"
 SYSTEM_SCHEMA_DIR = Path("/etc/ldap/schema")
 SYSTEM_SCHEMAS = ("core", "cosine", "nis", "inetorgperson", "misc")
-OUR_SCHEMAS = ("gnupg-keyserver", "milter-wkd")
 MODULE_PATH = Path("/usr/lib/ldap")
+# ldap/README.md's steps: (tool, file below ldap/). ldapadd adds entries, ldapmodify
+# applies changes; both as root over ldapi:// with SASL EXTERNAL.
+SETUP_STEPS = (
+    ("ldapadd", "schema/gnupg-keyserver.ldif"),
+    ("ldapadd", "schema/milter-wkd.ldif"),
+    ("ldapmodify", "config/10-modules.ldif"),
+    ("ldapmodify", "config/20-indexes.ldif"),
+    ("ldapmodify", "config/30-access.ldif"),
+    ("ldapadd", "config/40-overlays.ldif"),
+    ("ldapadd", "milter-wkd-entries.ldif"),
+)
 PEERCRED_ROOT = "gidNumber=0+uidNumber=0,cn=peercred,cn=external,cn=auth"
 _SOCKET_PATH_MAX = 100  # sun_path holds 108 octets
 
@@ -93,8 +106,10 @@ class Slapd:
     mail_attributes = ("mail", "mailLocalAddress")
     database_dn = "olcDatabase={1}mdb,cn=config"
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *,
+                 milter_wkd: bool = True) -> None:
         self.workdir = Path(workdir)
+        self.with_milter_wkd = milter_wkd
         self.port = port if port is not None else _free_port()
         self.config_dir = self.workdir / "slapd.d"
         self.data_dir = self.workdir / "data"
@@ -209,13 +224,23 @@ olcAccess: {{1}}to * by * read
         base = self.workdir / "base-config.ldif"
         base.write_text(self._base_config(), encoding="utf-8")
         self._tool(slapadd, *config, "-l", str(base))
-        for name in OUR_SCHEMAS:
-            self._tool(slapadd, *config, "-l", str(LDAP_DIR / "schema" / f"{name}.ldif"))
-        for name in ("10-modules", "20-indexes", "30-access"):
-            self._tool(slapmodify, *config, "-l", str(LDAP_DIR / "config" / f"{name}.ldif"))
-        self._tool(slapadd, *config, "-l", str(LDAP_DIR / "config" / "40-overlays.ldif"))
-        self._tool(slapadd, "-n1", "-F", str(self.config_dir),
-                   "-l", str(LDAP_DIR / "example-dit.ldif"))
+        entries: list[Path] = []
+        if self.with_milter_wkd:
+            for tool, name in SETUP_STEPS:
+                path = LDAP_DIR / name
+                if name.startswith(("schema/", "config/")):
+                    offline = slapadd if tool == "ldapadd" else slapmodify
+                    self._tool(offline, *config, "-l", str(path))
+                else:
+                    entries.append(path)
+        for path in (LDAP_DIR / "example-dit.ldif", *entries):
+            self._tool(slapadd, "-n1", "-F", str(self.config_dir), "-l", str(path))
+
+    def apply_setup(self) -> None:
+        """Perform ldap/README.md's SETUP_STEPS online, as root over ldapi://."""
+        for tool, name in SETUP_STEPS:
+            self._tool(_binary(tool), "-H", self.ldapi_uri, "-Y", "EXTERNAL", "-Q",
+                       "-f", str(LDAP_DIR / name))
 
     # -- running ----------------------------------------------------------------------
 
