@@ -54,6 +54,10 @@ class Sandbox:
         self.dir = Path(directory).resolve()
         _check_traversable(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        # An old sandbox's pid files must never be mistaken for ours (stop kills by them).
+        if not created and any(self.dir.iterdir()):
+            raise SandboxError(f"{self.dir} is not empty (an old sandbox? `milter-wkd sandbox "
+                               f"down --dir {self.dir}`, then remove it)")
         # The mail owner (Dovecot) and postfix must traverse it; secrets inside are 0600.
         self.dir.chmod(0o711)
         self.keep = not created if keep is None else keep
@@ -147,6 +151,7 @@ smtp_port = {self.postfix.reinject.port}
             "info": self.info(),
         }
         temporary = self.state_path.with_suffix(".tmp")
+        temporary.touch(mode=0o600)  # it holds the test passwords
         temporary.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
         temporary.replace(self.state_path)
 

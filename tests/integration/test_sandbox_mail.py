@@ -210,6 +210,11 @@ def test_sandbox_up_and_down_as_commands(sandbox_dir: Path) -> None:
         masters = set(info["pids"].values())
         assert len(masters) == 3
         tree = descendants(masters)
+        # A second `up` into the same directory is refused and harms nothing.
+        again = subprocess.run([*SANDBOX_COMMAND, "up", "--dir", str(directory)],
+                               capture_output=True, text=True, timeout=120, check=False)
+        assert again.returncode == 1
+        assert "is not empty" in again.stderr
         assert all(alive(pid) for pid in masters)
     except BaseException:
         if (directory / "sandbox.json").exists():
@@ -232,6 +237,13 @@ def test_sandbox_refuses_a_directory_postfix_cannot_reach(tmp_path: Path) -> Non
     # pytest's tmp_path lies below /tmp/pytest-of-root, mode 0700.
     with pytest.raises(SandboxError, match="not searchable by other users"):
         Sandbox(tmp_path / "sandbox")
+
+
+def test_sandbox_refuses_a_used_directory(sandbox_dir: Path) -> None:
+    # Its pid files would be taken for the new sandbox's own and stopped on failure.
+    (sandbox_dir / "sandbox.json").write_text("{}")
+    with pytest.raises(SandboxError, match="is not empty"):
+        Sandbox(sandbox_dir)
 
 
 def test_down_without_a_sandbox_is_an_error(tmp_path: Path) -> None:
