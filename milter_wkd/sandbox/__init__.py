@@ -32,6 +32,7 @@ from types import TracebackType
 from typing import Any
 
 from milter_wkd import config
+from milter_wkd.errors import MilterWkdError
 from milter_wkd.sandbox.daemons import SandboxError, read_pid, terminate
 from milter_wkd.sandbox.dovecot import Dovecot, LdapAccess
 from milter_wkd.sandbox.postfix import Endpoint, Postfix
@@ -162,14 +163,18 @@ smtp_port = {self.postfix.reinject.port}
         try:
             self.write_state()
             for daemon in (self.slapd, self.dovecot, self.postfix):
-                daemon.start()
-                self.started.update(
-                    {name: entry["pid"] for name, entry in self._processes().items()})
+                try:
+                    daemon.start()
+                finally:
+                    self.started.update(
+                        {name: entry["pid"] for name, entry in self._processes().items()})
                 self.write_state()
             self.write_milter_config()
-        except BaseException:
-            self.started.update({name: entry["pid"] for name, entry in self._processes().items()})
-            self.stop()
+        except BaseException as failure:
+            try:
+                self.stop()
+            except MilterWkdError as exc:
+                failure.add_note(f"and tearing down failed too: {exc}")
             raise
         return self
 
@@ -183,8 +188,8 @@ smtp_port = {self.postfix.reinject.port}
                 errors.append(exc.reason)
         try:
             self.slapd.close()
-        except Exception as exc:  # noqa: BLE001 - collect, keep tearing down
-            errors.append(str(exc))
+        except MilterWkdError as exc:
+            errors.append(exc.reason)
         if not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
         elif self.state_path.exists():
