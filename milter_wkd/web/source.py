@@ -7,6 +7,7 @@ WKD-hash attribute so that one indexed look-up answers a miss.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -19,7 +20,9 @@ def slot(hash_: str, domain: str) -> str:
     return f"{hash_}@{domain}"
 
 
+@functools.lru_cache(maxsize=65536)
 def address_slot(address: Address) -> str:
+    """`<hash>@<domain>` of an address (cached: a cold load asks for each one thrice)."""
     return slot(address_hash(address), address.domain)
 
 
