@@ -222,10 +222,13 @@ def _toml(value: str) -> str:
 def down(directory: Path | str) -> list[str]:
     """Stop by pid what `start_detached`/`Sandbox.start` recorded in directory; names stopped.
 
-    Pids that are gone (or now belong to another program) are skipped; the pid files of
-    Postfix and Dovecot are consulted too, in case one started after the last state write.
+    Pids that are gone, or that now belong to another program (another command name, or
+    nothing of this directory on its command line or as its working directory), are
+    skipped; the pid files of Postfix and Dovecot are consulted too, in case one started
+    after the last state write.
     """
-    state_path = Path(directory) / STATE_NAME
+    directory = Path(directory).resolve()
+    state_path = directory / STATE_NAME
     try:
         state = json.loads(state_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -243,7 +246,7 @@ def down(directory: Path | str) -> list[str]:
             pids.add(read_pid(Path(entry["pid_file"])) or int(entry["pid"]))
         for pid in sorted(pids):
             try:
-                if terminate(pid, str(entry["name"])):
+                if terminate(pid, str(entry["name"]), within=directory):
                     stopped.append(name)
             except SandboxError as exc:
                 errors.append(exc.reason)

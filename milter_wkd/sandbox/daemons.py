@@ -138,17 +138,32 @@ def process_name(pid: int) -> str | None:
     return name
 
 
-def alive(pid: int, expected_name: str | None = None) -> bool:
-    """The pid is a live process (whose command name starts with expected_name, if given)."""
+def alive(pid: int, expected_name: str | None = None, within: Path | None = None) -> bool:
+    """The pid is a live process (whose command name starts with expected_name, and which
+    belongs to the directory `within`: named on its command line or working below it)."""
     name = process_name(pid)
-    if name is None:
+    if name is None or (expected_name is not None and not name.startswith(expected_name)):
         return False
-    return expected_name is None or name.startswith(expected_name)
+    return within is None or belongs_to(pid, within)
 
 
-def terminate(pid: int, expected_name: str, timeout: float = 10.0) -> bool:
-    """Stop one daemon by pid: TERM, then KILL. False if it was not running (or not ours)."""
-    if not alive(pid, expected_name):
+def belongs_to(pid: int, directory: Path) -> bool:
+    """slapd and dovecot name their config under directory; Postfix's master works there."""
+    try:
+        command_line = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        return False
+    prefix = os.fsencode(directory) + b"/"
+    return (any(prefix in arg for arg in command_line)
+            or cwd == directory or directory in cwd.parents)
+
+
+def terminate(pid: int, expected_name: str, within: Path | None = None,
+              timeout: float = 10.0) -> bool:
+    """Stop one daemon by pid: TERM, then KILL. False if it was not running (or not ours:
+    another command name, or a pid reused outside `within`)."""
+    if not alive(pid, expected_name, within):
         return False
     for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):

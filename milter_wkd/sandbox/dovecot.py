@@ -158,4 +158,4 @@ class Dovecot:
     def stop(self) -> None:
         pid = self.pid
         if pid is not None:
-            terminate(pid, "dovecot")
+            terminate(pid, "dovecot", within=self.dir)

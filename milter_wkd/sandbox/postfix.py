@@ -197,4 +197,4 @@ class Postfix:
     def stop(self) -> None:
         pid = self.pid
         if pid is not None:
-            terminate(pid, "master")
+            terminate(pid, "master", within=self.dir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import smtplib
 import socket
 import subprocess
@@ -244,6 +245,24 @@ def test_sandbox_refuses_a_used_directory(sandbox_dir: Path) -> None:
     (sandbox_dir / "sandbox.json").write_text("{}")
     with pytest.raises(SandboxError, match="is not empty"):
         Sandbox(sandbox_dir)
+
+
+def test_down_leaves_a_reused_pid_alone(sandbox_dir: Path) -> None:
+    # A process called "slapd" that is not this sandbox's (as after pid reuse).
+    impostor_binary = sandbox_dir / "bin" / "slapd"
+    impostor_binary.parent.mkdir()
+    shutil.copy("/bin/sleep", impostor_binary)
+    impostor = subprocess.Popen([str(impostor_binary), "60"], cwd="/")
+    try:
+        sandbox = sandbox_dir / "old"
+        sandbox.mkdir()
+        (sandbox / "sandbox.json").write_text(json.dumps({"processes": {
+            "slapd": {"pid": impostor.pid, "name": "slapd", "pid_file": None}}}))
+        assert down(sandbox) == []
+        assert impostor.poll() is None
+    finally:
+        impostor.kill()
+        impostor.wait()
 
 
 def test_down_without_a_sandbox_is_an_error(tmp_path: Path) -> None:
