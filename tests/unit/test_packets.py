@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,13 @@ def test_crc24_matches_the_reference_code() -> None:
         assert pk.crc24(data) == _crc24_bitwise(data)
 
 
+@pytest.mark.parametrize("extra", [0, 1, 1 << 20, (1 << 20) + 5])
+def test_crc24_folding_of_large_inputs_matches_the_byte_loop(extra: int) -> None:
+    size = pk._CRC24_FOLD_ABOVE + extra  # two fold chunks at most; the second starts mid-byte
+    data = hashlib.shake_256(b"crc24").digest(size)
+    assert pk.crc24(data) == pk._crc24_bytes(data, 0xB704CE)
+
+
 def test_crc24_of_gpg_armor() -> None:
     checksum = next(line for line in VECTOR_ASC.splitlines() if line.startswith(b"="))
     assert pk.crc24(VECTOR) == int.from_bytes(base64.b64decode(checksum[1:]), "big")
@@ -181,6 +189,8 @@ def test_dearmor_refusals() -> None:
         "CRC-24": _corrupt(armored, checksum, b"=" + flipped),
         "malformed armor checksum": _corrupt(armored, checksum, b"=A*AA"),
         "bad base64": _corrupt(armored, b"\n\n", b"\n\n*"),
+        "bad base64 in armor: characters": _corrupt(armored, b"\n\n", b"\n\nAB=C"),
+        "not whole quantums": _corrupt(armored, b"\n\n", b"\n\nA"),
         "footer '-----END PGP PUBLIC KEY BLOCK-----' missing":
             armored.replace(b"-----END", b"-----FIN"),
         "malformed armor header line": armored.replace(b"BLOCK-----\n", b"BLOCK\n", 1),
