@@ -572,14 +572,19 @@ class Directory:
         """Set (mutual or nopreference) or clear the user's Autocrypt prefer-encrypt."""
         if value not in (None, "mutual", "nopreference"):
             raise Refused(f"prefer-encrypt must be mutual or nopreference, not {value!r}")
-        entry = self._read_entry(user.dn, ["objectClass"])
+        entry = self._read_entry(user.dn, ["objectClass", "pgpKey", PREFER_ENCRYPT])
         if entry is None:
             raise NotFound(f"no entry {user.dn}")
-        changes: dict[str, list[tuple[str, list[Any]]]] = {
-            PREFER_ENCRYPT: [(ldap3.MODIFY_REPLACE, [value] if value else [])]}
-        if KEY_CLASS.lower() not in {c.lower() for c in _texts(entry, "objectClass")}:
+        has_class = KEY_CLASS.lower() in {c.lower() for c in _texts(entry, "objectClass")}
+        changes: dict[str, list[tuple[str, list[Any]]]] = {}
+        if value or _values(entry, PREFER_ENCRYPT):
+            changes[PREFER_ENCRYPT] = [(ldap3.MODIFY_REPLACE, [value] if value else [])]
+        if value and not has_class:
             changes["objectClass"] = [(ldap3.MODIFY_ADD, [KEY_CLASS])]
-        self._modify(user.dn, changes)
+        elif not value and has_class and not _values(entry, "pgpKey"):
+            changes["objectClass"] = [(ldap3.MODIFY_DELETE, [KEY_CLASS])]
+        if changes:
+            self._modify(user.dn, changes)
 
     # -- pending WKS requests -----------------------------------------------------------
 

@@ -10,8 +10,9 @@ import ldap3
 import pytest
 from ldap3.core import exceptions as lex
 
-from milter_wkd.directory import StoredKey
+from milter_wkd.directory import Directory, StoredKey
 from milter_wkd.sandbox.slapd import Slapd
+from milter_wkd.values import Address
 
 pytestmark = pytest.mark.integration
 
@@ -156,7 +157,7 @@ def alice_key_text(connect: Connect, dn: str) -> str:
     return str(entry["pgpkey"][0].decode())
 
 
-def test_user_may_add_only_our_object_class(connect: Connect) -> None:
+def test_user_may_add_only_our_object_class(connect: Connect, store: Directory) -> None:
     carol = raising(connect("carol"))
     dn = "uid=carol,ou=people,dc=example,dc=org"
     carol.modify(dn, {"objectClass": [(ldap3.MODIFY_ADD, ["posixAccount"])],
@@ -167,6 +168,12 @@ def test_user_may_add_only_our_object_class(connect: Connect) -> None:
     carol.modify(dn, {"objectClass": [(ldap3.MODIFY_ADD, ["wkdKeyHolder"])],
                       "wkdPreferEncrypt": [(ldap3.MODIFY_ADD, ["nopreference"])]})
     assert carol.result["description"] == "success"
+    user = store.user(Address.parse("carol@example.org"))
+    assert store.get_prefer_encrypt(user) == "nopreference"
+    store.set_prefer_encrypt(user, None)
+    (entry,) = search(connect("carol"), "(objectClass=*)", ["objectClass"],
+                      base="uid=carol,ou=people,dc=example,dc=org", scope=ldap3.BASE)
+    assert b"wkdKeyHolder" not in entry["objectclass"]
 
 
 # -- service accounts -------------------------------------------------------------------------
