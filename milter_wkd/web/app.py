@@ -38,6 +38,7 @@ PROTOCOL_VERSION = 3
 StartResponse = Callable[..., Any]
 Headers = list[tuple[str, str]]
 
+_NOT_FOUND = b"no key published\n"
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             414: "URI Too Long", 500: "Internal Server Error", 503: "Service Unavailable"}
 
@@ -59,10 +60,36 @@ class WkdApp:
             self.files[name, "submission-address"] = submission_address_text(
                 domain.submission_address)
         self.static_keys = submission_keys(domains)
+        self._key_headers = [("Access-Control-Allow-Origin", "*"),
+                             ("Cache-Control", self._cache_control),
+                             ("X-Content-Type-Options", "nosniff")]
+        self._not_found_headers = [("Content-Type", "text/plain; charset=utf-8"),
+                                   ("Content-Length", str(len(_NOT_FOUND))),
+                                   ("Access-Control-Allow-Origin", "*"),
+                                   ("Cache-Control", self._miss_cache_control),
+                                   ("X-Content-Type-Options", "nosniff")]
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse,
                  ) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
+        if (method == "GET" or method == "HEAD") and self.cache.complete:  # noqa: PLR1714
+            # The hot path: a well-formed key request answered from the mirror.
+            key_slot = self.router.fast_slot(environ.get("HTTP_HOST"),
+                                             environ.get("PATH_INFO", ""))
+            if key_slot is not None:
+                body = self.static_keys.get(key_slot) or self.cache.peek(key_slot)
+                if body is not None:
+                    start_response("200 OK", [
+                        ("Content-Type", "application/octet-stream"),
+                        ("Content-Length", str(len(body))), *self._key_headers])
+                    return [b""] if method == "HEAD" else [body]
+                if self.cache.complete:
+                    start_response("404 Not Found", [*self._not_found_headers])
+                    return [b""] if method == "HEAD" else [_NOT_FOUND]
+        return self._respond(method, environ, start_response)
+
+    def _respond(self, method: str, environ: dict[str, Any], start_response: StartResponse,
+                 ) -> Iterable[bytes]:
         try:
             status, content_type, body = self._answer(method, environ)
         except Exception:
@@ -102,7 +129,7 @@ class WkdApp:
             log.warning("directory unavailable for an uncached address: %s", exc)
             return 503, "text/plain; charset=utf-8", b"directory unavailable\n"
         if body is None:
-            return 404, "text/plain; charset=utf-8", b"no key published\n"
+            return 404, "text/plain; charset=utf-8", _NOT_FOUND
         return 200, "application/octet-stream", body
 
 

@@ -120,6 +120,12 @@ class KeyCache:
                 self._put(slot, answer)
         return answer.body
 
+    def peek(self, slot: str) -> bytes | None:
+        """The cached body of a slot, None if absent (a 404 only if `complete` still holds
+        afterwards: reset() clears `complete` before it empties the cache)."""
+        answer = self._answers.get(slot)
+        return answer.body if answer is not None else None
+
     @property
     def size(self) -> int:
         return self._bytes

@@ -67,16 +67,22 @@ class Router:
                 self._exact_hosts[domain + suffix] = (domain, False)
                 self._exact_hosts[ADVANCED_LABEL + domain + suffix] = (domain, True)
 
-    def route(self, method: str, host: str | None, path: str) -> Route:
-        # Fast path for well-formed key requests; everything else takes the careful way.
+    def fast_slot(self, host: str | None, path: str) -> str | None:
+        """The slot `<hash>@<domain>` of a well-formed key request with a plain Host, else
+        None (then `route` decides, carefully). The hot path: no objects, one regex."""
         known = self._exact_hosts.get(host) if host is not None else None
-        if known is not None and (method == "GET" or method == "HEAD"):  # noqa: PLR1714
-            match = _FAST_KEY.fullmatch(path)
-            if match is not None:
-                named, hash_ = match.groups()
-                domain, advanced = known
-                if named == domain or (named is None and not advanced):
-                    return Route("key", domain, hash_)
+        if known is None:
+            return None
+        match = _FAST_KEY.fullmatch(path)
+        if match is None:
+            return None
+        named, hash_ = match.groups()
+        domain, advanced = known
+        if named == domain or (named is None and not advanced):
+            return f"{hash_}@{domain}"
+        return None
+
+    def route(self, method: str, host: str | None, path: str) -> Route:
         if method not in ("GET", "HEAD"):
             raise HttpError(405, "only GET and HEAD")
         if len(path) > MAX_PATH:

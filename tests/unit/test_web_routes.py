@@ -111,3 +111,30 @@ def test_policy_file_byte_for_byte() -> None:
     assert plain == b"protocol-version: 5\nsubmission-address: ks@example.net\n"
     assert submission_address_text("key-submission@example.org") == (
         b"key-submission@example.org\n")
+
+
+@pytest.mark.parametrize(("host", "path"), [
+    ("openpgpkey.example.org", f"/.well-known/openpgpkey/example.org/hu/{HASH}"),
+    ("openpgpkey.example.org:443", f"/.well-known/openpgpkey/example.org/hu/{HASH}"),
+    ("example.org", f"/.well-known/openpgpkey/hu/{HASH}"),
+    ("example.org", f"/.well-known/openpgpkey/example.org/hu/{HASH}"),
+    ("openpgpkey.example.net", f"/.well-known/openpgpkey/example.net/hu/{HASH}"),
+    ("openpgpkey.example.org", f"/.well-known/openpgpkey/hu/{HASH}"),
+    ("openpgpkey.example.org", f"/.well-known/openpgpkey/example.net/hu/{HASH}"),
+    ("OPENPGPKEY.example.org", f"/.well-known/openpgpkey/example.org/hu/{HASH}"),
+    ("evil.org", f"/.well-known/openpgpkey/hu/{HASH}"),
+    ("example.org", f"/.well-known/openpgpkey/hu/{HASH.upper()}"),
+    ("example.org", f"/.well-known/openpgpkey/hu/{HASH}/"),
+    ("example.org", "/.well-known/openpgpkey/policy"),
+    (None, f"/.well-known/openpgpkey/example.org/hu/{HASH}"),
+])
+def test_the_fast_path_agrees_with_the_careful_one(host: str | None, path: str) -> None:
+    fast = ROUTER.fast_slot(host, path)
+    try:
+        careful = ROUTER.route("GET", host, path)
+    except HttpError:
+        assert fast is None
+        return
+    if fast is not None:
+        assert careful.kind == "key"
+        assert fast == f"{careful.hash}@{careful.domain}"
