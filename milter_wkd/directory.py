@@ -21,8 +21,10 @@ bind_password(_file) for a simple bind, else SASL EXTERNAL on ldapi://; ca_file;
 user_filter; mail_attributes; pending_base; timeout; pool_size).
 
 Failures: no answer within `timeout` seconds, a refused connection, a broken one (slapd
-restarted: a stale pooled connection is retried once on a fresh one), a refused bind or a
-busy server raise `DirectoryUnavailable` (callers answer with a temporary failure); an
+restarted: an operation on a stale pooled connection is retried once on a fresh one;
+modifies are idempotent, and an add or delete whose first attempt did go through reports
+Conflict or NotFound on the retry), a refused bind or a busy server raise
+`DirectoryUnavailable` (callers answer with a temporary failure); an
 unknown user, key or request is `NotFound`; an address owned by two entries, a
 fingerprint published by another user or an existing nonce is `Conflict`; a key the
 directory itself refuses (constraint overlay) is `KeyRefused`; any other LDAP error is
@@ -288,7 +290,9 @@ class _Pool:
                     result = operation(conn)
                 except _CONNECTION_ERRORS as exc:
                     _close(conn)
-                    if attempt == 1 and reused:
+                    # A pooled connection may have died with a restarted slapd: one retry on
+                    # a fresh one. Not after a timeout: a hung slapd would cost twice.
+                    if attempt == 1 and reused and not _timed_out(exc):
                         log.info("directory connection broke (%s); reconnecting", _why(exc))
                         conn = self.open()
                         continue
@@ -319,6 +323,11 @@ def _close(conn: ldap3.Connection) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.close()
+
+
+def _timed_out(exc: BaseException) -> bool:
+    return isinstance(exc, lex.LDAPResponseTimeoutError | TimeoutError) or (
+        "timed out" in str(exc))
 
 
 def _why(exc: BaseException) -> str:
