@@ -68,6 +68,9 @@ class Sandbox:
             uri=self.slapd.uri, base=self.slapd.people_dn,
             bind_dn=dovecot_account["dn"], bind_password=dovecot_account["password"]))
         self.postfix = Postfix(self.dir / "postfix", domains=DOMAINS,
+                               submission_addresses=[
+                                   domain.submission_address for domain in config.Config().domains
+                                   if domain.name in DOMAINS],
                                dovecot_auth_socket=self.dovecot.auth_socket,
                                lmtp=self.dovecot.lmtp)
         # Daemon name -> pid of every daemon start() started (kept after stop, for checks).

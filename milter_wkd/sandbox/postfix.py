@@ -116,8 +116,8 @@ class Endpoint:
 class Postfix:
     """One private Postfix instance under `workdir` (created if missing)."""
 
-    def __init__(self, workdir: Path, *, domains: list[str], dovecot_auth_socket: Path,
-                 lmtp: Endpoint, milters: str = "") -> None:
+    def __init__(self, workdir: Path, *, domains: list[str], submission_addresses: list[str],
+                 dovecot_auth_socket: Path, lmtp: Endpoint, milters: str = "") -> None:
         self.dir = Path(workdir)
         self.config_dir = self.dir / "etc"
         self.queue_dir = self.dir / "queue"
@@ -125,6 +125,7 @@ class Postfix:
         self.maillog = self.dir / "maillog"
         self.start_log = self.dir / "start.log"
         self.domains = domains
+        self.submission_addresses = submission_addresses
         self.dovecot_auth_socket = dovecot_auth_socket
         self.lmtp = lmtp
         self.milters = milters
@@ -146,6 +147,7 @@ class Postfix:
             maillog=self.maillog, root=self.dir)
         return base + render(template_path("postfix", "main.cf"), {
             "MAIL_DOMAINS": ", ".join(self.domains),
+            "WKS_SUBMISSION_ACCESS": ", ".join(f"{a}=OK" for a in self.submission_addresses),
             "LMTP_ENDPOINT": f"inet:{self.lmtp.host}:{self.lmtp.port}",
             "DOVECOT_AUTH_SOCKET": str(self.dovecot_auth_socket),
             "MILTERS": self.milters,

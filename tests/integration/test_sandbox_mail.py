@@ -127,11 +127,15 @@ def test_reinjection_service_delivers_generated_mail(sandbox: Sandbox) -> None:
     assert message_id.encode() in fetch(sandbox, "carol", message_id)
 
 
-def test_inbound_refuses_unknown_users_and_relaying(sandbox: Sandbox) -> None:
+def test_inbound_refuses_unknown_users_and_relaying_but_takes_wks_submissions(
+        sandbox: Sandbox) -> None:
     with smtplib.SMTP(sandbox.postfix.inbound.host, sandbox.postfix.inbound.port,
                       timeout=30) as smtp:
         smtp.ehlo("client.test.example.net")
         smtp.mail(OUTSIDER)
+        # No mailbox, but the milter takes mail to it (unauthenticated WKS submissions).
+        code, reply = smtp.rcpt("key-submission@example.org")
+        assert code == 250, reply
         code, reply = smtp.rcpt("nobody@example.org")
         assert code == 550, reply
         assert b"5.1.1" in reply
