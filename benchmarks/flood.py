@@ -17,6 +17,10 @@ In one run it measures wall time and peak memory (ru_maxrss of each child, from 
 Targets: ours no slower than gpg --list-packets, at least 100x faster than the import,
 under 100 MiB peak memory.
 
+For the reader, it also measures `milter-wkd --help` (the command line's start-up: it
+imports every command group), the core alone (`clean_key` in a Python process that imports
+only milter_wkd.openpgp), and both tools on the ASCII-armored form of the same key.
+
 How to run (from the repository root, after `make venv`):
 
     .venv/bin/python benchmarks/flood.py                  # N=150,000, import on 10,000 and 20,000
@@ -41,7 +45,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from milter_wkd.openpgp.packets import TAG_USER_ID, iter_packets
+from milter_wkd.openpgp.packets import ARMOR_PUBLIC_KEY, TAG_USER_ID, armor, iter_packets
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDRESS = "target@example.org"
@@ -164,6 +168,15 @@ def measure(cmd: list[str], env: dict[str, str] | None = None, stdout: str = os.
     return Figure(elapsed, int(lines[-1]) if lines else 0, proc.returncode)
 
 
+CORE_ONLY = """
+import sys
+from milter_wkd.openpgp import clean_key
+from milter_wkd.values import Address
+data = open(sys.argv[1], "rb").read()
+clean_key(data, [Address.parse("target@example.org")])
+"""
+
+
 def best(figures: list[Figure]) -> Figure:
     return min(figures, key=lambda f: f.seconds)
 
@@ -199,6 +212,8 @@ def main() -> int:
         small.write_bytes(head + b"".join(certs[: args.import_n]) + tail)
         half = tmp / "flooded-half.pgp"
         half.write_bytes(head + b"".join(certs[: args.import_n // 2]) + tail)
+        armored = tmp / "flooded.asc"
+        armored.write_bytes(armor(ARMOR_PUBLIC_KEY, full.read_bytes()))
         if args.keep:
             shutil.copyfile(full, args.keep)
         print(f"built: {args.n} certifications, {full.stat().st_size / 2**20:.1f} MiB "
@@ -221,6 +236,13 @@ def main() -> int:
         mine = best([measure(clean) for _ in range(args.repeat)])
         listing = best([measure(["gpg", "--list-packets", str(full)])
                         for _ in range(args.repeat)])
+        startup = best([measure([*ours_cmd, "--help"]) for _ in range(args.repeat)])
+        core = best([measure([sys.executable, "-c", CORE_ONLY, str(full)])
+                     for _ in range(args.repeat)])
+        mine_armored = best([measure([*clean[:-3], str(armored), "-o", os.devnull])
+                             for _ in range(args.repeat)])
+        listing_armored = best([measure(["gpg", "--list-packets", str(armored)])
+                                for _ in range(args.repeat)])
 
         imports = []
         for count, path in ((args.import_n // 2, half), (args.import_n, small)):
@@ -245,6 +267,14 @@ def main() -> int:
     row(f"milter-wkd key clean (N={args.n})", f"{mine.seconds:.2f}s", mib(mine.max_rss_kib))
     row(f"gpg --list-packets >/dev/null (N={args.n})", f"{listing.seconds:.2f}s",
         mib(listing.max_rss_kib))
+    row("  of which milter-wkd --help (start-up, all command groups)",
+        f"{startup.seconds:.2f}s", mib(startup.max_rss_kib))
+    row("  core alone: clean_key() in a bare Python process", f"{core.seconds:.2f}s",
+        mib(core.max_rss_kib))
+    row("milter-wkd key clean, armored input", f"{mine_armored.seconds:.2f}s",
+        mib(mine_armored.max_rss_kib))
+    row("gpg --list-packets, armored input", f"{listing_armored.seconds:.2f}s",
+        mib(listing_armored.max_rss_kib))
     row(f"gpg --import import-clean (N={args.import_n // 2}, measured)",
         f"{half_import.seconds:.2f}s", mib(half_import.max_rss_kib),
         " (STOPPED at the time cap)" if half_import.timed_out else "")
@@ -265,6 +295,8 @@ def main() -> int:
           f"{args.import_n // 2} and {args.import_n}) / milter-wkd: "
           f"{import_power / mine.seconds:.0f}x")
     print(f"peak memory milter-wkd: {mib(mine.max_rss_kib)} (target < 100 MiB)")
+    print(f"ratio gpg --list-packets / core alone: {listing.seconds / core.seconds:.2f}x; "
+          f"armored: gpg / milter-wkd {listing_armored.seconds / mine_armored.seconds:.2f}x")
     return 0
 
 

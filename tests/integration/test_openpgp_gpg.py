@@ -8,6 +8,7 @@ export. Refusals use gpg's real secret-key, compressed and encrypted output.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 
 from milter_wkd import openpgp
 from milter_wkd.errors import KeyRefused
-from milter_wkd.openpgp.packets import iter_packets
+from milter_wkd.openpgp.packets import dearmor, iter_packets
 from milter_wkd.values import Address
 from tests.support.gnupg import GnuPG
 from tests.support.peers import require_binary
@@ -384,6 +385,22 @@ def test_armored_output_imports(world: World) -> None:
         gpg.import_key(world.frank.data)
         gpg_armored = gpg.export(world.frank.fpr, "--armor")
     assert openpgp.clean_key(gpg_armored, addrs("frank@alt.example")).key == result.key
+
+
+def test_dearmor_agrees_with_gpg_crc_on_large_input(world: World, tmp_path: Path) -> None:
+    """gpg's own CRC-24 over 3 MB: checks the folded CRC path of `packets.crc24`."""
+    payload = hashlib.shake_256(b"large armor").digest(3_000_000)
+    source = tmp_path / "payload.bin"
+    source.write_bytes(payload)
+    with GnuPG(world.base / "enarmor") as gpg:
+        armored = gpg.run("--enarmor", "-o", "-", str(source)).stdout
+    assert dearmor(armored) == ("PGP ARMORED FILE", payload)
+    middle = len(armored) // 2
+    while not armored[middle : middle + 1].isalpha():
+        middle += 1
+    swapped = b"A" if armored[middle : middle + 1] != b"A" else b"B"
+    with pytest.raises(KeyRefused, match="CRC-24"):
+        dearmor(armored[:middle] + swapped + armored[middle + 1 :])
 
 
 # --- refusals --------------------------------------------------------------------------------
