@@ -309,6 +309,20 @@ def test_pending_requests_expire(store: Directory) -> None:
         store.delete_pending("a" * 32)
 
 
+def test_pending_requests_are_counted_per_address_and_listed(store: Directory) -> None:
+    bob = Address.parse("bob@example.org")
+    assert store.count_pending(bob) == 0
+    store.create_pending(pending("e" * 32, expires_in=60))
+    store.create_pending(pending("f" * 32, expires_in=7200))
+    store.create_pending(pending("g" * 32, address="alice@example.org"))
+    assert store.count_pending(Address.parse("Bob@Example.org")) == 2
+    assert store.count_pending(bob, now=int(time.time()) + 600) == 1
+    assert store.count_pending(Address("*", "example.org")) == 0
+    listed = store.list_pending()
+    assert sorted(r.nonce for r in listed) == ["e" * 32, "f" * 32, "g" * 32]
+    assert all(r.key == b"" for r in listed)
+
+
 @pytest.mark.parametrize("nonce", ["short", "a" * 16 + ",ou=x", "*" * 32, "a" * 65])
 def test_malformed_nonces_are_refused(store: Directory, nonce: str) -> None:
     with pytest.raises(Refused):
