@@ -9,10 +9,11 @@ key as issuer are verified as they arrive (`material`); only valid ones are kept
 few per component and kind, and a budget of failed verifications bounds what forged "self"
 signatures can cost. The second step (`verify_skeleton`) then keeps:
 
-- the primary key, its newest valid direct-key self-signature and newest valid revocation;
+- the primary key, its newest valid direct-key self-signature and every valid revocation
+  (a later "retired" must not hide an earlier "compromised");
 - for each allowed address exactly ONE user ID: the one with the newest valid
   self-certification, unless a newer valid self-revocation revoked it;
-- every subkey with a valid binding: its newest binding and newest valid revocation
+- every subkey with a valid binding: its newest binding and its valid revocations
   (expired and revoked subkeys stay, so that clients holding old copies learn of them).
 
 Dropped on purpose, and documented in README.md:
@@ -384,14 +385,20 @@ class CleanUserID:
     signature: Signature
 
 
+Signed = tuple[bytes, Signature]  # a signature packet as found, and its meaning
+
+
 @dataclass(frozen=True, slots=True)
 class CleanSubkey:
     raw: bytes
     key: PublicKey
     binding: bytes
     signature: Signature
-    revocation: bytes | None
-    revocation_signature: Signature | None
+    revocations: tuple[Signed, ...]  # every valid one, newest first
+
+    @property
+    def revocation(self) -> bytes | None:
+        return self.revocations[0][0] if self.revocations else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,24 +407,42 @@ class CleanKey:
 
     primary_raw: bytes
     primary: PublicKey
-    revocation: bytes | None
-    revocation_signature: Signature | None
+    revocations: tuple[Signed, ...]  # every valid one (hard and soft ones differ), newest first
     direct: bytes | None
     direct_signature: Signature | None
     user_ids: tuple[CleanUserID, ...]
     subkeys: tuple[CleanSubkey, ...]
     stats: Counter[str]
 
+    @property
+    def revocation(self) -> bytes | None:
+        return self.revocations[0][0] if self.revocations else None
+
     def to_bytes(self) -> bytes:
-        parts = [self.primary_raw]
-        parts += [p for p in (self.revocation, self.direct) if p is not None]
+        parts = [self.primary_raw, *(raw for raw, _ in self.revocations)]
+        if self.direct is not None:
+            parts.append(self.direct)
         for uid in self.user_ids:
             parts += [uid.raw, uid.certification]
         for sub in self.subkeys:
-            parts += [sub.raw, sub.binding]
-            if sub.revocation is not None:
-                parts.append(sub.revocation)
+            parts += [sub.raw, sub.binding, *(raw for raw, _ in sub.revocations)]
         return b"".join(parts)
+
+
+def _all_valid(
+    candidates: list[Signed], types: frozenset[int], now: int, stats: Counter[str],
+) -> tuple[Signed, ...]:
+    """Every unexpired signature of the given types, newest first."""
+    found: list[Signed] = []
+    for raw, sig in candidates:
+        if sig.sig_type not in types:
+            continue
+        expires = sig.sig_expires
+        if expires is not None and expires <= now:
+            stats["dropped:expired-self-signature"] += 1
+            continue
+        found.append((raw, sig))
+    return tuple(found)
 
 
 def _newest_valid(
@@ -442,8 +467,7 @@ def verify_skeleton(skeleton: Skeleton, now: int | None = None) -> CleanKey:
     stats = skeleton.stats
     primary = skeleton.primary
     key_sigs = skeleton.key_candidates.newest_first()
-    revocation = _newest_valid(key_sigs,
-                               frozenset({SIG_KEY_REVOCATION}), now, stats)
+    revocations = _all_valid(key_sigs, frozenset({SIG_KEY_REVOCATION}), now, stats)
     direct = _newest_valid(key_sigs, frozenset({SIG_DIRECT_KEY}), now, stats)
     best_by_address: dict[str, CleanUserID] = {}
     subkeys: list[CleanSubkey] = []
@@ -477,21 +501,18 @@ def verify_skeleton(skeleton: Skeleton, now: int | None = None) -> CleanKey:
             if binding is None:
                 stats["dropped:subkey-without-valid-binding"] += 1
                 continue
-            sub_rev = _newest_valid(candidates,
-                                    frozenset({SIG_SUBKEY_REVOCATION}), now, stats)
-            subkeys.append(CleanSubkey(
-                comp.raw, comp.key, binding[0], binding[1],
-                sub_rev[0] if sub_rev else None, sub_rev[1] if sub_rev else None))
+            sub_revs = _all_valid(candidates, frozenset({SIG_SUBKEY_REVOCATION}), now, stats)
+            subkeys.append(CleanSubkey(comp.raw, comp.key, binding[0], binding[1], sub_revs))
     if not best_by_address:
         raise KeyRefused("no user ID with a valid self-signature for any allowed address")
     user_ids = tuple(best_by_address.values())
     stats["kept:user-id"] = len(user_ids)
     stats["kept:subkey"] = len(subkeys)
     stats["kept:self-signature"] = (
-        len(user_ids) + sum(2 if s.revocation else 1 for s in subkeys)
-        + (revocation is not None) + (direct is not None))
+        len(user_ids) + sum(1 + len(s.revocations) for s in subkeys)
+        + len(revocations) + (direct is not None))
     return CleanKey(
         skeleton.primary_raw, primary,
-        revocation[0] if revocation else None, revocation[1] if revocation else None,
+        revocations,
         direct[0] if direct else None, direct[1] if direct else None,
         user_ids, tuple(subkeys), stats)

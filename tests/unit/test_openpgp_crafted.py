@@ -309,6 +309,22 @@ def test_key_revocation_survives_many_newer_direct_signatures() -> None:
                                   now=NOW)
 
 
+def test_every_valid_revocation_is_kept() -> None:
+    """An earlier "compromised" must not be hidden by a later "retired"."""
+    alice, sub, key = simple_key()
+    parts = packets(key)
+    compromised = alice.on_key(0x20, T0 + 10)
+    retired = alice.on_key(0x20, T0 + 20)
+    sub_revocations = [alice.bind(sub, T0 + 11, 0x28), alice.bind(sub, T0 + 21, 0x28)]
+    data = b"".join([parts[0], compromised, retired, *parts[1:], *sub_revocations])
+    result = clean(data)
+    assert packets(result.key) == [parts[0], retired, compromised, *parts[1:],
+                                   *sub_revocations[::-1]]
+    assert result.stats["kept:self-signature"] == 6
+    assert result.info.revoked
+    assert result.info.subkeys[0].revoked
+
+
 @pytest.mark.parametrize(("revoked_at", "recertified_at", "kept"), [
     (T0 + 10, None, False),          # revoked
     (T0 + 10, T0 + 20, True),        # revoked, then certified again
