@@ -48,7 +48,10 @@ STATE_NAME = "sandbox.json"
 class Sandbox:
     """Private slapd, Dovecot and Postfix under one directory (a new temp dir if None)."""
 
-    def __init__(self, directory: Path | str | None = None, *, keep: bool | None = None) -> None:
+    def __init__(self, directory: Path | str | None = None, *, keep: bool | None = None,
+                 milters: str = "") -> None:
+        """keep: leave the directory after stop (default: only when it was given).
+        milters: Postfix's smtpd_milters/non_smtpd_milters (e.g. unix:/path/milter.sock)."""
         created = directory is None
         if directory is None:
             directory = tempfile.mkdtemp(prefix="milter-wkd-sandbox-")
@@ -72,7 +75,7 @@ class Sandbox:
                                    domain.submission_address for domain in config.Config().domains
                                    if domain.name in DOMAINS],
                                dovecot_auth_socket=self.dovecot.auth_socket,
-                               lmtp=self.dovecot.lmtp)
+                               lmtp=self.dovecot.lmtp, milters=milters)
         # Daemon name -> pid of every daemon start() started (kept after stop, for checks).
         self.started: dict[str, int] = {}
         self.config_path = self.dir / CONFIG_NAME

@@ -163,6 +163,19 @@ def test_submission_with_the_right_password_sends_through_dovecot_sasl(
     assert "sasl_method=PLAIN, sasl_username=alice@example.org" in log
 
 
+def test_a_milter_that_does_not_answer_means_tempfail_not_loss(sandbox_dir: Path) -> None:
+    require_mail_binaries()
+    with Sandbox(sandbox_dir, milters=f"unix:{sandbox_dir}/nobody-listens.sock") as sandbox:
+        with pytest.raises(smtplib.SMTPSenderRefused) as deferred:
+            send(sandbox.postfix.inbound, OUTSIDER, ["alice@example.org"])
+        assert deferred.value.smtp_code == 451
+        assert deferred.value.smtp_error.startswith(b"4.7.1 ")
+        # The reinjection service has no milter: generated mail still goes out.
+        message_id = send(sandbox.postfix.reinject, "key-submission@example.org",
+                          ["alice@example.org"])
+        assert message_id.encode() in fetch(sandbox, "alice", message_id)
+
+
 # -- teardown ------------------------------------------------------------------------------
 
 
