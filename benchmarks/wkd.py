@@ -19,22 +19,25 @@ requests/s with p99 < 5 ms. Run: .venv/bin/python benchmarks/wkd.py [--users N .
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import random
 import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from wkd_memory import loaded_slapd  # noqa: E402
+from wkd_memory import loaded_slapd, synthetic_key  # noqa: E402
 
-from milter_wkd.openpgp import clean_key  # noqa: E402
+from milter_wkd.openpgp import armor_key, clean_key  # noqa: E402
 from milter_wkd.sandbox.daemons import free_port, terminate, wait_until  # noqa: E402
+from milter_wkd.sandbox.slapd import Slapd  # noqa: E402
 from milter_wkd.sandbox.wkd import WkdResponder  # noqa: E402
 from milter_wkd.values import Address  # noqa: E402
 from milter_wkd.web.routes import policy_text  # noqa: E402
@@ -144,6 +147,24 @@ def check_same_answers(wkd: WkdResponder, nginx_port: int, keys: dict[str, bytes
         assert ours[2] == theirs[2] or ours[0] != 200, address
 
 
+def freshness(slapd: Slapd, wkd: WkdResponder, rounds: int = 5) -> list[float]:
+    """Seconds from an ldapmodify that replaces u0's key until the responder serves it."""
+    address = Address.parse("u0@example.org")
+    path = f"/.well-known/openpgpkey/example.org/hu/{address_hash(address)}"
+    delays = []
+    for n in range(rounds):
+        key = synthetic_key(f"User 0 renewed {n} <u0@example.org>")
+        wanted = clean_key(key, [address]).key
+        ldif = (f"dn: uid=u0,{slapd.people_dn}\n"
+                "changetype: modify\nreplace: pgpKey\n"
+                f"pgpKey:: {base64.b64encode(armor_key(key)).decode()}\n-\n")
+        started = time.monotonic()
+        slapd.ldapmodify(ldif)
+        wait_until(lambda wanted=wanted: wkd.get(path)[2] == wanted, "the new key", 30)
+        delays.append(time.monotonic() - started)
+    return delays
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=10_000)
@@ -205,6 +226,9 @@ def main() -> int:
                   f"(target >= 0.90x: {'met' if ratio >= 0.9 else 'NOT met'}); "
                   f"milter-wkd p99 {p99:.2f} ms (target < 5 ms: "
                   f"{'met' if p99 < 5 else 'NOT met'})")
+            delays = freshness(slapd, wkd)
+            print("freshness (ldapmodify -> new key served): "
+                  + ", ".join(f"{d * 1000:.0f} ms" for d in delays))
             print(f"users {args.users}, {len(paths)} paths (90 % hits), wrk -t{args.threads} "
                   f"-c{args.connections} -d{args.duration}s x {args.rounds} rounds, "
                   f"{args.workers} worker(s) each, "
