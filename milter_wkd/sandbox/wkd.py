@@ -115,7 +115,7 @@ class WkdResponder:
 
     def __init__(self, workdir: Path, slapd: DirectoryPeer, port: int | None = None, *,
                  submission_public_key: Path | None = None, workers: int = 1,
-                 refresh_interval: float = 0.1) -> None:
+                 refresh_interval: float = 0.1, tls: bool = True) -> None:
         self.workdir = Path(workdir)
         self.slapd = slapd
         self.port = port if port is not None else (
@@ -123,6 +123,7 @@ class WkdResponder:
         self.submission_public_key = submission_public_key
         self.workers = workers
         self.refresh_interval = refresh_interval
+        self.tls = tls  # False: plain HTTP, as behind a reverse proxy (docs/nginx-wkd.conf)
         self.config_path = self.workdir / "milter-wkd.toml"
         self.log_path = self.workdir / "web.log"
         self.ca_file = self.workdir / "ca.pem"
@@ -146,6 +147,7 @@ class WkdResponder:
     def write_config(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         _ca, cert, key = make_test_pki(self.workdir, self.hosts)
+        cert_file, key_file = (str(cert), str(key)) if self.tls else ("", "")
         public_key = self.submission_public_key or self.workdir / "submission.pub"
         self.config_path.write_text(f"""\
 [directory]
@@ -157,8 +159,8 @@ base_dn = {_toml_string(self.slapd.suffix)}
 [web]
 listen_address = "{LOOPBACK}"
 port = {self.port}
-cert_file = {_toml_string(str(cert))}
-key_file = {_toml_string(str(key))}
+cert_file = {_toml_string(cert_file)}
+key_file = {_toml_string(key_file)}
 workers = {self.workers}
 refresh_interval = {self.refresh_interval}
 
@@ -192,13 +194,15 @@ submission_public_key = {_toml_string(str(public_key))}
 
     def get(self, path: str, host: str | None = None, method: str = "GET",
             ) -> tuple[int, dict[str, str], bytes]:
-        """One HTTPS request to the responder, checking its certificate against the test CA."""
+        """One request to the responder (HTTPS: its certificate checked against the test CA)."""
         host = host or f"openpgpkey.{self.domain}"
-        context = ssl.create_default_context(cafile=str(self.ca_file))
-        conn = http.client.HTTPSConnection(LOOPBACK, self.port, context=context, timeout=10)
-        # Connect to loopback, but verify (and send SNI and Host for) the WKD host name.
-        conn.sock = context.wrap_socket(
-            socket.create_connection((LOOPBACK, self.port), timeout=10), server_hostname=host)
+        conn = http.client.HTTPConnection(LOOPBACK, self.port, timeout=10)
+        if self.tls:
+            # Connect to loopback, but verify (and send SNI and Host for) the WKD host name.
+            context = ssl.create_default_context(cafile=str(self.ca_file))
+            conn.sock = context.wrap_socket(
+                socket.create_connection((LOOPBACK, self.port), timeout=10),
+                server_hostname=host)
         try:
             conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
             conn.putheader("Host", host)
