@@ -240,6 +240,7 @@ class KeyCache:
         if token == self.token and not reconcile_due:
             return False
         affected: set[str] = set()
+        changed: dict[str, Published] = {}
         if token != self.token:
             try:
                 changes = self.source.changes_since(newest_csn(self.token))
@@ -250,6 +251,8 @@ class KeyCache:
                 return True
             for change in changes:
                 affected |= self._by_dn.get(change.dn, set()) | change.slots
+                if change.entry is not None:
+                    changed[change.dn] = change.entry
             reconcile_due = reconcile_due or not explained(token, changes)
         if reconcile_due:
             self._last_reconcile = self.clock()
@@ -258,7 +261,7 @@ class KeyCache:
                 affected |= self._by_dn.get(dn, set())
         with self._lock:
             self._generation += 1
-        self._apply(affected)
+        self._apply(affected, changed)
         self.token = token
         return bool(affected)
 
@@ -272,14 +275,20 @@ class KeyCache:
             self._bytes = 0
             self._reload = True
 
-    def _apply(self, affected: set[str]) -> None:
+    def _apply(self, affected: set[str], changed: dict[str, Published]) -> None:
         if not self.complete:
             with self._lock:
                 for slot in affected:
                     self._remove(slot)
             return
         for slot in sorted(affected):
-            answer = self._build(slot, self.source.lookup(slot))
+            found = {p.dn: p for p in self.source.lookup(slot)}
+            # The changed entries as just read: a key written without the hash attribute
+            # is not found by the look-up, but the change names it.
+            for dn, entry in changed.items():
+                if slot in entry.slots():
+                    found.setdefault(dn, entry)
+            answer = self._build(slot, found.values())
             with self._lock:
                 if answer.body is None:
                     self._remove(slot)

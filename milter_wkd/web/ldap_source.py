@@ -161,7 +161,8 @@ class LdapKeySource:
             publishes = bool(_values(entry, KEY_ATTRIBUTE)) and (
                 b"1" not in _values(entry, "pgpDisabled"))
             slots = self._slots(entry) if publishes else frozenset()
-            changes.append(Change(entry["dn"], csn, slots))
+            published = self._published_entry(entry) if publishes else None
+            changes.append(Change(entry["dn"], csn, slots, published))
         return changes
 
     def lookup(self, slot: str, local_hint: str | None = None) -> list[Published]:

@@ -42,11 +42,13 @@ class Published:
 @dataclass(frozen=True, slots=True)
 class Change:
     """An entry written since a change token: its DN, its CSN, the slots it now claims
-    (empty when it publishes nothing any more)."""
+    (empty when it publishes nothing any more) and, if it publishes, the entry itself
+    (so that a key without the indexed hash attribute is not lost on a rebuild)."""
 
     dn: str
     csn: str
     slots: frozenset[str]
+    entry: Published | None = None
 
 
 class SourceUnavailable(Exception):

@@ -119,6 +119,24 @@ def test_the_cache_follows_modify_and_delete(slapd: Slapd, source: LdapKeySource
     assert cache.complete
 
 
+def test_a_mirrored_key_without_the_hash_attribute_survives_its_changes(
+        slapd: Slapd, source: LdapKeySource, keys: dict[str, bytes]) -> None:
+    no_hash = f"dn: {BOB_DN}\nchangetype: modify\nreplace: wkdAddressHash\n-\n"
+    write_key(slapd, BOB_DN, keys["bob"], [str(BOB)])
+    slapd.ldapmodify(no_hash)
+    cache = KeyCache(source, budget=1 << 20)
+    assert cache.load()
+    assert cache.get(address_slot(BOB)) == openpgp.clean_key(keys["bob"], [BOB]).key
+    write_key(slapd, BOB_DN, keys["alice"] + keys["bob"], [str(BOB)])  # refused: two keys
+    slapd.ldapmodify(no_hash)
+    cache.refresh()
+    assert cache.get(address_slot(BOB)) is None
+    write_key(slapd, BOB_DN, keys["bob"], [str(BOB)])
+    slapd.ldapmodify(no_hash)
+    cache.refresh()
+    assert cache.get(address_slot(BOB)) == openpgp.clean_key(keys["bob"], [BOB]).key
+
+
 def test_a_stopped_directory_is_unavailable_then_back(slapd: Slapd, source: LdapKeySource,
                                                       keys: dict[str, bytes]) -> None:
     write_key(slapd, BOB_DN, keys["bob"], [str(BOB)])

@@ -73,7 +73,7 @@ class TableSource:
         self._check()
         if not self.csn_readable:
             raise ChangesUnknown("no entryCSN")
-        return [Change(dn, csn, frozenset(self.entries[dn].slots()))
+        return [Change(dn, csn, frozenset(self.entries[dn].slots()), self.entries[dn])
                 for dn, csn in self.csns.items() if csn >= token]
 
     def lookup(self, slot: str, local_hint: str | None = None) -> list[Published]:
