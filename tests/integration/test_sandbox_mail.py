@@ -298,6 +298,9 @@ def test_submission_refuses_a_wrong_password(sandbox: Sandbox) -> None:
     with smtplib.SMTP(sandbox.postfix.submission.host, sandbox.postfix.submission.port,
                       timeout=30) as smtp:
         smtp.ehlo("client.test.example.net")
+        # One AUTH PLAIN (login() would retry with LOGIN, and Dovecot delays the retry).
+        smtp.user, smtp.password = "bob@example.org", "not-bobs-password"
         with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
-            smtp.login("bob@example.org", "not-bobs-password")
+            smtp.auth("PLAIN", smtp.auth_plain)
     assert refused.value.smtp_code == 535
+    assert refused.value.smtp_error.startswith(b"5.7.8 ")
