@@ -32,9 +32,12 @@ from types import TracebackType
 from typing import Any
 
 from milter_wkd import config
+from milter_wkd.domains import init_domain
 from milter_wkd.errors import MilterWkdError
 from milter_wkd.sandbox.daemons import SandboxError, read_pid, terminate
 from milter_wkd.sandbox.dovecot import Dovecot, LdapAccess
+from milter_wkd.sandbox.milterd import PROCESS_NAME as MILTER_PROCESS
+from milter_wkd.sandbox.milterd import MilterDaemon
 from milter_wkd.sandbox.postfix import Endpoint, Postfix
 from milter_wkd.sandbox.slapd import Slapd
 
@@ -49,9 +52,11 @@ class Sandbox:
     """Private slapd, Dovecot and Postfix under one directory (a new temp dir if None)."""
 
     def __init__(self, directory: Path | str | None = None, *, keep: bool | None = None,
-                 milters: str = "") -> None:
+                 milters: str | None = None) -> None:
         """keep: leave the directory after stop (default: only when it was given).
-        milters: Postfix's smtpd_milters/non_smtpd_milters (e.g. unix:/path/milter.sock)."""
+        milters: None runs our milter (with example.org initialised: submission and DKIM
+        keys below keys/) and hands its socket to Postfix; a string is used as Postfix's
+        smtpd_milters/non_smtpd_milters instead, and our milter does not run."""
         created = directory is None
         if directory is None:
             directory = tempfile.mkdtemp(prefix="milter-wkd-sandbox-")
@@ -70,6 +75,12 @@ class Sandbox:
         self.dovecot = Dovecot(self.dir / "dovecot", ldap=LdapAccess(
             uri=self.slapd.uri, base=self.slapd.people_dn,
             bind_dn=dovecot_account["dn"], bind_password=dovecot_account["password"]))
+        self.config_path = self.dir / CONFIG_NAME
+        self.keys_dir = self.dir / "keys"
+        self.milter: MilterDaemon | None = None
+        if milters is None:
+            self.milter = MilterDaemon(self.dir / "milter", self.config_path)
+            milters = self.milter.socket_spec
         self.postfix = Postfix(self.dir / "postfix", domains=DOMAINS,
                                submission_addresses=[
                                    domain.submission_address for domain in config.Config().domains
@@ -78,10 +89,25 @@ class Sandbox:
                                lmtp=self.dovecot.lmtp, milters=milters)
         # Daemon name -> pid of every daemon start() started (kept after stop, for checks).
         self.started: dict[str, int] = {}
-        self.config_path = self.dir / CONFIG_NAME
         self.state_path = self.dir / STATE_NAME
 
     # -- endpoints --------------------------------------------------------------------
+
+    @property
+    def submission_address(self) -> str:
+        return f"key-submission@{DOMAINS[0]}"
+
+    @property
+    def submission_key(self) -> Path:
+        return self.keys_dir / DOMAINS[0] / "submission.asc"
+
+    @property
+    def submission_public_key(self) -> Path:
+        return self.keys_dir / DOMAINS[0] / "submission.pub"
+
+    @property
+    def dkim_key(self) -> Path:
+        return self.keys_dir / DOMAINS[0] / "dkim.pem"
 
     @property
     def users(self) -> dict[str, dict[str, str]]:
@@ -107,6 +133,10 @@ class Sandbox:
             "logs": {"slapd": str(self.slapd.log_path), "dovecot": str(self.dovecot.log),
                      "postfix": str(self.postfix.maillog)},
             "pids": {name: entry["pid"] for name, entry in self._processes().items()},
+            "milter_socket": self.milter.socket_spec if self.milter else None,
+            "submission_address": self.submission_address,
+            "submission_public_key": str(self.submission_public_key),
+            "dkim_key": str(self.dkim_key),
         }
 
     # -- files ------------------------------------------------------------------------
@@ -128,6 +158,20 @@ pending_base = {_toml(self.slapd.pending_dn)}
 method = "smtp"
 smtp_host = {_toml(self.postfix.reinject.host)}
 smtp_port = {self.postfix.reinject.port}
+
+[milter]
+socket = {_toml(self.milter.socket_spec if self.milter else "")}
+socket_group = "postfix"
+# Postfix listens on 127.0.0.1; a client on 127.0.0.2 plays the webmail host.
+trusted_networks = ["127.0.0.2/32"]
+
+[[domains]]
+name = {_toml(DOMAINS[0])}
+submission_address = {_toml(self.submission_address)}
+submission_key = {_toml(str(self.submission_key))}
+submission_public_key = {_toml(str(self.submission_public_key))}
+dkim_selector = "wkd"
+dkim_key = {_toml(str(self.dkim_key))}
 """
 
     def write_milter_config(self) -> None:
@@ -136,14 +180,19 @@ smtp_port = {self.postfix.reinject.port}
         password_file.write_text(self.slapd.service_accounts["milter"]["password"] + "\n",
                                  encoding="utf-8")
         self.config_path.write_text(self.milter_config(), encoding="utf-8")
-        config.load(self.config_path, environ={})  # a key config.py does not know: fail now
+        loaded = config.load(self.config_path, environ={})  # an unknown key: fail now
+        for domain in loaded.domains:
+            init_domain(domain)
 
     def _processes(self) -> dict[str, dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}
         if self.slapd.pid is not None:
             found["slapd"] = {"pid": self.slapd.pid, "name": "slapd", "pid_file": None}
-        for name, daemon, command in (("dovecot", self.dovecot, "dovecot"),
-                                      ("postfix", self.postfix, "master")):
+        daemons: list[tuple[str, Dovecot | Postfix | MilterDaemon, str]] = [
+            ("dovecot", self.dovecot, "dovecot"), ("postfix", self.postfix, "master")]
+        if self.milter is not None:
+            daemons.append(("milter", self.milter, MILTER_PROCESS))
+        for name, daemon, command in daemons:
             pid = daemon.pid
             if pid is not None:
                 found[name] = {"pid": pid, "name": command, "pid_file": str(daemon.pid_file)}
@@ -165,17 +214,24 @@ smtp_port = {self.postfix.reinject.port}
     # -- running ----------------------------------------------------------------------
 
     def start(self) -> Sandbox:
-        """Start slapd, Dovecot and Postfix; on any failure stop what runs and re-raise."""
+        """Start slapd, Dovecot, the milter and Postfix; on any failure stop what runs and
+        re-raise. The milter config (and example.org's keys) are written before the milter
+        starts; Postfix comes last so that no mail arrives before the milter answers."""
         try:
             self.write_state()
-            for daemon in (self.slapd, self.dovecot, self.postfix):
+            daemons: list[Slapd | Dovecot | MilterDaemon | Postfix] = [self.slapd, self.dovecot]
+            if self.milter is not None:
+                daemons.append(self.milter)
+            daemons.append(self.postfix)
+            for daemon in daemons:
+                if daemon is self.milter or (daemon is self.postfix and self.milter is None):
+                    self.write_milter_config()
                 try:
                     daemon.start()
                 finally:
                     self.started.update(
                         {name: entry["pid"] for name, entry in self._processes().items()})
                 self.write_state()
-            self.write_milter_config()
         except BaseException as failure:
             try:
                 self.stop()
@@ -187,7 +243,11 @@ smtp_port = {self.postfix.reinject.port}
     def stop(self) -> None:
         """Stop everything this sandbox started (reverse order); remove a temp dir it made."""
         errors: list[str] = []
-        for daemon in (self.postfix, self.dovecot):
+        stoppable: list[Postfix | MilterDaemon | Dovecot] = [self.postfix]
+        if self.milter is not None:
+            stoppable.append(self.milter)
+        stoppable.append(self.dovecot)
+        for daemon in stoppable:
             try:
                 daemon.stop()
             except SandboxError as exc:
@@ -243,7 +303,7 @@ def down(directory: Path | str) -> list[str]:
         raise SandboxError(f"cannot read {state_path}: {exc}") from None
     stopped: list[str] = []
     errors: list[str] = []
-    for name in ("postfix", "dovecot", "slapd"):
+    for name in ("postfix", "milter", "dovecot", "slapd"):
         entry = state.get("processes", {}).get(name)
         if entry is None:
             continue

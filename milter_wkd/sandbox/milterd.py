@@ -24,6 +24,7 @@ class MilterDaemon:
         self.socket_path = self.dir / "milter.sock"
         self.log = self.dir / "milter.log"
         self.pid_file = self.dir / "milter.pid"
+        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def socket_spec(self) -> str:
@@ -50,6 +51,7 @@ class MilterDaemon:
                  str(self.config_path), "--socket", self.socket_spec],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
+        self._proc = proc
         self.pid_file.write_text(f"{proc.pid}\n", encoding="ascii")
         try:
             wait_until(lambda: proc.poll() is None and self._answers(),
@@ -64,3 +66,6 @@ class MilterDaemon:
         pid = self.pid
         if pid is not None:
             terminate(pid, PROCESS_NAME)
+        if self._proc is not None:
+            self._proc.wait(timeout=10)  # reap it (terminate() already waited for the exit)
+            self._proc = None

@@ -1,0 +1,172 @@
+"""The WKS milter end to end: real Postfix calls our milter on a unix socket, real Dovecot
+authenticates and delivers, real gpg-wks-client makes submissions and answers requests,
+real slapd stores the keys.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from milter_wkd import wks
+from milter_wkd.directory import KeySource, PendingRequest
+from milter_wkd.openpgp import messages
+from milter_wkd.sandbox import Sandbox
+from milter_wkd.values import Address, Fingerprint
+from tests.support.mail import sandbox_fixture  # noqa: F401 (the `sandbox` fixture)
+from tests.support.wksmail import (
+    SUBMISSION,
+    WksClient,
+    directory,
+    published,
+    send_raw,
+    subject_is,
+    wait_for_mail,
+)
+
+PUBLISHED = "Your key has been published"
+
+
+@pytest.fixture(scope="module")
+def alice(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WksClient]:
+    client = WksClient(tmp_path_factory.mktemp("alice"), sandbox, "Alice <alice@example.org>")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def bob(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WksClient]:
+    client = WksClient(tmp_path_factory.mktemp("bob"), sandbox, "Bob <bob@example.org>")
+    yield client
+    client.close()
+
+
+def submit(sandbox: Sandbox, raw: bytes, sender: str, *, login: tuple[str, str] | None = None,
+           ) -> None:
+    endpoint = sandbox.postfix.submission if login else sandbox.postfix.inbound
+    send_raw(endpoint.host, endpoint.port, sender, [SUBMISSION], raw, login=login)
+
+
+def login_of(sandbox: Sandbox, user: str) -> tuple[str, str]:
+    account = sandbox.users[user]
+    return account["address"], account["password"]
+
+
+def test_authenticated_submission_is_published_at_once(sandbox: Sandbox,
+                                                       alice: WksClient) -> None:
+    submit(sandbox, alice.create("alice@example.org"), "alice@example.org",
+           login=login_of(sandbox, "alice"))
+    notice = wait_for_mail(sandbox, "alice", subject_is(PUBLISHED))
+    assert str(notice["From"]) == SUBMISSION
+    assert alice.fpr in notice.get_content()
+    stored = published(sandbox, "alice@example.org")
+    assert stored is not None
+    assert stored.fingerprint == Fingerprint.parse(alice.fpr)
+    assert stored.provenance is not None
+    assert stored.provenance.source == KeySource.AUTH_SUBMIT
+    assert stored.provenance.actor == "alice@example.org"
+    assert [str(a) for a in stored.addresses] == ["alice@example.org"]
+
+
+def test_unauthenticated_submission_goes_through_confirmation(sandbox: Sandbox,
+                                                              bob: WksClient) -> None:
+    assert published(sandbox, "bob@example.org") is None
+    submit(sandbox, bob.create("bob@example.org"), "bob@example.org")
+    request = wait_for_mail(sandbox, "bob", subject_is(wks.SUBJECT_CONFIRM))
+    assert published(sandbox, "bob@example.org") is None  # nothing before the answer
+    response = bob.receive(request.raw)
+    submit(sandbox, response, "bob@example.org")
+    wait_for_mail(sandbox, "bob", subject_is(PUBLISHED))
+    stored = published(sandbox, "bob@example.org")
+    assert stored is not None
+    assert stored.fingerprint == Fingerprint.parse(bob.fpr)
+    assert stored.provenance is not None
+    assert stored.provenance.source == KeySource.WKS_CONFIRMED
+    # The same response again is a replay: refused, nothing changes.
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        submit(sandbox, response, "bob@example.org")
+    assert refused.value.smtp_code == 550
+    assert published(sandbox, "bob@example.org") == stored
+
+
+def test_logged_in_bob_cannot_publish_for_alice(sandbox: Sandbox,
+                                                tmp_path: Path) -> None:
+    before = published(sandbox, "alice@example.org")
+    mallory = WksClient(tmp_path / "mallory", sandbox, "Alice <alice@example.org>")
+    try:
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            submit(sandbox, mallory.create("alice@example.org"), "alice@example.org",
+                   login=login_of(sandbox, "bob"))
+    finally:
+        mallory.close()
+    assert refused.value.smtp_code == 550
+    assert b"5.7.1" in refused.value.smtp_error
+    assert published(sandbox, "alice@example.org") == before
+
+
+def test_forged_from_only_asks_the_real_owner(sandbox: Sandbox, tmp_path: Path) -> None:
+    before = published(sandbox, "alice@example.org")
+    mallory = WksClient(tmp_path / "mallory", sandbox, "Alice <alice@example.org>")
+    try:
+        submit(sandbox, mallory.create("alice@example.org"), "alice@example.org")
+    finally:
+        mallory.close()
+    # The request went to alice's mailbox, encrypted to mallory's key: alice cannot be made
+    # to confirm it, mallory never sees it, and nothing was published.
+    wait_for_mail(sandbox, "alice", subject_is(wks.SUBJECT_CONFIRM))
+    assert published(sandbox, "alice@example.org") == before
+
+
+def _response_mail(sandbox: Sandbox, address: str, nonce: str) -> bytes:
+    plaintext = (b"Content-Type: application/vnd.gnupg.wks\r\n\r\n"
+                 + f"type: confirmation-response\nsender: {SUBMISSION}\naddress: {address}\n"
+                   f"nonce: {nonce}\n".encode())
+    encrypted = messages.encrypt(plaintext, [sandbox.submission_public_key.read_bytes()])
+    return (f"From: {address}\r\nTo: {SUBMISSION}\r\nSubject: {wks.SUBJECT_RESPONSE}\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: multipart/encrypted; "
+            'protocol="application/pgp-encrypted"; boundary="b"\r\n\r\n--b\r\n'
+            "Content-Type: application/pgp-encrypted\r\n\r\nVersion: 1\r\n\r\n--b\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + encrypted.replace(
+                b"\n", b"\r\n") + b"\r\n--b--\r\n"
+
+
+def test_expired_and_unknown_nonces_are_refused(sandbox: Sandbox, alice: WksClient) -> None:
+    carol = Address.parse("carol@example.org")
+    now = int(time.time())
+    nonce = wks.new_nonce()
+    with directory(sandbox) as store:
+        store.create_pending(PendingRequest(nonce, carol, Fingerprint.parse(alice.fpr),
+                                            alice.gpg.export(alice.fpr), now - 10, now - 1))
+    for offered in (nonce, wks.new_nonce()):
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            submit(sandbox, _response_mail(sandbox, str(carol), offered), str(carol))
+        assert refused.value.smtp_code == 550
+    assert published(sandbox, "carol@example.org") is None
+
+
+@pytest.mark.parametrize("raw", [
+    b"From: x@example.net\r\nTo: key-submission@example.org\r\nSubject: hi\r\n\r\nhello\r\n",
+    b"From: x@example.net\r\nTo: key-submission@example.org\r\nContent-Type: multipart/"
+    b"encrypted; boundary=\"q\"\r\n\r\n--q\r\n\xff\xfe garbage\r\n",
+    b"From: <>\r\nContent-Type: application/pgp-keys\r\n\r\n-----BEGIN PGP PUBLIC KEY BLOCK"
+    b"-----\r\n\r\nAAAA\r\n-----END PGP PUBLIC KEY BLOCK-----\r\n",
+], ids=["plain-text", "broken-mime", "bad-key"])
+def test_garbage_is_refused_with_a_reason(sandbox: Sandbox, raw: bytes) -> None:
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        submit(sandbox, raw, "x@example.net")
+    assert refused.value.smtp_code == 550
+    assert refused.value.smtp_error.startswith(b"5.7.1 Key submission refused")
+
+
+def test_secret_key_is_refused(sandbox: Sandbox, alice: WksClient) -> None:
+    secret = alice.gpg.run("--armor", "--export-secret-keys", alice.fpr).stdout
+    raw = (b"From: alice@example.org\r\nTo: key-submission@example.org\r\n"
+           b"Content-Type: application/pgp-keys\r\n\r\n" + secret.replace(b"\n", b"\r\n"))
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        submit(sandbox, raw, "alice@example.org", login=login_of(sandbox, "alice"))
+    assert refused.value.smtp_code == 550
+    assert b"secret" in refused.value.smtp_error
