@@ -234,3 +234,23 @@ def test_a_periodic_reconcile_catches_a_delete_hidden_by_a_later_write(
     now[0] = 61.0
     cache.refresh()
     assert cache.get(address_slot(ALICE)) is None
+
+
+def test_delete_checks_are_rate_limited_but_never_dropped(source: TableSource) -> None:
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += 1.0  # every reading takes a second: a listing "lasts" one
+        return now[0]
+
+    cache = KeyCache(source, budget=1 << 20, cleaner=cleaner, clock=clock)
+    cache.load()
+    source.delete("uid=alice")
+    cache.refresh()
+    assert cache.get(address_slot(ALICE)) is None
+    source.delete("uid=bob")
+    cache.refresh()  # within 3x the last listing's duration: deferred
+    assert cache.get(address_slot(BOB)) is not None
+    now[0] += 10
+    cache.refresh()  # nothing new in the token, but the check is still due
+    assert cache.get(address_slot(BOB)) is None
