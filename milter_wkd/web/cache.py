@@ -89,7 +89,9 @@ class KeyCache:
         self.complete = False
         self.token: str | None = None
         self._answers: OrderedDict[str, Answer] = OrderedDict()
-        self._by_dn: dict[str, set[str]] = {}
+        # DN -> its cached slots; tuples, not sets: most entries have one or two slots,
+        # and a set costs 216 bytes even when it holds one string.
+        self._by_dn: dict[str, tuple[str, ...]] = {}
         self._bytes = 0
         self._generation = 0
         self._lock = threading.RLock()
@@ -176,7 +178,9 @@ class KeyCache:
         self._answers[slot] = answer
         self._bytes += answer.cost
         for dn in answer.dns:
-            self._by_dn.setdefault(dn, set()).add(slot)
+            slots = self._by_dn.get(dn, ())
+            if slot not in slots:
+                self._by_dn[dn] = (*slots, slot)
         while self._bytes > self.budget and self._answers:
             if self.complete:
                 log.warning("the directory outgrew the key cache budget (%d bytes): "
@@ -192,11 +196,11 @@ class KeyCache:
             return
         self._bytes -= old.cost
         for dn in old.dns:
-            slots = self._by_dn.get(dn)
-            if slots is not None:
-                slots.discard(slot)
-                if not slots:
-                    del self._by_dn[dn]
+            remaining = tuple(s for s in self._by_dn.get(dn, ()) if s != slot)
+            if remaining:
+                self._by_dn[dn] = remaining
+            else:
+                self._by_dn.pop(dn, None)
 
     def _merge(self, slot: str, entry: Published) -> None:
         body = self._clean(slot, entry)
@@ -255,7 +259,7 @@ class KeyCache:
                 self.token = token
                 return True
             for change in changes:
-                affected |= self._by_dn.get(change.dn, set()) | change.slots
+                affected.update(self._by_dn.get(change.dn, ()), change.slots)
                 if change.entry is not None:
                     changed[change.dn] = change.entry
             if not explained(token, changes):
@@ -282,7 +286,7 @@ class KeyCache:
         self._delete_check_due = False
         affected: set[str] = set()
         for dn in set(self._by_dn) - present:
-            affected |= self._by_dn.get(dn, set())
+            affected.update(self._by_dn.get(dn, ()))
         return affected
 
     def reset(self) -> None:

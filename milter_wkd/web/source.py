@@ -20,9 +20,10 @@ def slot(hash_: str, domain: str) -> str:
     return f"{hash_}@{domain}"
 
 
-@functools.lru_cache(maxsize=65536)
+@functools.lru_cache(maxsize=4096)
 def address_slot(address: Address) -> str:
-    """`<hash>@<domain>` of an address (cached: a cold load asks for each one thrice)."""
+    """`<hash>@<domain>` of an address (cached: a cold load asks for each one thrice in
+    a row)."""
     return slot(address_hash(address), address.domain)
 
 
