@@ -165,6 +165,30 @@ def freshness(slapd: Slapd, wkd: WkdResponder, rounds: int = 5) -> list[float]:
     return delays
 
 
+def start_gunicorn(wkd: WkdResponder, port: int, workers: int) -> subprocess.Popen[bytes]:
+    """The same app under gunicorn's threaded worker (the usual WSGI choice), same TLS."""
+    env = {**os.environ, "MILTER_WKD_CONFIG": str(wkd.config_path),
+           "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT))
+                                         if p)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--workers",
+         str(workers), "--threads", "4", "--keep-alive", "30", "--bind", f"127.0.0.1:{port}",
+         "--certfile", str(wkd.workdir / "wkd.crt"), "--keyfile", str(wkd.workdir / "wkd.key"),
+         "--log-level", "warning", "milter_wkd.web:wsgi_app()"],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    other = WkdResponder(wkd.workdir, wkd.slapd, port=port)
+
+    def answers() -> bool:
+        try:
+            return other.get("/.well-known/openpgpkey/example.org/policy")[0] == 200
+        except OSError:
+            return False
+
+    wait_until(answers, "gunicorn", 60)
+    time.sleep(5)  # let its workers mirror the directory (it logs elsewhere)
+    return process
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=10_000)
@@ -175,6 +199,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
     parser.add_argument("--workers", type=int, default=1,
                         help="granian workers and nginx worker processes")
+    parser.add_argument("--gunicorn", action="store_true",
+                        help="also measure the app under gunicorn gthread (needs gunicorn "
+                             "importable, e.g. pip install --target DIR gunicorn and "
+                             "PYTHONPATH=DIR)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="wkd-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -182,6 +210,7 @@ def main() -> int:
         slapd = loaded_slapd(tmp, args.users, keys)
         wkd = WkdResponder(tmp / "responder", slapd, port=free_port(), workers=args.workers)
         nginx: subprocess.Popen[bytes] | None = None
+        gunicorn: subprocess.Popen[bytes] | None = None
         try:
             wkd.start()
             write_static(tmp / "wks", keys, wkd.submission_address)
@@ -201,7 +230,12 @@ def main() -> int:
             script = tmp / "wkd.lua"
             script.write_text(LUA.format(paths=tmp / "paths.txt", host=HOST))
             check_same_answers(wkd, nginx_port, keys)
-            servers = (("nginx static", nginx_port), ("milter-wkd web", wkd.port))
+            servers: tuple[tuple[str, int], ...] = (
+                ("nginx static", nginx_port), ("milter-wkd web", wkd.port))
+            if args.gunicorn:
+                gunicorn_port = free_port()
+                gunicorn = start_gunicorn(wkd, gunicorn_port, args.workers)
+                servers = (*servers, ("gunicorn gthread", gunicorn_port))
             for _name, port in servers:
                 wrk(port, script, threads=args.threads, connections=args.connections,
                     duration=args.warmup)
@@ -214,12 +248,12 @@ def main() -> int:
                               connections=args.connections, duration=args.duration)
                     runs[name].append(run)
                     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", run[2])
-                    print(f"round {round_ + 1}: {name:15} {run[0]:10.0f} req/s   "
+                    print(f"round {round_ + 1}: {name:16} {run[0]:10.0f} req/s   "
                           f"p99 {run[1]:7.2f} ms   non-2xx {non_2xx.group(1) if non_2xx else 0}")
             results = {name: sorted(r[:2] for r in found)[len(found) // 2]
                        for name, found in runs.items()}
             for name, (rps, p99_ms) in results.items():
-                print(f"median {name:15} {rps:10.0f} req/s   p99 {p99_ms:7.2f} ms")
+                print(f"median {name:16} {rps:10.0f} req/s   p99 {p99_ms:7.2f} ms")
             ratio = results["milter-wkd web"][0] / results["nginx static"][0]
             p99 = results["milter-wkd web"][1]
             print(f"ratio milter-wkd/nginx: {ratio:.2f}x requests/s "
@@ -237,6 +271,9 @@ def main() -> int:
             if nginx is not None:
                 terminate(nginx.pid, "nginx")
                 nginx.wait()
+            if gunicorn is not None:
+                gunicorn.terminate()
+                gunicorn.wait()
             wkd.stop()
             slapd.close()
     return 0
