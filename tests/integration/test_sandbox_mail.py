@@ -85,7 +85,8 @@ def test_rendered_postfix_has_the_milter_settings_and_a_milter_free_reinjection(
     assert values["milter_protocol"] == "6"
     assert values["milter_default_action"] == "tempfail"
     assert "{auth_authen}" in values["milter_mail_macros"].split()
-    assert values["smtpd_milters"] == values["non_smtpd_milters"] == ""  # the milter step
+    assert sandbox.milter is not None
+    assert values["smtpd_milters"] == values["non_smtpd_milters"] == sandbox.milter.socket_spec
     assert values["virtual_transport"] == f"lmtp:inet:127.0.0.1:{sandbox.dovecot.lmtp.port}"
     reinject = f"127.0.0.1:{sandbox.postfix.reinject.port}/inet"
     overrides = _postconf(sandbox, "-P").splitlines()
@@ -225,8 +226,10 @@ def test_sandbox_up_and_down_as_commands(sandbox_dir: Path) -> None:
         for key in ("smtp_inbound", "smtp_submission"):
             assert greeting(info[key]["host"], info[key]["port"]).startswith("220 ")
         assert greeting(info["imap"]["host"], info["imap"]["port"]).startswith("* OK")
+        assert set(info["pids"]) == {"slapd", "dovecot", "milter", "postfix"}
+        assert info["milter_socket"].startswith("unix:")
         masters = set(info["pids"].values())
-        assert len(masters) == 3
+        assert len(masters) == 4
         tree = descendants(masters)
         # A second `up` into the same directory is refused and harms nothing.
         again = subprocess.run([*SANDBOX_COMMAND, "up", "--dir", str(directory)],
