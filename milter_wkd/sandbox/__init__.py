@@ -164,6 +164,8 @@ socket = {_toml(self.milter.socket_spec if self.milter else "")}
 socket_group = "postfix"
 # Postfix listens on 127.0.0.1; a client on 127.0.0.2 plays the webmail host.
 trusted_networks = ["127.0.0.2/32"]
+# The sandbox has no external DKIM signer: the milter signs our users' mail itself.
+dkim_sign_outgoing = true
 
 [[domains]]
 name = {_toml(DOMAINS[0])}

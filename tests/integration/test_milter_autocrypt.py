@@ -1,0 +1,186 @@
+"""Autocrypt headers on outgoing mail, end to end: real Postfix calls our milter, Dovecot
+delivers, IMAP reads the result; sq decodes the header; dkimpy verifies the signature.
+"""
+
+from __future__ import annotations
+
+import base64
+import smtplib
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from milter_wkd import autocrypt, dkim
+from milter_wkd.directory import KeySource, Provenance
+from milter_wkd.openpgp import autocrypt_keydata, clean_key, packets
+from milter_wkd.sandbox import Sandbox
+from milter_wkd.values import Address
+from tests.support.gnupg import GnuPG
+from tests.support.mail import sandbox_fixture  # noqa: F401 (the `sandbox` fixture)
+from tests.support.peers import require_binary
+from tests.support.wksmail import Mail, directory, wait_for_mail
+
+ALICE = "alice@example.org"
+ALIAS = "alice.liddell@example.org"
+
+
+@pytest.fixture(scope="module")
+def alice_key(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[bytes]:
+    """alice's key (two user IDs: her address and her alias), published by the store."""
+    with GnuPG(tmp_path_factory.mktemp("alice")) as gpg:
+        fpr = gpg.generate(f"Alice <{ALICE}>")
+        gpg.run("--quick-add-uid", fpr, f"Alice Liddell <{ALIAS}>")
+        key = gpg.export(fpr)
+    with directory(sandbox) as store:
+        user = store.user(Address.parse(ALICE))
+        cleaned = clean_key(key, list(user.addresses))
+        store.publish_key(user, cleaned, Provenance(KeySource.ADMIN_IMPORT, "test", 0))
+    return key
+
+
+def send(sandbox: Sandbox, raw: bytes, sender: str, recipients: list[str], *,
+         login: str | None = None, source: str | None = None) -> None:
+    endpoint = sandbox.postfix.submission if login else sandbox.postfix.inbound
+    with smtplib.SMTP(endpoint.host, endpoint.port, timeout=30,
+                      source_address=(source, 0) if source else None) as smtp:
+        smtp.ehlo("client.test.example.net")
+        if login:
+            smtp.login(sandbox.users[login]["address"], sandbox.users[login]["password"])
+        smtp.sendmail(sender, recipients, raw)
+
+
+def mail(from_: str, *, extra: str = "", content_type: str = "text/plain") -> tuple[str, bytes]:
+    message_id = f"<{uuid.uuid4().hex}@test.example.net>"
+    raw = (f"From: {from_}\r\nTo: bob@example.org\r\nSubject: hello\r\n"
+           f"Message-ID: {message_id}\r\nMIME-Version: 1.0\r\nContent-Type: {content_type}\r\n"
+           f"{extra}\r\nHello Bob.\r\n").encode()
+    return message_id, raw
+
+
+def delivered(sandbox: Sandbox, message_id: str) -> Mail:
+    return wait_for_mail(sandbox, "bob", lambda m: str(m.get("Message-ID")) == message_id)
+
+
+def headers_of(message: Mail) -> list[bytes]:
+    """The header lines (folded ones as several lines) as delivered."""
+    head = message.raw.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0]
+    return head.split(b"\n")
+
+
+def packet_tags(data: bytes) -> list[int]:
+    return [ref.tag for ref in packets.iter_packets(data)]
+
+
+def packet_bodies(data: bytes) -> list[tuple[int, bytes]]:
+    """Packets independent of header format (sq writes new-format headers)."""
+    return [(ref.tag, data[ref.body_start:ref.end]) for ref in packets.iter_packets(data)]
+
+
+def test_alice_gets_one_minimal_folded_header(sandbox: Sandbox, alice_key: bytes) -> None:
+    message_id, raw = mail(f"Alice <{ALICE}>")
+    send(sandbox, raw, ALICE, ["bob@example.org"], login="alice")
+    message = delivered(sandbox, message_id)
+    values = message.get_all(autocrypt.HEADER)
+    assert values is not None
+    assert len(values) == 1
+    raw_value = message.raw.split(b"\nAutocrypt: ", 1)[1].split(b"\n", 1)[0]
+    assert raw_value.startswith(b"addr=alice@example.org;")
+    parsed = autocrypt.parse(str(values[0]))
+    assert parsed is not None
+    assert parsed.addr == ALICE
+    # Exactly primary key, one user ID, its self-signature, subkey, binding.
+    assert packet_tags(parsed.keydata) == [6, 13, 2, 14, 2]
+    assert b"alice@example.org" in parsed.keydata
+    assert b"liddell" not in parsed.keydata
+    lines = headers_of(message)
+    start = next(i for i, line in enumerate(lines) if line.startswith(b"Autocrypt:"))
+    block = [lines[start]] + [
+        line for line in lines[start + 1:start + 20] if line[:1] in (b" ", b"\t")]
+    assert all(len(line) <= 78 for line in block)
+    # sq, a real Autocrypt consumer, reads the same key out of the delivered mail.
+    sq = require_binary("sq")
+    decoded = subprocess.run([sq, "autocrypt", "decode", "--binary"], input=message.raw,
+                             capture_output=True, check=True, timeout=30).stdout
+    assert packet_bodies(decoded) == packet_bodies(parsed.keydata)
+
+
+def test_alias_gets_the_alias_user_id(sandbox: Sandbox, alice_key: bytes) -> None:
+    message_id, raw = mail(f"Alice <{ALIAS}>")
+    send(sandbox, raw, ALIAS, ["bob@example.org"], login="alice")
+    parsed = autocrypt.parse(str(delivered(sandbox, message_id)[autocrypt.HEADER]))
+    assert parsed is not None
+    assert parsed.addr == ALIAS
+    assert b"alice.liddell@example.org" in parsed.keydata
+    assert b"<alice@example.org>" not in parsed.keydata
+
+
+def test_dkim_signature_covers_autocrypt(sandbox: Sandbox, alice_key: bytes) -> None:
+    message_id, raw = mail(f"Alice <{ALICE}>")
+    send(sandbox, raw, ALICE, ["bob@example.org"], login="alice")
+    message = delivered(sandbox, message_id)
+    key = dkim.load_key(sandbox.dkim_key, "example.org", "wkd")
+    records = {key.dns_name(): key.dns_record()}
+    # What Dovecot added in front (Return-Path, Delivered-To) is not signed.
+    assert dkim.verify(message.raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"), records)
+    signature = str(message["DKIM-Signature"])
+    signed = "".join(signature.split("h=", 1)[1].split(";", 1)[0].split()).lower()
+    assert "autocrypt" in signed.split(":")
+    tampered = message.raw.replace(b"addr=alice@example.org", b"addr=alice@example.org ", 1)
+    tampered = tampered.replace(b"keydata=", b"keydata=\n mDMEx", 1)
+    assert not dkim.verify(tampered.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"), records)
+
+
+def test_trusted_network_without_login(sandbox: Sandbox, alice_key: bytes) -> None:
+    message_id, raw = mail(ALICE)
+    send(sandbox, raw, ALICE, ["bob@example.org"], source="127.0.0.2")
+    assert delivered(sandbox, message_id)[autocrypt.HEADER] is not None
+
+
+@pytest.mark.parametrize(("from_", "login", "extra", "content_type"), [
+    ("carol@example.org", "carol", "", "text/plain"),  # no key
+    (ALICE, "alice", "Autocrypt: addr=alice@example.org; keydata=AAAA\r\n", "text/plain"),
+    (ALICE, "alice", "", "multipart/report; report-type=delivery-status; boundary=x"),
+    (f"{ALICE}, bob@example.org", "alice", "", "text/plain"),  # several From addresses
+    (ALICE, "bob", "", "text/plain"),  # not the logged-in user's address
+    (ALICE, None, "", "text/plain"),  # from outside, not trusted
+], ids=["no-key", "has-header", "report", "multi-from", "other-user", "outside"])
+def test_untouched(sandbox: Sandbox, alice_key: bytes, from_: str, login: str | None,
+                   extra: str, content_type: str) -> None:
+    message_id, raw = mail(from_, extra=extra, content_type=content_type)
+    sender = sandbox.users[login]["address"] if login else ALICE
+    send(sandbox, raw, sender, ["bob@example.org"], login=login)
+    values = delivered(sandbox, message_id).get_all(autocrypt.HEADER) or []
+    expected = ["addr=alice@example.org; keydata=AAAA"] if extra else []
+    assert [str(v) for v in values] == expected
+
+
+def test_directory_down_mail_still_flows(sandbox: Sandbox, alice_key: bytes) -> None:
+    message_id, raw = mail(ALICE)
+    sandbox.slapd.stop()
+    time.sleep(1.1)  # the milter re-checks the directory at most once a second
+    try:
+        # Dovecot cannot authenticate or deliver without LDAP either: send from the trusted
+        # network; Postfix queues the mail until delivery works again.
+        send(sandbox, raw, ALICE, ["bob@example.org"], source="127.0.0.2")
+    finally:
+        sandbox.slapd.start()
+    time.sleep(0.5)
+    subprocess.run(["postqueue", "-c", str(sandbox.postfix.config_dir), "-f"],
+                   stdin=subprocess.DEVNULL, check=True, timeout=30)
+    message = delivered(sandbox, message_id)
+    assert message.get_all(autocrypt.HEADER) is None
+    log = Path(sandbox.milter.log if sandbox.milter else "").read_text(errors="replace")
+    assert "no Autocrypt header" in log
+
+
+def test_keydata_matches_base64_of_minimal_export(sandbox: Sandbox, alice_key: bytes) -> None:
+    """The header's keydata is the same as our offline --autocrypt output."""
+    message_id, raw = mail(ALICE)
+    send(sandbox, raw, ALICE, ["bob@example.org"], login="alice")
+    value = str(delivered(sandbox, message_id)[autocrypt.HEADER])
+    keydata = base64.b64decode("".join(value.split("keydata=", 1)[1].split()))
+    assert keydata == autocrypt_keydata(alice_key, Address.parse(ALICE))
