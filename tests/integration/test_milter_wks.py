@@ -6,6 +6,7 @@ real slapd stores the keys.
 from __future__ import annotations
 
 import smtplib
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,3 +171,40 @@ def test_secret_key_is_refused(sandbox: Sandbox, alice: WksClient) -> None:
         submit(sandbox, raw, "alice@example.org", login=login_of(sandbox, "alice"))
     assert refused.value.smtp_code == 550
     assert b"secret" in refused.value.smtp_error
+
+
+def test_directory_down_tempfails_and_nothing_is_lost(sandbox: Sandbox,
+                                                      tmp_path: Path) -> None:
+    carol = WksClient(tmp_path / "carol", sandbox, "Carol <carol@example.org>")
+    try:
+        raw = carol.create("carol@example.org")
+    finally:
+        carol.close()
+    sandbox.slapd.stop()
+    try:
+        # An SMTP client is told to come back later ...
+        with pytest.raises(smtplib.SMTPDataError) as later:
+            submit(sandbox, raw, "carol@example.org")
+        assert later.value.smtp_code == 451
+        assert later.value.smtp_error.startswith(b"4.7.1")
+        # ... and mail that Postfix holds already (gpg-wks-client hands its mail to
+        # sendmail) stays queued: the milter's tempfail keeps it in the maildrop.
+        log = Path(sandbox.postfix.maillog)
+        offset = log.stat().st_size
+        subprocess.run(["sendmail", "-C", str(sandbox.postfix.config_dir), "-i",
+                        "-f", "carol@example.org", SUBMISSION], input=raw, check=True,
+                       timeout=30)
+        deadline = time.monotonic() + 30
+        while b"4.7.1" not in log.read_bytes()[offset:]:
+            assert time.monotonic() < deadline, log.read_text(errors="replace")[-2000:]
+            time.sleep(0.2)
+    finally:
+        sandbox.slapd.start()
+    # Pickup retries the maildrop; nudge it instead of waiting for its timer.
+    subprocess.run(["postqueue", "-c", str(sandbox.postfix.config_dir), "-f"],
+                   stdin=subprocess.DEVNULL, check=True, timeout=30)
+    subprocess.run(["postkick", "-c", str(sandbox.postfix.config_dir), "public", "pickup",
+                    "W"], stdin=subprocess.DEVNULL, check=False, timeout=30)
+    request = wait_for_mail(sandbox, "carol", subject_is(wks.SUBJECT_CONFIRM), timeout=90)
+    assert "carol@example.org" in str(request["To"])
+    assert published(sandbox, "carol@example.org") is None
