@@ -15,7 +15,7 @@ import pytest
 
 from milter_wkd import wks
 from milter_wkd.directory import KeySource, PendingRequest
-from milter_wkd.openpgp import messages
+from milter_wkd.openpgp import messages, packets
 from milter_wkd.sandbox import Sandbox
 from milter_wkd.values import Address, Fingerprint
 from tests.support.mail import sandbox_fixture  # noqa: F401 (the `sandbox` fixture)
@@ -208,3 +208,48 @@ def test_directory_down_tempfails_and_nothing_is_lost(sandbox: Sandbox,
     request = wait_for_mail(sandbox, "carol", subject_is(wks.SUBJECT_CONFIRM), timeout=90)
     assert "carol@example.org" in str(request["To"])
     assert published(sandbox, "carol@example.org") is None
+
+
+def _plain_submission(address: str, key: bytes) -> bytes:
+    """The old, unencrypted submission form (application/pgp-keys), which we accept."""
+    armored = packets.armor(packets.ARMOR_PUBLIC_KEY, key).replace(b"\n", b"\r\n")
+    return (f"From: {address}\r\nTo: {SUBMISSION}\r\nSubject: {wks.SUBJECT_SUBMISSION}\r\n"
+            "Content-Type: application/pgp-keys\r\n\r\n").encode() + armored
+
+
+def test_updates_merge_and_revocations_are_published(sandbox: Sandbox, alice: WksClient,
+                                                     ) -> None:
+    login = login_of(sandbox, "alice")
+    submit(sandbox, alice.create("alice@example.org"), "alice@example.org", login=login)
+    before = published(sandbox, "alice@example.org")
+    assert before is not None
+    # A new subkey, submitted alone as a fresh copy of the key: merged into the stored one.
+    alice.gpg.run("--quick-add-key", alice.fpr, "cv25519", "encr", "2y")
+    submit(sandbox, alice.create("alice@example.org"), "alice@example.org", login=login)
+    deadline = time.monotonic() + 20
+    while True:
+        merged = published(sandbox, "alice@example.org")
+        assert merged is not None
+        if merged.key != before.key or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    subkeys = [ref for ref in packets.iter_packets(merged.key) if ref.tag == 14]
+    assert len(subkeys) == 2
+    # Revoked: the revocation is published so that clients learn of it.
+    revocation = alice.gpg.run("--gen-revoke", alice.fpr, input=b"y\n0\n\ny\n",
+                               check=False).stdout
+    if not revocation:
+        revocation = (alice.gpg.home / "openpgp-revocs.d" / f"{alice.fpr}.rev").read_bytes()
+        revocation = revocation.replace(b":-----BEGIN", b"-----BEGIN")
+    alice.gpg.import_key(revocation)
+    submit(sandbox, _plain_submission("alice@example.org", alice.gpg.export(alice.fpr)),
+           "alice@example.org", login=login)
+    deadline = time.monotonic() + 20
+    while True:
+        revoked = published(sandbox, "alice@example.org")
+        assert revoked is not None
+        if revoked.revoked or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert revoked.revoked
+    assert revoked.fingerprint == before.fingerprint
