@@ -8,7 +8,8 @@ host, and `milter-wkd web` (granian over HTTPS) reading the sandbox's slapd.
 
 Everything lives in workdir: ca.pem (the test CA, to bind-mount over the system bundle
 inside a mount namespace), wkd.crt/wkd.key (the server's chain and PKCS#8 key),
-milter-wkd.toml, web.log. The responder binds as the read-only cn=wkd service account.
+milter-wkd.toml, web.log, web.pid (the server's pid, command name PROCESS_NAME). The
+responder binds as the read-only cn=wkd service account.
 Real WKD clients only ever use port 443; on another port only HTTP tools that take a port
 (curl --resolve, wrk) reach it. Stopping goes by the pid this object started.
 Failures raise `SandboxError` with the log tail.
@@ -32,9 +33,20 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from milter_wkd.sandbox.daemons import LOOPBACK, SandboxError, free_port, log_tail, wait_until
+from milter_wkd.sandbox.daemons import (
+    LOOPBACK,
+    SandboxError,
+    alive,
+    free_port,
+    log_tail,
+    read_pid,
+    terminate,
+    wait_until,
+)
 
 WKD_PORT = 443
+# The command name of `milter-wkd web` (a Python interpreter), for stopping it by pid.
+PROCESS_NAME = Path(sys.executable).name[:15]
 
 
 class DirectoryPeer(Protocol):
@@ -126,6 +138,7 @@ class WkdResponder:
         self.tls = tls  # False: plain HTTP, as behind a reverse proxy (docs/nginx-wkd.conf)
         self.config_path = self.workdir / "milter-wkd.toml"
         self.log_path = self.workdir / "web.log"
+        self.pid_file = self.workdir / "web.pid"
         self.ca_file = self.workdir / "ca.pem"
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -141,8 +154,11 @@ class WkdResponder:
 
     @property
     def pid(self) -> int | None:
-        running = self._process is not None and self._process.poll() is None
-        return self._process.pid if running and self._process is not None else None
+        """The server's pid while it runs (from this object, else from its pid file)."""
+        if self._process is not None:
+            return self._process.pid if self._process.poll() is None else None
+        pid = read_pid(self.pid_file)
+        return pid if pid is not None and alive(pid, PROCESS_NAME) else None
 
     def write_config(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -185,6 +201,7 @@ submission_public_key = {_toml_string(str(public_key))}
                 start_new_session=True)
         finally:
             log.close()
+        self.pid_file.write_text(f"{self._process.pid}\n", encoding="ascii")
         try:
             wait_until(self._answers, f"WKD responder on port {self.port}", timeout,
                        self.log_path)
@@ -225,7 +242,12 @@ submission_public_key = {_toml_string(str(public_key))}
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the server this object started (its own process group: granian's workers)."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
+        if process is None:
+            pid = read_pid(self.pid_file)  # started by another process (sandbox up)
+            if pid is not None:
+                terminate(pid, PROCESS_NAME, self.workdir, timeout)
+            return
+        if process.poll() is not None:
             return
         process.terminate()
         try:
