@@ -573,6 +573,16 @@ class Directory:
         self._modify(user.dn, changes)
         return stored
 
+    def set_disabled(self, user: User, disabled: bool) -> StoredKey:
+        """Disable (not served, not in Autocrypt, dirmngr skips it) or re-enable a key."""
+        if self.get_key(user) is None:
+            raise NotFound(f"{user.dn} has no published key")
+        self._modify(user.dn, {"pgpDisabled": [(ldap3.MODIFY_REPLACE, ["1" if disabled else "0"])]})
+        stored = self.get_key(user)
+        if stored is None:
+            raise DirectoryError(f"the key of {user.dn} cannot be read back")
+        return stored
+
     def get_prefer_encrypt(self, user: User) -> str | None:
         entry = self._read_entry(user.dn, [PREFER_ENCRYPT])
         return _text(entry, PREFER_ENCRYPT) if entry is not None else None

@@ -1,4 +1,10 @@
-"""`milter-wkd keys import|remove`: an administrator publishes or withdraws a user's key.
+"""`milter-wkd keys list|show|import|export|remove|disable|enable`: LDAP-side key
+administration.
+
+list: one line per published key (fingerprint, addresses, provenance, flags).
+show ADDR: the metadata of the published key as JSON. export ADDR: the key (armored
+unless --binary). disable/enable ADDR: pgpDisabled, which the WKD responder, the Autocrypt
+hints and dirmngr honour.
 
 import ADDR [FILE]: finds the user owning ADDR in the directory ([directory] of --config),
 cleans the key (file or stdin, binary or armored) for that user's addresses, and stores
@@ -13,14 +19,15 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import json
 import time
 from typing import Any
 
 from milter_wkd import config as config_module
 from milter_wkd import openpgp
-from milter_wkd.cli.io import read_input
-from milter_wkd.directory import Directory, KeySource, Provenance
-from milter_wkd.errors import KeyRefused
+from milter_wkd.cli.io import read_input, write_output
+from milter_wkd.directory import Directory, KeySource, Provenance, StoredKey
+from milter_wkd.errors import KeyRefused, NotFound
 from milter_wkd.values import Address
 
 
@@ -34,10 +41,82 @@ def register(sub: Any) -> None:
     imp.add_argument("--config", metavar="FILE", help="configuration file")
     imp.set_defaults(func=_import)
 
+    listing = commands.add_parser("list", help="list published keys")
+    listing.add_argument("--config", metavar="FILE", help="configuration file")
+    listing.set_defaults(func=_list)
+
+    show = commands.add_parser("show", help="metadata of the key of the user owning ADDR")
+    show.add_argument("address", metavar="ADDR")
+    show.add_argument("--config", metavar="FILE", help="configuration file")
+    show.set_defaults(func=_show)
+
+    export = commands.add_parser("export", help="write the key of the user owning ADDR")
+    export.add_argument("address", metavar="ADDR")
+    export.add_argument("--binary", action="store_true", help="binary instead of armored")
+    export.add_argument("-o", "--output", metavar="OUT", help="output file (default: stdout)")
+    export.add_argument("--config", metavar="FILE", help="configuration file")
+    export.set_defaults(func=_export)
+
+    for name, disabled in (("disable", True), ("enable", False)):
+        toggle = commands.add_parser(name, help=f"{name} the key of the user owning ADDR")
+        toggle.add_argument("address", metavar="ADDR")
+        toggle.add_argument("--config", metavar="FILE", help="configuration file")
+        toggle.set_defaults(func=_toggle, disabled=disabled)
+
     remove = commands.add_parser("remove", help="remove the key of the user owning ADDR")
     remove.add_argument("address", metavar="ADDR", help="an address of the user")
     remove.add_argument("--config", metavar="FILE", help="configuration file")
     remove.set_defaults(func=_remove)
+
+
+def _stored(directory: Directory, address: Address) -> StoredKey:
+    stored = directory.get_key(directory.user(address))
+    if stored is None:
+        raise NotFound(f"no key is published for {address}")
+    return stored
+
+
+def _list(args: argparse.Namespace) -> int:
+    cfg = config_module.load(args.config)
+    with Directory(cfg.directory) as directory:
+        for stored in directory.list_keys():
+            flags = "".join(f for f, on in (("r", stored.revoked), ("d", stored.disabled)) if on)
+            source = stored.provenance.source.value if stored.provenance else "-"
+            print(f"{stored.fingerprint}\t{','.join(map(str, stored.addresses))}\t{source}"
+                  f"\t{flags or '-'}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    cfg = config_module.load(args.config)
+    with Directory(cfg.directory) as directory:
+        stored = _stored(directory, Address.parse(args.address))
+    info = openpgp.inspect_key(stored.key).as_json()
+    info["dn"] = stored.dn
+    info["disabled"] = stored.disabled
+    if stored.provenance is not None:
+        info["provenance"] = {"source": stored.provenance.source.value,
+                              "actor": stored.provenance.actor,
+                              "published": stored.provenance.published}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    cfg = config_module.load(args.config)
+    with Directory(cfg.directory) as directory:
+        stored = _stored(directory, Address.parse(args.address))
+    write_output(args.output, stored.key if args.binary else openpgp.armor_key(stored.key))
+    return 0
+
+
+def _toggle(args: argparse.Namespace) -> int:
+    cfg = config_module.load(args.config)
+    with Directory(cfg.directory) as directory:
+        stored = directory.set_disabled(directory.user(Address.parse(args.address)),
+                                        args.disabled)
+    print(f"{'disabled' if stored.disabled else 'enabled'} {stored.fingerprint} on {stored.dn}")
+    return 0
 
 
 def _actor() -> str:

@@ -3,6 +3,7 @@ sandbox slapd."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -136,3 +137,39 @@ def test_reader_sees_imported_key(store: Directory, config_file: Path, tmp_path:
     with GnuPG(tmp_path / "reader") as reader:
         reader.import_key(stored.key)
         assert reader.fingerprint("bob@example.org") == key.fingerprint
+
+
+def test_list_show_export_disable(store: Directory, config_file: Path,
+                                  gpg_keys: dict[str, Any]) -> None:
+    key = gpg_keys["alice"]
+    config = ("--config", str(config_file))
+    assert cli("keys", "import", "alice@example.org", *config,
+               stdin=key.gpg.export(key.fingerprint, "--armor")).returncode == 0
+    listing = cli("keys", "list", *config)
+    assert listing.returncode == 0, listing.stderr
+    line = next(row for row in listing.stdout.splitlines() if key.fingerprint in row)
+    assert line.split("\t")[1:] == [
+        "alice@example.org,alice.liddell@example.org", "admin-import", "-"]
+    shown = cli("keys", "show", "alice.liddell@example.org", *config)
+    assert shown.returncode == 0, shown.stderr
+    info = json.loads(shown.stdout)
+    assert info["fingerprint"] == key.fingerprint
+    assert info["provenance"]["source"] == "admin-import"
+    assert info["disabled"] is False
+    exported = cli("keys", "export", "alice@example.org", *config)
+    assert exported.returncode == 0
+    assert exported.stdout.startswith("-----BEGIN PGP PUBLIC KEY BLOCK-----")
+    assert key.gpg.import_key(exported.stdout.encode()).returncode == 0
+    assert cli("keys", "disable", "alice@example.org", *config).returncode == 0
+    stored = store.key_for(Address.parse("alice@example.org"))
+    assert stored is not None
+    assert stored.disabled
+    assert "\td" in cli("keys", "list", *config).stdout
+    assert cli("keys", "enable", "alice@example.org", *config).returncode == 0
+    stored = store.key_for(Address.parse("alice@example.org"))
+    assert stored is not None
+    assert not stored.disabled
+    missing = cli("keys", "show", "carol@example.org", *config)
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("refused: no key is published")
+    assert cli("keys", "remove", "alice@example.org", *config).returncode == 0
