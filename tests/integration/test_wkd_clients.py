@@ -20,7 +20,7 @@ import pytest
 
 from milter_wkd import openpgp
 from milter_wkd.sandbox.slapd import Slapd
-from milter_wkd.sandbox.wkd import WKD_PORT, WkdResponder
+from milter_wkd.sandbox.wkd import WKD_PORT, WkdResponder, port_443_free
 from milter_wkd.values import Address
 from milter_wkd.wkd import address_hash
 from tests.support.gnupg import WKS_CLIENT, GnuPG
@@ -86,6 +86,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             write_key(slapd, ALICE, exports["alice"],
                       ["alice@example.org", "alice.liddell@example.org"])
             write_key(slapd, BOB, exports["bob"], ["bob@example.org"])
+            # Another test run (or a sandbox) may hold 443 for a while: wait a little.
+            until(port_443_free, within=30)
             wkd = WkdResponder(tmp / "responder", slapd, submission_public_key=submission)
             if wkd.port != WKD_PORT:
                 message = "127.0.0.1:443 is taken; real WKD clients know no other port"
