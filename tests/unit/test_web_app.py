@@ -102,3 +102,32 @@ def test_503_only_for_what_memory_does_not_know(tmp_path: Path) -> None:
     got = Response(app, "GET", key_path(BOB), None)
     assert got.status == 503
     assert got.headers["Retry-After"] == "30"
+
+
+def test_the_local_part_hint_is_only_a_plain_local_part() -> None:
+    from milter_wkd.web.app import _local_hint
+
+    assert _local_hint("l=Joe.Doe") == "Joe.Doe"
+    assert _local_hint("") is None
+    assert _local_hint("l=a*)(mail=*") is None  # no LDAP filter metacharacters
+    assert _local_hint("l=" + "a" * 65) is None
+    assert _local_hint("l=x%00y") is None
+
+
+@pytest.mark.integration  # real gpg makes the key
+def test_a_submission_key_file_is_served_with_its_one_user_id(tmp_path: Path) -> None:
+    from milter_wkd import openpgp
+    from tests.support.gnupg import GnuPG
+
+    with GnuPG(tmp_path / "g") as gpg:
+        fpr = gpg.generate("key-submission@example.org")
+        gpg.run("--quick-add-uid", fpr, "Other <other@example.org>")
+        (tmp_path / "submission.pub").write_bytes(gpg.export(fpr, "--armor"))
+    source = TableSource()
+    cache = KeyCache(source, budget=1 << 20, cleaner=cleaner)
+    cache.load()
+    app = WkdApp(cache, [DomainConfig(submission_public_key=str(tmp_path / "submission.pub"))])
+    got = Response(app, "GET", key_path(Address.parse("key-submission@example.org")),
+                   "openpgpkey.example.org")
+    assert got.status == 200
+    assert openpgp.inspect_key(got.body).user_ids == ("key-submission@example.org",)
