@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from typing import Any
 
 import Milter
@@ -89,8 +90,12 @@ class WkdMilter(Milter.Base):  # type: ignore[misc]
         tx = self.tx
         if not tx.queue_id or tx.queue_id == "-":
             tx.queue_id = self.getsymval("i") or "-"
+        started = time.perf_counter()
         try:
             reply = self.service.decide(tx)
+            log.log(logging.INFO if self.service.is_submission(tx) else logging.DEBUG,
+                    "%s: %s after %.3f s of milter time", tx.queue_id, type(reply).__name__,
+                    time.perf_counter() - started)
         except Exception:
             log.exception("%s: unexpected error", tx.queue_id)
             reply = INTERNAL_ERROR if self.service.is_submission(tx) else Accept()

@@ -24,6 +24,7 @@ stop mail (logged, mail passes unchanged).
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import threading
@@ -191,6 +192,11 @@ class MailService:
             except MessageRefused:
                 raise first from None
             return self._confirmation(tx, domain, response)
+        # One pass over the submitted bytes (a flooded key is megabytes): everything after
+        # works on what survives, which cleaning again only narrows to fewer addresses.
+        limits = openpgp.Limits(max_input=self.config.keys.max_input_bytes)
+        everything = openpgp.clean_key(submission.key, None, limits=limits)
+        submission = dataclasses.replace(submission, key=everything.key)
         if tx.sasl_login and domain.auth_submit:
             return self._authenticated(tx, domain, submission)
         if not domain.allow_unauthenticated:

@@ -162,6 +162,8 @@ smtp_port = {self.postfix.reinject.port}
 [milter]
 socket = {_toml(self.milter.socket_spec if self.milter else "")}
 socket_group = "postfix"
+# Room for a flooded key (150,000 certifications: about 32 MB as a submission mail).
+max_submission_bytes = 41943040
 # Postfix listens on 127.0.0.1; a client on 127.0.0.2 plays the webmail host.
 trusted_networks = ["127.0.0.2/32"]
 # The sandbox has no external DKIM signer: the milter signs our users' mail itself.

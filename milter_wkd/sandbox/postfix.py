@@ -70,6 +70,8 @@ biff = no
 delay_warning_time = 0
 # Recipient checks probe Dovecot's LMTP; poll the answer every second, not every three.
 address_verify_poll_delay = 1s
+# Room for a flooded key's submission (150,000 certifications: about 30 MB as mail).
+message_size_limit = 83886080
 
 """
 

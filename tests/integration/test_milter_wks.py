@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 
 from milter_wkd import wks
+from milter_wkd.config import load
 from milter_wkd.directory import KeySource, PendingRequest
 from milter_wkd.openpgp import messages, packets
 from milter_wkd.sandbox import Sandbox
+from milter_wkd.sandbox.flood import flood_key
 from milter_wkd.values import Address, Fingerprint
 from tests.support.mail import sandbox_fixture  # noqa: F401 (the `sandbox` fixture)
 from tests.support.wksmail import (
@@ -253,3 +255,44 @@ def test_updates_merge_and_revocations_are_published(sandbox: Sandbox, alice: Wk
         time.sleep(0.2)
     assert revoked.revoked
     assert revoked.fingerprint == before.fingerprint
+
+
+def test_flooded_key_is_published_clean(sandbox: Sandbox, alice: WksClient) -> None:
+    """150,000 real third-party certifications (about 18 MB): cut before anything parses."""
+    flooded = flood_key(alice.gpg.export(alice.fpr), 150_000)
+    plaintext = (b"Content-Type: application/pgp-keys\r\n\r\n"
+                 + packets.armor(packets.ARMOR_PUBLIC_KEY, flooded).replace(b"\n", b"\r\n"))
+    submission_fpr = alice.gpg.fingerprint(SUBMISSION)
+    encrypted = alice.gpg.run("--armor", "--trust-model", "always", "--encrypt",
+                              "--recipient", submission_fpr, input=plaintext).stdout
+    raw = (b"From: alice@example.org\r\nTo: key-submission@example.org\r\n"
+           b"Subject: Key publishing request\r\nWks-Draft-Version: 3\r\nMIME-Version: 1.0\r\n"
+           b'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted"; '
+           b'boundary="=-=b=-="\r\n\r\n--=-=b=-=\r\nContent-Type: application/pgp-encrypted'
+           b"\r\n\r\nVersion: 1\r\n\r\n--=-=b=-=\r\nContent-Type: application/octet-stream"
+           b"\r\n\r\n" + encrypted.replace(b"\n", b"\r\n") + b"\r\n--=-=b=-=--\r\n")
+    assert len(raw) > 20_000_000
+    submit(sandbox, raw, "alice@example.org", login=login_of(sandbox, "alice"))
+    stored = published(sandbox, "alice@example.org")
+    assert stored is not None
+    assert stored.fingerprint == Fingerprint.parse(alice.fpr)
+    signatures = [ref for ref in packets.iter_packets(stored.key) if ref.tag == 2]
+    assert len(stored.key) < 4096
+    assert 2 <= len(signatures) <= 4  # self-signatures only
+    assert sandbox.milter is not None
+    timings = [line for line in sandbox.milter.log.read_text().splitlines()
+               if "Discard after" in line]
+    assert timings
+    print("flooded submission:", timings[-1])  # the figure for the README (run with -s)
+
+
+def test_oversize_submission_is_refused(sandbox: Sandbox) -> None:
+    cfg = load(sandbox.config_path, environ={})
+    body = b"A" * 76 + b"\r\n"
+    raw = (b"From: x@example.net\r\nTo: key-submission@example.org\r\n"
+           b"Content-Type: application/pgp-keys\r\n\r\n"
+           + body * (cfg.milter.max_submission_bytes // len(body) + 10))
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        submit(sandbox, raw, "x@example.net")
+    assert refused.value.smtp_code == 552
+    assert refused.value.smtp_error.startswith(b"5.3.4")
