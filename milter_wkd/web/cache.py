@@ -44,8 +44,8 @@ from milter_wkd.web.source import (
     Published,
     SourceUnavailable,
     address_slot,
+    changes_from,
     explained,
-    newest_csn,
 )
 
 log = logging.getLogger(__name__)
@@ -253,7 +253,7 @@ class KeyCache:
         changed: dict[str, Published] = {}
         if token != self.token:
             try:
-                changes = self.source.changes_since(newest_csn(self.token))
+                changes = self.source.changes_since(changes_from(self.token, token))
             except ChangesUnknown as exc:
                 log.info("cannot tell what changed (%s): emptying the key cache", exc)
                 self.reset()

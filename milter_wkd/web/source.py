@@ -87,6 +87,29 @@ def newest_csn(token: str) -> str:
     return max(token.split("|")) if token else ""
 
 
+def _by_provider(token: str) -> dict[str, str]:
+    """CSN per provider: a CSN is `<time>#<count>#<sid>#<mod>`; the sid tells providers."""
+    found: dict[str, str] = {}
+    for csn in token.split("|") if token else []:
+        parts = csn.split("#")
+        found[parts[2] if len(parts) > 2 else ""] = csn
+    return found
+
+
+def changes_from(old: str, new: str) -> str:
+    """The CSN to search changes from (`entryCSN >= it`) when the token moved from `old` to
+    `new`: the oldest previous CSN among the providers that wrote since. With replication,
+    a provider's writes can arrive later than newer writes of another, so the newest CSN
+    overall would miss them; a provider that did not write holds nothing back."""
+    before, after = _by_provider(old), _by_provider(new)
+    if not before:
+        return ""
+    if any(sid not in before for sid in after):
+        return min(before.values())  # a new provider: its writes are newer than all we had
+    moved = [before[sid] for sid, csn in after.items() if before[sid] != csn]
+    return min(moved) if moved else newest_csn(old)
+
+
 def explained(token: str, changes: Iterable[Change]) -> bool:
     """Do these changes account for the newest write? If not, the newest write removed an
     entry (a delete leaves no entryCSN behind), and the caller must reconcile."""

@@ -254,3 +254,16 @@ def test_delete_checks_are_rate_limited_but_never_dropped(source: TableSource) -
     now[0] += 10
     cache.refresh()  # nothing new in the token, but the check is still due
     assert cache.get(address_slot(BOB)) is None
+
+
+def test_changes_are_searched_from_the_oldest_provider_that_wrote() -> None:
+    from milter_wkd.web.source import changes_from
+
+    a1, a2 = "20261129100000.000000Z#000000#001#000000", "20261129120000.000000Z#000000#001#000000"
+    b1, b2 = "20261129110000.000000Z#000000#002#000000", "20261129113000.000000Z#000000#002#000000"
+    assert changes_from(a1, a2) == a1  # one provider
+    # Provider 2 wrote (at 11:30, replicated late): search from its own old CSN, not 12:00.
+    assert changes_from(f"{a2}|{b1}", f"{a2}|{b2}") == b1
+    assert changes_from(f"{a1}|{b1}", f"{a2}|{b2}") == a1
+    assert changes_from(a1, f"{a1}|{b1}") == a1  # a new provider
+    assert changes_from("", a1) == ""
