@@ -9,21 +9,39 @@ as the directory is unavailable; 1 anything else, reported without a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
 
 from milter_wkd import __version__
-from milter_wkd.cli import config_cmd, domain, key, keys, milter_cmd, pending, sandbox, web
 from milter_wkd.errors import MilterWkdError, Refused
 
 EX_REFUSED = 2
 EX_TEMPFAIL = 75
 
-GROUPS = [key, keys, domain, milter_cmd, pending, web, sandbox, config_cmd]
+# Command -> (module of its group, one-line help). Only the module of the command being run
+# is imported: the others pull in ldap3, pymilter, pgpy, dkimpy or granian, which would
+# cost every `milter-wkd key clean` most of a second.
+GROUPS: dict[str, tuple[str, str]] = {
+    "key": ("key", "clean or inspect an OpenPGP key offline"),
+    "keys": ("keys", "administer the keys published in the directory"),
+    "domain": ("domain", "service keys and DNS of a mail domain"),
+    "milter": ("milter_cmd", "run the milter (WKS submissions, Autocrypt)"),
+    "pending": ("pending", "pending WKS confirmation requests"),
+    "web": ("web", "serve the Web Key Directory over HTTPS"),
+    "check": ("check", "tell what works and what to fix in a deployment"),
+    "sandbox": ("sandbox", "private slapd, Dovecot, milter and Postfix on loopback"),
+    "config": ("config_cmd", "configuration file helpers"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_of(argv: Sequence[str]) -> str | None:
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser; the group of the command in argv (if any) is fully registered."""
     parser = argparse.ArgumentParser(
         prog="milter-wkd",
         description="A mail provider's own OpenPGP keyserver: WKS milter, LDAP key store, "
@@ -32,14 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log output (repeat for debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in GROUPS:
-        group.register(sub)
+    wanted = _command_of(argv)
+    for name, (module, text) in GROUPS.items():
+        if name == wanted:
+            importlib.import_module(f"milter_wkd.cli.{module}").register(sub)
+        else:
+            sub.add_parser(name, help=text)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(arguments)
+    args = parser.parse_args(arguments)
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="%(asctime)s %(name)s %(levelname)s %(message)s")
