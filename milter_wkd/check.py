@@ -1,0 +1,948 @@
+"""`milter-wkd check`: the admin's doctor. Probes every piece milter-wkd depends on and
+says, one result per line, what works and what to fix.
+
+What it reads and tries (each group can be skipped by name):
+- directory: connects to [directory] uri and binds as the configured account (bind_dn and
+  its password, or SASL EXTERNAL over ldapi://); Who am I?
+- schema: the subschema entry (rootDSE subschemaSubentry) lists our object classes
+  wkdKeyHolder, wkdPendingRequest and the attribute types pgpKey, gpgFingerprint,
+  wkdAddressHash, wkdNonce.
+- acl: as the configured account: reads the mail attributes of a user (one entry), cannot
+  read userPassword, lists pending_base, and creates then deletes a pending WKS request
+  with a random nonce for the submission address (what the milter does; it expires in a
+  minute should the delete fail). As anonymous: a `(mail=*)` search under base_dn returns
+  no entry (adminLimitExceeded is the intended answer) and cn=pgpServerInfo is readable
+  (dirmngr). Nothing a user can see is changed.
+- submission-key: per domain, the secret key file is readable, not world-readable, not
+  passphrase-protected, signs what its public key file verifies and decrypts what is
+  encrypted to that public key; the public key names the submission address.
+- dkim: per domain with a dkim_key, the key loads; with `dns` the TXT record at
+  <selector>._domainkey.<domain> carries its public key (off by default: skipped).
+- wkd: per domain, HTTPS with certificate validation (system store or ca_file; optionally
+  connecting to another address while validating the real host name): the policy file
+  (200, LF-terminated lines, submission-address and auth-submit as configured), the
+  submission-address file, and the submission address's key (200, CORS header, the
+  fingerprint of submission_public_key).
+- postfix: `postconf -c DIR` for smtpd_milters, non_smtpd_milters (our socket, first),
+  milter_default_action (tempfail; accept is a warning), milter_protocol (6) and
+  milter_mail_macros ({auth_authen}).
+- milter: the configured milter socket negotiates (SMFIC_OPTNEG answered by 'O').
+- dovecot: the SASL socket (given, else Postfix's smtpd_sasl_path, else
+  /var/spool/postfix/private/auth) speaks the Dovecot auth protocol and offers PLAIN.
+
+How it fails: never. Every probe has a timeout (`Options.timeout`, a few seconds) and
+any error, expected or not, becomes a failed `CheckResult` with the reason and a fix
+hint; probes that depend on a failed one are reported as skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import re
+import secrets
+import socket
+import ssl
+import stat
+import struct
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import ldap3
+from ldap3.core import exceptions as lex
+from ldap3.utils.conv import escape_filter_chars
+
+from milter_wkd import dkim, openpgp
+from milter_wkd.config import Config, DomainConfig
+from milter_wkd.directory import PENDING_CLASS, Directory, PendingRequest
+from milter_wkd.errors import MilterWkdError
+from milter_wkd.openpgp import messages
+from milter_wkd.values import Address, Fingerprint
+from milter_wkd.wkd import address_hash
+
+GROUPS = ("directory", "schema", "acl", "submission-key", "dkim", "wkd", "postfix", "milter",
+          "dovecot")
+DEFAULT_WKD_URL = "https://openpgpkey.{domain}/.well-known/openpgpkey/{domain}/"
+DEFAULT_DOVECOT_SOCKET = "/var/spool/postfix/private/auth"
+POSTCONF_PARAMETERS = ("smtpd_milters", "non_smtpd_milters", "milter_default_action",
+                       "milter_protocol", "milter_mail_macros", "smtpd_sasl_type",
+                       "smtpd_sasl_path", "queue_directory")
+SCHEMA_CLASSES = ("wkdKeyHolder", "wkdPendingRequest")
+SCHEMA_ATTRIBUTES = ("pgpKey", "gpgFingerprint", "wkdAddressHash", "wkdNonce")
+MAX_BODY = 512 * 1024
+_SCHEMA_FIX = ("load the schemas: ldapadd -Y EXTERNAL -H ldapi:/// -f "
+               "ldap/schema/gnupg-keyserver.ldif and -f ldap/schema/milter-wkd.ldif "
+               "(ldap/README.md step 1)")
+_ACL_FIX = "apply ldap/config/30-access.ldif (ldap/README.md step 4) with your names"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """One line of the doctor's answer. ok: True passed, False failed, None skipped;
+    warning: passed, but worth a look (does not fail the run)."""
+
+    name: str
+    ok: bool | None
+    detail: str
+    fix: str = ""
+    warning: bool = False
+
+    @property
+    def label(self) -> str:
+        if self.ok is None:
+            return "skip"
+        if not self.ok:
+            return "FAIL"
+        return "warn" if self.warning else "ok"
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    postfix_config_dir: str = "/etc/postfix"
+    dovecot_auth_socket: str | None = None  # None: Postfix's smtpd_sasl_path, else default
+    wkd_url: str = DEFAULT_WKD_URL  # "{domain}" is replaced by each domain's name
+    wkd_connect: tuple[str, int] | None = None  # connect here, validate the URL's host
+    ca_file: str | None = None  # None: the system store
+    skip: frozenset[str] = field(default_factory=frozenset)
+    dns: bool = False
+    timeout: float = 5.0
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, MilterWkdError):
+        return exc.reason
+    if isinstance(exc, lex.LDAPOperationResult):
+        message = str(exc.message or "").strip()
+        return f"{exc.description}" + (f" ({message})" if message else "")
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def _ok(name: str, detail: str) -> CheckResult:
+    return CheckResult(name, True, detail)
+
+
+def _fail(name: str, detail: str, fix: str) -> CheckResult:
+    return CheckResult(name, False, detail, fix)
+
+
+def _skip(name: str, detail: str) -> CheckResult:
+    return CheckResult(name, None, detail)
+
+
+def _guarded(name: str, probe: Callable[[], Iterable[CheckResult]]) -> Iterator[CheckResult]:
+    """The probe's results; an exception it raises becomes one FAIL line."""
+    try:
+        yield from probe()
+    except Exception as exc:  # noqa: BLE001 - the doctor reports, never raises
+        yield _fail(name, f"unexpected error: {type(exc).__name__}: {_why(exc)}",
+                    "this is a bug in the check or an unusual setup; run with -vv")
+
+
+# -- directory -------------------------------------------------------------------------
+
+
+def _ldap_server(uri: str, ca_file: str, timeout: float) -> ldap3.Server:
+    scheme, _, rest = uri.strip().partition("://")
+    scheme = scheme.lower()
+    rest = rest.rstrip("/")
+    if scheme == "ldapi":
+        from urllib.parse import unquote  # noqa: PLC0415
+
+        return ldap3.Server("ldapi://" + (unquote(rest) or "/var/run/slapd/ldapi"),
+                            get_info=ldap3.NONE, connect_timeout=timeout)
+    if scheme not in ("ldap", "ldaps"):
+        raise ValueError(f"unsupported directory URI {uri!r} (ldap://, ldaps://, ldapi://)")
+    tls = None
+    if scheme == "ldaps":
+        tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=ca_file or None)
+    return ldap3.Server(f"{scheme}://{rest}", use_ssl=scheme == "ldaps", tls=tls,
+                        get_info=ldap3.NONE, connect_timeout=timeout)
+
+
+def _bind_password(config: Config) -> str:
+    cfg = config.directory
+    if cfg.bind_password_file:
+        lines = Path(cfg.bind_password_file).read_text(encoding="utf-8").splitlines()
+        return lines[0] if lines else ""
+    return cfg.bind_password
+
+
+def _connect(config: Config, timeout: float, *, anonymous: bool = False) -> ldap3.Connection:
+    cfg = config.directory
+    server = _ldap_server(cfg.uri, cfg.ca_file, timeout)
+    options: dict[str, Any] = {"raise_exceptions": True, "receive_timeout": max(1, int(timeout)),
+                               "auto_bind": ldap3.AUTO_BIND_NONE, "check_names": False}
+    if anonymous:
+        options["authentication"] = ldap3.ANONYMOUS
+    elif cfg.bind_dn:
+        options.update(user=cfg.bind_dn, password=_bind_password(config),
+                       authentication=ldap3.SIMPLE)
+    elif server.ipc:
+        options.update(authentication=ldap3.SASL, sasl_mechanism=ldap3.EXTERNAL,
+                       sasl_credentials="")
+    else:
+        options["authentication"] = ldap3.ANONYMOUS
+    conn = ldap3.Connection(server, **options)
+    try:
+        conn.open()
+        conn.bind()
+    except BaseException:
+        _unbind(conn)
+        raise
+    return conn
+
+
+def _unbind(conn: ldap3.Connection) -> None:
+    with contextlib.suppress(Exception):  # closing a broken connection
+        conn.unbind()
+    sock = getattr(conn, "socket", None)  # ldap3 leaves the socket of a failed open()
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.close()
+
+
+def _identity(config: Config) -> str:
+    cfg = config.directory
+    if cfg.bind_dn:
+        return cfg.bind_dn
+    return "root (SASL EXTERNAL)" if cfg.uri.startswith("ldapi") else "anonymous"
+
+
+def _search(conn: ldap3.Connection, base: str, filt: str, attributes: list[str], *,
+            scope: str = ldap3.SUBTREE, size: int = 0, timeout: float = 5.0,
+            ) -> tuple[str, list[dict[str, Any]]]:
+    """(result description, entries); LDAP result errors are answers here, not exceptions."""
+    try:
+        conn.search(base, filt, search_scope=scope, attributes=attributes, size_limit=size,
+                    time_limit=max(1, int(timeout)))
+    except lex.LDAPOperationResult as exc:
+        return str(exc.description), []
+    entries = [r for r in conn.response or [] if r.get("type") == "searchResEntry"]
+    return str((conn.result or {}).get("description", "success")), entries
+
+
+def _raw(entry: dict[str, Any], name: str) -> list[bytes]:
+    for key, values in entry.get("raw_attributes", {}).items():
+        if key.lower() == name.lower():
+            return list(values)
+    return []
+
+
+def check_directory(config: Config, options: Options) -> Iterator[CheckResult]:
+    """directory, then (over the same connection) schema and acl."""
+    cfg = config.directory
+    wanted = [g for g in ("directory", "schema", "acl") if g not in options.skip]
+    if not wanted:
+        return
+    timeout = min(options.timeout, max(cfg.timeout, 2.0))
+    who = _identity(config)
+    try:
+        conn = _connect(config, timeout)
+    except (OSError, lex.LDAPException, ValueError) as exc:
+        if isinstance(exc, lex.LDAPBindError | lex.LDAPInvalidCredentialsResult) or (
+                "invalidCredentials" in str(exc)):
+            fix = (f"check bind_dn and bind_password(_file) in [directory]; test with "
+                   f"ldapwhoami -x -H {cfg.uri} -D '{cfg.bind_dn}' -W")
+            detail = f"bind as {who} at {cfg.uri} refused: {_why(exc)}"
+        elif isinstance(exc, OSError) and not isinstance(exc, lex.LDAPException):
+            fix = f"make bind_password_file readable ({cfg.bind_password_file})"
+            detail = f"cannot read the bind password: {_why(exc)}"
+        else:
+            fix = (f"start slapd, or correct [directory] uri; test with "
+                   f"ldapwhoami -x -H {cfg.uri}")
+            detail = f"{cfg.uri} unreachable: {_why(exc)}"
+        yield _fail("directory", detail, fix)
+        for group in ("schema", "acl"):
+            if group in wanted:
+                yield _skip(group, "needs the directory")
+        return
+    try:
+        if "directory" in wanted:
+            yield from _guarded("directory", lambda: _bound(conn, config, who, timeout))
+        if "schema" in wanted:
+            yield from _guarded("schema", lambda: _schema(conn, timeout))
+        if "acl" in wanted:
+            yield from _guarded("acl", lambda: _acls(conn, config, who, timeout))
+    finally:
+        _unbind(conn)
+
+
+def _bound(conn: ldap3.Connection, config: Config, who: str, timeout: float,
+           ) -> Iterator[CheckResult]:
+    cfg = config.directory
+    try:
+        identity = conn.extend.standard.who_am_i()
+    except lex.LDAPException:
+        identity = None
+    said = (identity or "").removeprefix("dn:")
+    yield _ok("directory", f"bound as {who} at {cfg.uri}"
+              + (f" (server says {identity})" if said and said.lower() != who.lower() else ""))
+    if not cfg.bind_dn and who.startswith("root"):
+        yield CheckResult("directory", True, "the milter binds as root over ldapi://: "
+                          "the ACL checks below say little", "bind as the milter's own "
+                          "account (bind_dn = cn=milter,ou=services,...)", warning=True)
+    description, entries = _search(conn, cfg.pending_base, "(objectClass=*)", ["1.1"],
+                                   scope=ldap3.BASE, timeout=timeout)
+    if description == "noSuchObject" or (description == "success" and not entries):
+        yield _fail("directory", f"pending_base {cfg.pending_base} does not exist or is "
+                    "not visible", "add it (ldap/milter-wkd-entries.ldif) or correct "
+                    "[directory] pending_base")
+
+
+def _schema(conn: ldap3.Connection, timeout: float) -> Iterator[CheckResult]:
+    description, root = _search(conn, "", "(objectClass=*)", ["subschemaSubentry"],
+                                scope=ldap3.BASE, timeout=timeout)
+    values = _raw(root[0], "subschemaSubentry") if root else []
+    subschema = values[0].decode() if values else "cn=Subschema"
+    description, entries = _search(conn, subschema, "(objectClass=subschema)",
+                                   ["objectClasses", "attributeTypes"], scope=ldap3.BASE,
+                                   timeout=timeout)
+    if not entries:
+        yield _fail("schema", f"cannot read {subschema} ({description})",
+                    "allow reading the subschema entry (frontend ACL: "
+                    "to dn.base=\"cn=Subschema\" by * read)")
+        return
+    names = set()
+    for value in _raw(entries[0], "objectClasses") + _raw(entries[0], "attributeTypes"):
+        match = re.search(rb"NAME\s+(?:'([^']+)'|\(\s*'([^']+)')", value)
+        if match:
+            names.add((match.group(1) or match.group(2)).decode().lower())
+    missing = [n for n in (*SCHEMA_CLASSES, *SCHEMA_ATTRIBUTES) if n.lower() not in names]
+    if missing:
+        yield _fail("schema", f"{subschema} lacks {', '.join(missing)}", _SCHEMA_FIX)
+    else:
+        yield _ok("schema", f"{subschema} has {', '.join(SCHEMA_CLASSES)} and "
+                  f"{', '.join(SCHEMA_ATTRIBUTES)}")
+
+
+def _acls(conn: ldap3.Connection, config: Config, who: str, timeout: float,
+          ) -> Iterator[CheckResult]:
+    cfg = config.directory
+    # 1. The account reads users' addresses, never their passwords.
+    presence = "".join(f"({escape_filter_chars(a, 'utf-8')}=*)" for a in cfg.mail_attributes)
+    filt = f"(&{cfg.user_filter}(|{presence}))"
+    description, entries = _search(conn, cfg.base_dn, filt,
+                                   [*cfg.mail_attributes, "userPassword"], size=1,
+                                   timeout=timeout)
+    addresses = [v for a in cfg.mail_attributes for v in _raw(entries[0], a)] if entries else []
+    if not addresses:
+        yield _fail("acl", f"{who} finds no user with {'/'.join(cfg.mail_attributes)} below "
+                    f"{cfg.base_dn} ({description})", "check [directory] base_dn, user_filter "
+                    f"and mail_attributes; {_ACL_FIX}")
+    else:
+        yield _ok("acl", f"{who} reads {'/'.join(cfg.mail_attributes)} of users "
+                  f"({entries[0]['dn']})")
+        if _raw(entries[0], "userPassword"):
+            yield _fail("acl", f"{who} can read userPassword of {entries[0]['dn']}",
+                        f"only `by anonymous auth` may touch userPassword; {_ACL_FIX}")
+    # 2. It lists pending requests and may create and delete one.
+    description, _ = _search(conn, cfg.pending_base, f"(objectClass={PENDING_CLASS})",
+                             ["1.1"], scope=ldap3.LEVEL, timeout=timeout)
+    if description not in ("success", "sizeLimitExceeded"):
+        yield _fail("acl", f"{who} cannot search {cfg.pending_base}: {description}", _ACL_FIX)
+    yield from _pending_write_probe(config, who)
+    # 3. Anonymous: no enumeration, but what dirmngr needs.
+    yield from _anonymous(config, timeout)
+
+
+def _pending_write_probe(config: Config, who: str) -> Iterator[CheckResult]:
+    cfg = config.directory
+    domain = config.domains[0] if config.domains else DomainConfig()
+    nonce = "check" + secrets.token_hex(12)
+    now = int(time.time())
+    request = PendingRequest(nonce, Address.parse(domain.submission_address),
+                             Fingerprint.parse("0" * 40), b"milter-wkd check probe",
+                             now, now + 60)
+    with Directory(cfg) as store:
+        try:
+            store.create_pending(request)
+        except MilterWkdError as exc:
+            yield _fail("acl", f"{who} cannot create a pending request below "
+                        f"{cfg.pending_base}: {exc.reason}", _ACL_FIX)
+            return
+        try:
+            store.delete_pending(nonce)
+        except MilterWkdError as exc:
+            yield _fail("acl", f"{who} created wkdNonce={nonce} but cannot delete it: "
+                        f"{exc.reason}", f"{_ACL_FIX}; then `milter-wkd pending expire`")
+            return
+    yield _ok("acl", f"{who} creates and deletes pending requests below {cfg.pending_base}")
+
+
+def _anonymous(config: Config, timeout: float) -> Iterator[CheckResult]:
+    cfg = config.directory
+    anon = _connect(config, timeout, anonymous=True)
+    try:
+        presence = "".join(f"({escape_filter_chars(a, 'utf-8')}=*)"
+                           for a in cfg.mail_attributes)
+        description, entries = _search(anon, cfg.base_dn, f"(|{presence})",
+                                       list(cfg.mail_attributes), timeout=timeout)
+        if entries:
+            yield _fail("acl", f"anonymous enumerates addresses: (|{presence}) below "
+                        f"{cfg.base_dn} returned {len(entries)} entries",
+                        "anonymous must not search mail attributes, and its size limit "
+                        f"must refuse unchecked searches (size.unchecked=1); {_ACL_FIX}")
+        else:
+            yield _ok("acl", f"anonymous cannot enumerate addresses ({description})")
+        description, root = _search(anon, "", "(objectClass=*)", ["namingContexts"],
+                                    scope=ldap3.BASE, timeout=timeout)
+        contexts = [v.decode() for v in _raw(root[0], "namingContexts")] if root else []
+        suffix = next((c for c in contexts if cfg.base_dn.lower().endswith(c.lower())), None)
+        if suffix is None:
+            yield CheckResult("acl", True, "anonymous sees no namingContexts holding "
+                              f"{cfg.base_dn}: dirmngr (ldap://) cannot find the keys",
+                              "allow anonymous to read the rootDSE", warning=True)
+            return
+        info = f"cn=pgpServerInfo,{suffix}"
+        description, entries = _search(anon, info, "(objectClass=*)", ["pgpBaseKeySpaceDN"],
+                                       scope=ldap3.BASE, timeout=timeout)
+        if entries:
+            yield _ok("acl", f"anonymous reads {info} (dirmngr's ldap:// keyserver)")
+        else:
+            yield CheckResult("acl", True, f"anonymous cannot read {info} ({description}): "
+                              "gpg --keyserver ldap://... will not work",
+                              "add it (ldap/milter-wkd-entries.ldif) and its read rule "
+                              "(30-access.ldif)", warning=True)
+    finally:
+        _unbind(anon)
+
+
+# -- keys ------------------------------------------------------------------------------
+
+
+def check_submission_key(domain: DomainConfig) -> Iterator[CheckResult]:
+    name = "submission-key"
+    secret_path, public_path = Path(domain.submission_key), Path(domain.submission_public_key)
+    fix_init = f"run `milter-wkd domain init --config FILE` for {domain.name}"
+    try:
+        secret = secret_path.read_bytes()
+    except OSError as exc:
+        yield _fail(name, f"{domain.name}: cannot read {secret_path}: {exc.strerror}",
+                    f"{fix_init}, or make the file readable by the milter's user")
+        return
+    try:
+        public = public_path.read_bytes()
+    except OSError as exc:
+        yield _fail(name, f"{domain.name}: cannot read {public_path}: {exc.strerror}",
+                    "export the public key there (gpg --export --armor) or run "
+                    "`milter-wkd domain init`")
+        return
+    try:
+        info = openpgp.inspect_key(public)
+    except MilterWkdError as exc:
+        yield _fail(name, f"{domain.name}: {public_path} is not a usable public key: "
+                    f"{exc.reason}", fix_init)
+        return
+    probe = b"milter-wkd check " + secrets.token_bytes(16)
+    try:
+        signer = messages.verify_detached(probe, messages.sign_detached(probe, secret), public)
+        plain = messages.decrypt(messages.encrypt(probe, [public]), secret)
+    except MilterWkdError as exc:
+        yield _fail(name, f"{domain.name}: {secret_path} and {public_path} do not work "
+                    f"together: {exc.reason}", "the public key file must be the public "
+                    "part of the secret key (unprotected): re-export it, or run "
+                    "`milter-wkd domain init` after removing both")
+        return
+    if plain != probe:
+        yield _fail(name, f"{domain.name}: decrypting with {secret_path} gave other data",
+                    "re-create the key pair with `milter-wkd domain init`")
+        return
+    problems = []
+    if not any(a.key == Address.parse(domain.submission_address).key for a in info.addresses):
+        problems.append(f"it has no user ID for {domain.submission_address}")
+    if secret_path.stat().st_mode & stat.S_IROTH:
+        problems.append(f"{secret_path} is world-readable")
+    if problems:
+        yield _fail(name, f"{domain.name}: key {info.fingerprint}: {'; '.join(problems)}",
+                    "chmod 0600 the secret key (owned by the milter's user); the key's "
+                    "user ID must be the submission address")
+        return
+    yield _ok(name, f"{domain.name}: {secret_path} signs and decrypts for "
+              f"{info.fingerprint} ({public_path.name}, signing key {signer.key_id})")
+
+
+def check_dkim(config: Config, domain: DomainConfig, dns: bool) -> Iterator[CheckResult]:
+    if not domain.dkim_key:
+        if config.milter.dkim_sign_outgoing:
+            yield _fail("dkim", f"{domain.name}: dkim_sign_outgoing is on but no dkim_key "
+                        "is configured", "set dkim_key in [[domains]] and run "
+                        "`milter-wkd domain init`")
+        else:
+            yield _skip("dkim", f"{domain.name}: no dkim_key (generated mail is not "
+                        "DKIM-signed by milter-wkd)")
+        return
+    try:
+        key = dkim.load_key(Path(domain.dkim_key), domain.name, domain.dkim_selector)
+    except MilterWkdError as exc:
+        yield _fail("dkim", f"{domain.name}: {exc.reason}",
+                    "run `milter-wkd domain init` to create it (then publish the TXT record "
+                    "it prints), or correct dkim_key")
+        return
+    yield _ok("dkim", f"{domain.name}: {key.algorithm} key {domain.dkim_key} "
+              f"(selector {domain.dkim_selector})")
+    if not dns:
+        yield _skip("dkim", f"{key.dns_name()} TXT not looked up (offline default; --dns)")
+        return
+    yield from _dkim_dns(key)
+
+
+def _dkim_dns(key: dkim.DkimKey) -> Iterator[CheckResult]:
+    import dns.exception  # noqa: PLC0415 - only with --dns
+    import dns.resolver  # noqa: PLC0415
+
+    expected = f"DNS: {key.dns_name()}. IN TXT \"{key.dns_record()}\""
+    try:
+        answer = dns.resolver.resolve(key.dns_name(), "TXT", lifetime=5.0)
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        yield _fail("dkim", f"no TXT record at {key.dns_name()}", f"publish {expected}")
+        return
+    except dns.exception.DNSException as exc:
+        yield _skip("dkim", f"DNS lookup of {key.dns_name()} failed: {_why(exc)}")
+        return
+    records = [b"".join(r.strings).decode("ascii", "replace") for r in answer]
+    published = [re.sub(r"\s+", "", r) for r in records]
+    if any(f"p={key.public_b64()}" in r.split(";") for r in published):
+        yield _ok("dkim", f"{key.dns_name()} TXT carries the key")
+    else:
+        yield _fail("dkim", f"{key.dns_name()} TXT does not carry this key "
+                    f"({records[0][:60]!r}...)", f"publish {expected}")
+
+
+# -- WKD over HTTPS ----------------------------------------------------------------------
+
+
+class _Connection(http.client.HTTPSConnection):
+    """HTTPS to `address` (when given) while validating, and asking for, the URL's host."""
+
+    def __init__(self, host: str, port: int, *, address: tuple[str, int] | None,
+                 tls: ssl.SSLContext, timeout: float) -> None:
+        super().__init__(host, port, context=tls, timeout=timeout)
+        self._address = address
+        self._tls = tls
+
+    def connect(self) -> None:
+        target = self._address or (self.host, self.port)
+        raw = socket.create_connection(target, self.timeout)
+        try:
+            self.sock = self._tls.wrap_socket(raw, server_hostname=self.host)
+        except BaseException:
+            raw.close()
+            raise
+
+
+@dataclass(frozen=True, slots=True)
+class HttpAnswer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def https_get(url: str, *, ca_file: str | None, connect: tuple[str, int] | None,
+              timeout: float) -> HttpAnswer:
+    """GET url with certificate validation; raises OSError/ssl/http.client errors."""
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ValueError(f"not an https URL: {url}")
+    tls = ssl.create_default_context(cafile=ca_file)
+    conn = _Connection(parts.hostname, parts.port or 443, address=connect, tls=tls,
+                       timeout=timeout)
+    try:
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        conn.request("GET", path, headers={"User-Agent": "milter-wkd-check"})
+        response = conn.getresponse()
+        body = response.read(MAX_BODY)
+        return HttpAnswer(response.status, {k.lower(): v for k, v in response.getheaders()},
+                          body)
+    finally:
+        conn.close()
+
+
+def check_policy(body: bytes, domain: DomainConfig) -> list[str]:
+    """What is wrong with a served policy file (empty: nothing)."""
+    problems = []
+    if not body:
+        return ["it is empty"]
+    if not body.endswith(b"\n"):
+        problems.append("its last line does not end in LF (gpg-wks-client: 'Line too long')")
+    if b"\r" in body:
+        problems.append("it has CR characters (lines must end in LF only)")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return [*problems, "it is not UTF-8"]
+    values: dict[str, str] = {}
+    for line in text.replace("\r", "").splitlines():
+        keyword, _, value = line.partition(":")
+        if keyword.strip() and not keyword.strip().startswith("#"):
+            values[keyword.strip().lower()] = value.strip()
+    address = values.get("submission-address")
+    if address is None:
+        problems.append("no submission-address line")
+    elif address.lower() != domain.submission_address.lower():
+        problems.append(f"submission-address is {address}, the config says "
+                        f"{domain.submission_address}")
+    if ("auth-submit" in values) != domain.auth_submit:
+        problems.append("auth-submit " + ("missing" if domain.auth_submit else "advertised")
+                        + f" (the config says auth_submit = {str(domain.auth_submit).lower()})")
+    if ("mailbox-only" in values) != domain.mailbox_only:
+        problems.append("mailbox-only " + ("missing" if domain.mailbox_only else "advertised")
+                        + f" (the config says mailbox_only = {str(domain.mailbox_only).lower()})")
+    if "protocol-version" not in values:
+        problems.append("no protocol-version line")
+    return problems
+
+
+def _wkd_fix(domain: str) -> str:
+    return (f"run `milter-wkd web` (or the reverse proxy) for {domain} and openpgpkey.{domain} "
+            "with this config")
+
+
+def check_wkd(domain: DomainConfig, options: Options) -> Iterator[CheckResult]:
+    base = options.wkd_url.replace("{domain}", domain.name.lower())
+    if not base.endswith("/"):
+        base += "/"
+    host = urlsplit(base).hostname or "?"
+    via = (f" via {options.wkd_connect[0]}:{options.wkd_connect[1]}"
+           if options.wkd_connect else "")
+
+    def get(url: str) -> HttpAnswer:
+        return https_get(url, ca_file=options.ca_file, connect=options.wkd_connect,
+                         timeout=options.timeout)
+
+    try:
+        policy = get(base + "policy")
+    except ssl.SSLCertVerificationError as exc:
+        yield _fail("wkd", f"{domain.name}: certificate of {host} not valid: "
+                    f"{exc.verify_message or _why(exc)}",
+                    f"install a certificate for {host} and {domain.name} from a public CA "
+                    "(WKD clients use the system store), with its chain")
+        return
+    except (OSError, ssl.SSLError, http.client.HTTPException, ValueError) as exc:
+        yield _fail("wkd", f"{domain.name}: {base}policy{via}: {_why(exc)}", _wkd_fix(domain.name)
+                    + f"; {host} must resolve to it (DNS A/AAAA)")
+        return
+    if policy.status != 200:
+        yield _fail("wkd", f"{domain.name}: {base}policy answered {policy.status}",
+                    _wkd_fix(domain.name))
+        return
+    problems = check_policy(policy.body, domain)
+    if problems:
+        yield _fail("wkd", f"{domain.name}: policy file: {'; '.join(problems)}",
+                    _wkd_fix(domain.name))
+    else:
+        yield _ok("wkd", f"{domain.name}: {base}policy (certificate valid, "
+                  f"submission-address {domain.submission_address})")
+    submission = get(base + "submission-address")
+    if submission.status != 200 or submission.body != (
+            domain.submission_address.encode() + b"\n"):
+        yield _fail("wkd", f"{domain.name}: submission-address file: {submission.status} "
+                    f"{submission.body[:80]!r}", _wkd_fix(domain.name))
+    yield from _wkd_submission_key(domain, base, get)
+
+
+def _wkd_submission_key(domain: DomainConfig, base: str, get: Callable[[str], HttpAnswer],
+                        ) -> Iterator[CheckResult]:
+    address = Address.parse(domain.submission_address)
+    url = f"{base}hu/{address_hash(address)}?l={quote(address.local, safe='')}"
+    try:
+        expected = openpgp.inspect_key(Path(domain.submission_public_key).read_bytes())
+    except (OSError, MilterWkdError) as exc:
+        yield _skip("wkd", f"{domain.name}: submission key not compared "
+                    f"(submission_public_key unusable: {_why(exc)})")
+        return
+    answer = get(url)
+    if answer.status != 200:
+        yield _fail("wkd", f"{domain.name}: the key of {address} is not served ({url}: "
+                    f"{answer.status})", f"{_wkd_fix(domain.name)}; submission_public_key "
+                    "must be readable by the responder")
+        return
+    try:
+        served = openpgp.inspect_key(answer.body)
+    except MilterWkdError as exc:
+        yield _fail("wkd", f"{domain.name}: {url} is not a key: {exc.reason}",
+                    _wkd_fix(domain.name))
+        return
+    problems = []
+    if served.fingerprint != expected.fingerprint:
+        problems.append(f"serves {served.fingerprint}, submission_public_key is "
+                        f"{expected.fingerprint}")
+    if answer.headers.get("access-control-allow-origin") != "*":
+        problems.append("no `Access-Control-Allow-Origin: *` (browser clients need it)")
+    if problems:
+        yield _fail("wkd", f"{domain.name}: key of {address}: {'; '.join(problems)}",
+                    _wkd_fix(domain.name))
+    else:
+        yield _ok("wkd", f"{domain.name}: serves {expected.fingerprint} for {address} "
+                  "(with CORS)")
+
+
+# -- Postfix, the milter socket, Dovecot ----------------------------------------------
+
+
+def parse_postconf(text: str) -> dict[str, str]:
+    """`name = value` lines (continuation lines start with white space) into a dict."""
+    params: dict[str, str] = {}
+    last = None
+    for line in text.splitlines():
+        if line[:1].isspace() and last is not None:
+            params[last] = f"{params[last]} {line.strip()}".strip()
+            continue
+        name, sep, value = line.partition("=")
+        if sep:
+            last = name.strip()
+            params[last] = value.strip()
+    return params
+
+
+def milter_entries(value: str) -> list[str]:
+    """The milter addresses of a smtpd_milters value (separators: space and comma;
+    a `{ address, option=... }` group counts as its address)."""
+    entries: list[str] = []
+    for group in re.finditer(r"\{([^}]*)\}|([^\s,{}]+)", value):
+        if group.group(1) is not None:
+            first = re.split(r"[\s,]+", group.group(1).strip())
+            if first and first[0]:
+                entries.append(first[0])
+        else:
+            entries.append(group.group(2))
+    return entries
+
+
+def postfix_milter_address(socket_spec: str) -> str:
+    """Our [milter] socket (pymilter syntax) as Postfix names it."""
+    kind, _, rest = socket_spec.partition(":")
+    kind = kind.lower()
+    if kind in ("unix", "local"):
+        return f"unix:{rest}"
+    if kind in ("inet", "inet6") and "@" in rest:
+        port, _, host = rest.partition("@")
+        return f"{kind}:{host}:{port}"
+    return socket_spec
+
+
+def _same_milter(entry: str, ours: str) -> bool:
+    def norm(value: str) -> str:
+        kind, _, rest = value.partition(":")
+        return ("unix" if kind.lower() in ("unix", "local") else kind.lower()) + ":" + rest
+    return norm(entry) == norm(ours)
+
+
+def check_postfix_params(params: dict[str, str], milter_socket: str, where: str,
+                         ) -> list[CheckResult]:
+    """The milter settings of `postconf` output, judged."""
+    results = []
+    ours = postfix_milter_address(milter_socket)
+    for name in ("smtpd_milters", "non_smtpd_milters"):
+        entries = milter_entries(params.get(name, ""))
+        if not any(_same_milter(e, ours) for e in entries):
+            results.append(_fail("postfix", f"{name} in {where} lacks {ours} "
+                                 f"(is: {params.get(name) or 'empty'})",
+                                 f"postconf -c {where} -e '{name} = {ours}' "
+                                 "(first in the list), then postfix reload"))
+        elif not _same_milter(entries[0], ours):
+            results.append(_fail("postfix", f"{name} in {where}: {ours} is not first "
+                                 f"({params.get(name)})", "put milter-wkd first: later "
+                                 "milters (DKIM signers) must see the Autocrypt header"))
+        else:
+            results.append(_ok("postfix", f"{name} = {params.get(name)}"))
+    action = params.get("milter_default_action", "")
+    if action == "tempfail":
+        results.append(_ok("postfix", "milter_default_action = tempfail"))
+    elif action == "accept":
+        results.append(CheckResult(
+            "postfix", True, "milter_default_action = accept: while the milter is down, "
+            "submissions and outgoing mail pass unhandled",
+            f"postconf -c {where} -e 'milter_default_action = tempfail'", warning=True))
+    else:
+        results.append(_fail("postfix", f"milter_default_action = {action or '(unset)'}",
+                             f"postconf -c {where} -e 'milter_default_action = tempfail'"))
+    if params.get("milter_protocol") != "6":
+        results.append(_fail("postfix", f"milter_protocol = {params.get('milter_protocol')}",
+                             f"postconf -c {where} -e 'milter_protocol = 6'"))
+    else:
+        results.append(_ok("postfix", "milter_protocol = 6"))
+    if "{auth_authen}" not in params.get("milter_mail_macros", "").split():
+        results.append(_fail("postfix", "milter_mail_macros lacks {auth_authen}: the milter "
+                             "cannot see who logged in", f"postconf -c {where} -e "
+                             "'milter_mail_macros = i {auth_type} {auth_authen} {auth_author} "
+                             "{mail_addr} {mail_host} {mail_mailer}'"))
+    else:
+        results.append(_ok("postfix", "milter_mail_macros has {auth_authen}"))
+    return results
+
+
+def run_postconf(config_dir: str, timeout: float) -> dict[str, str]:
+    """postconf's view of config_dir; raises RuntimeError with postconf's complaint."""
+    proc = subprocess.run(["postconf", "-c", config_dir, *POSTCONF_PARAMETERS],
+                          capture_output=True, timeout=timeout, check=False,
+                          stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        complaint = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise RuntimeError(complaint[-1] if complaint else f"postconf exited with "
+                           f"{proc.returncode}")
+    return parse_postconf(proc.stdout.decode(errors="replace"))
+
+
+def check_postfix(config: Config, options: Options, params: dict[str, str] | None,
+                  error: str | None) -> Iterator[CheckResult]:
+    where = options.postfix_config_dir
+    if params is None:
+        yield _fail("postfix", f"postconf -c {where}: {error}",
+                    "install Postfix, or give its config directory with --postfix-config-dir")
+        return
+    yield from check_postfix_params(params, config.milter.socket, where)
+
+
+def milter_negotiates(socket_spec: str, timeout: float) -> str:
+    """Connect to a milter (pymilter syntax), offer SMFIC_OPTNEG, return its version text;
+    raises OSError or ValueError."""
+    kind, _, rest = socket_spec.partition(":")
+    family: socket.AddressFamily
+    target: Any
+    if kind.lower() in ("unix", "local"):
+        family, target = socket.AF_UNIX, rest
+    elif kind.lower() in ("inet", "inet6") and "@" in rest:
+        port, _, host = rest.partition("@")
+        family = socket.AF_INET6 if kind.lower() == "inet6" else socket.AF_INET
+        target = (host or "127.0.0.1", int(port))
+    else:
+        raise ValueError(f"unknown milter socket {socket_spec!r} (unix:/path, inet:PORT@HOST)")
+    with socket.socket(family, socket.SOCK_STREAM) as conn:
+        conn.settimeout(timeout)
+        conn.connect(target)
+        conn.sendall(struct.pack("!IcIII", 13, b"O", 6, 0x1FF, 0x1FFFFF))
+        header = _read_exactly(conn, 5)
+        length, command = struct.unpack("!Ic", header)
+        body = _read_exactly(conn, min(length - 1, 4096)) if length > 1 else b""
+        if command != b"O" or len(body) < 4:
+            raise ValueError(f"unexpected answer {command!r} to option negotiation")
+        with contextlib.suppress(OSError):
+            conn.sendall(struct.pack("!Ic", 1, b"Q"))
+        return f"milter protocol {struct.unpack('!I', body[:4])[0]}"
+
+
+def _read_exactly(conn: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = conn.recv(count - len(data))
+        if not chunk:
+            raise ValueError("the peer closed the connection")
+        data += chunk
+    return data
+
+
+def check_milter(config: Config, options: Options) -> Iterator[CheckResult]:
+    spec = config.milter.socket
+    try:
+        version = milter_negotiates(spec, options.timeout)
+    except (OSError, ValueError) as exc:
+        yield _fail("milter", f"{spec} does not answer: {_why(exc)}",
+                    "start it: milter-wkd milter --config FILE (systemd: milter-wkd.service); "
+                    "[milter] socket must be where Postfix looks")
+        return
+    yield _ok("milter", f"{spec} answers ({version})")
+
+
+def parse_auth_handshake(text: str) -> tuple[str | None, list[str]]:
+    """(the VERSION line's major.minor, the MECH names) of a Dovecot auth server handshake."""
+    version = None
+    mechanisms = []
+    for line in text.split("\n"):
+        fields = line.split("\t")
+        if fields[0] == "VERSION" and len(fields) >= 3:
+            version = f"{fields[1]}.{fields[2]}"
+        elif fields[0] == "MECH" and len(fields) >= 2:
+            mechanisms.append(fields[1].upper())
+    return version, mechanisms
+
+
+def dovecot_handshake(path: str, timeout: float) -> str:
+    """Talk the Dovecot auth protocol (client side) on a unix socket; the server's lines."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(timeout)
+        conn.connect(path)
+        conn.sendall(f"VERSION\t1\t1\nCPID\t{os.getpid()}\n".encode())
+        data = b""
+        while b"\nDONE\n" not in b"\n" + data and len(data) < 65536:
+            try:
+                chunk = conn.recv(4096)
+            except ConnectionResetError:  # a peer that does not speak the protocol
+                break
+            if not chunk:
+                break
+            data += chunk
+    return data.decode("utf-8", "replace")
+
+
+def dovecot_socket(options: Options, params: dict[str, str] | None) -> str:
+    if options.dovecot_auth_socket:
+        return options.dovecot_auth_socket
+    if params and params.get("smtpd_sasl_type") == "dovecot" and params.get("smtpd_sasl_path"):
+        path = params["smtpd_sasl_path"]
+        if not path.startswith("/") and params.get("queue_directory"):
+            path = f"{params['queue_directory'].rstrip('/')}/{path}"
+        if path.startswith("/"):
+            return path
+    return DEFAULT_DOVECOT_SOCKET
+
+
+def check_dovecot(options: Options, params: dict[str, str] | None) -> Iterator[CheckResult]:
+    path = dovecot_socket(options, params)
+    fix = ("start Dovecot with the `service auth { unix_listener ... }` of "
+           "dovecot/milter-wkd.conf; Postfix's smtpd_sasl_path must name the same socket "
+           "(or pass --dovecot-auth-socket)")
+    if not Path(path).exists():
+        yield _fail("dovecot", f"SASL socket {path} does not exist", fix)
+        return
+    try:
+        text = dovecot_handshake(path, options.timeout)
+    except OSError as exc:
+        yield _fail("dovecot", f"SASL socket {path}: {_why(exc)}", fix)
+        return
+    version, mechanisms = parse_auth_handshake(text)
+    if version is None or not version.startswith("1."):
+        yield _fail("dovecot", f"{path} does not speak the Dovecot auth protocol "
+                    f"({text[:60]!r})", fix)
+    elif "PLAIN" not in mechanisms:
+        yield _fail("dovecot", f"{path} offers no PLAIN ({', '.join(mechanisms) or 'nothing'})",
+                    "auth_mechanisms = plain login (dovecot/milter-wkd.conf)")
+    else:
+        yield _ok("dovecot", f"SASL socket {path} speaks auth protocol {version} "
+                  f"({' '.join(mechanisms)})")
+
+
+# -- all of it --------------------------------------------------------------------------
+
+
+def run(config: Config, options: Options) -> Iterator[CheckResult]:
+    """Every check not in options.skip, in order; never raises."""
+    skip = options.skip
+    yield from _guarded("directory", lambda: check_directory(config, options))
+    for domain in config.domains:
+        if "submission-key" not in skip:
+            yield from _guarded("submission-key", partial(check_submission_key, domain))
+        if "dkim" not in skip:
+            yield from _guarded("dkim", partial(check_dkim, config, domain, options.dns))
+        if "wkd" not in skip:
+            yield from _guarded("wkd", partial(check_wkd, domain, options))
+    params: dict[str, str] | None = None
+    error: str | None = None
+    if "postfix" not in skip or ("dovecot" not in skip and not options.dovecot_auth_socket):
+        try:
+            params = run_postconf(options.postfix_config_dir, options.timeout)
+        except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+            error = _why(exc)
+    if "postfix" not in skip:
+        yield from _guarded("postfix", lambda: check_postfix(config, options, params, error))
+    if "milter" not in skip:
+        yield from _guarded("milter", lambda: check_milter(config, options))
+    if "dovecot" not in skip:
+        yield from _guarded("dovecot", lambda: check_dovecot(options, params))
