@@ -276,3 +276,24 @@ def test_stopped_slapd(sandbox: Sandbox, wkd: Wkd, capsys: pytest.CaptureFixture
         {"submission-key", "dkim", "wkd", "postfix", "milter", "dovecot"})))
     assert found
     assert all(r.ok for r in found), found
+
+
+def test_a_peer_that_never_answers_times_out(sandbox: Sandbox, wkd: Wkd, tmp_path: Path) -> None:
+    """A listening socket that nobody serves (the kernel completes the TCP handshake, then
+    nothing): the directory, WKD and milter probes each give up after their timeout."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
+        silent.bind((LOOPBACK, 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        path = config_copy(sandbox, tmp_path, uri=f'"ldap://{LOOPBACK}:{port}"\ntimeout = 1',
+                           socket=f'"inet:{port}@{LOOPBACK}"')
+        found = results(path, options(sandbox, wkd, wkd_connect=(LOOPBACK, port), timeout=1.0,
+                                      skip=frozenset({"postfix", "dovecot"})))
+    (directory_failure,) = failed(found, "directory")
+    assert directory_failure.detail.startswith(f"ldap://{LOOPBACK}:{port} unreachable: ")
+    (wkd_failure,) = failed(found, "wkd")
+    assert "timed out" in wkd_failure.detail
+    (milter_failure,) = failed(found, "milter")
+    assert milter_failure.detail == f"inet:{port}@{LOOPBACK} does not answer: timed out"
