@@ -19,6 +19,7 @@ from milter_wkd.openpgp import armor_key
 from milter_wkd.openpgp.messages import generate_submission_key
 from milter_wkd.sandbox import Sandbox
 from milter_wkd.sandbox.daemons import LOOPBACK, free_port
+from milter_wkd.sandbox.slapd import LDAP_DIR, PEERCRED_ROOT
 from milter_wkd.sandbox.wkd import WkdResponder
 from milter_wkd.values import Address
 from tests.support.mail import sandbox_fixture  # noqa: F401 (the `sandbox` fixture)
@@ -255,6 +256,38 @@ def test_wrong_account_and_wrong_pending_base(sandbox: Sandbox, wkd: Wkd,
     assert [r.detail for r in failed(found, "directory")] == [
         "pending_base ou=nowhere,dc=example,dc=org does not exist or is not visible"]
     assert any("cannot create a pending request" in r.detail for r in failed(found, "acl"))
+
+
+def test_acl_that_lets_anonymous_enumerate(sandbox: Sandbox, wkd: Wkd) -> None:
+    """An admin's too-open ACL (everyone reads everything, no size limit): the anonymous
+    and the milter's write checks fail. The shipped 30-access.ldif is applied again
+    afterwards, as the README says."""
+    sandbox.slapd.ldapmodify(f"""\
+dn: {sandbox.slapd.database_dn}
+changetype: modify
+replace: olcAccess
+olcAccess: to * by dn.exact="{PEERCRED_ROOT}" manage by * break
+olcAccess: to attrs=userPassword by anonymous auth by * none
+olcAccess: to * by * read
+-
+replace: olcLimits
+olcLimits: * size=unlimited
+""")
+    try:
+        found = results(sandbox.config_path, options(sandbox, wkd, skip=frozenset(
+            {"submission-key", "dkim", "wkd", "postfix", "milter", "dovecot"})))
+    finally:
+        sandbox.slapd.ldapmodify((LDAP_DIR / "config" / "30-access.ldif").read_text())
+    # Read-only for everyone: the milter lost its write access too.
+    write_failure, failure = failed(found, "acl")
+    assert "cannot create a pending request below ou=wks-pending" in write_failure.detail
+    assert failure.detail == ("anonymous enumerates addresses: (|(mail=*)(mailLocalAddress=*)) "
+                              "below ou=people,dc=example,dc=org returned 3 entries")
+    assert "size.unchecked=1" in failure.fix
+    # Put back: the check passes again.
+    found = results(sandbox.config_path, options(sandbox, wkd, skip=frozenset(
+        {"submission-key", "dkim", "wkd", "postfix", "milter", "dovecot"})))
+    assert not failed(found, "acl"), found
 
 
 def test_stopped_slapd(sandbox: Sandbox, wkd: Wkd, capsys: pytest.CaptureFixture[str]) -> None:
