@@ -44,12 +44,17 @@ class WkdMilter(Milter.Base):  # type: ignore[misc]
         self.tx = Transaction()
 
     # --- callbacks ----------------------------------------------------------------------
+    # Every callback but eom always continues: @noreply lets Postfix send the next step
+    # without waiting for our answer (benchmarks/milter.py: milter CPU 0.94 -> 0.84 ms per
+    # message, 0.65x -> 0.77x of the milter-less throughput).
 
+    @Milter.noreply
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
         if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
             self.client_ip = str(hostaddr[0])
         return CONTINUE
 
+    @Milter.noreply
     def envfrom(self, mail_from: str, *params: str) -> int:
         del params
         self.tx = Transaction(client_ip=self.client_ip,
@@ -58,16 +63,19 @@ class WkdMilter(Milter.Base):  # type: ignore[misc]
                               mail_from=mail_from.strip("<>"))
         return CONTINUE
 
+    @Milter.noreply
     def envrcpt(self, recipient: str, *params: str) -> int:
         del params
         self.tx.recipients.append(recipient.strip("<>"))
         return CONTINUE
 
+    @Milter.noreply
     def header(self, name: str, value: str) -> int:
         if len(self.tx.headers) < 2000:
             self.tx.headers.append((name, value))
         return CONTINUE
 
+    @Milter.noreply
     def eoh(self) -> int:
         try:
             self.tx.collect_body = self.service.wants_body(self.tx)
@@ -76,6 +84,7 @@ class WkdMilter(Milter.Base):  # type: ignore[misc]
             self.tx.collect_body = False
         return CONTINUE
 
+    @Milter.noreply
     def body(self, chunk: bytes) -> int:
         tx = self.tx
         if tx.collect_body and not tx.oversize:
