@@ -197,11 +197,12 @@ class MailService:
         limits = openpgp.Limits(max_input=self.config.keys.max_input_bytes)
         everything = openpgp.clean_key(submission.key, None, limits=limits)
         submission = dataclasses.replace(submission, key=everything.key)
+        addresses = list(everything.info.addresses)
         if tx.sasl_login and domain.auth_submit:
-            return self._authenticated(tx, domain, submission)
+            return self._authenticated(tx, domain, submission, addresses)
         if not domain.allow_unauthenticated:
             return Reject(550, "5.7.1", "Log in (SMTP AUTH) to publish keys")
-        return self._unauthenticated(tx, domain, submission)
+        return self._unauthenticated(tx, domain, submission, addresses)
 
     def _merge_and_publish(self, user: User, key: bytes, addresses: list[Address],
                            source: KeySource, actor: str) -> openpgp.CleanResult:
@@ -219,12 +220,8 @@ class MailService:
         self._forget_hints()
         return cleaned
 
-    def _key_addresses(self, key: bytes) -> list[Address]:
-        limits = openpgp.Limits(max_input=self.config.keys.max_input_bytes)
-        return list(openpgp.clean_key(key, None, limits=limits).info.addresses)
-
     def _authenticated(self, tx: Transaction, domain: DomainConfig,
-                       submission: wks.Submission) -> Reply:
+                       submission: wks.Submission, key_addresses: list[Address]) -> Reply:
         assert tx.sasl_login is not None  # noqa: S101 — checked by the caller
         try:
             login = Address.parse(tx.sasl_login)
@@ -235,7 +232,7 @@ class MailService:
             return Reject(550, "5.7.1", "The logged-in user is not in the key directory")
         own: list[Address] = []
         refused: list[str] = []
-        for address in self._key_addresses(submission.key):
+        for address in key_addresses:
             if user.owns(address):
                 own.append(address)
             elif address.domain in self._domains:
@@ -266,14 +263,14 @@ class MailService:
         return Discard("published")
 
     def _unauthenticated(self, tx: Transaction, domain: DomainConfig,
-                         submission: wks.Submission) -> Reply:
+                         submission: wks.Submission, key_addresses: list[Address]) -> Reply:
         now = int(self.clock())
         submission_address = Address.parse(domain.submission_address)
         secret = self._secret(domain)
         limits = openpgp.Limits(max_input=self.config.keys.max_input_bytes)
         sent = 0
         reasons: list[str] = []
-        for address in self._key_addresses(submission.key):
+        for address in key_addresses:
             if address.domain not in self._domains:
                 reasons.append(f"{address}: not a domain of this provider")
                 continue
