@@ -40,6 +40,8 @@ from milter_wkd.sandbox.milterd import PROCESS_NAME as MILTER_PROCESS
 from milter_wkd.sandbox.milterd import MilterDaemon
 from milter_wkd.sandbox.postfix import Endpoint, Postfix
 from milter_wkd.sandbox.slapd import Slapd
+from milter_wkd.sandbox.wkd import PROCESS_NAME as WKD_PROCESS
+from milter_wkd.sandbox.wkd import WkdResponder
 
 __all__ = ["Endpoint", "Sandbox", "SandboxError", "down", "start_detached"]
 
@@ -87,6 +89,10 @@ class Sandbox:
                                    if domain.name in DOMAINS],
                                dovecot_auth_socket=self.dovecot.auth_socket,
                                lmtp=self.dovecot.lmtp, milters=milters)
+        # The WKD responder (on 127.0.0.1:443 when that is free) serves the keys and the
+        # submission key, so gpg-wks-client and gpg --locate-keys need no fake options.
+        self.wkd = WkdResponder(self.dir / "wkd", self.slapd,
+                                submission_public_key=self.submission_public_key)
         # Daemon name -> pid of every daemon start() started (kept after stop, for checks).
         self.started: dict[str, int] = {}
         self.state_path = self.dir / STATE_NAME
@@ -137,6 +143,9 @@ class Sandbox:
             "submission_address": self.submission_address,
             "submission_public_key": str(self.submission_public_key),
             "dkim_key": str(self.dkim_key),
+            "wkd_url": self.wkd.wkd_url,
+            "wkd_port": self.wkd.port,
+            "ca_file": str(self.wkd.ca_file),
         }
 
     # -- files ------------------------------------------------------------------------
@@ -192,10 +201,11 @@ dkim_key = {_toml(str(self.dkim_key))}
         found: dict[str, dict[str, Any]] = {}
         if self.slapd.pid is not None:
             found["slapd"] = {"pid": self.slapd.pid, "name": "slapd", "pid_file": None}
-        daemons: list[tuple[str, Dovecot | Postfix | MilterDaemon, str]] = [
+        daemons: list[tuple[str, Dovecot | Postfix | MilterDaemon | WkdResponder, str]] = [
             ("dovecot", self.dovecot, "dovecot"), ("postfix", self.postfix, "master")]
         if self.milter is not None:
             daemons.append(("milter", self.milter, MILTER_PROCESS))
+        daemons.append(("wkd", self.wkd, WKD_PROCESS))
         for name, daemon, command in daemons:
             pid = daemon.pid
             if pid is not None:
@@ -223,10 +233,11 @@ dkim_key = {_toml(str(self.dkim_key))}
         starts; Postfix comes last so that no mail arrives before the milter answers."""
         try:
             self.write_state()
-            daemons: list[Slapd | Dovecot | MilterDaemon | Postfix] = [self.slapd, self.dovecot]
+            daemons: list[Slapd | Dovecot | MilterDaemon | Postfix | WkdResponder] = [
+                self.slapd, self.dovecot]
             if self.milter is not None:
                 daemons.append(self.milter)
-            daemons.append(self.postfix)
+            daemons += [self.postfix, self.wkd]
             for daemon in daemons:
                 if daemon is self.milter or (daemon is self.postfix and self.milter is None):
                     self.write_milter_config()
@@ -247,7 +258,8 @@ dkim_key = {_toml(str(self.dkim_key))}
     def stop(self) -> None:
         """Stop everything this sandbox started (reverse order); remove a temp dir it made."""
         errors: list[str] = []
-        stoppable: list[Postfix | MilterDaemon | Dovecot] = [self.postfix]
+        stoppable: list[WkdResponder | Postfix | MilterDaemon | Dovecot] = [
+            self.wkd, self.postfix]
         if self.milter is not None:
             stoppable.append(self.milter)
         stoppable.append(self.dovecot)
@@ -307,7 +319,7 @@ def down(directory: Path | str) -> list[str]:
         raise SandboxError(f"cannot read {state_path}: {exc}") from None
     stopped: list[str] = []
     errors: list[str] = []
-    for name in ("postfix", "milter", "dovecot", "slapd"):
+    for name in ("wkd", "postfix", "milter", "dovecot", "slapd"):
         entry = state.get("processes", {}).get(name)
         if entry is None:
             continue

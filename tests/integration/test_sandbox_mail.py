@@ -226,10 +226,10 @@ def test_sandbox_up_and_down_as_commands(sandbox_dir: Path) -> None:
         for key in ("smtp_inbound", "smtp_submission"):
             assert greeting(info[key]["host"], info[key]["port"]).startswith("220 ")
         assert greeting(info["imap"]["host"], info["imap"]["port"]).startswith("* OK")
-        assert set(info["pids"]) == {"slapd", "dovecot", "milter", "postfix"}
+        assert set(info["pids"]) == {"slapd", "dovecot", "milter", "postfix", "wkd"}
         assert info["milter_socket"].startswith("unix:")
         masters = set(info["pids"].values())
-        assert len(masters) == 4
+        assert len(masters) == 5
         tree = descendants(masters)
         # A second `up` into the same directory is refused and harms nothing.
         again = subprocess.run([*SANDBOX_COMMAND, "up", "--dir", str(directory)],
