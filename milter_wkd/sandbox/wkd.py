@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import http.client
+import os
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol
@@ -56,6 +59,27 @@ class DirectoryPeer(Protocol):
     def uri(self) -> str: ...
 
     suffix: str
+
+
+# granian binds with SO_REUSEPORT, so two responders on 127.0.0.1:443 would BOTH succeed
+# and split the connections between them. Whoever serves 443 holds this lock (flock) for
+# as long as its server runs: the server process inherits the locked descriptor, so the
+# claim outlives a `sandbox up` parent and ends with the server.
+PORT_LOCK = Path(tempfile.gettempdir()) / "milter-wkd-wkd-443.lock"
+
+
+def claim_port_443() -> int | None:
+    """A locked descriptor if 127.0.0.1:443 is ours to serve, else None."""
+    fd = os.open(PORT_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    if not port_443_free():  # someone else's server
+        os.close(fd)
+        return None
+    return fd
 
 
 def port_443_free() -> bool:
@@ -130,8 +154,9 @@ class WkdResponder:
                  refresh_interval: float = 0.1, tls: bool = True) -> None:
         self.workdir = Path(workdir)
         self.slapd = slapd
+        self._port_lock = claim_port_443() if port is None else None
         self.port = port if port is not None else (
-            WKD_PORT if port_443_free() else free_port())
+            WKD_PORT if self._port_lock is not None else free_port())
         self.submission_public_key = submission_public_key
         self.workers = workers
         self.refresh_interval = refresh_interval
@@ -198,7 +223,8 @@ submission_public_key = {_toml_string(str(public_key))}
                  "import sys; from milter_wkd.cli import main; sys.exit(main(sys.argv[1:]))",
                  "-v", "web", "--config", str(self.config_path)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                start_new_session=True,
+                pass_fds=() if self._port_lock is None else (self._port_lock,))
         finally:
             log.close()
         self.pid_file.write_text(f"{self._process.pid}\n", encoding="ascii")
@@ -242,6 +268,9 @@ submission_public_key = {_toml_string(str(public_key))}
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the server this object started (its own process group: granian's workers)."""
         process, self._process = self._process, None
+        if self._port_lock is not None:  # the server's inherited copy holds it till it ends
+            os.close(self._port_lock)
+            self._port_lock = None
         if process is None:
             pid = read_pid(self.pid_file)  # started by another process (sandbox up)
             if pid is not None:

@@ -350,3 +350,13 @@ def test_a_stopped_directory_leaves_the_memory_serving(site: Site) -> None:
     finally:
         site.slapd.start()
     assert until(lambda: served(site, "alice@example.org") is not None)
+
+
+def test_a_second_responder_does_not_share_port_443(site: Site, tmp_path: Path) -> None:
+    # granian binds with SO_REUSEPORT: without the port claim both would bind 443 and
+    # split the connections.
+    second = WkdResponder(tmp_path / "second", site.slapd)
+    try:
+        assert second.port != WKD_PORT
+    finally:
+        second.stop()
