@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import sys
 import time
 from typing import Any
 
@@ -29,6 +30,9 @@ from milter_wkd.cli.io import read_input, write_output
 from milter_wkd.directory import Directory, KeySource, Provenance, StoredKey
 from milter_wkd.errors import KeyRefused, NotFound
 from milter_wkd.values import Address
+
+# Inputs larger than this (a flooded key) get progress lines on stderr.
+PROGRESS_ABOVE = 1024 * 1024
 
 
 def register(sub: Any) -> None:
@@ -132,8 +136,15 @@ def _import(args: argparse.Namespace) -> int:
     data = read_input(args.input, cfg.keys.max_input_bytes)
     with Directory(cfg.directory) as directory:
         user = directory.user(address)
+        if len(data) > PROGRESS_ABOVE:
+            print(f"cleaning {len(data) / 2**20:.1f} MiB ...", file=sys.stderr, flush=True)
+        started = time.monotonic()
         cleaned = openpgp.clean_key(data, user.addresses,
                                     limits=openpgp.Limits(max_input=cfg.keys.max_input_bytes))
+        if len(data) > PROGRESS_ABOVE:
+            dropped = sum(n for kind, n in cleaned.stats.items() if kind.startswith("dropped:"))
+            print(f"cleaned in {time.monotonic() - started:.2f} s: {len(cleaned.key)} octets "
+                  f"kept, {dropped} packets dropped", file=sys.stderr, flush=True)
         if len(cleaned.key) > cfg.keys.max_published_bytes:
             raise KeyRefused(f"the cleaned key has {len(cleaned.key)} octets, more than "
                              f"max_published_bytes ({cfg.keys.max_published_bytes})")

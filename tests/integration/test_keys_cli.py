@@ -13,6 +13,7 @@ import pytest
 
 from milter_wkd.cli import main
 from milter_wkd.directory import Directory, KeySource
+from milter_wkd.sandbox.flood import flood_key
 from milter_wkd.sandbox.slapd import Slapd, _free_port
 from milter_wkd.values import Address
 from tests.support.gnupg import GnuPG
@@ -173,3 +174,18 @@ def test_list_show_export_disable(store: Directory, config_file: Path,
     assert missing.returncode == 2
     assert missing.stderr.startswith("refused: no key is published")
     assert cli("keys", "remove", "alice@example.org", *config).returncode == 0
+
+
+def test_import_of_a_flooded_key_shows_progress(store: Directory, config_file: Path,
+                                                tmp_path: Path,
+                                                gpg_keys: dict[str, Any]) -> None:
+    key = gpg_keys["bob"]
+    flooded = tmp_path / "flooded.pgp"
+    flooded.write_bytes(flood_key(key.gpg.export(key.fingerprint), 12_000))
+    proc = cli("keys", "import", "bob@example.org", str(flooded), "--config", str(config_file))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines()[0].startswith("cleaning 1.")
+    assert "12000 packets dropped" in proc.stderr.splitlines()[1]
+    stored = store.key_for(Address.parse("bob@example.org"))
+    assert stored is not None
+    assert len(stored.key) < 4096
