@@ -30,7 +30,6 @@ How to run (from the repository root, after `make venv`):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import signal
@@ -41,56 +40,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric import ed25519
-
-from milter_wkd.openpgp.packets import ARMOR_PUBLIC_KEY, TAG_USER_ID, armor, iter_packets
+from milter_wkd.openpgp.packets import ARMOR_PUBLIC_KEY, armor
+from milter_wkd.sandbox.flood import split_for_flood
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDRESS = "target@example.org"
 USER_ID = f"Flood Target <{ADDRESS}>"
-ED25519_OID = bytes.fromhex("2B06010401DA470F01")
-
-
-def header(tag: int, length: int) -> bytes:
-    if length < 192:
-        return bytes((0xC0 | tag, length))
-    if length < 8384:
-        length -= 192
-        return bytes((0xC0 | tag, (length >> 8) + 192, length & 0xFF))
-    return bytes((0xC0 | tag, 255)) + length.to_bytes(4, "big")
-
-
-def mpi(value: bytes) -> bytes:
-    value = value.lstrip(b"\0")
-    bits = len(value) * 8 - (8 - value[0].bit_length()) if value else 0
-    return bits.to_bytes(2, "big") + value
-
-
-def subpacket(kind: int, body: bytes) -> bytes:
-    return bytes((len(body) + 1, kind)) + body
-
-
-def throwaway_fingerprint(public: bytes, created: int) -> bytes:
-    body = (b"\x04" + created.to_bytes(4, "big") + b"\x16" + bytes((len(ED25519_OID),))
-            + ED25519_OID + mpi(b"\x40" + public))
-    return hashlib.sha1(b"\x99" + len(body).to_bytes(2, "big") + body).digest()  # noqa: S324
-
-
-def certification(signed_prefix: bytes, created: int) -> bytes:
-    """One v4 generic certification (0x10) by a fresh Ed25519 key over signed_prefix."""
-    secret = ed25519.Ed25519PrivateKey.generate()
-    public = secret.public_key().public_bytes_raw()
-    fpr = throwaway_fingerprint(public, created)
-    hashed = (subpacket(33, b"\x04" + fpr)
-              + subpacket(2, created.to_bytes(4, "big")))
-    head = b"\x04\x10\x16\x08" + len(hashed).to_bytes(2, "big") + hashed
-    trailer = head + b"\x04\xff" + len(head).to_bytes(4, "big")
-    digest = hashlib.sha256(signed_prefix + trailer).digest()
-    signature = secret.sign(digest)
-    unhashed = subpacket(16, fpr[-8:])
-    body = (head + len(unhashed).to_bytes(2, "big") + unhashed + digest[:2]
-            + mpi(signature[:32]) + mpi(signature[32:]))
-    return header(2, len(body)) + body
 
 
 # The target is made two years back, so that every certification is newer than it and
@@ -114,21 +69,6 @@ def make_target(home: Path) -> bytes:
                          capture_output=True).stdout
     subprocess.run(["gpgconf", "--kill", "all"], env=env, check=False)
     return key
-
-
-def flood(key: bytes, count: int) -> tuple[bytes, list[bytes], bytes]:
-    """(packets up to the user ID's self-signature, `count` certifications, the rest)."""
-    refs = list(iter_packets(key))
-    packets = [key[r.start : r.end] for r in refs]
-    primary_body = key[refs[0].body_start : refs[0].end]
-    uid_index = next(i for i, r in enumerate(refs) if r.tag == TAG_USER_ID)
-    uid = key[refs[uid_index].body_start : refs[uid_index].end]
-    prefix = (b"\x99" + len(primary_body).to_bytes(2, "big") + primary_body
-              + b"\xb4" + len(uid).to_bytes(4, "big") + uid)
-    start = int.from_bytes(primary_body[1:5], "big") + 3600
-    certs = [certification(prefix, start + i) for i in range(count)]
-    head = b"".join(packets[: uid_index + 2])
-    return head, certs, b"".join(packets[uid_index + 2 :])
 
 
 @dataclass
@@ -203,7 +143,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="flood-") as tmp_name:
         tmp = Path(tmp_name)
         began = time.perf_counter()
-        head, certs, tail = flood(make_target(tmp / "maker"), max(args.n, args.import_n))
+        head, certs, tail = split_for_flood(make_target(tmp / "maker"), max(args.n, args.import_n))
         full = tmp / "flooded.pgp"
         full.write_bytes(head + b"".join(certs[: args.n]) + tail)
         small = tmp / "flooded-small.pgp"

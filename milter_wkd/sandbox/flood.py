@@ -60,7 +60,7 @@ def split_for_flood(key: bytes, count: int) -> tuple[bytes, list[bytes], bytes]:
     uid = key[refs[uid_index].body_start : refs[uid_index].end]
     prefix = (b"\x99" + len(primary_body).to_bytes(2, "big") + primary_body
               + b"\xb4" + len(uid).to_bytes(4, "big") + uid)
-    start = int.from_bytes(primary_body[1:5], "big") + 60
+    start = int.from_bytes(primary_body[1:5], "big") + 3600
     certs = [certification(prefix, start + i) for i in range(count)]
     return b"".join(packets[: uid_index + 2]), certs, b"".join(packets[uid_index + 2 :])
 
