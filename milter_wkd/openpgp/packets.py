@@ -278,15 +278,15 @@ def _decode_base64(data: bytes, start: int, end: int) -> bytes:
               for at in range(start, padded_end, step))
     if bad or padding not in (b"", b"=", b"=="):
         raise KeyRefused("bad base64 in armor: characters outside the base64 alphabet")
-    white = sum(data.count(char, start, end) for char in (b" ", b"\t", b"\r", b"\n"))
-    characters = end - start - white
-    if characters % 4:
-        raise KeyRefused(f"bad base64 in armor: {characters} characters, not whole quantums")
-    with memoryview(data) as view:
-        try:
-            return binascii.a2b_base64(view[start:end])
-        except (binascii.Error, ValueError) as exc:
-            raise KeyRefused(f"bad base64 in armor: {exc}") from None
+    # One pass drops the line breaks (cheaper than counting each kind of white space);
+    # binascii then decodes the compact text faster too.
+    compact = data[start:end].translate(None, _WHITE)
+    if len(compact) % 4:
+        raise KeyRefused(f"bad base64 in armor: {len(compact)} characters, not whole quantums")
+    try:
+        return binascii.a2b_base64(compact)
+    except (binascii.Error, ValueError) as exc:
+        raise KeyRefused(f"bad base64 in armor: {exc}") from None
 
 
 def armor(label: str, binary: bytes) -> bytes:
