@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import smtplib
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -296,3 +297,24 @@ def test_oversize_submission_is_refused(sandbox: Sandbox) -> None:
         submit(sandbox, raw, "x@example.net")
     assert refused.value.smtp_code == 552
     assert refused.value.smtp_error.startswith(b"5.3.4")
+
+
+def test_pending_list_and_expire_commands(sandbox: Sandbox, tmp_path: Path) -> None:
+    dave = Address.parse("carol@example.org")
+    now = int(time.time())
+    nonce = wks.new_nonce()
+    with directory(sandbox) as store:
+        store.create_pending(PendingRequest(nonce, dave, Fingerprint.parse("A" * 40), b"\x99",
+                                            now - 100, now - 10))
+    command = [sys.executable, "-m", "milter_wkd", "pending"]
+    listed = subprocess.run([*command, "list", "--config", str(sandbox.config_path)],
+                            capture_output=True, text=True, check=True, timeout=60)
+    assert f"carol@example.org\t{'A' * 40}" in listed.stdout
+    assert "expired" in listed.stdout
+    expired = subprocess.run([*command, "expire", "--config", str(sandbox.config_path)],
+                             capture_output=True, text=True, check=True, timeout=60)
+    assert expired.stdout.startswith("expired ")
+    assert int(expired.stdout.split()[1]) >= 1
+    listed = subprocess.run([*command, "list", "--config", str(sandbox.config_path)],
+                            capture_output=True, text=True, check=True, timeout=60)
+    assert "A" * 40 not in listed.stdout
