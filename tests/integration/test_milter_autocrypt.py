@@ -5,6 +5,7 @@ delivers, IMAP reads the result; sq decodes the header; dkimpy verifies the sign
 from __future__ import annotations
 
 import base64
+import dataclasses
 import smtplib
 import subprocess
 import time
@@ -15,9 +16,14 @@ from pathlib import Path
 import pytest
 
 from milter_wkd import autocrypt, dkim
-from milter_wkd.directory import KeySource, Provenance
+from milter_wkd.config import load
+from milter_wkd.directory import Directory, KeySource, Provenance
+from milter_wkd.mailer import DirectoryMailer
 from milter_wkd.openpgp import autocrypt_keydata, clean_key, packets
+from milter_wkd.replies import Accept, HeaderEdit
 from milter_wkd.sandbox import Sandbox
+from milter_wkd.service import MailService
+from milter_wkd.transaction import Transaction
 from milter_wkd.values import Address
 from tests.support.gnupg import GnuPG
 from tests.support.mail import sandbox_fixture  # noqa: F401 (the `sandbox` fixture)
@@ -184,3 +190,23 @@ def test_keydata_matches_base64_of_minimal_export(sandbox: Sandbox, alice_key: b
     value = str(delivered(sandbox, message_id)[autocrypt.HEADER])
     keydata = base64.b64decode("".join(value.split("keydata=", 1)[1].split()))
     assert keydata == autocrypt_keydata(alice_key, Address.parse(ALICE))
+
+
+def test_inbound_autocrypt_claiming_our_domain_can_be_stripped(sandbox: Sandbox) -> None:
+    """[milter] strip_inbound_autocrypt: off by default (left alone), on: removed."""
+    cfg = load(sandbox.config_path, environ={})
+    headers = [("From", ALICE), ("Autocrypt", "addr=alice@example.org; keydata=AAAA"),
+               ("Autocrypt", "addr=alice@example.org; keydata=BBBB")]
+    outside = Transaction(client_ip="192.0.2.7", headers=headers)
+    with Directory(cfg.directory) as store:
+        default = MailService(cfg, store, DirectoryMailer(sandbox.dir / "mail"))
+        assert default.decide(outside) == Accept()
+        strict_cfg = dataclasses.replace(
+            cfg, milter=dataclasses.replace(cfg.milter, strip_inbound_autocrypt=True))
+        strict = MailService(strict_cfg, store, DirectoryMailer(sandbox.dir / "mail"))
+        reply = strict.decide(outside)
+        assert reply == Accept(edits=(HeaderEdit("Autocrypt", None, 2),
+                                      HeaderEdit("Autocrypt", None, 1)))
+        foreign = Transaction(client_ip="192.0.2.7", headers=[
+            ("From", "someone@example.net"), ("Autocrypt", "addr=someone@example.net; k=1")])
+        assert strict.decide(foreign) == Accept()
