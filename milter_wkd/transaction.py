@@ -34,4 +34,5 @@ class Transaction:
         return b"".join(lines)
 
     def raw_message(self) -> bytes:
-        return self.header_block() + b"\r\n" + bytes(self.body)
+        # One copy of the body (a submission can be tens of megabytes), not two.
+        return b"".join((self.header_block(), b"\r\n", self.body))
