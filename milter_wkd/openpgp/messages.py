@@ -69,6 +69,8 @@ with _quiet_pgpy():
     # pgpy imports imghdr (deprecated in 3.11, gone in 3.13: standard-imghdr replaces it).
     warnings.filterwarnings("ignore", message=r"'imghdr' is deprecated",
                             category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=r"imghdr was removed in Python 3\.13",
+                            category=DeprecationWarning)
     from pgpy import PGPUID, PGPKey, PGPMessage, PGPSignature
     from pgpy.constants import (
         CompressionAlgorithm,
