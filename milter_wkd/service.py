@@ -48,7 +48,7 @@ from milter_wkd.errors import (
 from milter_wkd.mailer import Mailer, MailerUnavailable
 from milter_wkd.replies import DIRECTORY_DOWN, Accept, Discard, HeaderEdit, Reject, Reply, TempFail
 from milter_wkd.transaction import Transaction
-from milter_wkd.values import Address, Fingerprint
+from milter_wkd.values import Address
 
 log = logging.getLogger(__name__)
 
@@ -222,9 +222,8 @@ class MailService:
 
     def _authenticated(self, tx: Transaction, domain: DomainConfig,
                        submission: wks.Submission, key_addresses: list[Address]) -> Reply:
-        assert tx.sasl_login is not None  # noqa: S101 — checked by the caller
         try:
-            login = Address.parse(tx.sasl_login)
+            login = Address.parse(tx.sasl_login or "")
         except Refused:
             return Reject(550, "5.7.1", "The SASL login is not a mail address of this provider")
         user = self.directory.find_user(login)
@@ -445,6 +444,3 @@ def _message_id(tx: Transaction) -> str | None:
     values = tx.header_values("Message-ID")
     return values[0].strip() if values else None
 
-
-def fingerprint_of(result: openpgp.CleanResult) -> Fingerprint:
-    return result.info.fingerprint
