@@ -450,15 +450,8 @@ def _newest_valid(
     stats: Counter[str],
 ) -> tuple[bytes, Signature] | None:
     """The newest unexpired signature of the given types (all candidates are verified)."""
-    for raw, sig in candidates:
-        if sig.sig_type not in types:
-            continue
-        expires = sig.sig_expires
-        if expires is not None and expires <= now:
-            stats["dropped:expired-self-signature"] += 1
-            continue
-        return raw, sig
-    return None
+    found = _all_valid(candidates, types, now, stats)
+    return found[0] if found else None
 
 
 def verify_skeleton(skeleton: Skeleton, now: int | None = None) -> CleanKey:
