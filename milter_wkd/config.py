@@ -115,9 +115,10 @@ class MilterConfig:
         "Days a WKS confirmation request stays valid."))
     max_pending_per_address: int = field(default=3, metadata=_doc(
         "Confirmation requests per address within pending_days (mail-bomb protection)."))
-    trusted_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"],
-                                        metadata=_doc(
-        "Clients whose mail counts as our users' own without SASL (webmail hosts)."))
+    trusted_networks: list[str] = field(default_factory=list, metadata=_doc(
+        "Clients whose mail counts as our users' own without SASL (webmail hosts), e.g. "
+        "[\"192.0.2.10/32\"]. Empty by default: a local relay or content filter on "
+        "loopback would otherwise pass outside mail off as our users'."))
     autocrypt: bool = field(default=True, metadata=_doc(
         "Add Autocrypt headers to outgoing mail of users with a published key."))
     prefer_encrypt_mutual: bool = field(default=False, metadata=_doc(

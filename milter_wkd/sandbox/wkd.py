@@ -42,6 +42,7 @@ from milter_wkd.sandbox.daemons import (
     alive,
     free_port,
     log_tail,
+    port_is_free,
     read_pid,
     terminate,
     wait_until,
@@ -83,13 +84,7 @@ def claim_port_443() -> int | None:
 
 
 def port_443_free() -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((LOOPBACK, WKD_PORT))
-        except OSError:
-            return False
-    return True
+    return port_is_free(LOOPBACK, WKD_PORT)
 
 
 def make_test_pki(workdir: Path, names: list[str]) -> tuple[Path, Path, Path]:

@@ -7,7 +7,6 @@ key cache on top of it, fresh after ldapmodify and ldapdelete.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -19,7 +18,6 @@ from milter_wkd.web.cache import KeyCache
 from milter_wkd.web.ldap_source import LdapKeySource
 from milter_wkd.web.source import SourceUnavailable, address_slot, explained
 from tests.support.gnupg import GnuPG
-from tests.support.peers import require_binary
 from tests.support.wkd import write_key
 
 pytestmark = pytest.mark.integration
@@ -41,15 +39,9 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, bytes]]
 
 
 @pytest.fixture
-def slapd(tmp_path: Path) -> Iterator[Slapd]:
-    for name in ("slapd", "slapadd", "ldapmodify"):
-        require_binary(name)
-    server = Slapd(tmp_path / "slapd")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
+def slapd(private_slapd: Slapd) -> Slapd:
+    """A fresh directory for each test (they add, change and delete entries)."""
+    return private_slapd
 
 
 @pytest.fixture
