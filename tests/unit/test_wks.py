@@ -461,3 +461,19 @@ def test_the_mutation_baseline_parses(service: messages.GeneratedKey,
     assert wks.parse_submission(submission, decrypt).sender == USER
     response = pgp_mime(RESPONSE_HEADERS, wks_part(response_data()), service.public)
     assert re.fullmatch("a{32}", wks.parse_confirmation_response(response, decrypt).nonce)
+
+
+# --- header parsing ---------------------------------------------------------------------
+
+def test_a_header_value_is_parsed_once_per_name() -> None:
+    """Parsed headers are shared between look-ups, but never between header names: the
+    same text is an address list in To and plain text in Subject."""
+    policy = wks._POLICY
+    first = policy.header_fetch_parse("Content-Type", 'text/plain; charset="utf-8"')
+    assert first is policy.header_fetch_parse("Content-Type", 'text/plain; charset="utf-8"')
+    assert getattr(first, "content_type", None) == "text/plain"
+    to = policy.header_fetch_parse("To", "a@example.org, b@example.org")
+    subject = policy.header_fetch_parse("Subject", "a@example.org, b@example.org")
+    assert len(getattr(to, "addresses", ())) == 2
+    assert not hasattr(subject, "addresses")
+    assert policy.header_factory["From"] is policy.header_factory["from"]
