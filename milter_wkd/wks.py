@@ -26,6 +26,8 @@ escapes for any input bytes (an unexpected error of the decrypt callback becomes
 
 from __future__ import annotations
 
+import binascii
+import email.header
 import email.parser
 import email.policy
 import functools
@@ -551,25 +553,65 @@ def _clean_text(text: str, limit: int) -> str:
     return "".join(ch for ch in text[:limit] if ch in "\n\t" or ord(ch) >= 0x20)
 
 
+# RFC 5322 §2.1.1: lines SHOULD stay within 78 characters; longer text lines are sent
+# quoted-printable, as the stdlib's text content manager does.
+MAX_LINE = 78
+
+
+def _fold(name: str, value: str) -> str:
+    """A header line folded at spaces to stay within MAX_LINE where the words allow."""
+    lines = [f"{name}:"]
+    for word in value.split(" "):
+        if len(lines[-1]) + 1 + len(word) > MAX_LINE and lines[-1] != f"{name}:":
+            lines.append("")
+        lines[-1] += " " + word
+    return "\r\n".join(lines)
+
+
+def _subject(text: str, utf8: bool) -> str:
+    """The Subject line. Non-ASCII text, and text that would read as an encoded word, is
+    sent as RFC 2047 encoded words, unless the mail goes out with SMTPUTF8."""
+    if (text.isascii() or utf8) and "=?" not in text:
+        return _fold("Subject", text)
+    encoded = email.header.Header(text, "utf-8", header_name="Subject").encode(linesep="\r\n")
+    return f"Subject: {encoded}"
+
+
+def _text_body(text: str) -> tuple[str, bytes]:
+    """(Content-Transfer-Encoding, body with CRLF line ends) for a text/plain UTF-8 body."""
+    lines = text.encode("utf-8").splitlines()
+    if max((len(line) for line in lines), default=0) <= MAX_LINE:
+        body = b"".join(line + CRLF for line in lines) or CRLF
+        return ("7bit" if body.isascii() else "8bit"), body
+    encoded = binascii.b2a_qp(b"\n".join(lines) + b"\n", istext=True)
+    return "quoted-printable", encoded.replace(b"\n", CRLF)
+
+
 def build_notice(*, submission_address: Address, address: Address, subject: str, text: str,
                  now: int, in_reply_to: str | None = None) -> bytes:
     """A plain text mail from the submission address to `address`. `text` may quote
     refusal reasons: control characters are dropped, the size is capped."""
-    one_line = " ".join(_clean_text(subject, 200).split())
+    one_line = " ".join(_clean_text(subject, 200).split()) or "Web Key Service"
     # Only UTF-8 addresses need SMTPUTF8; everything else stays plain RFC 5322 + 2047.
-    ascii_only = str(submission_address).isascii() and str(address).isascii()
-    message = EmailMessage(policy=email.policy.SMTP if ascii_only else email.policy.SMTPUTF8)
+    utf8 = not (str(submission_address).isascii() and str(address).isascii())
+    pairs = [("From", str(submission_address)), ("To", str(address))]
+    after = [
+        ("Date", format_datetime(datetime.fromtimestamp(now, UTC))),
+        ("Message-ID", _message_id(submission_address.domain)),
+        ("Auto-Submitted", "auto-replied"),
+    ]
+    if in_reply_to and re.fullmatch(r"<[\x21-\x3d\x3f-\x7e]{1,250}>", in_reply_to.strip()):
+        after.append(("In-Reply-To", in_reply_to.strip()))
     with _mail_errors("notice"):
-        message["From"] = str(submission_address)
-        message["To"] = str(address)
-        message["Subject"] = one_line or "Web Key Service"
-        message["Date"] = format_datetime(datetime.fromtimestamp(now, UTC))
-        message["Message-ID"] = _message_id(submission_address.domain)
-        message["Auto-Submitted"] = "auto-replied"
-        if in_reply_to and re.fullmatch(r"<[\x21-\x3d\x3f-\x7e]{1,250}>", in_reply_to.strip()):
-            message["In-Reply-To"] = in_reply_to.strip()
-        message.set_content(_clean_text(text, 16 * 1024))
-        return message.as_bytes()
+        encoding, body = _text_body(_clean_text(text, 16 * 1024))
+        subject_line = _subject(one_line, utf8).encode("utf-8") + CRLF
+    return b"".join([
+        _headers(pairs), subject_line, _headers(after),
+        _headers([("MIME-Version", "1.0"),
+                  ("Content-Type", 'text/plain; charset="utf-8"'),
+                  ("Content-Transfer-Encoding", encoding)]),
+        CRLF, body,
+    ])
 
 
 def build_published_notice(*, submission_address: Address, address: Address,

@@ -384,6 +384,66 @@ def test_notice_to_a_utf8_address_uses_smtputf8() -> None:
     assert "To: jörg@example.org".encode() in raw
 
 
+def test_notice_known_answer() -> None:
+    raw = wks.build_notice(submission_address=SUBMISSION, address=USER, subject="Published",
+                           text="Line one\n\n  indented\tline", now=NOW,
+                           in_reply_to=" <id.1@example.org> ")
+    assert re.sub(rb"<wks\.[0-9a-f]{24}@", b"<wks.ID@", raw) == (
+        b"From: key-submission@example.org\r\nTo: user@example.org\r\n"
+        b"Subject: Published\r\nDate: Mon, 21 Sep 2026 14:13:20 +0000\r\n"
+        b"Message-ID: <wks.ID@example.org>\r\nAuto-Submitted: auto-replied\r\n"
+        b"In-Reply-To: <id.1@example.org>\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: text/plain; charset="utf-8"\r\nContent-Transfer-Encoding: 7bit\r\n'
+        b"\r\nLine one\r\n\r\n  indented\tline\r\n")
+
+
+@pytest.mark.parametrize(("text", "encoding"), [
+    ("plain\n", "7bit"), ("Jörg\n", "8bit"), ("x" * 79, "quoted-printable"),
+    ("ö" * 40, "quoted-printable"), ("", "7bit"),
+])
+def test_notice_body_encodings(text: str, encoding: str) -> None:
+    raw = wks.build_notice(submission_address=SUBMISSION, address=USER, subject="s",
+                           text=text, now=NOW)
+    mail = email.message_from_bytes(raw, policy=email.policy.SMTP)
+    assert mail["Content-Transfer-Encoding"] == encoding
+    assert all(len(line) <= 78 for line in raw.split(b"\r\n"))
+
+
+def test_notice_subject_folding() -> None:
+    subject = " ".join(["word"] * 40)
+    raw = wks.build_notice(submission_address=SUBMISSION, address=USER, subject=subject,
+                           text="x", now=NOW)
+    head = raw.split(b"\r\n\r\n")[0]
+    assert all(len(line) <= 78 for line in head.split(b"\r\n"))
+    assert head.count(b"\r\n word") >= 2
+    mail = email.message_from_bytes(raw, policy=email.policy.default)
+    assert mail["Subject"] == subject
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=120), st.text(max_size=400), st.booleans())
+def test_notices_parse_back_to_what_was_built(subject: str, text: str, utf8: bool) -> None:
+    """parse(build(x)) == x, after the documented cleaning: control characters dropped,
+    the subject on one line, the text ending in a line break."""
+    to = Address("jörg", "example.org") if utf8 else USER
+    try:
+        raw = wks.build_notice(submission_address=SUBMISSION, address=to, subject=subject,
+                               text=text, now=NOW)
+    except MessageRefused:
+        # Only text that cannot be UTF-8 at all (lone surrogates) is refused.
+        assert any(0xD800 <= ord(ch) <= 0xDFFF for ch in subject + text)
+        return
+    assert b"\n" not in raw.replace(b"\r\n", b"")
+    assert utf8 or raw.split(b"\r\n\r\n")[0].isascii()
+    mail = email.message_from_bytes(raw, policy=email.policy.default)
+    clean = "".join(ch for ch in subject if ord(ch) >= 0x20 or ch in "\n\t")
+    assert mail["Subject"] == (" ".join(clean.split()) or "Web Key Service")
+    assert mail["To"] == str(to)
+    body = "".join(ch for ch in text if ord(ch) >= 0x20 or ch in "\n\t")
+    content = mail.get_content().replace("\r\n", "\n")
+    assert content == (body if body.endswith("\n") else body + "\n")
+
+
 # --- property tests ---------------------------------------------------------------------
 
 MAIL_LINES = st.lists(st.one_of(
