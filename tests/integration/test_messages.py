@@ -69,6 +69,22 @@ def test_we_decrypt_what_gpg_encrypts(gpg: tuple[GnuPG, str], service: messages.
     assert plain.replace(b"\r\n", b"\n") == text
 
 
+@pytest.mark.parametrize("cipher", ["AES", "AES192", "AES256", "CAMELLIA256", "3DES"])
+def test_we_decrypt_every_cipher_gpg_picks(gpg: tuple[GnuPG, str],
+                                           service: messages.GeneratedKey,
+                                           cipher: str) -> None:
+    """AES is decrypted by our own code, the others by pgpy: both read gpg's messages."""
+    home, _ = gpg
+    text = b"Content-Type: application/pgp-keys\n\nkey\n"
+    sealed = encrypt_with_gpg(home, text, "--cipher-algo", cipher,
+                              recipients=[service.fingerprint.hex])
+    assert messages.decrypt(sealed, service.secret) == text
+    tampered = bytearray(sealed)
+    tampered[-5] ^= 0x01
+    with pytest.raises(MessageRefused, match="decryption failed"):
+        messages.decrypt(bytes(tampered), service.secret)
+
+
 def test_signed_and_encrypted_by_gpg(gpg: tuple[GnuPG, str],
                                      service: messages.GeneratedKey) -> None:
     home, fpr = gpg

@@ -3,7 +3,12 @@ and refusals of hostile messages. gpg's side of the story is tests/integration/t
 
 from __future__ import annotations
 
+import hashlib
+import os
+
 import pytest
+from cryptography.hazmat.decrepit.ciphers.modes import CFB
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -86,6 +91,44 @@ def test_tampered_ciphertext_is_refused(user: messages.GeneratedKey) -> None:
     binary[-30] ^= 0x01
     with pytest.raises(MessageRefused, match="decryption failed"):
         messages.decrypt(bytes(binary), user.secret)
+
+
+def _seipd_aes(key: bytes, data: bytes, *, prefix: bytes | None = None) -> bytes:
+    """A SEIPD v1 body (minus its version octet) made by hand, as RFC 9580 §5.13.1 says:
+    CFB with a zero IV over random prefix, its last two octets again, data, MDC packet."""
+    head = os.urandom(16)
+    plain = (prefix if prefix is not None else head + head[-2:]) + data + b"\xd3\x14"
+    plain += hashlib.sha1(plain).digest()  # noqa: S324 - the MDC is SHA-1
+    encryptor = Cipher(algorithms.AES(key), CFB(bytes(16))).encryptor()
+    return encryptor.update(plain) + encryptor.finalize()
+
+
+@pytest.mark.parametrize("size", [16, 24, 32])
+def test_aes_integrity_protected_data(size: int) -> None:
+    key = os.urandom(size)
+    body = _seipd_aes(key, b"literal packet")
+    plain = messages._open_seipd_aes(body, key)
+    assert plain[:-22] == b"literal packet"
+    assert plain[-22:-20] == b"\xd3\x14"
+    for position in (0, 17, len(body) - 30, len(body) - 1):
+        tampered = bytearray(body)
+        tampered[position] ^= 0x40
+        with pytest.raises(MessageRefused, match="decryption failed"):
+            messages._open_seipd_aes(bytes(tampered), key)
+    with pytest.raises(MessageRefused, match="decryption failed"):
+        messages._open_seipd_aes(body, os.urandom(size))
+    for short in (b"", body[:10], body[:21]):
+        with pytest.raises(MessageRefused, match="decryption failed"):
+            messages._open_seipd_aes(short, key)
+
+
+def test_aes_data_with_a_bad_prefix_check_is_refused() -> None:
+    """The repeated prefix octets are checked too, even under a valid MDC (pgpy does)."""
+    key = os.urandom(16)
+    body = _seipd_aes(key, b"data", prefix=bytes(16) + b"\x00\x01")
+    with pytest.raises(MessageRefused, match="decryption failed"):
+        messages._open_seipd_aes(body, key)
+    assert messages._open_seipd_aes(_seipd_aes(key, b"data", prefix=bytes(18)), key)
 
 
 def test_message_shapes_we_refuse(user: messages.GeneratedKey) -> None:
