@@ -5,9 +5,11 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Real peers the tests and the demo drive (see ../shared/RECIPES.md).
+# Real peers the tests and the demo drive (see ../shared/RECIPES.md), and the headers
+# pymilter and python-ldap build against.
 DEBS := slapd ldap-utils postfix dovecot-core dovecot-ldap dovecot-lmtpd dovecot-imapd \
-        gnupg dirmngr gpg-wks-client gpg-wks-server sq libmilter-dev swaks nginx wrk gcc
+        gnupg dirmngr gpg-wks-client gpg-wks-server sq libmilter-dev swaks nginx wrk gcc \
+        libldap-dev libsasl2-dev
 DEMO_ARGS ?=
 
 .PHONY: test demo debs venv lint typecheck pytest clean bench

@@ -131,6 +131,8 @@ def test_published_key_attributes_agree_with_gpg(
     assert stored.created == int(pub[5])
     assert stored.provenance is not None
     assert stored.provenance.source is KeySource.ADMIN_IMPORT
+    # publish_key answers with the values it wrote: exactly what a read-back gives.
+    assert stored == store.get_key(store.user(Address.parse("alice@example.org")))
 
 
 def test_stored_key_imports_into_gpg(
@@ -243,10 +245,11 @@ def test_remove_keeps_prefer_encrypt(store: Directory, slapd: Slapd, publish: Pu
                                      gpg_keys: dict[str, Any]) -> None:
     alice = store.user(Address.parse("alice@example.org"))
     store.set_prefer_encrypt(alice, "mutual")
-    publish("alice@example.org", gpg_keys["alice"].data)
+    published = publish("alice@example.org", gpg_keys["alice"].data)
     stored = store.get_key(alice)
     assert stored is not None
     assert stored.prefer_encrypt == "mutual"
+    assert published == stored
     store.remove_key(alice)
     assert store.get_prefer_encrypt(alice) == "mutual"
     entry = root_entry(slapd, alice.dn)
