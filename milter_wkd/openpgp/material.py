@@ -47,6 +47,12 @@ _CURVES: dict[bytes, tuple[str, int, ec.EllipticCurve | None]] = {
     bytes.fromhex("2B656F"): ("x448", 448, None),
 }
 
+# Signatures found valid. A submitted key is cleaned twice (for all its user IDs, then
+# for its owner's) and an ed25519 check costs more than all the rest of cleaning a small
+# key. Only successes are kept, so a flood of bad signatures cannot evict them.
+_VALID: set[tuple[bytes, bytes, bytes]] = set()
+_MAX_VALID = 4096
+
 _HASHES: dict[int, type[hashes.HashAlgorithm]] = {
     2: hashes.SHA1, 8: hashes.SHA256, 9: hashes.SHA384, 10: hashes.SHA512, 11: hashes.SHA224,
     12: hashes.SHA3_256, 14: hashes.SHA3_512,
@@ -133,11 +139,20 @@ class PublicKey:
         digest = digest_obj.finalize()
         if digest[:2] != signature.left16:
             return False
+        # The key, the whole signature packet and the digest decide the answer.
+        known = (self.body, signature.body, digest)
+        if known in _VALID:
+            return True
         try:
-            return bool(self._verifier(signature, digest, hash_class()))
+            valid = bool(self._verifier(signature, digest, hash_class()))
         except (InvalidSignature, ValueError, UnsupportedAlgorithm, TypeError, OverflowError,
                 IndexError):
             return False
+        if valid:
+            if len(_VALID) >= _MAX_VALID:
+                _VALID.clear()
+            _VALID.add(known)
+        return valid
 
 
 def parse_public_key(body: bytes) -> PublicKey:

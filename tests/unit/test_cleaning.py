@@ -8,6 +8,7 @@ import pytest
 
 from milter_wkd import openpgp
 from milter_wkd.errors import KeyRefused
+from milter_wkd.openpgp import material
 from milter_wkd.openpgp import packets as pk
 from milter_wkd.openpgp.cleaning import Limits
 from milter_wkd.values import Address
@@ -190,3 +191,25 @@ def test_excess_user_ids_are_dropped() -> None:
                    limits=Limits(max_user_ids=1))
     assert len(result.info.user_ids) == 1
     assert result.stats["dropped:excess-user-id"] == 1
+
+
+def test_remembered_signatures_need_the_same_key_data_and_signature() -> None:
+    """Valid signatures are remembered (a key is cleaned twice per submission), keyed by
+    everything that decides validity: another user ID, or the same hashed part with other
+    signature values, is checked afresh and fails."""
+    def body(packet: bytes) -> bytes:
+        return pk.packet_body(packet, next(pk.iter_packets(packet)))
+
+    material._VALID.clear()
+    primary = material.parse_public_key(body(PARTS[0]))
+    signature = material.parse_signature(body(PARTS[2]))
+    signed = primary.hash_prefix() + material.user_id_hash_prefix(body(PARTS[1]))
+    assert primary.verify(signature, signed)
+    assert len(material._VALID) == 1
+    assert primary.verify(signature, signed)
+    other_uid = primary.hash_prefix() + material.user_id_hash_prefix(body(PARTS[3]))
+    assert not primary.verify(signature, other_uid)
+    tampered = bytearray(body(PARTS[2]))
+    tampered[-3] ^= 0x01  # in the signature's S value; hashed part and left16 unchanged
+    assert not primary.verify(material.parse_signature(bytes(tampered)), signed)
+    assert len(material._VALID) == 1
