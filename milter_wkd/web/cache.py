@@ -274,11 +274,11 @@ class KeyCache:
         return bool(affected)
 
     def _deleted_slots(self) -> set[str]:
-        """Slots of cached entries that no longer exist. The listing costs about 40 us per
-        key holder (ldap3 decoding), so it runs at most every 3x its own duration: a
-        deleted entry disappears within ~1 s up to ~10,000 key holders, within ~15 s at
-        100,000 (writes the responder cannot see, such as pending WKS requests, also ask
-        for this check; modifications never wait for it)."""
+        """Slots of cached entries that no longer exist. The listing costs about 11 us per
+        key holder (python-ldap; benchmarks/wkd_memory.py: 1.1 s for 100,000), so it runs at
+        most every 3x its own duration: a deleted entry disappears within ~1 s up to ~20,000
+        key holders, within ~5 s at 100,000 (writes the responder cannot see, such as
+        pending WKS requests, also ask for this check; modifications never wait for it)."""
         started = self.clock()
         present = self.source.published_dns()
         finished = self.clock()

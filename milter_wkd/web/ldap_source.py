@@ -1,8 +1,8 @@
-"""The responder's read-only view of the directory: a `KeySource` over ldap3.
+"""The responder's read-only view of the directory: a `KeySource` over python-ldap.
 
 Reads, as the responder's service account (or SASL EXTERNAL over ldapi://):
 - the change token: `contextCSN` of the database suffix (syncprov keeps it; one base read);
-- changes: `(entryCSN>=<csn>)` under the suffix, DN, entryCSN and the slots only;
+- changes: `(entryCSN>=<csn>)` under the suffix, DN, entryCSN and the slots only (paged);
 - look-ups: `(|(wkdAddressHash=<hash>@<domain>)(gpgMailbox=<l>@<domain>))` among entries
   with a `pgpKey` that is not `pgpDisabled` — both attributes are indexed; `l=` is only a
   hint for keys written by LDAP tools without the hash attribute;
@@ -13,25 +13,30 @@ address gets the key cleaned down to its own user ID (a user may rewrite their o
 never the addresses it is served for). The responder's account never needs `mail`.
 Change tracking needs read access to `entryCSN` of the key entries; without it
 `changes_since` raises `ChangesUnknown` and the cache starts over on every change.
-Any LDAP failure is `SourceUnavailable`.
+
+Configuration: the [directory] section, read and connected to exactly as the store does it
+(`milter_wkd.directory`: uri, bind_dn, bind_password(_file), ca_file - ldaps:// demands a
+valid certificate -, timeout); base_dn. One connection, one operation at a time.
+
+Failures: any LDAP failure is `SourceUnavailable`: an unusable uri or password file, a
+refused bind, no answer within `timeout` (to connect, or for each page or small search), a
+broken connection; the connection is then dropped and the next call opens a new one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import ldap3
-from ldap3.core.exceptions import LDAPException
-from ldap3.utils.conv import escape_filter_chars
+import ldap
+from ldap.controls import SimplePagedResultsControl
+from ldap.filter import escape_filter_chars
 
 from milter_wkd.config import DirectoryConfig
-from milter_wkd.errors import BadAddress
+from milter_wkd.directory import _close, _Pool, _why
+from milter_wkd.errors import BadAddress, MilterWkdError
 from milter_wkd.values import Address
 from milter_wkd.web.source import (
     Change,
@@ -48,7 +53,8 @@ KEY_ATTRIBUTE = "pgpKey"
 KEY_CLASS = "wkdKeyHolder"
 MAILBOX_ATTRIBUTE = "gpgMailbox"
 PAGE_SIZE = 500
-_PAGED_OID = "1.2.840.113556.1.4.319"
+# A search result entry as python-ldap gives it: DN, {attribute: [values]}.
+Entry = tuple[str, dict[str, list[bytes]]]
 
 
 class LdapKeySource:
@@ -67,60 +73,45 @@ class LdapKeySource:
     # -- connection ---------------------------------------------------------------------
 
     def _connect(self) -> Any:
-        cfg = self.config
-        tls = None
-        if cfg.uri.lower().startswith("ldaps://") and cfg.ca_file:
-            tls = ldap3.Tls(ca_certs_file=cfg.ca_file)
-        server = ldap3.Server(cfg.uri, get_info=ldap3.NONE, connect_timeout=cfg.timeout,
-                              tls=tls)
-        password = cfg.bind_password
-        if cfg.bind_password_file:
-            password = Path(cfg.bind_password_file).read_text().splitlines()[0]
-        # SYNC under our own lock: SAFE_SYNC deep-copies every response (a third of the
-        # time of a cold load) and SAFE_RESTARTABLE retries for 30 s while slapd is down;
-        # we drop a failed connection and reconnect on the next call instead.
-        options: dict[str, Any] = {"client_strategy": ldap3.SYNC,
-                                   "receive_timeout": max(1, math.ceil(cfg.timeout)),
-                                   "read_only": True, "raise_exceptions": True}
-        if cfg.bind_dn:
-            options.update(user=cfg.bind_dn, password=password)
-        elif cfg.uri.lower().startswith("ldapi://"):
-            options.update(authentication=ldap3.SASL, sasl_mechanism=ldap3.EXTERNAL)
+        # The store's own connection code: same URI handling, TLS, timeouts and binds.
         try:
-            return ldap3.Connection(server, auto_bind=True, **options)
-        except LDAPException as exc:
-            raise SourceUnavailable(f"cannot bind to {cfg.uri}: {exc}") from None
+            return _Pool(self.config).open()
+        except MilterWkdError as exc:
+            raise SourceUnavailable(exc.reason) from None
 
     def _search(self, base: str, filt: str, attributes: list[str], *,
-                scope: str = ldap3.SUBTREE, paged_cookie: bytes | None = None,
-                paged: bool = False) -> tuple[list[dict[str, Any]], bytes | None]:
-        kwargs: dict[str, Any] = {}
-        if paged:
-            kwargs.update(paged_size=PAGE_SIZE, paged_cookie=paged_cookie)
+                scope: int = ldap.SCOPE_SUBTREE, page: int = 0, cookie: bytes = b"",
+                ) -> tuple[list[Entry], bytes]:
+        """One search (or, with `page`, one page of a paged search): the entries and the
+        cookie for the next page (empty: the last). A missing base is no entries."""
+        timeout = self.config.timeout
+        controls = [SimplePagedResultsControl(True, size=page, cookie=cookie)] if page else None
         with self._lock:  # one operation at a time on the one connection
             if self._conn is None:
                 self._conn = self._connect()
             conn = self._conn
             try:
-                conn.search(base, filt, search_scope=scope, attributes=attributes, **kwargs)
-            except LDAPException as exc:
-                if type(exc).__name__ == "LDAPNoSuchObjectResult":
-                    return [], None
+                msgid = conn.search_ext(base, scope, filt, attributes, serverctrls=controls,
+                                        timeout=timeout)
+                _type, data, _id, answered = conn.result3(msgid, all=1, timeout=timeout)
+            except ldap.NO_SUCH_OBJECT:
+                return [], b""
+            except ldap.LDAPError as exc:
                 self._drop()
-                raise SourceUnavailable(f"directory search failed: {exc}") from None
-            result, response = conn.result, conn.response
-        entries = [r for r in response or [] if r.get("type") == "searchResEntry"]
-        cookie = None
-        if paged:
-            control = (result or {}).get("controls", {}).get(_PAGED_OID)
-            cookie = control["value"]["cookie"] if control else None
-        return entries, cookie or None
+                raise SourceUnavailable(f"directory search failed: {_why(exc)}") from None
+        # Search references come as (None, [urls]): not entries.
+        entries = [(dn, attrs) for dn, attrs in data if dn is not None]
+        next_cookie = next((c.cookie for c in answered or ()
+                            if c.controlType == SimplePagedResultsControl.controlType), b"")
+        return entries, next_cookie or b""
 
-    def _paged(self, filt: str, attributes: list[str]) -> Iterator[dict[str, Any]]:
-        cookie: bytes | None = None
+    def _paged(self, base: str, filt: str, attributes: list[str]) -> Iterator[Entry]:
+        # Page by page: the lock is free between pages, and `timeout` bounds each page
+        # rather than a result of any size.
+        cookie = b""
         while True:
-            entries, cookie = self._search(self.config.base_dn, filt, attributes,
-                                           paged=True, paged_cookie=cookie)
+            entries, cookie = self._search(base, filt, attributes, page=PAGE_SIZE,
+                                           cookie=cookie)
             yield from entries
             if not cookie:
                 return
@@ -134,7 +125,7 @@ class LdapKeySource:
         dn = self.config.base_dn
         while dn:
             entries, _ = self._search(dn, "(objectClass=*)", ["contextCSN"],
-                                      scope=ldap3.BASE)
+                                      scope=ldap.SCOPE_BASE)
             if entries and _values(entries[0], "contextCSN"):
                 self._suffix = dn
                 return dn
@@ -144,7 +135,7 @@ class LdapKeySource:
 
     def change_token(self) -> str:
         entries, _ = self._search(self._suffix_dn(), "(objectClass=*)", ["contextCSN"],
-                                  scope=ldap3.BASE)
+                                  scope=ldap.SCOPE_BASE)
         values = _values(entries[0], "contextCSN") if entries else []
         return "|".join(sorted(v.decode() for v in values))
 
@@ -154,15 +145,14 @@ class LdapKeySource:
                       MAILBOX_ATTRIBUTE]
         if not self._csn_readable():
             raise ChangesUnknown("entryCSN of key entries is not readable")
-        entries, _ = self._search(self._suffix_dn(), filt, attributes)
         changes = []
-        for entry in entries:
+        for entry in self._paged(self._suffix_dn(), filt, attributes):
             csn = max((v.decode() for v in _values(entry, "entryCSN")), default="")
             publishes = bool(_values(entry, KEY_ATTRIBUTE)) and (
                 b"1" not in _values(entry, "pgpDisabled"))
             slots = self._slots(entry) if publishes else frozenset()
             published = self._published_entry(entry) if publishes else None
-            changes.append(Change(entry["dn"], csn, slots, published))
+            changes.append(Change(entry[0], csn, slots, published))
         return changes
 
     def lookup(self, slot: str, local_hint: str | None = None) -> list[Published]:
@@ -177,7 +167,8 @@ class LdapKeySource:
         return [p for p in found if p is not None and slot in p.slots()]
 
     def iter_published(self) -> Iterator[Published]:
-        for entry in self._paged(self._published, self._entry_attributes()):
+        for entry in self._paged(self.config.base_dn, self._published,
+                                 self._entry_attributes()):
             published = self._published_entry(entry)
             if published is not None:
                 yield published
@@ -185,7 +176,7 @@ class LdapKeySource:
     def published_dns(self) -> set[str]:
         # Every key holder: a superset of the publishing entries is all the delete check
         # needs (a holder that stops publishing is a modify, seen by its entryCSN).
-        return {e["dn"] for e in self._paged(self._holders, ["1.1"])}
+        return {dn for dn, _ in self._paged(self.config.base_dn, self._holders, ["1.1"])}
 
     def close(self) -> None:
         with self._lock:
@@ -193,8 +184,7 @@ class LdapKeySource:
 
     def _drop(self) -> None:
         if self._conn is not None:
-            with contextlib.suppress(LDAPException, OSError):
-                self._conn.unbind()
+            _close(self._conn)
             self._conn = None
 
     # -- entries ----------------------------------------------------------------------------
@@ -205,46 +195,50 @@ class LdapKeySource:
     def _csn_readable(self) -> bool:
         """Can we read entryCSN of key entries? Asked once, of any one of them."""
         if self._csn_ok is None:
+            # The first page of one entry; the rest of that paged search is never asked for.
             entries, _ = self._search(self.config.base_dn, self._published, ["entryCSN"],
-                                      paged=True)
+                                      page=1)
             if not entries:
                 return True  # nothing published yet: ask again next time
             self._csn_ok = bool(_values(entries[0], "entryCSN"))
             if not self._csn_ok:
                 log.error("cannot read entryCSN of %s: every directory change will empty "
                           "the key cache (grant the WKD account read on entryCSN)",
-                          entries[0]["dn"])
+                          entries[0][0])
         return self._csn_ok
 
-    def _addresses(self, entry: dict[str, Any]) -> tuple[Address, ...]:
+    def _addresses(self, entry: Entry) -> tuple[Address, ...]:
         hashes = {v.decode("utf-8", "replace").lower() for v in _values(entry, HASH_ATTRIBUTE)}
         found: dict[str, Address] = {}
         for raw in _values(entry, MAILBOX_ATTRIBUTE):
             try:
                 address = Address.parse(raw.decode("utf-8"))
             except (BadAddress, UnicodeDecodeError):
-                log.warning("ignoring unusable gpgMailbox %r of %s", raw[:80], entry["dn"])
+                log.warning("ignoring unusable gpgMailbox %r of %s", raw[:80], entry[0])
                 continue
             if not hashes or address_slot(address) in hashes:
                 found.setdefault(address.key, address)
         return tuple(found.values())
 
-    def _slots(self, entry: dict[str, Any]) -> frozenset[str]:
+    def _slots(self, entry: Entry) -> frozenset[str]:
         slots = {address_slot(a) for a in self._addresses(entry)}
         slots |= {v.decode("utf-8", "replace").lower() for v in _values(entry, HASH_ATTRIBUTE)}
         return frozenset(slots)
 
-    def _published_entry(self, entry: dict[str, Any]) -> Published | None:
+    def _published_entry(self, entry: Entry) -> Published | None:
         keys = _values(entry, KEY_ATTRIBUTE)
         if not keys:
             return None
         csn = max((v.decode() for v in _values(entry, "entryCSN")), default="")
-        return Published(entry["dn"], self._addresses(entry), keys[0], csn)
+        return Published(entry[0], self._addresses(entry), keys[0], csn)
 
 
-def _values(entry: dict[str, Any], name: str) -> list[bytes]:
-    raw = entry.get("raw_attributes", {})
-    for key, values in raw.items():
+def _values(entry: Entry, name: str) -> list[bytes]:
+    attributes = entry[1]
+    found = attributes.get(name)  # slapd names attributes as the schema does: usually a hit
+    if found is not None:
+        return found
+    for key, values in attributes.items():
         if key.lower() == name.lower():
-            return list(values)
+            return values
     return []
