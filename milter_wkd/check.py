@@ -3,7 +3,8 @@ says, one result per line, what works and what to fix.
 
 What it reads and tries (each group can be skipped by name):
 - directory: connects to [directory] uri and binds as the configured account (bind_dn and
-  its password, or SASL EXTERNAL over ldapi://); Who am I?
+  its password, or SASL EXTERNAL over ldapi://) with the store's own connection code
+  (milter_wkd.directory, python-ldap); Who am I?
 - schema: the subschema entry (rootDSE subschemaSubentry) lists our object classes
   wkdKeyHolder, wkdPendingRequest and the attribute types pgpKey, gpgFingerprint,
   wkdAddressHash, wkdNonce.
@@ -38,6 +39,7 @@ hint; probes that depend on a failed one are reported as skipped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.client
 import os
 import re
@@ -55,13 +57,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-import ldap3
-from ldap3.core import exceptions as lex
-from ldap3.utils.conv import escape_filter_chars
+import ldap
+from ldap.filter import escape_filter_chars
 
 from milter_wkd import dkim, openpgp
 from milter_wkd.config import Config, DomainConfig
-from milter_wkd.directory import PENDING_CLASS, Directory, PendingRequest
+from milter_wkd.directory import (
+    _CONNECTION_ERRORS,
+    _RESULT_NAMES,
+    PENDING_CLASS,
+    Directory,
+    PendingRequest,
+    _close,
+    _Pool,
+)
+from milter_wkd.directory import _why as _ldap_why
 from milter_wkd.errors import MilterWkdError
 from milter_wkd.openpgp import messages
 from milter_wkd.values import Address, Fingerprint
@@ -81,6 +91,8 @@ _SCHEMA_FIX = ("load the schemas: ldapadd -Y EXTERNAL -H ldapi:/// -f "
                "ldap/schema/gnupg-keyserver.ldif and -f ldap/schema/milter-wkd.ldif "
                "(ldap/README.md step 1)")
 _ACL_FIX = "apply ldap/config/30-access.ldif (ldap/README.md step 4) with your names"
+# A search result entry as python-ldap gives it: DN, {attribute: [values]}.
+Entry = tuple[str, dict[str, list[bytes]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,9 +130,8 @@ class Options:
 def _why(exc: BaseException) -> str:
     if isinstance(exc, MilterWkdError):
         return exc.reason
-    if isinstance(exc, lex.LDAPOperationResult):
-        message = str(exc.message or "").strip()
-        return f"{exc.description}" + (f" ({message})" if message else "")
+    if isinstance(exc, ldap.LDAPError):
+        return _ldap_why(exc)  # the RFC 4511 name of the result, and slapd's text
     text = str(exc) or type(exc).__name__
     return text.splitlines()[0][:300]
 
@@ -149,64 +160,28 @@ def _guarded(name: str, probe: Callable[[], Iterable[CheckResult]]) -> Iterator[
 # -- directory -------------------------------------------------------------------------
 
 
-def _ldap_server(uri: str, ca_file: str, timeout: float) -> ldap3.Server:
-    scheme, _, rest = uri.strip().partition("://")
-    scheme = scheme.lower()
-    rest = rest.rstrip("/")
-    if scheme == "ldapi":
-        from urllib.parse import unquote  # noqa: PLC0415
-
-        return ldap3.Server("ldapi://" + (unquote(rest) or "/var/run/slapd/ldapi"),
-                            get_info=ldap3.NONE, connect_timeout=timeout)
-    if scheme not in ("ldap", "ldaps"):
-        raise ValueError(f"unsupported directory URI {uri!r} (ldap://, ldaps://, ldapi://)")
-    tls = None
-    if scheme == "ldaps":
-        tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=ca_file or None)
-    return ldap3.Server(f"{scheme}://{rest}", use_ssl=scheme == "ldaps", tls=tls,
-                        get_info=ldap3.NONE, connect_timeout=timeout)
-
-
-def _bind_password(config: Config) -> str:
-    cfg = config.directory
-    if cfg.bind_password_file:
-        lines = Path(cfg.bind_password_file).read_text(encoding="utf-8").splitlines()
-        return lines[0] if lines else ""
-    return cfg.bind_password
-
-
-def _connect(config: Config, timeout: float, *, anonymous: bool = False) -> ldap3.Connection:
-    cfg = config.directory
-    server = _ldap_server(cfg.uri, cfg.ca_file, timeout)
-    options: dict[str, Any] = {"raise_exceptions": True, "receive_timeout": max(1, int(timeout)),
-                               "auto_bind": ldap3.AUTO_BIND_NONE, "check_names": False}
+def _connect(config: Config, timeout: float, *, anonymous: bool = False) -> Any:
+    """A connection opened as the store opens its own (the milter's view of the directory);
+    anonymous: then bound anonymously. Raises MilterWkdError (see _connect_failure)."""
+    cfg = dataclasses.replace(config.directory, timeout=timeout)
     if anonymous:
-        options["authentication"] = ldap3.ANONYMOUS
-    elif cfg.bind_dn:
-        options.update(user=cfg.bind_dn, password=_bind_password(config),
-                       authentication=ldap3.SIMPLE)
-    elif server.ipc:
-        options.update(authentication=ldap3.SASL, sasl_mechanism=ldap3.EXTERNAL,
-                       sasl_credentials="")
-    else:
-        options["authentication"] = ldap3.ANONYMOUS
-    conn = ldap3.Connection(server, **options)
-    try:
-        conn.open()
-        conn.bind()
-    except BaseException:
-        _unbind(conn)
-        raise
+        cfg = dataclasses.replace(cfg, bind_dn="")
+    pool = _Pool(cfg)
+    conn = pool.open()
+    if anonymous and pool.scheme == "ldapi":  # the store binds with SASL EXTERNAL there
+        try:
+            conn.simple_bind_s("", "")
+        except BaseException:
+            _close(conn)
+            raise
     return conn
 
 
-def _unbind(conn: ldap3.Connection) -> None:
-    with contextlib.suppress(Exception):  # closing a broken connection
-        conn.unbind()
-    sock = getattr(conn, "socket", None)  # ldap3 leaves the socket of a failed open()
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.close()
+def _connect_failure(exc: MilterWkdError) -> BaseException:
+    """What made the store's connection code fail: it raises its own errors `from None`,
+    which keeps the original (the LDAP error, the OSError of the password file) as the
+    context; a malformed uri has none."""
+    return exc.__context__ or exc
 
 
 def _identity(config: Config) -> str:
@@ -216,21 +191,37 @@ def _identity(config: Config) -> str:
     return "root (SASL EXTERNAL)" if cfg.uri.startswith("ldapi") else "anonymous"
 
 
-def _search(conn: ldap3.Connection, base: str, filt: str, attributes: list[str], *,
-            scope: str = ldap3.SUBTREE, size: int = 0, timeout: float = 5.0,
-            ) -> tuple[str, list[dict[str, Any]]]:
-    """(result description, entries); LDAP result errors are answers here, not exceptions."""
+def _search(conn: Any, base: str, filt: str, attributes: list[str], *,
+            scope: int = ldap.SCOPE_SUBTREE, size: int = 0, timeout: float = 5.0,
+            ) -> tuple[str, list[Entry]]:
+    """(result name, entries); LDAP result errors are answers here, not exceptions (a
+    broken or silent connection still raises). Entries come one message at a time, so
+    that those before a sizeLimitExceeded are kept."""
+    entries: list[Entry] = []
     try:
-        conn.search(base, filt, search_scope=scope, attributes=attributes, size_limit=size,
-                    time_limit=max(1, int(timeout)))
-    except lex.LDAPOperationResult as exc:
-        return str(exc.description), []
-    entries = [r for r in conn.response or [] if r.get("type") == "searchResEntry"]
-    return str((conn.result or {}).get("description", "success")), entries
+        msgid = conn.search_ext(base, scope, filt, attributes, timeout=timeout,
+                                sizelimit=size)
+        while True:
+            kind, data, _id, _controls = conn.result3(msgid, all=0, timeout=timeout)
+            if kind == ldap.RES_SEARCH_RESULT:
+                return "success", entries
+            # Search references come as (None, [urls]): not entries.
+            entries += [(dn, attrs) for dn, attrs in data or () if dn is not None]
+    except _CONNECTION_ERRORS:
+        raise
+    except ldap.LDAPError as exc:
+        return _result_name(exc), entries
 
 
-def _raw(entry: dict[str, Any], name: str) -> list[bytes]:
-    for key, values in entry.get("raw_attributes", {}).items():
+def _result_name(exc: BaseException) -> str:
+    """The RFC 4511 name of an LDAP error's result code (`noSuchObject`)."""
+    detail = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+    return _RESULT_NAMES.get(detail.get("result", -1)) or str(
+        detail.get("desc") or type(exc).__name__)
+
+
+def _raw(entry: Entry, name: str) -> list[bytes]:
+    for key, values in entry[1].items():
         if key.lower() == name.lower():
             return list(values)
     return []
@@ -246,13 +237,13 @@ def check_directory(config: Config, options: Options) -> Iterator[CheckResult]:
     who = _identity(config)
     try:
         conn = _connect(config, timeout)
-    except (OSError, lex.LDAPException, ValueError) as exc:
-        if isinstance(exc, lex.LDAPBindError | lex.LDAPInvalidCredentialsResult) or (
-                "invalidCredentials" in str(exc)):
+    except MilterWkdError as failure:
+        exc = _connect_failure(failure)
+        if isinstance(exc, ldap.LDAPError) and not isinstance(exc, _CONNECTION_ERRORS):
             fix = (f"check bind_dn and bind_password(_file) in [directory]; test with "
                    f"ldapwhoami -x -H {cfg.uri} -D '{cfg.bind_dn}' -W")
             detail = f"bind as {who} at {cfg.uri} refused: {_why(exc)}"
-        elif isinstance(exc, OSError) and not isinstance(exc, lex.LDAPException):
+        elif isinstance(exc, OSError):
             fix = f"make bind_password_file readable ({cfg.bind_password_file})"
             detail = f"cannot read the bind password: {_why(exc)}"
         else:
@@ -272,15 +263,15 @@ def check_directory(config: Config, options: Options) -> Iterator[CheckResult]:
         if "acl" in wanted:
             yield from _guarded("acl", lambda: _acls(conn, config, who, timeout))
     finally:
-        _unbind(conn)
+        _close(conn)
 
 
-def _bound(conn: ldap3.Connection, config: Config, who: str, timeout: float,
+def _bound(conn: Any, config: Config, who: str, timeout: float,
            ) -> Iterator[CheckResult]:
     cfg = config.directory
     try:
-        identity = conn.extend.standard.who_am_i()
-    except lex.LDAPException:
+        identity = conn.whoami_s()
+    except ldap.LDAPError:
         identity = None
     said = (identity or "").removeprefix("dn:")
     yield _ok("directory", f"bound as {who} at {cfg.uri}"
@@ -290,20 +281,20 @@ def _bound(conn: ldap3.Connection, config: Config, who: str, timeout: float,
                           "the ACL checks below say little", "bind as the milter's own "
                           "account (bind_dn = cn=milter,ou=services,...)", warning=True)
     description, entries = _search(conn, cfg.pending_base, "(objectClass=*)", ["1.1"],
-                                   scope=ldap3.BASE, timeout=timeout)
+                                   scope=ldap.SCOPE_BASE, timeout=timeout)
     if description == "noSuchObject" or (description == "success" and not entries):
         yield _fail("directory", f"pending_base {cfg.pending_base} does not exist or is "
                     "not visible", "add it (ldap/milter-wkd-entries.ldif) or correct "
                     "[directory] pending_base")
 
 
-def _schema(conn: ldap3.Connection, timeout: float) -> Iterator[CheckResult]:
+def _schema(conn: Any, timeout: float) -> Iterator[CheckResult]:
     description, root = _search(conn, "", "(objectClass=*)", ["subschemaSubentry"],
-                                scope=ldap3.BASE, timeout=timeout)
+                                scope=ldap.SCOPE_BASE, timeout=timeout)
     values = _raw(root[0], "subschemaSubentry") if root else []
     subschema = values[0].decode() if values else "cn=Subschema"
     description, entries = _search(conn, subschema, "(objectClass=subschema)",
-                                   ["objectClasses", "attributeTypes"], scope=ldap3.BASE,
+                                   ["objectClasses", "attributeTypes"], scope=ldap.SCOPE_BASE,
                                    timeout=timeout)
     if not entries:
         yield _fail("schema", f"cannot read {subschema} ({description})",
@@ -323,11 +314,11 @@ def _schema(conn: ldap3.Connection, timeout: float) -> Iterator[CheckResult]:
                   f"{', '.join(SCHEMA_ATTRIBUTES)}")
 
 
-def _acls(conn: ldap3.Connection, config: Config, who: str, timeout: float,
+def _acls(conn: Any, config: Config, who: str, timeout: float,
           ) -> Iterator[CheckResult]:
     cfg = config.directory
     # 1. The account reads users' addresses, never their passwords.
-    presence = "".join(f"({escape_filter_chars(a, 'utf-8')}=*)" for a in cfg.mail_attributes)
+    presence = "".join(f"({escape_filter_chars(a)}=*)" for a in cfg.mail_attributes)
     filt = f"(&{cfg.user_filter}(|{presence}))"
     description, entries = _search(conn, cfg.base_dn, filt,
                                    [*cfg.mail_attributes, "userPassword"], size=1,
@@ -339,13 +330,13 @@ def _acls(conn: ldap3.Connection, config: Config, who: str, timeout: float,
                     f"and mail_attributes; {_ACL_FIX}")
     else:
         yield _ok("acl", f"{who} reads {'/'.join(cfg.mail_attributes)} of users "
-                  f"({entries[0]['dn']})")
+                  f"({entries[0][0]})")
         if _raw(entries[0], "userPassword"):
-            yield _fail("acl", f"{who} can read userPassword of {entries[0]['dn']}",
+            yield _fail("acl", f"{who} can read userPassword of {entries[0][0]}",
                         f"only `by anonymous auth` may touch userPassword; {_ACL_FIX}")
     # 2. It lists pending requests and may create and delete one.
     description, _ = _search(conn, cfg.pending_base, f"(objectClass={PENDING_CLASS})",
-                             ["1.1"], scope=ldap3.LEVEL, timeout=timeout)
+                             ["1.1"], scope=ldap.SCOPE_ONELEVEL, timeout=timeout)
     if description not in ("success", "sizeLimitExceeded"):
         yield _fail("acl", f"{who} cannot search {cfg.pending_base}: {description}", _ACL_FIX)
     yield from _pending_write_probe(config, who)
@@ -381,7 +372,7 @@ def _anonymous(config: Config, timeout: float) -> Iterator[CheckResult]:
     cfg = config.directory
     anon = _connect(config, timeout, anonymous=True)
     try:
-        presence = "".join(f"({escape_filter_chars(a, 'utf-8')}=*)"
+        presence = "".join(f"({escape_filter_chars(a)}=*)"
                            for a in cfg.mail_attributes)
         description, entries = _search(anon, cfg.base_dn, f"(|{presence})",
                                        list(cfg.mail_attributes), timeout=timeout)
@@ -393,7 +384,7 @@ def _anonymous(config: Config, timeout: float) -> Iterator[CheckResult]:
         else:
             yield _ok("acl", f"anonymous cannot enumerate addresses ({description})")
         description, root = _search(anon, "", "(objectClass=*)", ["namingContexts"],
-                                    scope=ldap3.BASE, timeout=timeout)
+                                    scope=ldap.SCOPE_BASE, timeout=timeout)
         contexts = [v.decode() for v in _raw(root[0], "namingContexts")] if root else []
         suffix = next((c for c in contexts if cfg.base_dn.lower().endswith(c.lower())), None)
         if suffix is None:
@@ -403,7 +394,7 @@ def _anonymous(config: Config, timeout: float) -> Iterator[CheckResult]:
             return
         info = f"cn=pgpServerInfo,{suffix}"
         description, entries = _search(anon, info, "(objectClass=*)", ["pgpBaseKeySpaceDN"],
-                                       scope=ldap3.BASE, timeout=timeout)
+                                       scope=ldap.SCOPE_BASE, timeout=timeout)
         if entries:
             yield _ok("acl", f"anonymous reads {info} (dirmngr's ldap:// keyserver)")
         else:
@@ -412,7 +403,7 @@ def _anonymous(config: Config, timeout: float) -> Iterator[CheckResult]:
                               "add it (ldap/milter-wkd-entries.ldif) and its read rule "
                               "(30-access.ldif)", warning=True)
     finally:
-        _unbind(anon)
+        _close(anon)
 
 
 # -- keys ------------------------------------------------------------------------------
