@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import ldap3
 import pytest
 
 from milter_wkd import openpgp
@@ -20,6 +20,7 @@ from milter_wkd.directory import Directory, KeySource, Provenance, StoredKey
 from milter_wkd.errors import NotFound
 from milter_wkd.sandbox.slapd import Slapd
 from milter_wkd.values import Address
+from tests.support import ldapclient
 from tests.support.gnupg import GnuPG
 from tests.support.peers import require_binary
 
@@ -124,18 +125,17 @@ def publish(store: Directory) -> Callable[[str, bytes], StoredKey]:
     return run
 
 
-def bind(server: Slapd, who: str | None) -> ldap3.Connection:
-    """A plain ldap3 connection as a user (alice, bob, carol), a service account or
-    anonymous (None), for the ACL tests."""
+def bind(server: Slapd, who: str | None) -> Any:
+    """A plain python-ldap connection (tests.support.ldapclient) as a user (alice, bob,
+    carol), a service account or anonymous (None), for the ACL tests."""
     if who is None:
-        user, password = None, None
+        user, password = "", ""
     elif who in server.users:
         user, password = server.users[who]["dn"], server.users[who]["password"]
     else:
         user = server.service_accounts[who]["dn"]
         password = server.service_accounts[who]["password"]
-    return ldap3.Connection(ldap3.Server(server.uri, get_info=ldap3.NONE), user=user,
-                            password=password, auto_bind=True, receive_timeout=5)
+    return ldapclient.bind(server.uri, user, password)
 
 
 @pytest.fixture
@@ -145,15 +145,15 @@ def config_for(slapd: Slapd) -> Callable[..., DirectoryConfig]:
 
 
 @pytest.fixture
-def connect(slapd: Slapd) -> Iterator[Callable[[str | None], ldap3.Connection]]:
-    """connect(who): a bound ldap3 connection to the session slapd, unbound afterwards."""
-    opened: list[ldap3.Connection] = []
+def connect(slapd: Slapd) -> Iterator[Callable[[str | None], Any]]:
+    """connect(who): a bound python-ldap connection to the session slapd, unbound afterwards."""
+    opened: list[Any] = []
 
-    def run(who: str | None) -> ldap3.Connection:
+    def run(who: str | None) -> Any:
         conn = bind(slapd, who)
         opened.append(conn)
         return conn
 
     yield run
     for conn in opened:
-        conn.unbind()
+        conn.unbind_ext_s()

@@ -6,17 +6,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import ldap3
+import ldap
 import pytest
-from ldap3.core import exceptions as lex
 
 from milter_wkd.directory import Directory, StoredKey
 from milter_wkd.sandbox.slapd import Slapd
 from milter_wkd.values import Address
+from tests.support.ldapclient import answer, bind, encode, outcome
 
 pytestmark = pytest.mark.integration
 
-Connect = Callable[[str | None], ldap3.Connection]
+Connect = Callable[[str | None], Any]
 PEOPLE = "ou=people,dc=example,dc=org"
 
 
@@ -30,25 +30,27 @@ def bob_key(publish: Callable[[str, bytes], StoredKey], gpg_keys: dict[str, Any]
     return publish("bob@example.org", gpg_keys["bob"].data)
 
 
-def search(conn: ldap3.Connection, filt: str, attributes: list[str] | str = "*",
-           base: str = PEOPLE, scope: str = ldap3.SUBTREE) -> list[dict[str, Any]]:
-    conn.search(base, filt, search_scope=scope, attributes=attributes)
-    return [{k.lower(): v for k, v in r["raw_attributes"].items() if v} | {"dn": r["dn"]}
-            for r in conn.response if r["type"] == "searchResEntry"]
+def search(conn: Any, filt: str, attributes: list[str] | str = "*",
+           base: str = PEOPLE, scope: int = ldap.SCOPE_SUBTREE) -> list[dict[str, Any]]:
+    """The entries found (attribute names lowercased, plus "dn"); a base the account may
+    not see is no entries (slapd answers noSuchObject), any other refusal fails the test."""
+    names = [attributes] if isinstance(attributes, str) else attributes
+    result, entries = answer(conn, base, filt, names, scope)
+    assert result in ("success", "noSuchObject"), result
+    return [{k.lower(): v for k, v in attrs.items() if v} | {"dn": dn} for dn, attrs in entries]
 
 
-def modify(conn: ldap3.Connection, dn: str, name: str, values: list[Any]) -> str:
+def modify(conn: Any, dn: str, name: str, values: list[Any]) -> str:
     """Replace an attribute; returns the LDAP result name ('success', ...)."""
-    try:
-        conn.modify(dn, {name: [(ldap3.MODIFY_REPLACE, values)]})
-    except lex.LDAPOperationResult as exc:
-        return str(exc.description)
-    return str(conn.result["description"])
+    return outcome(lambda: conn.modify_ext_s(dn, [(ldap.MOD_REPLACE, name, encode(values))]))
 
 
-def raising(conn: ldap3.Connection) -> ldap3.Connection:
-    conn.raise_exceptions = False
-    return conn
+def add(conn: Any, dn: str, classes: list[str], attributes: dict[str, Any]) -> str:
+    """Add an entry; returns the LDAP result name."""
+    addlist = [("objectClass", encode(classes))] + [
+        (name, encode(value if isinstance(value, list) else [value]))
+        for name, value in attributes.items()]
+    return outcome(lambda: conn.add_ext_s(dn, addlist))
 
 
 # -- anonymous: dirmngr's view ------------------------------------------------------------
@@ -56,10 +58,11 @@ def raising(conn: ldap3.Connection) -> ldap3.Connection:
 
 def test_anonymous_reads_what_dirmngr_needs(connect: Connect, alice_key: StoredKey) -> None:
     anon = connect(None)
-    anon.search("", "(objectClass=*)", search_scope=ldap3.BASE, attributes=["namingContexts"])
-    assert anon.response[0]["raw_attributes"]["namingContexts"] == [b"dc=example,dc=org"]
+    (root,) = search(anon, "(objectClass=*)", ["namingContexts"], base="",
+                     scope=ldap.SCOPE_BASE)
+    assert root["namingcontexts"] == [b"dc=example,dc=org"]
     (info,) = search(anon, "(objectClass=*)", base="cn=pgpServerInfo,dc=example,dc=org",
-                     scope=ldap3.BASE)
+                     scope=ldap.SCOPE_BASE)
     assert info["pgpbasekeyspacedn"] == [PEOPLE.encode()]
     assert info["pgpsoftware"] == [b"GnuPG"]
     assert info["pgpversion"] == [b"2"]
@@ -86,11 +89,10 @@ def test_anonymous_reads_what_dirmngr_needs(connect: Connect, alice_key: StoredK
 ])
 def test_anonymous_cannot_enumerate(connect: Connect, alice_key: StoredKey,
                                     bob_key: StoredKey, filt: str) -> None:
-    anon = raising(connect(None))
-    anon.search(PEOPLE, filt, attributes=["gpgMailbox"])
-    entries = [r for r in anon.response or [] if r["type"] == "searchResEntry"]
+    anon = connect(None)
+    result, entries = answer(anon, PEOPLE, filt, ["gpgMailbox"])
     assert entries == []
-    assert anon.result["description"] in ("adminLimitExceeded", "sizeLimitExceeded")
+    assert result in ("adminLimitExceeded", "sizeLimitExceeded")
 
 
 def test_anonymous_cannot_probe_mail_or_see_keyless_users(connect: Connect,
@@ -99,12 +101,12 @@ def test_anonymous_cannot_probe_mail_or_see_keyless_users(connect: Connect,
     assert search(anon, "(mail=alice@example.org)") == []
     assert search(anon, "(uid=carol)") == []
     assert search(anon, "(objectClass=*)", base="uid=carol,ou=people,dc=example,dc=org",
-                  scope=ldap3.BASE) == []
+                  scope=ldap.SCOPE_BASE) == []
     assert search(anon, "(objectClass=*)", base="ou=wks-pending,dc=example,dc=org") == []
 
 
 def test_anonymous_cannot_write(connect: Connect, alice_key: StoredKey) -> None:
-    anon = raising(connect(None))
+    anon = connect(None)
     dn = "uid=alice,ou=people,dc=example,dc=org"
     assert modify(anon, dn, "pgpDisabled", ["1"]) in ("strongerAuthRequired",
                                                       "insufficientAccessRights")
@@ -115,20 +117,16 @@ def test_anonymous_cannot_write(connect: Connect, alice_key: StoredKey) -> None:
 
 def test_users_bind_with_their_password(slapd: Slapd) -> None:
     for info in slapd.users.values():
-        conn = ldap3.Connection(ldap3.Server(slapd.uri, get_info=ldap3.NONE), info["dn"],
-                                info["password"])
-        assert conn.bind()
-        assert conn.extend.standard.who_am_i() == f"dn:{info['dn']}"
-        conn.unbind()
-    wrong = ldap3.Connection(ldap3.Server(slapd.uri, get_info=ldap3.NONE),
-                             slapd.users["alice"]["dn"], "bob-secret")
-    assert not wrong.bind()
-    wrong.unbind()
+        conn = bind(slapd.uri, info["dn"], info["password"])
+        assert conn.whoami_s() == f"dn:{info['dn']}"
+        conn.unbind_ext_s()
+    with pytest.raises(ldap.INVALID_CREDENTIALS):
+        bind(slapd.uri, slapd.users["alice"]["dn"], "bob-secret")
 
 
 def test_user_edits_own_key_attributes_and_prefer_encrypt_only(
         connect: Connect, alice_key: StoredKey, bob_key: StoredKey) -> None:
-    alice = raising(connect("alice"))
+    alice = connect("alice")
     own = "uid=alice,ou=people,dc=example,dc=org"
     bobs = "uid=bob,ou=people,dc=example,dc=org"
     assert modify(alice, own, "pgpDisabled", ["1"]) == "success"
@@ -144,35 +142,36 @@ def test_user_edits_own_key_attributes_and_prefer_encrypt_only(
     for name, value in [("pgpKey", "x"), ("pgpDisabled", "1"), ("wkdPreferEncrypt", "mutual")]:
         assert modify(alice, bobs, name, [value]) == "insufficientAccessRights", name
     # Alice sees her own entry, and only bob's public key.
-    (mine,) = search(alice, "(objectClass=*)", base=own, scope=ldap3.BASE)
+    (mine,) = search(alice, "(objectClass=*)", base=own, scope=ldap.SCOPE_BASE)
     assert mine["mail"] == [b"alice@example.org"]
-    (his,) = search(alice, "(objectClass=*)", base=bobs, scope=ldap3.BASE)
+    (his,) = search(alice, "(objectClass=*)", base=bobs, scope=ldap.SCOPE_BASE)
     assert "mail" not in his
     assert "pgpkey" in his
 
 
 def alice_key_text(connect: Connect, dn: str) -> str:
     (entry,) = search(connect("milter"), "(objectClass=*)", ["pgpKey"], base=dn,
-                      scope=ldap3.BASE)
+                      scope=ldap.SCOPE_BASE)
     return str(entry["pgpkey"][0].decode())
 
 
 def test_user_may_add_only_our_object_class(connect: Connect, store: Directory) -> None:
-    carol = raising(connect("carol"))
+    carol = connect("carol")
     dn = "uid=carol,ou=people,dc=example,dc=org"
-    carol.modify(dn, {"objectClass": [(ldap3.MODIFY_ADD, ["posixAccount"])],
-                      "uidNumber": [(ldap3.MODIFY_ADD, ["0"])],
-                      "gidNumber": [(ldap3.MODIFY_ADD, ["0"])],
-                      "homeDirectory": [(ldap3.MODIFY_ADD, ["/root"])]})
-    assert carol.result["description"] == "insufficientAccessRights"
-    carol.modify(dn, {"objectClass": [(ldap3.MODIFY_ADD, ["wkdKeyHolder"])],
-                      "wkdPreferEncrypt": [(ldap3.MODIFY_ADD, ["nopreference"])]})
-    assert carol.result["description"] == "success"
+    more = ldap.MOD_ADD
+    assert outcome(lambda: carol.modify_ext_s(dn, [
+        (more, "objectClass", [b"posixAccount"]), (more, "uidNumber", [b"0"]),
+        (more, "gidNumber", [b"0"]), (more, "homeDirectory", [b"/root"])],
+    )) == "insufficientAccessRights"
+    assert outcome(lambda: carol.modify_ext_s(dn, [
+        (more, "objectClass", [b"wkdKeyHolder"]),
+        (more, "wkdPreferEncrypt", [b"nopreference"])],
+    )) == "success"
     user = store.user(Address.parse("carol@example.org"))
     assert store.get_prefer_encrypt(user) == "nopreference"
     store.set_prefer_encrypt(user, None)
     (entry,) = search(connect("carol"), "(objectClass=*)", ["objectClass"],
-                      base="uid=carol,ou=people,dc=example,dc=org", scope=ldap3.BASE)
+                      base="uid=carol,ou=people,dc=example,dc=org", scope=ldap.SCOPE_BASE)
     assert b"wkdKeyHolder" not in entry["objectclass"]
 
 
@@ -181,7 +180,7 @@ def test_user_may_add_only_our_object_class(connect: Connect, store: Directory) 
 
 def test_milter_writes_keys_and_pending_but_nothing_else(connect: Connect,
                                                          alice_key: StoredKey) -> None:
-    milter = raising(connect("milter"))
+    milter = connect("milter")
     alice = "uid=alice,ou=people,dc=example,dc=org"
     assert modify(milter, alice, "pgpDisabled", ["1"]) == "success"
     assert modify(milter, alice, "gpgMailbox", ["alice@example.org"]) == "success"
@@ -191,9 +190,9 @@ def test_milter_writes_keys_and_pending_but_nothing_else(connect: Connect,
                   ["x"]) == "insufficientAccessRights"
     assert modify(milter, "cn=pgpServerInfo,dc=example,dc=org", "pgpBaseKeySpaceDN",
                   ["dc=example,dc=org"]) == "insufficientAccessRights"
-    milter.add("uid=mallory,ou=people,dc=example,dc=org", ["inetOrgPerson"],
-               {"cn": "m", "sn": "m", "mail": "mallory@example.org"})
-    assert milter.result["description"] == "insufficientAccessRights"
+    assert add(milter, "uid=mallory,ou=people,dc=example,dc=org", ["inetOrgPerson"],
+               {"cn": "m", "sn": "m", "mail": "mallory@example.org"},
+               ) == "insufficientAccessRights"
     # It reads the people it serves (addresses), never passwords.
     (entry,) = search(milter, "(mail=alice@example.org)")
     assert entry["maillocaladdress"] == [b"alice.liddell@example.org"]
@@ -201,27 +200,27 @@ def test_milter_writes_keys_and_pending_but_nothing_else(connect: Connect,
 
 
 def test_responder_reads_public_key_data_only(connect: Connect, alice_key: StoredKey) -> None:
-    wkd = raising(connect("wkd"))
+    wkd = connect("wkd")
     alice = "uid=alice,ou=people,dc=example,dc=org"
-    (entry,) = search(wkd, "(objectClass=*)", ["*", "entryCSN"], base=alice, scope=ldap3.BASE)
+    (entry,) = search(wkd, "(objectClass=*)", ["*", "entryCSN"], base=alice, scope=ldap.SCOPE_BASE)
     assert entry["pgpkey"]
     assert entry["wkdaddresshash"]
     assert entry["entrycsn"]
     assert not {"mail", "maillocaladdress", "userpassword", "cn", "uid"} & set(entry)
     (suffix,) = search(wkd, "(objectClass=*)", ["contextCSN"], base="dc=example,dc=org",
-                       scope=ldap3.BASE)
+                       scope=ldap.SCOPE_BASE)
     assert suffix["contextcsn"]
     assert modify(wkd, alice, "pgpDisabled", ["1"]) == "insufficientAccessRights"
-    wkd.add("wkdNonce=" + "x" * 32 + ",ou=wks-pending,dc=example,dc=org",
-            ["wkdPendingRequest"],
-            {"wkdAddress": "a@example.org", "wkdFingerprint": "AB" * 20,
-             "wkdSubmittedKey": b"k", "wkdCreated": "20260101000000Z",
-             "wkdExpires": "20260101000000Z"})
-    assert wkd.result["description"] == "insufficientAccessRights"
+    assert add(wkd, "wkdNonce=" + "x" * 32 + ",ou=wks-pending,dc=example,dc=org",
+               ["wkdPendingRequest"],
+               {"wkdAddress": "a@example.org", "wkdFingerprint": "AB" * 20,
+                "wkdSubmittedKey": b"k", "wkdCreated": "20260101000000Z",
+                "wkdExpires": "20260101000000Z"},
+               ) == "insufficientAccessRights"
 
 
 def test_dovecot_finds_users_by_address_and_reads_nothing_secret(connect: Connect) -> None:
-    dovecot = raising(connect("dovecot"))
+    dovecot = connect("dovecot")
     (entry,) = search(dovecot, "(&(objectClass=inetOrgPerson)"
                                "(|(mail=alice.liddell@example.org)"
                                "(mailLocalAddress=alice.liddell@example.org)))",
@@ -247,14 +246,14 @@ def test_dovecot_finds_users_by_address_and_reads_nothing_secret(connect: Connec
 def test_slapd_refuses_bad_key_data_whoever_writes_it(
         connect: Connect, alice_key: StoredKey, name: str, value: str) -> None:
     alice = "uid=alice,ou=people,dc=example,dc=org"
-    writer = raising(connect("milter"))
+    writer = connect("milter")
     assert modify(writer, alice, name, [value]) == "constraintViolation"
 
 
 @pytest.mark.parametrize("name", ["gpgMailbox", "pgpUserID", "wkdAddressHash"])
 def test_slapd_refuses_too_many_values(connect: Connect, alice_key: StoredKey,
                                        name: str) -> None:
-    writer = raising(connect("milter"))
+    writer = connect("milter")
     values = [f"a{i}@example.org" for i in range(65)]
     alice = "uid=alice,ou=people,dc=example,dc=org"
     assert modify(writer, alice, name, values) == "constraintViolation"

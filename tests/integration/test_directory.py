@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import ldap3
+import ldap
 import pytest
 
 from milter_wkd import openpgp
@@ -25,6 +25,7 @@ from milter_wkd.directory import (
 from milter_wkd.errors import Conflict, KeyRefused, NotFound, Refused
 from milter_wkd.sandbox.slapd import Slapd
 from milter_wkd.values import Address, Fingerprint
+from tests.support import ldapclient
 from tests.support.gnupg import WKS_CLIENT, GnuPG
 
 pytestmark = pytest.mark.integration
@@ -34,14 +35,12 @@ Publish = Callable[[str, bytes], StoredKey]
 
 def root_entry(slapd: Slapd, dn: str) -> dict[str, list[str]]:
     """Every attribute of an entry as root sees it (names lowercased)."""
-    conn = ldap3.Connection(ldap3.Server(slapd.uri, get_info=ldap3.NONE),
-                            user=slapd.admin_dn, password=slapd.admin_password, auto_bind=True)
+    conn = ldapclient.bind(slapd.uri, slapd.admin_dn, slapd.admin_password)
     try:
-        conn.search(dn, "(objectClass=*)", search_scope=ldap3.BASE, attributes=["*"])
-        raw: dict[str, list[bytes]] = conn.response[0]["raw_attributes"]
+        ((_dn, raw),) = conn.search_s(dn, ldap.SCOPE_BASE, "(objectClass=*)", ["*"])
         return {k.lower(): [v.decode() for v in vals] for k, vals in raw.items()}
     finally:
-        conn.unbind()
+        conn.unbind_ext_s()
 
 
 def gnupg_time(epoch: str) -> str:
