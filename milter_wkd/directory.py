@@ -42,7 +42,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -120,6 +120,9 @@ class User:
 
     dn: str
     addresses: tuple[Address, ...]
+    # The entry's key attributes as read together with the addresses (find_user with
+    # with_key=True): publishing right after the look-up needs no second read.
+    snapshot: dict[str, list[bytes]] | None = field(default=None, compare=False, repr=False)
 
     def owns(self, address: Address) -> bool:
         return any(a.key == address.key for a in self.addresses)
@@ -454,17 +457,24 @@ class Directory:
         alternatives = "".join(f"({name}={value})" for name in self.config.mail_attributes)
         return f"(&{self.config.user_filter}(|{alternatives}))"
 
-    def find_user(self, address: Address) -> User | None:
-        """The user whose mail attributes hold address; None if nobody's do."""
-        entries = self._search(self.config.base_dn, self._address_filter(address),
-                               list(self.config.mail_attributes))
+    def find_user(self, address: Address, *, with_key: bool = False) -> User | None:
+        """The user whose mail attributes hold address; None if nobody's do.
+
+        with_key: read the published key in the same search (`User.snapshot`), for a
+        caller that goes on to `current_key` and `publish_key` at once.
+        """
+        attributes = list(self.config.mail_attributes)
+        if with_key:
+            attributes += ["objectClass", *KEY_ATTRIBUTES, PREFER_ENCRYPT]
+        entries = self._search(self.config.base_dn, self._address_filter(address), attributes)
         if len(entries) > 1:
             raise Conflict(f"{address} belongs to {len(entries)} directory entries")
         if not entries:
             return None
         entry = entries[0]
         values = [v for name in self.config.mail_attributes for v in _texts(entry, name)]
-        return User(entry["dn"], _addresses(values, entry["dn"]))
+        return User(entry["dn"], _addresses(values, entry["dn"]),
+                    entry["raw_attributes"] if with_key else None)
 
     def user(self, address: Address) -> User:
         """Like find_user, but NotFound when nobody has the address."""
@@ -510,14 +520,20 @@ class Directory:
         )
 
     def get_key(self, user: User) -> StoredKey | None:
-        """The key published on a user's entry, if any."""
+        """The key published on a user's entry, if any (read now)."""
         entry = self._read_entry(user.dn, [*KEY_ATTRIBUTES, PREFER_ENCRYPT])
         return self._stored(entry) if entry is not None else None
 
+    def current_key(self, user: User) -> StoredKey | None:
+        """The key as read with the user (find_user with_key=True), else read now."""
+        if user.snapshot is None:
+            return self.get_key(user)
+        return self._stored({"dn": user.dn, "raw_attributes": user.snapshot})
+
     def key_for(self, address: Address) -> StoredKey | None:
         """The key published by the user who owns address (None: no user or no key)."""
-        found = self.find_user(address)
-        return self.get_key(found) if found is not None else None
+        found = self.find_user(address, with_key=True)
+        return self.current_key(found) if found is not None else None
 
     def find_by_fingerprint(self, fingerprint: Fingerprint) -> StoredKey | None:
         """The entry whose key has this primary or subkey fingerprint."""
@@ -562,7 +578,8 @@ class Directory:
             ["1.1"])
         if any(h["dn"].lower() != user.dn.lower() for h in holders):
             raise Conflict(f"key {info.fingerprint} is published by another user already")
-        entry = self._read_entry(user.dn, ["objectClass", "pgpDisabled", PREFER_ENCRYPT])
+        entry = ({"dn": user.dn, "raw_attributes": user.snapshot} if user.snapshot is not None
+                 else self._read_entry(user.dn, ["objectClass", "pgpDisabled", PREFER_ENCRYPT]))
         if entry is None:
             raise NotFound(f"no entry {user.dn}")
         classes = {c.lower() for c in _texts(entry, "objectClass")}

@@ -208,7 +208,7 @@ class MailService:
                            source: KeySource, actor: str) -> openpgp.CleanResult:
         limits = openpgp.Limits(max_input=self.config.keys.max_input_bytes)
         cleaned = openpgp.clean_key(key, addresses, limits=limits)
-        stored = self.directory.get_key(user)
+        stored = self.directory.current_key(user)
         if stored is not None and stored.fingerprint == cleaned.info.fingerprint:
             cleaned = openpgp.merge_keys(stored.key, key, list(user.addresses), limits=limits)
         if len(cleaned.key) > self.config.keys.max_published_bytes:
@@ -226,7 +226,7 @@ class MailService:
             login = Address.parse(tx.sasl_login or "")
         except Refused:
             return Reject(550, "5.7.1", "The SASL login is not a mail address of this provider")
-        user = self.directory.find_user(login)
+        user = self.directory.find_user(login, with_key=True)
         if user is None:
             return Reject(550, "5.7.1", "The logged-in user is not in the key directory")
         own: list[Address] = []
@@ -314,7 +314,7 @@ class MailService:
                                  ) from None
         if not wks.nonces_equal(pending.nonce, response.nonce):
             raise MessageRefused("no pending request for this nonce")
-        user = self.directory.find_user(response.address)
+        user = self.directory.find_user(response.address, with_key=True)
         if user is None:
             raise MessageRefused(f"{response.address} is no longer a user here")
         try:
@@ -365,9 +365,9 @@ class MailService:
                 self._hints.move_to_end(address.key)
                 return cached
         hint = _CachedHint(None, None, None)
-        user = self.directory.find_user(address)
+        user = self.directory.find_user(address, with_key=True)
         if user is not None:
-            stored = self.directory.get_key(user)
+            stored = self.directory.current_key(user)
             if stored is not None and not stored.revoked and not stored.disabled:
                 try:
                     keydata = openpgp.autocrypt_keydata(stored.key, address)

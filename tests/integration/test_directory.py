@@ -174,6 +174,33 @@ def test_replacing_a_key_leaves_nothing_of_the_old_one(
     assert found.dn == slapd.users["alice"]["dn"]
 
 
+def test_user_read_with_key_publishes_without_rereading(
+        store: Directory, slapd: Slapd, gpg_keys: dict[str, Any]) -> None:
+    address = Address.parse("bob@example.org")
+    bare = store.find_user(address, with_key=True)
+    assert bare is not None
+    assert bare.snapshot is not None
+    assert store.current_key(bare) is None  # nothing published yet
+    assert bare == store.user(address)  # the snapshot is not part of the identity
+    cleaned = openpgp.clean_key(gpg_keys["bob"].data, [address])
+    first = store.publish_key(bare, cleaned, Provenance(KeySource.ADMIN_IMPORT, "t", 0))
+    # The snapshot said "no wkdKeyHolder class yet": the modify added it.
+    entry = root_entry(slapd, slapd.users["bob"]["dn"])
+    assert "wkdkeyholder" in [c.lower() for c in entry["objectclass"]]
+    holder = store.find_user(address, with_key=True)
+    assert holder is not None
+    assert store.current_key(holder) == first == store.get_key(holder)
+    store.set_disabled(holder, True)
+    # A snapshot taken before is stale by design; one taken now sees the change, and
+    # publishing from it keeps the key disabled.
+    assert store.current_key(holder) == first
+    fresh = store.find_user(address, with_key=True)
+    assert fresh is not None
+    again = store.publish_key(fresh, cleaned, Provenance(KeySource.ADMIN_IMPORT, "t", 1))
+    assert again.disabled
+    assert again == store.get_key(fresh)
+
+
 def root_fprs(stored: StoredKey) -> list[str]:
     info = openpgp.inspect_key(stored.key)
     return [s.fingerprint.hex for s in info.subkeys]
