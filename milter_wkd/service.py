@@ -199,15 +199,23 @@ class MailService:
         submission = dataclasses.replace(submission, key=everything.key)
         addresses = list(everything.info.addresses)
         if tx.sasl_login and domain.auth_submit:
-            return self._authenticated(tx, domain, submission, addresses)
+            return self._authenticated(tx, domain, submission, everything)
         if not domain.allow_unauthenticated:
             return Reject(550, "5.7.1", "Log in (SMTP AUTH) to publish keys")
         return self._unauthenticated(tx, domain, submission, addresses)
 
     def _merge_and_publish(self, user: User, key: bytes, addresses: list[Address],
-                           source: KeySource, actor: str) -> openpgp.CleanResult:
+                           source: KeySource, actor: str,
+                           cleaned_for_all: openpgp.CleanResult | None = None,
+                           ) -> openpgp.CleanResult:
         limits = openpgp.Limits(max_input=self.config.keys.max_input_bytes)
-        cleaned = openpgp.clean_key(key, addresses, limits=limits)
+        wanted = {a.key for a in addresses}
+        if cleaned_for_all is not None and wanted == {
+                a.key for a in cleaned_for_all.info.addresses}:
+            # Cleaning is idempotent: for the same addresses a second pass changes nothing.
+            cleaned = cleaned_for_all
+        else:
+            cleaned = openpgp.clean_key(key, addresses, limits=limits)
         stored = self.directory.current_key(user)
         if stored is not None and stored.fingerprint == cleaned.info.fingerprint:
             cleaned = openpgp.merge_keys(stored.key, key, list(user.addresses), limits=limits)
@@ -221,7 +229,8 @@ class MailService:
         return cleaned
 
     def _authenticated(self, tx: Transaction, domain: DomainConfig,
-                       submission: wks.Submission, key_addresses: list[Address]) -> Reply:
+                       submission: wks.Submission, everything: openpgp.CleanResult) -> Reply:
+        key_addresses = everything.info.addresses
         try:
             login = Address.parse(tx.sasl_login or "")
         except Refused:
@@ -244,7 +253,7 @@ class MailService:
                 reason += " (" + "; ".join(refused) + ")"
             return Reject(550, "5.7.1", reason)
         cleaned = self._merge_and_publish(user, submission.key, own, KeySource.AUTH_SUBMIT,
-                                          str(login))
+                                          str(login), everything)
         now = int(self.clock())
         submission_address = Address.parse(domain.submission_address)
         text_refused = "".join(f"\nNot published for {r}" for r in refused)

@@ -85,6 +85,17 @@ def test_clean_is_idempotent() -> None:
     assert clean(openpgp.armor_key(once)).key == once
 
 
+@pytest.mark.parametrize("data", [VECTOR, RSA], ids=["ed25519", "rsa"])
+def test_cleaning_for_every_address_then_for_those_addresses_changes_nothing(
+        data: bytes) -> None:
+    # The milter relies on this to clean a submission once, not twice.
+    everything = openpgp.clean_key(data, None, now=NOW)
+    assert len(everything.info.addresses) >= 1
+    again = openpgp.clean_key(everything.key, list(everything.info.addresses), now=NOW)
+    assert again.key == everything.key
+    assert again.info == everything.info
+
+
 def test_autocrypt_keydata_of_the_vector() -> None:
     keydata = openpgp.autocrypt_keydata(VECTOR, MAIN[0], now=NOW)
     assert packets(keydata) == [PARTS[0], PARTS[1], PARTS[2], PARTS[7], PARTS[8]]
