@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 import anycrc
+import pybase64
 
 from milter_wkd.errors import KeyRefused
 
@@ -200,8 +201,6 @@ ARMOR_MESSAGE = "PGP MESSAGE"
 ARMOR_SIGNATURE = "PGP SIGNATURE"
 
 _WHITE = b" \t\r\n"
-_BASE64_AND_WHITE = (b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-                     + _WHITE)
 
 
 def looks_armored(data: bytes) -> bool:
@@ -269,24 +268,17 @@ def _skip_armor_headers(data: bytes, pos: int, tail: int) -> int:
 def _decode_base64(data: bytes, start: int, end: int) -> bytes:
     """Strict base64 of data[start:end]: white space allowed anywhere, padding only at the
     end, whole quantums only."""
-    padded_end = end
-    while padded_end > start and data[padded_end - 1] in b"=\t\r\n ":
-        padded_end -= 1
-    padding = data[padded_end:end].translate(None, _WHITE)
-    step = 1 << 20  # bounded copies; translate() finds strays at memchr-like speed
-    bad = any(data[at : min(at + step, padded_end)].translate(None, _BASE64_AND_WHITE)
-              for at in range(start, padded_end, step))
-    if bad or padding not in (b"", b"=", b"=="):
-        raise KeyRefused("bad base64 in armor: characters outside the base64 alphabet")
-    # One pass drops the line breaks (cheaper than counting each kind of white space);
-    # binascii then decodes the compact text faster too.
+    # One pass drops the line breaks; pybase64 (SIMD) then decodes and validates the
+    # compact text -- alphabet and padding -- about 25 times faster than binascii, which
+    # matters for a flooded key armored inside an armored message (tens of megabytes).
     compact = data[start:end].translate(None, _WHITE)
     if len(compact) % 4:
         raise KeyRefused(f"bad base64 in armor: {len(compact)} characters, not whole quantums")
     try:
-        return binascii.a2b_base64(compact)
-    except (binascii.Error, ValueError) as exc:
-        raise KeyRefused(f"bad base64 in armor: {exc}") from None
+        return pybase64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        raise KeyRefused("bad base64 in armor: characters outside the base64 alphabet or "
+                         "misplaced padding") from None
 
 
 def armor(label: str, binary: bytes) -> bytes:
