@@ -21,7 +21,7 @@ EX_REFUSED = 2
 EX_TEMPFAIL = 75
 
 # Command -> (module of its group, one-line help). Only the module of the command being run
-# is imported: the others pull in ldap3, pymilter, pgpy, dkimpy or granian, which would
+# is imported: the others pull in python-ldap, pymilter, pgpy, dkimpy or granian, which would
 # cost every `milter-wkd key clean` most of a second.
 GROUPS: dict[str, tuple[str, str]] = {
     "key": ("key", "clean or inspect an OpenPGP key offline"),
