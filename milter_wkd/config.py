@@ -158,8 +158,11 @@ class WebConfig:
         "Private key (PEM, PKCS#8, unencrypted) of cert_file."))
     workers: int = field(default=0, metadata=_doc(
         "Server worker processes; 0: one per CPU core. Each keeps its own key cache."))
-    threads: int = field(default=2, metadata=_doc(
-        "Threads per worker that run the WSGI app (blocking directory look-ups)."))
+    threads: int = field(default=1, metadata=_doc(
+        "Threads per worker that run the WSGI app. 1 is fastest while the directory fits "
+        "cache_bytes (every answer comes from memory; a second thread only contends for "
+        "Python's lock: benchmarks/wkd.py, 30 against 37 us of CPU per request); raise it "
+        "when it does not fit, so that requests need not wait behind a directory look-up."))
     keep_alive_seconds: int = field(default=30, metadata=_doc(
         "Seconds an idle keep-alive connection may wait for its next request headers."))
     cache_bytes: int = field(default=256 * 1024 * 1024, metadata=_doc(

@@ -146,7 +146,8 @@ class WkdResponder:
 
     def __init__(self, workdir: Path, slapd: DirectoryPeer, port: int | None = None, *,
                  submission_public_key: Path | None = None, workers: int = 1,
-                 refresh_interval: float = 0.1, tls: bool = True) -> None:
+                 threads: int | None = None, refresh_interval: float = 0.1,
+                 tls: bool = True) -> None:
         self.workdir = Path(workdir)
         self.slapd = slapd
         self._port_lock = claim_port_443() if port is None else None
@@ -154,6 +155,7 @@ class WkdResponder:
             WKD_PORT if self._port_lock is not None else free_port())
         self.submission_public_key = submission_public_key
         self.workers = workers
+        self.threads = threads  # None: the config's default
         self.refresh_interval = refresh_interval
         self.tls = tls  # False: plain HTTP, as behind a reverse proxy (docs/nginx-wkd.conf)
         self.config_path = self.workdir / "milter-wkd.toml"
@@ -198,6 +200,7 @@ port = {self.port}
 cert_file = {_toml_string(cert_file)}
 key_file = {_toml_string(key_file)}
 workers = {self.workers}
+{"" if self.threads is None else f"threads = {self.threads}"}
 refresh_interval = {self.refresh_interval}
 
 [[domains]]

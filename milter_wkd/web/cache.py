@@ -89,6 +89,9 @@ class KeyCache:
         self.clock = clock
         self.complete = False
         self.token: str | None = None
+        # Bumped AFTER every change of the answers: whoever read it before reading an
+        # answer can tell later whether what it read may have changed (the app's memo).
+        self.version = 0
         self._answers: OrderedDict[str, Answer] = OrderedDict()
         # DN -> its cached slots; tuples, not sets: most entries have one or two slots,
         # and a set costs 216 bytes even when it holds one string.
@@ -177,6 +180,7 @@ class KeyCache:
     def _put(self, slot: str, answer: Answer) -> None:
         self._remove(slot)
         self._answers[slot] = answer
+        self.version += 1
         self._bytes += answer.cost
         for dn in answer.dns:
             slots = self._by_dn.get(dn, ())
@@ -195,6 +199,7 @@ class KeyCache:
         old = self._answers.pop(slot, None)
         if old is None:
             return
+        self.version += 1
         self._bytes -= old.cost
         for dn in old.dns:
             remaining = tuple(s for s in self._by_dn.get(dn, ()) if s != slot)
@@ -296,6 +301,7 @@ class KeyCache:
             self._generation += 1
             self.complete = False
             self._answers.clear()
+            self.version += 1
             self._by_dn.clear()
             self._bytes = 0
             self._reload = True

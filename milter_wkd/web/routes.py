@@ -51,8 +51,7 @@ class HttpError(Exception):
         self.reason = reason
 
 
-_FAST_KEY = re.compile(r"/\.well-known/openpgpkey/(?:([a-z0-9.-]+)/)?hu/"
-                       r"([ybndrfg8ejkmcpqxot1uwisza345h769]{32})")
+_ZBASE32 = "ybndrfg8ejkmcpqxot1uwisza345h769"
 
 
 class Router:
@@ -66,21 +65,26 @@ class Router:
             for suffix in ("", ":443"):
                 self._exact_hosts[domain + suffix] = (domain, False)
                 self._exact_hosts[ADVANCED_LABEL + domain + suffix] = (domain, True)
+        # (Host, key path without its 32-character hash) -> "@<domain>": every well-formed
+        # key request of the fast path is one look-up here. The advanced host takes the
+        # advanced path only; the domain itself takes both (as `route` does).
+        self._key_heads: dict[tuple[str | None, str], str] = {}
+        for host, (domain, advanced) in self._exact_hosts.items():
+            self._key_heads[host, f"{_PREFIX}{domain}/hu/"] = "@" + domain
+            if not advanced:
+                self._key_heads[host, f"{_PREFIX}hu/"] = "@" + domain
 
     def fast_slot(self, host: str | None, path: str) -> str | None:
         """The slot `<hash>@<domain>` of a well-formed key request with a plain Host, else
-        None (then `route` decides, carefully). The hot path: no objects, one regex."""
-        known = self._exact_hosts.get(host) if host is not None else None
-        if known is None:
+        None (then `route` decides, carefully). The hot path: one dict look-up, no regex."""
+        suffix = self._key_heads.get((host, path[:-32]))
+        if suffix is None:
             return None
-        match = _FAST_KEY.fullmatch(path)
-        if match is None:
+        hash_ = path[-32:]
+        # strip() removes every z-base-32 character: nothing may be left of a valid hash.
+        if hash_.strip(_ZBASE32):
             return None
-        named, hash_ = match.groups()
-        domain, advanced = known
-        if named == domain or (named is None and not advanced):
-            return f"{hash_}@{domain}"
-        return None
+        return hash_ + suffix
 
     def route(self, method: str, host: str | None, path: str) -> Route:
         if method not in ("GET", "HEAD"):

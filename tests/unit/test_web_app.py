@@ -131,3 +131,58 @@ def test_a_submission_key_file_is_served_with_its_one_user_id(tmp_path: Path) ->
                    "openpgpkey.example.org")
     assert got.status == 200
     assert openpgp.inspect_key(got.body).user_ids == ("key-submission@example.org",)
+
+
+def memo_app(tmp_path: Path) -> tuple[WkdApp, KeyCache, TableSource]:
+    source = TableSource()
+    source.write("uid=alice", (ALICE,), b"KA")
+    cache = KeyCache(source, budget=1 << 20, cleaner=cleaner)
+    cache.load()
+    cache.refresh()  # takes the first change token
+    domain = DomainConfig(name="example.org",
+                          submission_public_key=str(tmp_path / "missing.pub"))
+    return WkdApp(cache, [domain]), cache, source
+
+
+def test_remembered_answers_follow_every_change_of_the_mirror(tmp_path: Path) -> None:
+    app, cache, source = memo_app(tmp_path)
+    get = lambda address: Response(  # noqa: E731
+        app, "GET", key_path(address), "openpgpkey.example.org")
+    for _ in range(2):  # the second answer comes from the memo
+        assert get(ALICE).body == b"KA|alice@example.org"
+        assert get(BOB).status == 404
+    source.write("uid=bob", (BOB,), b"KB")  # an addition alone
+    assert cache.refresh()
+    assert get(BOB).body == b"KB|bob@example.org"
+    assert get(ALICE).body == b"KA|alice@example.org"
+    source.write("uid=alice", (ALICE,), b"KA2")  # a replacement alone
+    assert cache.refresh()
+    assert get(ALICE).body == b"KA2|alice@example.org"
+    source.delete("uid=bob")
+    cache._delete_check_due = True  # what an unexplained change token asks for
+    cache.refresh()
+    assert get(BOB).status == 404
+    source.write("uid=alice", (ALICE,), b"KA3")
+    cache.reset()  # no longer complete: nothing may come from the memo
+    assert get(ALICE).body == b"KA3|alice@example.org"  # asked the source
+
+
+def test_the_memo_is_bounded_and_skips_head(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from milter_wkd.web import app as app_module
+
+    monkeypatch.setattr(app_module, "MEMO_ENTRIES", 3)
+    app, _cache, _source = memo_app(tmp_path)
+    for n in range(10):
+        got = Response(app, "GET", key_path(Address.parse(f"u{n}@example.org")),
+                       "openpgpkey.example.org")
+        assert got.status == 404
+        assert len(app._memo) <= 3
+    app._memo.clear()
+    head = Response(app, "HEAD", key_path(ALICE), "openpgpkey.example.org")
+    assert head.status == 200
+    assert head.body == b""
+    assert not app._memo
+    # Hosts are part of the memo's key: the same path under an odd Host is refused.
+    assert Response(app, "GET", key_path(ALICE), "openpgpkey.example.org").status == 200
+    assert Response(app, "GET", key_path(ALICE), "evil.org").status == 404

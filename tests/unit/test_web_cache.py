@@ -14,7 +14,7 @@ import pytest
 
 from milter_wkd.errors import KeyRefused
 from milter_wkd.values import Address
-from milter_wkd.web.cache import ENTRY_OVERHEAD, KeyCache
+from milter_wkd.web.cache import ENTRY_OVERHEAD, Answer, KeyCache
 from milter_wkd.web.source import (
     Change,
     ChangesUnknown,
@@ -267,3 +267,21 @@ def test_changes_are_searched_from_the_oldest_provider_that_wrote() -> None:
     assert changes_from(f"{a1}|{b1}", f"{a2}|{b2}") == a1
     assert changes_from(a1, f"{a1}|{b1}") == a1  # a new provider
     assert changes_from("", a1) == ""
+
+
+def test_the_version_moves_after_every_change_of_the_answers() -> None:
+    # The app's memo trusts answers only while the version stays the same.
+    cache = KeyCache(TableSource(), budget=1 << 20, cleaner=cleaner)
+    seen = [cache.version]
+    with cache._lock:
+        cache._put("a@example.org", Answer(b"K", ("uid=a",)))  # an addition
+        seen.append(cache.version)
+        cache._put("a@example.org", Answer(b"K2", ("uid=a",)))  # a replacement
+        seen.append(cache.version)
+        cache._remove("a@example.org")
+        seen.append(cache.version)
+        cache._remove("a@example.org")  # nothing there: nothing changed
+        seen.append(cache.version)
+    cache.reset()
+    seen.append(cache.version)
+    assert seen[0] < seen[1] < seen[2] < seen[3] == seen[4] < seen[5]

@@ -1,6 +1,8 @@
 """Routing of WKD requests and the policy file: pure logic, known answers."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from milter_wkd.web.routes import (
     HttpError,
@@ -127,6 +129,13 @@ def test_policy_file_byte_for_byte() -> None:
     ("example.org", f"/.well-known/openpgpkey/hu/{HASH}/"),
     ("example.org", "/.well-known/openpgpkey/policy"),
     (None, f"/.well-known/openpgpkey/example.org/hu/{HASH}"),
+    ("example.org", f"/.well-known/openpgpkey/hu/{HASH[:-1]}0"),  # 0, l, v: not z-base-32
+    ("example.org", f"/.well-known/openpgpkey/hu/l{HASH[1:]}"),
+    ("example.org", f"/.well-known/openpgpkey/hu/{HASH[:31]}"),
+    ("example.org", f"/.well-known/openpgpkey/hu/y{HASH}"),
+    ("example.org", f"/.well-known/openpgpkey/hu//{HASH[1:]}"),
+    ("example.org", f"/.well-known/openpgpkey/hu/{HASH[:16]}/{HASH[17:]}"),
+    ("", HASH),
 ])
 def test_the_fast_path_agrees_with_the_careful_one(host: str | None, path: str) -> None:
     fast = ROUTER.fast_slot(host, path)
@@ -138,3 +147,16 @@ def test_the_fast_path_agrees_with_the_careful_one(host: str | None, path: str) 
     if fast is not None:
         assert careful.kind == "key"
         assert fast == f"{careful.hash}@{careful.domain}"
+
+
+@settings(max_examples=500)
+@given(host=st.sampled_from([None, "", "example.org", "openpgpkey.example.org", "example.net",
+                             "openpgpkey.example.net:443", "example.org:443", "evil.org"]),
+       head=st.sampled_from(["/.well-known/openpgpkey/", "/.well-known/openpgpkey/example.org/",
+                             "/.well-known/openpgpkey/example.net/", "/", ""]),
+       middle=st.sampled_from(["hu/", "hu//", "HU/", "", "hu/x"]),
+       hash_=st.text(alphabet="ybndrfg8ejkmcpqxot1uwisza345h769lv0/.%Y", min_size=28,
+                     max_size=34))
+def test_the_fast_path_never_disagrees(host: str | None, head: str, middle: str,
+                                       hash_: str) -> None:
+    test_the_fast_path_agrees_with_the_careful_one(host, head + middle + hash_)
