@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -58,12 +59,31 @@ def test_restart_between_calls_is_invisible(private_slapd: Slapd) -> None:
         assert directory.find_user(ALICE) is not None
 
 
+def stop_and_wait(pid: int) -> None:
+    """SIGSTOP, then wait until every thread of the process has stopped: a thread still
+    running on the other core could otherwise answer one more request (seen under load)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    tasks = Path(f"/proc/{pid}/task")
+    while time.monotonic() < deadline:
+        states = []
+        for task in tasks.iterdir():
+            try:
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except OSError:
+                continue  # a thread that just ended
+        if states and all(state in ("T", "t") for state in states):
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"slapd (pid {pid}) did not stop")
+
+
 def test_hung_slapd_is_reported_within_the_timeout(private_slapd: Slapd) -> None:
     with Directory(config(private_slapd)) as directory:
         assert directory.find_user(ALICE) is not None
         pid = private_slapd.pid
         assert pid is not None
-        os.kill(pid, signal.SIGSTOP)
+        stop_and_wait(pid)
         try:
             assert timed_failure(directory) < BOUND  # timeout=1.0: one receive timeout
         finally:
