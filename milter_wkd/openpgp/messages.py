@@ -30,7 +30,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 from cryptography.utils import CryptographyDeprecationWarning
 
 try:  # cryptography >= 47 keeps CFB, OpenPGP's mode, among its "decrepit" modes.
@@ -113,6 +116,12 @@ _MDC_LENGTH = 22
 _AES_KEY_SIZES = {7: 16, 8: 24, 9: 32}
 _AES_BLOCK = 16
 _DECRYPTION_FAILED = "decryption failed (wrong key or modified message)"
+# RFC 6637 §9 / RFC 9580 §11.5: the KDF parameters start with the curve OID, length first
+# (Curve25519, 1.3.6.1.4.1.3029.1.5.1), then the ECDH algorithm ID 18.
+_CV25519_OID = bytes.fromhex("0a2b060104019755010501")
+_ECDH = 18
+_KDF_HASHES: dict[int, type[hashes.HashAlgorithm]] = {
+    8: hashes.SHA256, 9: hashes.SHA384, 10: hashes.SHA512}
 
 
 # --- keys -------------------------------------------------------------------------------
@@ -252,8 +261,81 @@ def _decryption_keys(data: bytes) -> dict[str, Any]:
     return candidates
 
 
-def _session_key(session_keys: list[bytes], candidates: dict[str, Any]) -> tuple[Any, Any]:
+class _Cv25519(NamedTuple):
+    """What decrypting a session key for one of our cv25519 subkeys needs."""
+
+    private: x25519.X25519PrivateKey
+    param: bytes  # RFC 6637 §8 "Param": curve, algorithm, KDF, "Anonymous Sender", fpr
+    hash: type[hashes.HashAlgorithm]
+    kek_length: int
+
+
+@functools.lru_cache(maxsize=16)
+def _cv25519_keys(data: bytes) -> dict[bytes, _Cv25519]:
+    """Key ID (8 octets) -> each cv25519 ECDH key of the service's secret key."""
+    found: dict[bytes, _Cv25519] = {}
+    for keyid, key in _decryption_keys(data).items():
+        material = key._key.keymaterial  # pgpy has no public accessor
+        if key.key_algorithm != PubKeyAlgorithm.ECDH or (
+                material.oid != EllipticCurveOID.Curve25519):
+            continue
+        halg, kek = int(material.kdf.halg), int(material.kdf.encalg)
+        if halg not in _KDF_HASHES or kek not in _AES_KEY_SIZES:
+            continue
+        fingerprint = bytes.fromhex(str(key.fingerprint).replace(" ", ""))
+        param = (_CV25519_OID + bytes([_ECDH, 3, 1, halg, kek]) + b"Anonymous Sender    "
+                 + fingerprint)
+        found[bytes.fromhex(keyid)] = _Cv25519(material.__privkey__(), param,
+                                               _KDF_HASHES[halg], _AES_KEY_SIZES[kek])
+    return found
+
+
+def _cv25519_session_key(raw: bytes, keys: dict[bytes, _Cv25519]) -> tuple[int, bytes] | None:
+    """The session key of a v3 session-key packet to one of our cv25519 keys (RFC 9580
+    §5.1, §11.5; RFC 6637 §8), computed with cryptography directly: pgpy spends most of a
+    submission's decryption building objects around the one X25519 exchange. None: the
+    packet is not of that kind (pgpy then tries it); MessageRefused: it is, and it does
+    not decrypt."""
+    ref = next(pk.iter_packets(raw))
+    body = raw[ref.body_start : ref.end]
+    if len(body) < 12 or body[0] != 3 or body[9] != _ECDH:
+        return None
+    key = keys.get(body[1:9])
+    if key is None:
+        return None
+    point_length = (int.from_bytes(body[10:12], "big") + 7) // 8
+    point, rest = body[12 : 12 + point_length], body[12 + point_length :]
+    if point_length != 33 or len(point) != 33 or point[0] != 0x40 or not rest or (
+            len(rest) != 1 + rest[0]):
+        raise MessageRefused("malformed cv25519 session-key packet")
+    try:
+        shared = key.private.exchange(x25519.X25519PublicKey.from_public_bytes(point[1:]))
+    except ValueError:  # the all-zero shared secret of a small-order point
+        raise MessageRefused(_DECRYPTION_FAILED) from None
+    digest = hashes.Hash(key.hash())
+    digest.update(b"\x00\x00\x00\x01" + shared + key.param)
+    try:
+        padded = aes_key_unwrap(digest.finalize()[: key.kek_length], rest[1:])
+    except (InvalidUnwrap, ValueError):
+        raise MessageRefused(_DECRYPTION_FAILED) from None
+    pad = padded[-1] if padded else 0
+    if not 1 <= pad <= 8 or padded[-pad:] != bytes([pad]) * pad or len(padded) < pad + 4:
+        raise MessageRefused(_DECRYPTION_FAILED)
+    algorithm, session_key, check = padded[0], padded[1 : -pad - 2], padded[-pad - 2 : -pad]
+    if int.from_bytes(check, "big") != sum(session_key) & 0xFFFF:
+        raise MessageRefused(_DECRYPTION_FAILED)
+    return algorithm, session_key
+
+
+def _session_key(session_keys: list[bytes], candidates: dict[str, Any],
+                 fast: dict[bytes, _Cv25519]) -> tuple[Any, Any]:
     for raw in session_keys:
+        try:
+            found = _cv25519_session_key(raw, fast)
+        except (MessageRefused, KeyRefused):
+            continue  # corrupt, or not for us after all: try the next packet
+        if found is not None:
+            return found
         try:
             with _pgpy(MessageRefused, "unreadable session-key packet"):
                 packet = Packet(bytearray(raw))
@@ -359,7 +441,8 @@ def decrypt(message: bytes, secret_key: bytes, *, max_message: int = DEFAULT_MAX
     data, at most `max_plaintext` octets even after decompression."""
     binary = _binary_message(message, max_message)
     session_keys, encrypted = _encrypted_parts(binary)
-    algorithm, key = _session_key(session_keys, _decryption_keys(secret_key))
+    algorithm, key = _session_key(session_keys, _decryption_keys(secret_key),
+                                  _cv25519_keys(secret_key))
     if not encrypted or encrypted[0] != 1:
         raise MessageRefused("unsupported encrypted data packet version")
     if _AES_KEY_SIZES.get(int(algorithm)) == len(key):
@@ -368,7 +451,7 @@ def decrypt(message: bytes, secret_key: bytes, *, max_message: int = DEFAULT_MAX
         packet = IntegrityProtectedSKEDataV1()
         packet.ct = bytearray(encrypted[1:])
         with _pgpy(MessageRefused, _DECRYPTION_FAILED):
-            plain = bytes(packet.decrypt(key, algorithm))
+            plain = bytes(packet.decrypt(key, SymmetricKeyAlgorithm(int(algorithm))))
     if len(plain) < _MDC_LENGTH:
         raise MessageRefused("encrypted data packet is too short")
     # pgpy checked the MDC; it leaves the MDC packet at the end.

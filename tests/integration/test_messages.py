@@ -170,3 +170,45 @@ def test_expired_and_rsa_recipients(tmp_path: Path) -> None:
         secret = home.run("--export-secret-keys", fpr).stdout
         assert messages.decrypt(encrypt_with_gpg(home, b"rsa in", recipients=[fpr]),
                                 secret) == b"rsa in"
+
+
+def session_key_packets(sealed: bytes) -> list[bytes]:
+    binary = messages._binary_message(sealed, messages.DEFAULT_MAX_MESSAGE)
+    return messages._encrypted_parts(binary)[0]
+
+
+@pytest.mark.parametrize("cipher", ["AES", "AES256", "CAMELLIA256"])
+def test_cv25519_session_keys_without_pgpy_agree_with_pgpy(
+        gpg: tuple[GnuPG, str], service: messages.GeneratedKey, cipher: str) -> None:
+    home, fpr = gpg
+    sealed = encrypt_with_gpg(home, b"x" * 100, "--cipher-algo", cipher,
+                              recipients=[fpr, service.fingerprint.hex])
+    packets = session_key_packets(sealed)
+    ours = messages._cv25519_keys(service.secret)
+    assert len(ours) == 1  # the service key's encryption subkey
+    found = [messages._cv25519_session_key(p, ours) for p in packets]
+    assert found.count(None) == 1  # the user's own packet is not for us
+    fast = next(f for f in found if f is not None)
+    slow = messages._session_key(packets, messages._decryption_keys(service.secret), {})
+    assert fast == (int(slow[0]), bytes(slow[1]))
+
+
+def test_corrupt_cv25519_session_keys_are_refused(gpg: tuple[GnuPG, str],
+                                                  service: messages.GeneratedKey) -> None:
+    home, _fpr = gpg
+    sealed = encrypt_with_gpg(home, b"x" * 100, recipients=[service.fingerprint.hex])
+    (packet,) = session_key_packets(sealed)
+    ours = messages._cv25519_keys(service.secret)
+    assert messages._cv25519_session_key(packet, ours) is not None
+    for offset in (15, 30, len(packet) - 1, len(packet) - 20):  # point, wrapped key
+        bad = bytearray(packet)
+        bad[offset] ^= 0x01
+        with pytest.raises(MessageRefused):
+            messages._cv25519_session_key(bytes(bad), ours)
+    wildcard = packet[:3] + bytes(8) + packet[11:]  # key ID 0: not ours to answer fast
+    assert messages._cv25519_session_key(wildcard, ours) is None
+    truncated = packet[:1] + bytes([packet[1] - 5]) + packet[2:-5]
+    with pytest.raises((MessageRefused, KeyRefused)):
+        messages._cv25519_session_key(truncated, ours)
+    # The whole message still decrypts or is refused cleanly, never crashes.
+    assert messages.decrypt(sealed, service.secret) == b"x" * 100
