@@ -123,6 +123,10 @@ class User:
     # The entry's key attributes as read together with the addresses (find_user with
     # with_key=True): publishing right after the look-up needs no second read.
     snapshot: dict[str, list[bytes]] | None = field(default=None, compare=False, repr=False)
+    # A fingerprint and the DNs of the entries that held it, read with the user
+    # (find_user with holders_of): publishing that key needs no search of its own.
+    holders: tuple[Fingerprint, tuple[str, ...]] | None = field(
+        default=None, compare=False, repr=False)
 
     def owns(self, address: Address) -> bool:
         return any(a.key == address.key for a in self.addresses)
@@ -411,34 +415,55 @@ class Directory:
 
     def _search(self, base: str, filt: str, attributes: Sequence[str], *,
                 scope: int = SUBTREE) -> list[dict[str, Any]]:
+        return self._searches([(base, filt, attributes, scope)])[0]
+
+    def _searches(self, queries: Sequence[tuple[str, str, Sequence[str], int]],
+                  ) -> list[list[dict[str, Any]]]:
+        """Entries of several searches, sent together: one round trip, not one each."""
         timeout = self.config.timeout
 
-        def operation(conn: Any) -> list[dict[str, Any]]:
-            entries: list[dict[str, Any]] = []
-            paging = SimplePagedResultsControl(True, size=_PAGE_SIZE, cookie=b"")
-            while True:
+        def operation(conn: Any) -> list[list[dict[str, Any]]]:
+            found: list[list[dict[str, Any]]] = [[] for _ in queries]
+            paging = [SimplePagedResultsControl(True, size=_PAGE_SIZE, cookie=b"")
+                      for _ in queries]
+            pending = list(range(len(queries)))
+            while pending:
+                sent: dict[int, int] = {}
                 try:
-                    msgid = conn.search_ext(
-                        base, scope, filt, list(attributes),
-                        serverctrls=[paging] if scope != BASE else None,
-                        timeout=timeout)
-                    _type, data, _id, controls = conn.result3(msgid, all=1, timeout=timeout)
-                except ldap.NO_SUCH_OBJECT:
-                    return entries
-                # Search references come as (None, [urls]): not entries.
-                entries += [{"dn": dn, "raw_attributes": attrs} for dn, attrs in data
-                            if dn is not None]
-                cookie = next((c.cookie for c in controls or ()
-                               if c.controlType == SimplePagedResultsControl.controlType),
-                              None)
-                if not cookie:
-                    return entries
-                paging.cookie = cookie
+                    for i in pending:
+                        base, filt, attributes, scope = queries[i]
+                        sent[i] = conn.search_ext(
+                            base, scope, filt, list(attributes),
+                            serverctrls=[paging[i]] if scope != BASE else None,
+                            timeout=timeout)
+                    more = []
+                    for i in pending:
+                        try:
+                            _type, data, _id, controls = conn.result3(sent.pop(i), all=1,
+                                                                      timeout=timeout)
+                        except ldap.NO_SUCH_OBJECT:
+                            continue
+                        # Search references come as (None, [urls]): not entries.
+                        found[i] += [{"dn": dn, "raw_attributes": attrs} for dn, attrs in data
+                                     if dn is not None]
+                        cookie = next((c.cookie for c in controls or ()
+                                       if c.controlType == SimplePagedResultsControl.controlType),
+                                      None)
+                        if cookie:
+                            paging[i].cookie = cookie
+                            more.append(i)
+                except BaseException:
+                    for msgid in sent.values():  # answers nobody would read
+                        with contextlib.suppress(Exception):
+                            conn.abandon_ext(msgid)
+                    raise
+                pending = more
+            return found
 
         try:
             return self._call(operation)
         except ldap.LDAPError as exc:
-            raise DirectoryError(f"search under {base} failed: {_why(exc)}") from None
+            raise DirectoryError(f"search under {queries[0][0]} failed: {_why(exc)}") from None
 
     def _modify(self, dn: str, changes: Changes) -> None:
         modlist = [(kind, name, _encode(values) or None)
@@ -457,16 +482,23 @@ class Directory:
         alternatives = "".join(f"({name}={value})" for name in self.config.mail_attributes)
         return f"(&{self.config.user_filter}(|{alternatives}))"
 
-    def find_user(self, address: Address, *, with_key: bool = False) -> User | None:
+    def find_user(self, address: Address, *, with_key: bool = False,
+                  holders_of: Fingerprint | None = None) -> User | None:
         """The user whose mail attributes hold address; None if nobody's do.
 
         with_key: read the published key in the same search (`User.snapshot`), for a
-        caller that goes on to `current_key` and `publish_key` at once.
+        caller that goes on to `current_key` and `publish_key` at once. holders_of: also
+        find, in the same round trip, which entries hold that fingerprint (`User.holders`,
+        for `publish_key`'s check).
         """
         attributes = list(self.config.mail_attributes)
         if with_key:
             attributes += ["objectClass", *KEY_ATTRIBUTES, PREFER_ENCRYPT]
-        entries = self._search(self.config.base_dn, self._address_filter(address), attributes)
+        queries: list[tuple[str, str, Sequence[str], int]] = [
+            (self.config.base_dn, self._address_filter(address), attributes, SUBTREE)]
+        if holders_of is not None:
+            queries.append(self._holders_query(holders_of))
+        entries, *holders = self._searches(queries)
         if len(entries) > 1:
             raise Conflict(f"{address} belongs to {len(entries)} directory entries")
         if not entries:
@@ -474,7 +506,9 @@ class Directory:
         entry = entries[0]
         values = [v for name in self.config.mail_attributes for v in _texts(entry, name)]
         return User(entry["dn"], _addresses(values, entry["dn"]),
-                    entry["raw_attributes"] if with_key else None)
+                    entry["raw_attributes"] if with_key else None,
+                    (holders_of, tuple(h["dn"] for h in holders[0]))
+                    if holders_of is not None else None)
 
     def user(self, address: Address) -> User:
         """Like find_user, but NotFound when nobody has the address."""
@@ -535,6 +569,12 @@ class Directory:
         found = self.find_user(address, with_key=True)
         return self.current_key(found) if found is not None else None
 
+    def _holders_query(self, fingerprint: Fingerprint,
+                       ) -> tuple[str, str, Sequence[str], int]:
+        value = escape_filter_chars(fingerprint.hex)
+        return (self.config.base_dn, f"(|(gpgFingerprint={value})(gpgSubFingerprint={value}))",
+                ["1.1"], SUBTREE)
+
     def find_by_fingerprint(self, fingerprint: Fingerprint) -> StoredKey | None:
         """The entry whose key has this primary or subkey fingerprint."""
         value = escape_filter_chars(fingerprint.hex)
@@ -572,11 +612,12 @@ class Directory:
             raise KeyRefused(f"the key names addresses of someone else: {', '.join(foreign)}")
         if not info.addresses:
             raise KeyRefused("the key has no user ID with an address of its owner")
-        value = escape_filter_chars(info.fingerprint.hex)
-        holders = self._search(
-            self.config.base_dn, f"(|(gpgFingerprint={value})(gpgSubFingerprint={value}))",
-            ["1.1"])
-        if any(h["dn"].lower() != user.dn.lower() for h in holders):
+        if user.holders is not None and user.holders[0] == info.fingerprint:
+            holders = user.holders[1]
+        else:
+            holders = tuple(h["dn"] for h in self._searches(
+                [self._holders_query(info.fingerprint)])[0])
+        if any(dn.lower() != user.dn.lower() for dn in holders):
             raise Conflict(f"key {info.fingerprint} is published by another user already")
         entry = ({"dn": user.dn, "raw_attributes": user.snapshot} if user.snapshot is not None
                  else self._read_entry(user.dn, ["objectClass", "pgpDisabled", PREFER_ENCRYPT]))

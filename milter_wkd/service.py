@@ -235,7 +235,8 @@ class MailService:
             login = Address.parse(tx.sasl_login or "")
         except Refused:
             return Reject(550, "5.7.1", "The SASL login is not a mail address of this provider")
-        user = self.directory.find_user(login, with_key=True)
+        user = self.directory.find_user(login, with_key=True,
+                                        holders_of=everything.info.fingerprint)
         if user is None:
             return Reject(550, "5.7.1", "The logged-in user is not in the key directory")
         own: list[Address] = []
@@ -323,7 +324,8 @@ class MailService:
                                  ) from None
         if not wks.nonces_equal(pending.nonce, response.nonce):
             raise MessageRefused("no pending request for this nonce")
-        user = self.directory.find_user(response.address, with_key=True)
+        user = self.directory.find_user(response.address, with_key=True,
+                                        holders_of=pending.fingerprint)
         if user is None:
             raise MessageRefused(f"{response.address} is no longer a user here")
         try:

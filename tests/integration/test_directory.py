@@ -201,6 +201,27 @@ def test_user_read_with_key_publishes_without_rereading(
     assert again == store.get_key(fresh)
 
 
+def test_fingerprint_holders_read_with_the_user(
+        store: Directory, publish: Publish, gpg_keys: dict[str, Any]) -> None:
+    alice_key = gpg_keys["alice"]
+    publish("alice@example.org", alice_key.data)
+    fpr = Fingerprint.parse(alice_key.fingerprint)
+    bob = store.find_user(Address.parse("bob@example.org"), with_key=True, holders_of=fpr)
+    assert bob is not None
+    assert bob.holders is not None
+    assert bob.holders[0] == fpr
+    assert [dn.split(",")[0] for dn in bob.holders[1]] == ["uid=alice"]
+    # Pipelined with a search that finds nothing, and with one under a missing base.
+    nobody = store.find_user(Address.parse("nobody@example.org"), holders_of=fpr)
+    assert nobody is None
+    (first, second) = store._searches([
+        (store.config.base_dn, "(uid=carol)", ["uid"], ldap.SCOPE_SUBTREE),
+        ("ou=missing," + store.config.base_dn, "(objectClass=*)", ["1.1"],
+         ldap.SCOPE_SUBTREE)])
+    assert [e["dn"].split(",")[0] for e in first] == ["uid=carol"]
+    assert second == []
+
+
 def root_fprs(stored: StoredKey) -> list[str]:
     info = openpgp.inspect_key(stored.key)
     return [s.fingerprint.hex for s in info.subkeys]
@@ -250,6 +271,12 @@ def test_same_fingerprint_on_two_users_is_a_conflict(
     cleaned = openpgp.clean_key(shared, bob.addresses)
     with pytest.raises(Conflict):
         store.publish_key(bob, cleaned, Provenance(KeySource.ADMIN_IMPORT, "t", 0))
+    # The same check when the holders were read with the user (the milter's way).
+    read_with = store.find_user(Address.parse("bob@example.org"), with_key=True,
+                                holders_of=cleaned.info.fingerprint)
+    assert read_with is not None
+    with pytest.raises(Conflict):
+        store.publish_key(read_with, cleaned, Provenance(KeySource.ADMIN_IMPORT, "t", 0))
     assert store.get_key(bob) is None
 
 
