@@ -4,8 +4,10 @@ a reason. Real gpg-wks-client is in tests/integration/test_wks_client.py."""
 
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
+import quopri
 import re
 from email.message import Message
 
@@ -123,6 +125,21 @@ def test_unencrypted_submissions(user: messages.GeneratedKey) -> None:
                "--M\nContent-Type: text/plain\n\nhello\n--M\n").encode() \
         + key_part(user.public) + b"\n--M--\n"
     assert wks.parse_submission(wrapped, no_decrypt).key.startswith(b"-----BEGIN PGP PUBLIC")
+
+
+@pytest.mark.parametrize("encoding", ["base64", "quoted-printable", "7bit", "BINARY"])
+def test_transfer_encoded_key_parts(service: messages.GeneratedKey,
+                                    user: messages.GeneratedKey, encoding: str) -> None:
+    armored = pk.armor(pk.ARMOR_PUBLIC_KEY, user.public)
+    body = {"base64": base64.encodebytes(armored),
+            "quoted-printable": quopri.encodestring(armored)}.get(encoding.lower(), armored)
+    part = (f"Content-Type: application/pgp-keys\nContent-Transfer-Encoding: {encoding}"
+            "\n\n").encode() + body
+    mail = pgp_mime(SUBMIT_HEADERS, part, service.public)
+    sub = wks.parse_submission(mail, wks.decrypter(service.secret))
+    assert pk.dearmor(sub.key)[1] == user.public
+    single = SUBMIT_HEADERS.encode() + part
+    assert pk.dearmor(wks.parse_submission(single, lambda d: d).key)[1] == user.public
 
 
 def test_submission_structure_refusals(service: messages.GeneratedKey,
