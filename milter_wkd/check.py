@@ -63,15 +63,15 @@ from ldap.filter import escape_filter_chars
 from milter_wkd import dkim, openpgp
 from milter_wkd.config import Config, DomainConfig
 from milter_wkd.directory import (
-    _CONNECTION_ERRORS,
-    _RESULT_NAMES,
+    CONNECTION_ERRORS,
     PENDING_CLASS,
+    RESULT_NAMES,
+    ConnectionPool,
     Directory,
     PendingRequest,
-    _close,
-    _Pool,
+    close_connection,
 )
-from milter_wkd.directory import _why as _ldap_why
+from milter_wkd.directory import ldap_reason as _ldap_why
 from milter_wkd.errors import MilterWkdError
 from milter_wkd.openpgp import messages
 from milter_wkd.values import Address, Fingerprint
@@ -166,13 +166,13 @@ def _connect(config: Config, timeout: float, *, anonymous: bool = False) -> Any:
     cfg = dataclasses.replace(config.directory, timeout=timeout)
     if anonymous:
         cfg = dataclasses.replace(cfg, bind_dn="")
-    pool = _Pool(cfg)
+    pool = ConnectionPool(cfg)
     conn = pool.open()
     if anonymous and pool.scheme == "ldapi":  # the store binds with SASL EXTERNAL there
         try:
             conn.simple_bind_s("", "")
         except BaseException:
-            _close(conn)
+            close_connection(conn)
             raise
     return conn
 
@@ -207,7 +207,7 @@ def _search(conn: Any, base: str, filt: str, attributes: list[str], *,
                 return "success", entries
             # Search references come as (None, [urls]): not entries.
             entries += [(dn, attrs) for dn, attrs in data or () if dn is not None]
-    except _CONNECTION_ERRORS:
+    except CONNECTION_ERRORS:
         raise
     except ldap.LDAPError as exc:
         return _result_name(exc), entries
@@ -216,7 +216,7 @@ def _search(conn: Any, base: str, filt: str, attributes: list[str], *,
 def _result_name(exc: BaseException) -> str:
     """The RFC 4511 name of an LDAP error's result code (`noSuchObject`)."""
     detail = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
-    return _RESULT_NAMES.get(detail.get("result", -1)) or str(
+    return RESULT_NAMES.get(detail.get("result", -1)) or str(
         detail.get("desc") or type(exc).__name__)
 
 
@@ -239,7 +239,7 @@ def check_directory(config: Config, options: Options) -> Iterator[CheckResult]:
         conn = _connect(config, timeout)
     except MilterWkdError as failure:
         exc = _connect_failure(failure)
-        if isinstance(exc, ldap.LDAPError) and not isinstance(exc, _CONNECTION_ERRORS):
+        if isinstance(exc, ldap.LDAPError) and not isinstance(exc, CONNECTION_ERRORS):
             fix = (f"check bind_dn and bind_password(_file) in [directory]; test with "
                    f"ldapwhoami -x -H {cfg.uri} -D '{cfg.bind_dn}' -W")
             detail = f"bind as {who} at {cfg.uri} refused: {_why(exc)}"
@@ -263,7 +263,7 @@ def check_directory(config: Config, options: Options) -> Iterator[CheckResult]:
         if "acl" in wanted:
             yield from _guarded("acl", lambda: _acls(conn, config, who, timeout))
     finally:
-        _close(conn)
+        close_connection(conn)
 
 
 def _bound(conn: Any, config: Config, who: str, timeout: float,
@@ -403,7 +403,7 @@ def _anonymous(config: Config, timeout: float) -> Iterator[CheckResult]:
                               "add it (ldap/milter-wkd-entries.ldif) and its read rule "
                               "(30-access.ldif)", warning=True)
     finally:
-        _close(anon)
+        close_connection(anon)
 
 
 # -- keys ------------------------------------------------------------------------------

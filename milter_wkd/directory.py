@@ -17,6 +17,10 @@ pool, so that one instance serves a multi-threaded milter):
   and address, take once, delete, expire);
 - `change_token()`: contextCSN of the suffix (syncprov), which changes on every write.
 
+`ConnectionPool`, `close_connection`, `ldap_reason`, `CONNECTION_ERRORS` and
+`RESULT_NAMES` are shared with the WKD responder's source (`web.ldap_source`) and `check`,
+so every LDAP connection of the project is opened and reported the same way.
+
 Configuration: the [directory] section (uri ldap://, ldaps:// or ldapi://; bind_dn and
 bind_password(_file) for a simple bind, else SASL EXTERNAL on ldapi://; ca_file; base_dn;
 user_filter; mail_attributes; pending_base; timeout; pool_size).
@@ -89,7 +93,7 @@ KEY_ATTRIBUTES = (*GNUPG_ATTRIBUTES, "wkdAddressHash", *PROVENANCE_ATTRIBUTES)
 PREFER_ENCRYPT = "wkdPreferEncrypt"
 
 # Errors that mean "the connection is gone or never came": retry once, then give up.
-_CONNECTION_ERRORS = (ldap.SERVER_DOWN, ldap.TIMEOUT, ldap.CONNECT_ERROR, OSError)
+CONNECTION_ERRORS = (ldap.SERVER_DOWN, ldap.TIMEOUT, ldap.CONNECT_ERROR, OSError)
 # Server answers that mean "not now".
 _BUSY_RESULTS = (ldap.BUSY, ldap.UNAVAILABLE, ldap.TIMELIMIT_EXCEEDED, ldap.OTHER,
                  ldap.LOOP_DETECT, ldap.ADMINLIMIT_EXCEEDED)
@@ -235,7 +239,7 @@ def _password(config: DirectoryConfig) -> str:
     return config.bind_password
 
 
-class _Pool:
+class ConnectionPool:
     """Bound connections, each used by one thread at a time."""
 
     def __init__(self, config: DirectoryConfig) -> None:
@@ -265,14 +269,15 @@ class _Pool:
                 conn.sasl_external_bind_s()
             else:
                 conn.simple_bind_s("", "")
-        except _CONNECTION_ERRORS as exc:
-            _close(conn)
-            raise DirectoryUnavailable(f"directory {cfg.uri} unreachable: {_why(exc)}") from None
+        except CONNECTION_ERRORS as exc:
+            close_connection(conn)
+            raise DirectoryUnavailable(
+                f"directory {cfg.uri} unreachable: {ldap_reason(exc)}") from None
         except ldap.LDAPError as exc:
-            _close(conn)
+            close_connection(conn)
             raise DirectoryUnavailable(
                 f"bind to {cfg.uri} as {cfg.bind_dn or 'default identity'} refused: "
-                f"{_why(exc)}") from None
+                f"{ldap_reason(exc)}") from None
         return conn
 
     def run(self, operation: Callable[[Any], T]) -> T:
@@ -287,16 +292,16 @@ class _Pool:
             for attempt in (1, 2):
                 try:
                     result = operation(conn)
-                except _CONNECTION_ERRORS as exc:
-                    _close(conn)
+                except CONNECTION_ERRORS as exc:
+                    close_connection(conn)
                     # A pooled connection may have died with a restarted slapd: one retry on
                     # a fresh one. Not after a timeout: a hung slapd would cost twice.
                     if attempt == 1 and reused and not isinstance(exc, ldap.TIMEOUT):
-                        log.info("directory connection broke (%s); reconnecting", _why(exc))
+                        log.info("directory connection broke (%s); reconnecting", ldap_reason(exc))
                         conn = self.open()
                         continue
                     raise DirectoryUnavailable(
-                        f"directory {self.config.uri} did not answer: {_why(exc)}") from None
+                        f"directory {self.config.uri} did not answer: {ldap_reason(exc)}") from None
                 except BaseException:
                     self.idle.put(conn)
                     raise
@@ -309,18 +314,18 @@ class _Pool:
     def close(self) -> None:
         while True:
             try:
-                _close(self.idle.get_nowait())
+                close_connection(self.idle.get_nowait())
             except queue.Empty:
                 return
 
 
-def _close(conn: Any) -> None:
+def close_connection(conn: Any) -> None:
     with contextlib.suppress(Exception):
         conn.unbind_ext_s()
 
 
 # RFC 4511 section 4.1.9 names of result codes: what admins find in slapd's logs and docs.
-_RESULT_NAMES = {
+RESULT_NAMES = {
     1: "operationsError", 2: "protocolError", 3: "timeLimitExceeded", 4: "sizeLimitExceeded",
     7: "authMethodNotSupported", 8: "strongerAuthRequired", 11: "adminLimitExceeded",
     12: "unavailableCriticalExtension", 13: "confidentialityRequired",
@@ -334,11 +339,11 @@ _RESULT_NAMES = {
 }
 
 
-def _why(exc: BaseException) -> str:
+def ldap_reason(exc: BaseException) -> str:
     detail = exc.args[0] if exc.args else None
     if isinstance(detail, dict):
         # python-ldap: {"result": 50, "desc": "Insufficient access", "info": "...", ...}
-        text = _RESULT_NAMES.get(detail.get("result", -1)) or str(
+        text = RESULT_NAMES.get(detail.get("result", -1)) or str(
             detail.get("desc") or type(exc).__name__)
         if detail.get("info"):
             text += f" ({detail['info']})"
@@ -389,7 +394,7 @@ class Directory:
         if not config.mail_attributes:
             raise DirectoryError("[directory] mail_attributes must name at least one attribute")
         self.config = config
-        self._pool = _Pool(config)
+        self._pool = ConnectionPool(config)
         self._suffix: str | None = None
 
     def close(self) -> None:
@@ -407,11 +412,11 @@ class Directory:
         try:
             return self._pool.run(operation)
         except _BUSY_RESULTS as exc:
-            raise DirectoryUnavailable(f"directory busy: {_why(exc)}") from None
+            raise DirectoryUnavailable(f"directory busy: {ldap_reason(exc)}") from None
         except ldap.CONSTRAINT_VIOLATION as exc:
-            raise KeyRefused(f"the directory refused the data: {_why(exc)}") from None
+            raise KeyRefused(f"the directory refused the data: {ldap_reason(exc)}") from None
         except ldap.INSUFFICIENT_ACCESS as exc:
-            raise DirectoryError(f"the directory denied access: {_why(exc)}") from None
+            raise DirectoryError(f"the directory denied access: {ldap_reason(exc)}") from None
 
     def _search(self, base: str, filt: str, attributes: Sequence[str], *,
                 scope: int = SUBTREE) -> list[dict[str, Any]]:
@@ -463,7 +468,8 @@ class Directory:
         try:
             return self._call(operation)
         except ldap.LDAPError as exc:
-            raise DirectoryError(f"search under {queries[0][0]} failed: {_why(exc)}") from None
+            raise DirectoryError(
+                f"search under {queries[0][0]} failed: {ldap_reason(exc)}") from None
 
     def _modify(self, dn: str, changes: Changes) -> None:
         modlist = [(kind, name, _encode(values) or None)
@@ -473,7 +479,7 @@ class Directory:
         except ldap.NO_SUCH_OBJECT:
             raise NotFound(f"no entry {dn}") from None
         except ldap.LDAPError as exc:
-            raise DirectoryError(f"modifying {dn} failed: {_why(exc)}") from None
+            raise DirectoryError(f"modifying {dn} failed: {ldap_reason(exc)}") from None
 
     # -- users ------------------------------------------------------------------------
 
@@ -708,7 +714,8 @@ class Directory:
         except ldap.ALREADY_EXISTS:
             raise Conflict("a pending request with this nonce exists already") from None
         except ldap.LDAPError as exc:
-            raise DirectoryError(f"storing the pending request failed: {_why(exc)}") from None
+            raise DirectoryError(
+                f"storing the pending request failed: {ldap_reason(exc)}") from None
 
     def get_pending(self, nonce: str, address: Address, now: int | None = None,
                     ) -> PendingRequest:
@@ -740,7 +747,7 @@ class Directory:
         except ldap.NO_SUCH_OBJECT:
             raise NotFound("no pending request for this nonce") from None
         except ldap.LDAPError as exc:
-            raise DirectoryError(f"deleting {dn} failed: {_why(exc)}") from None
+            raise DirectoryError(f"deleting {dn} failed: {ldap_reason(exc)}") from None
 
     def take_pending(self, nonce: str, address: Address, now: int | None = None,
                      ) -> PendingRequest:

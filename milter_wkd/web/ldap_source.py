@@ -35,7 +35,7 @@ from ldap.controls import SimplePagedResultsControl
 from ldap.filter import escape_filter_chars
 
 from milter_wkd.config import DirectoryConfig
-from milter_wkd.directory import _close, _Pool, _why
+from milter_wkd.directory import ConnectionPool, close_connection, ldap_reason
 from milter_wkd.errors import BadAddress, MilterWkdError
 from milter_wkd.values import Address
 from milter_wkd.web.source import (
@@ -75,7 +75,7 @@ class LdapKeySource:
     def _connect(self) -> Any:
         # The store's own connection code: same URI handling, TLS, timeouts and binds.
         try:
-            return _Pool(self.config).open()
+            return ConnectionPool(self.config).open()
         except MilterWkdError as exc:
             raise SourceUnavailable(exc.reason) from None
 
@@ -98,7 +98,7 @@ class LdapKeySource:
                 return [], b""
             except ldap.LDAPError as exc:
                 self._drop()
-                raise SourceUnavailable(f"directory search failed: {_why(exc)}") from None
+                raise SourceUnavailable(f"directory search failed: {ldap_reason(exc)}") from None
         # Search references come as (None, [urls]): not entries.
         entries = [(dn, attrs) for dn, attrs in data if dn is not None]
         next_cookie = next((c.cookie for c in answered or ()
@@ -184,7 +184,7 @@ class LdapKeySource:
 
     def _drop(self) -> None:
         if self._conn is not None:
-            _close(self._conn)
+            close_connection(self._conn)
             self._conn = None
 
     # -- entries ----------------------------------------------------------------------------
