@@ -85,7 +85,10 @@ class _ClassCachingRegistry(HeaderRegistry):
         key = name.lower()
         cls = self._classes.get(key)
         if cls is None:
-            cls = self._classes[key] = super().__getitem__(key)
+            cls = super().__getitem__(key)
+            # Bounded: header names come from mail, and each class stays for good.
+            if len(self._classes) < 256:
+                self._classes[key] = cls
         return cls
 
 

@@ -554,3 +554,13 @@ def test_a_header_value_is_parsed_once_per_name() -> None:
     assert len(getattr(to, "addresses", ())) == 2
     assert not hasattr(subject, "addresses")
     assert policy.header_factory["From"] is policy.header_factory["from"]
+
+
+def test_header_classes_cached_per_name_are_bounded() -> None:
+    registry = wks._ClassCachingRegistry()
+    content_type = registry["Content-Type"]
+    assert registry["content-type"] is content_type  # made once, then cached
+    for n in range(1000):  # header names come from mail: hostile ones too
+        registry[f"X-Name-{n}"]
+    assert len(registry._classes) == 256
+    assert registry["CONTENT-TYPE"] is content_type
