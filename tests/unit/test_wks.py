@@ -21,20 +21,10 @@ from milter_wkd.openpgp import messages
 from milter_wkd.openpgp import packets as pk
 from milter_wkd.values import Address
 from milter_wkd.wkd import zbase32
+from tests.unit.conftest import SUBMISSION, USER
 
-SUBMISSION = Address.parse("key-submission@example.org")
-USER = Address.parse("user@example.org")
 NOW = 1_790_000_000
 
-
-@pytest.fixture(scope="module")
-def service() -> messages.GeneratedKey:
-    return messages.generate_submission_key(SUBMISSION)
-
-
-@pytest.fixture(scope="module")
-def user() -> messages.GeneratedKey:
-    return messages.generate_submission_key(USER)
 
 
 def pgp_mime(headers: str, plaintext: bytes, recipient: bytes, *, version: str = "Version: 1",
