@@ -57,6 +57,9 @@ class DirectoryConfig:
         "mailAlternateAddress."))
     pending_base: str = field(default="ou=wks-pending,dc=example,dc=org", metadata=_doc(
         "Entry under which pending WKS confirmation requests are kept."))
+    claims_base: str = field(default="ou=wkd-claims,dc=example,dc=org", metadata=_doc(
+        "Entry under which the claims on key material are kept: one entry per primary or "
+        "subkey fingerprint naming the user entry that holds it (atomic uniqueness)."))
     timeout: float = field(default=2.0, metadata=_doc(
         "Seconds before an unanswered directory operation counts as 'directory down'."))
     pool_size: int = field(default=4, metadata=_doc(

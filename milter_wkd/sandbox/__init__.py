@@ -162,6 +162,7 @@ bind_password_file = {_toml(str(password_file))}
 base_dn = {_toml(self.slapd.people_dn)}
 mail_attributes = [{", ".join(_toml(a) for a in self.slapd.mail_attributes)}]
 pending_base = {_toml(self.slapd.pending_dn)}
+claims_base = {_toml(self.slapd.claims_dn)}
 
 [mailer]
 method = "smtp"

@@ -103,6 +103,7 @@ class Slapd:
     admin_password = "admin-secret"  # noqa: S105 (a throwaway test directory)
     people_dn = "ou=people,dc=example,dc=org"
     pending_dn = "ou=wks-pending,dc=example,dc=org"
+    claims_dn = "ou=wkd-claims,dc=example,dc=org"
     mail_attributes = ("mail", "mailLocalAddress")
     database_dn = "olcDatabase={1}mdb,cn=config"
 
