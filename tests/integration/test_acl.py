@@ -124,16 +124,16 @@ def test_users_bind_with_their_password(slapd: Slapd) -> None:
         bind(slapd.uri, slapd.users["alice"]["dn"], "bob-secret")
 
 
-def test_user_edits_own_key_attributes_and_prefer_encrypt_only(
+def test_user_edits_own_prefer_encrypt_only(
         connect: Connect, alice_key: StoredKey, bob_key: StoredKey) -> None:
     alice = connect("alice")
     own = "uid=alice,ou=people,dc=example,dc=org"
     bobs = "uid=bob,ou=people,dc=example,dc=org"
-    assert modify(alice, own, "pgpDisabled", ["1"]) == "success"
-    assert modify(alice, own, "pgpKey", [alice_key_text(connect, own)]) == "success"
     assert modify(alice, own, "wkdPreferEncrypt", ["mutual"]) == "success"
-    # Not the addresses a key is served for, not provenance, nothing else of the entry.
-    for name, value in [("gpgMailbox", "bob@example.org"),
+    # Not her key (she publishes by WKS), not the addresses a key is served for, not
+    # provenance, nothing else of the entry.
+    for name, value in [("pgpKey", alice_key_text(connect, own)),
+                        ("gpgMailbox", "bob@example.org"),
                         ("wkdAddressHash", "kei1q4tipxxu1yj79k9kfukdhfy631xe@example.org"),
                         ("wkdKeySource", "auth-submit"), ("mail", "root@example.org"),
                         ("cn", "Mallory"), ("userPassword", "x"), ("uid", "root")]:
@@ -147,6 +147,95 @@ def test_user_edits_own_key_attributes_and_prefer_encrypt_only(
     (his,) = search(alice, "(objectClass=*)", base=bobs, scope=ldap.SCOPE_BASE)
     assert "mail" not in his
     assert "pgpkey" in his
+
+
+# Issue #11 item 2: every attribute that is the key, is derived from it or decides about
+# it. A user who could write them could claim another user's fingerprint (and block that
+# user's updates) or undo an administrator's decision.
+KEY_DECISIONS = [
+    "pgpKey", "pgpCertID", "pgpKeyID", "gpgFingerprint", "gpgSubFingerprint", "pgpSubKeyID",
+    "pgpUserID", "gpgMailbox", "pgpRevoked", "pgpDisabled", "pgpKeyCreateTime",
+    "pgpKeyExpireTime", "pgpKeySize", "pgpKeyType", "wkdAddressHash", "wkdKeySource",
+    "wkdKeySourceActor", "wkdKeyPublished", "wkdKeyDigest", "wkdKeyProblem",
+]
+
+
+def test_alice_cannot_claim_bobs_fingerprint_on_her_entry(
+        connect: Connect, alice_key: StoredKey, bob_key: StoredKey) -> None:
+    """The attack: with her mail password, Alice adds another user's fingerprint to her
+    own entry, so that his next update is refused ("published by another user")."""
+    alice = connect("alice")
+    own = "uid=alice,ou=people,dc=example,dc=org"
+    fpr = bob_key.fingerprint.hex
+    for kind, name in ((ldap.MOD_ADD, "gpgSubFingerprint"), (ldap.MOD_REPLACE, "gpgFingerprint")):
+        result = outcome(lambda kind=kind, name=name: alice.modify_ext_s(
+            own, [(kind, name, [fpr.encode()])]))
+        assert result == "insufficientAccessRights", name
+    anon = connect(None)
+    (holder,) = search(anon, f"(|(gpgFingerprint={fpr})(gpgSubFingerprint={fpr}))", ["1.1"])
+    assert holder["dn"] == "uid=bob,ou=people,dc=example,dc=org"
+
+
+def test_bob_cannot_undo_an_administrators_disable(
+        slapd: Slapd, connect: Connect, bob_key: StoredKey) -> None:
+    dn = "uid=bob,ou=people,dc=example,dc=org"
+    slapd.ldapmodify(f"dn: {dn}\nchangetype: modify\nreplace: pgpDisabled\n"
+                     "pgpDisabled: 1\n-\n")
+    bob = connect("bob")
+    assert modify(bob, dn, "pgpDisabled", ["0"]) == "insufficientAccessRights"
+    assert outcome(lambda: bob.modify_ext_s(
+        dn, [(ldap.MOD_DELETE, "pgpDisabled", None)])) == "insufficientAccessRights"
+    (entry,) = search(connect("milter"), "(objectClass=*)", ["pgpDisabled"], base=dn,
+                      scope=ldap.SCOPE_BASE)
+    assert entry["pgpdisabled"] == [b"1"]
+
+
+def test_bob_cannot_write_his_key_with_ldap_tools(
+        connect: Connect, alice_key: StoredKey, bob_key: StoredKey) -> None:
+    dn = "uid=bob,ou=people,dc=example,dc=org"
+    bob = connect("bob")
+    alices_key = alice_key_text(connect, "uid=alice,ou=people,dc=example,dc=org")
+    assert modify(bob, dn, "pgpKey", [alices_key]) == "insufficientAccessRights"
+
+
+# Valid values for attributes a fresh key may lack (an invalid one could be refused by the
+# constraint overlay before the ACL is asked).
+SAMPLES = {"pgpKeyExpireTime": b"20990101000000Z", "wkdKeyDigest": b"0" * 64,
+           "wkdKeyProblem": b"a problem", "wkdKeySourceActor": b"alice@example.org"}
+
+
+@pytest.mark.parametrize("name", KEY_DECISIONS)
+def test_users_write_no_key_attribute_of_their_own(
+        connect: Connect, alice_key: StoredKey, name: str) -> None:
+    alice = connect("alice")
+    own = "uid=alice,ou=people,dc=example,dc=org"
+    (entry,) = search(connect("milter"), "(objectClass=*)", [name], base=own,
+                      scope=ldap.SCOPE_BASE)
+    values = entry.get(name.lower()) or [SAMPLES.get(name, b"0")]
+    # The very values it has: refused for the writer, not for what is written.
+    assert outcome(lambda: alice.modify_ext_s(
+        own, [(ldap.MOD_REPLACE, name, values)])) == "insufficientAccessRights"
+    assert outcome(lambda: alice.modify_ext_s(
+        own, [(ldap.MOD_DELETE, name, None)])) in ("insufficientAccessRights",
+                                                    "result 16 (No such attribute)")
+
+
+def test_responder_reads_digest_and_problem_anonymous_does_not(
+        slapd: Slapd, connect: Connect, alice_key: StoredKey) -> None:
+    own = "uid=alice,ou=people,dc=example,dc=org"
+    slapd.ldapmodify(f"dn: {own}\nchangetype: modify\nreplace: wkdKeyDigest\n"
+                     f"wkdKeyDigest: {'0' * 64}\n-\nreplace: wkdKeyProblem\n"
+                     "wkdKeyProblem: testing\n-\n")
+    names = ["wkdKeyDigest", "wkdKeyProblem"]
+    (seen,) = search(connect("wkd"), "(objectClass=*)", names, base=own, scope=ldap.SCOPE_BASE)
+    assert seen["wkdkeydigest"] == [b"0" * 64]
+    assert seen["wkdkeyproblem"] == [b"testing"]
+    fpr = alice_key.fingerprint.hex
+    (anon,) = search(connect(None), f"(gpgFingerprint={fpr})", names)
+    assert not {"wkdkeydigest", "wkdkeyproblem"} & set(anon)
+    assert modify(connect("milter"), own, "wkdKeyProblem", ["cleared"]) == "success"
+    slapd.ldapmodify(f"dn: {own}\nchangetype: modify\nreplace: wkdKeyDigest\n-\n"
+                     "replace: wkdKeyProblem\n-\n")
 
 
 def alice_key_text(connect: Connect, dn: str) -> str:
