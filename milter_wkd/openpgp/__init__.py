@@ -7,6 +7,7 @@ refusal is a `KeyRefused` with a human reason. See `cleaning` for the publicatio
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -54,6 +55,8 @@ class SubkeyInfo:
     curve: str | None
     usage: str
     revoked: bool
+    # A valid back-signature (0x19) by the subkey: its possession is proven.
+    cross_certified: bool = False
 
     @property
     def key_id(self) -> str:
@@ -103,7 +106,8 @@ class KeyInfo:
             "subkeys": [
                 {"fingerprint": s.fingerprint.hex, "key_id": s.key_id, "created": s.created,
                  "expires": s.expires, "algorithm": s.algorithm, "bits": s.bits,
-                 "curve": s.curve, "usage": s.usage, "revoked": s.revoked}
+                 "curve": s.curve, "usage": s.usage, "revoked": s.revoked,
+                 "cross_certified": s.cross_certified}
                 for s in self.subkeys
             ],
         }
@@ -134,7 +138,7 @@ def _subkey_info(sub: CleanSubkey) -> SubkeyInfo:
         Fingerprint.from_bytes(sub.key.fingerprint), sub.key.created,
         sub.key.created + delta if delta else None, sub.key.algorithm_name, sub.key.bits,
         sub.key.curve, _usage(sub.signature.key_flags, sub.key.can_sign, sub.key.can_encrypt),
-        sub.revocation is not None)
+        sub.revocation is not None, sub.cross_certified)
 
 
 def _info(clean: CleanKey) -> KeyInfo:
@@ -210,6 +214,21 @@ def autocrypt_of(result: CleanResult, address: Address, *, now: int | None = Non
     sub = max(usable, key=lambda pair: (pair[0].key.created, pair[0].signature.created))[0]
     uid = uids[0]
     return b"".join((clean.primary_raw, uid.raw, uid.certification, sub.raw, sub.binding))
+
+
+def without_subkeys(result: CleanResult, fingerprints: Iterable[Fingerprint]) -> CleanResult:
+    """The same cleaned key without the named subkeys (and their signatures).
+
+    Used when key material is held by another entry: the subkey goes, the rest stays valid.
+    """
+    dropped = {f.hex for f in fingerprints}
+    kept = tuple(s for s in result.clean.subkeys
+                 if Fingerprint.from_bytes(s.key.fingerprint).hex not in dropped)
+    if len(kept) == len(result.clean.subkeys):
+        return result
+    stats = Counter(result.clean.stats)
+    stats["dropped:subkey-held-by-another-entry"] += len(result.clean.subkeys) - len(kept)
+    return _result(dataclasses.replace(result.clean, subkeys=kept, stats=stats))
 
 
 def armor_key(binary: bytes) -> bytes:

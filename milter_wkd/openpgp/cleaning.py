@@ -54,6 +54,11 @@ SIG_SUBKEY_REVOCATION = 0x28
 SIG_DIRECT_KEY = 0x1F
 SIG_KEY_REVOCATION = 0x20
 SIG_ATTESTATION = 0x16
+SIG_PRIMARY_KEY_BINDING = 0x19
+# Key flags that make a subkey signing-capable (RFC 9580 §5.2.3.29): certify 0x01, sign 0x02.
+# Authentication (0x20) does not: GnuPG makes no back-signature for it and Sequoia asks
+# for one only for signing subkeys.
+_SIGNING_FLAGS = 0x01 | 0x02
 
 _ALLOWED_TYPES = {
     "key": frozenset({SIG_DIRECT_KEY, SIG_KEY_REVOCATION}),
@@ -395,6 +400,9 @@ class CleanSubkey:
     binding: bytes
     signature: Signature
     revocations: tuple[Signed, ...]  # every valid one, newest first
+    # The binding carries a valid primary-key binding signature (0x19) made by the subkey:
+    # whoever bound it held the subkey's secret.
+    cross_certified: bool = False
 
     @property
     def revocation(self) -> bytes | None:
@@ -454,6 +462,29 @@ def _newest_valid(
     return found[0] if found else None
 
 
+def _signing_capable(key: PublicKey, binding: Signature) -> bool:
+    """Whether a subkey may sign per its binding (no key flags: whatever its algorithm can)."""
+    flags = binding.key_flags
+    return key.can_sign if flags is None else bool(flags & _SIGNING_FLAGS)
+
+
+def _back_signed(key: PublicKey, prefix: bytes, binding: Signature, now: int) -> bool:
+    """True when the binding embeds a valid primary-key binding signature (RFC 9580 §5.2.1:
+    type 0x19, made by the subkey over the primary key and the subkey)."""
+    if binding.embedded is None or not key.can_verify:
+        return False
+    try:
+        back = parse_signature(binding.embedded)
+    except KeyRefused:
+        return False
+    if back.sig_type != SIG_PRIMARY_KEY_BINDING or back.unknown_critical is not None:
+        return False
+    expires = back.sig_expires
+    if expires is not None and expires <= now:
+        return False
+    return key.verify(back, prefix)
+
+
 def verify_skeleton(skeleton: Skeleton, now: int | None = None) -> CleanKey:
     """Second step: choose what is published among the verified candidates."""
     now = int(time.time()) if now is None else now
@@ -494,8 +525,13 @@ def verify_skeleton(skeleton: Skeleton, now: int | None = None) -> CleanKey:
             if binding is None:
                 stats["dropped:subkey-without-valid-binding"] += 1
                 continue
+            cross_certified = _back_signed(comp.key, comp.prefix, binding[1], now)
+            if not cross_certified and _signing_capable(comp.key, binding[1]):
+                stats["dropped:subkey-without-back-signature"] += 1
+                continue
             sub_revs = _all_valid(candidates, frozenset({SIG_SUBKEY_REVOCATION}), now, stats)
-            subkeys.append(CleanSubkey(comp.raw, comp.key, binding[0], binding[1], sub_revs))
+            subkeys.append(CleanSubkey(comp.raw, comp.key, binding[0], binding[1], sub_revs,
+                                       cross_certified))
     if not best_by_address:
         raise KeyRefused("no user ID with a valid self-signature for any allowed address")
     user_ids = tuple(best_by_address.values())

@@ -295,6 +295,15 @@ SUB_PRIMARY_UID = 25
 SUB_KEY_FLAGS = 27
 SUB_EMBEDDED = 32
 SUB_ISSUER_FPR = 33
+SUB_NOTATION = 20
+
+# Subpacket types that may be marked critical: the ones that GnuPG 2.2
+# (g10/parse-packet.c can_handle_critical) AND Sequoia's StandardPolicy (critical_subpackets)
+# both understand. A critical notation is understood by neither by default (GnuPG knows two
+# names nobody uses; Sequoia's good list is empty). RFC 9580 §5.2.3.7: a signature with a
+# critical subpacket the evaluator does not know is in error; GnuPG looks at both areas.
+KNOWN_CRITICAL = frozenset({2, 3, 4, 5, 6, 7, 9, 11, 12, 16, 21, 22, 24, 25, 26, 27, 29, 30,
+                            32, 33})
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +321,8 @@ class Signature:
     issuer_key_id: bytes | None
     issuer_fingerprint: bytes | None
     hashed: dict[int, bytes]
+    embedded: bytes | None = None  # the first embedded signature (either area), a body
+    unknown_critical: int | None = None  # type of a critical subpacket we cannot honour
 
     def issued_by(self, fingerprint: bytes) -> bool:
         if self.issuer_fingerprint is not None:
@@ -346,7 +357,7 @@ class Signature:
 
 
 def _subpackets(area: bytes) -> list[tuple[int, bytes]]:
-    """Split a subpacket area into (type without the critical bit, body) pairs."""
+    """Split a subpacket area into (type, body) pairs; the type keeps its critical bit."""
     items = []
     reader = _Reader(area, "signature subpacket area")
     while reader.pos < len(area):
@@ -360,7 +371,7 @@ def _subpackets(area: bytes) -> list[tuple[int, bytes]]:
         if length == 0:
             raise KeyRefused("empty signature subpacket")
         content = reader.take(length)
-        items.append((content[0] & 0x7F, content[1:]))
+        items.append((content[0], content[1:]))
     return items
 
 
@@ -386,16 +397,27 @@ def parse_signature(body: bytes) -> Signature:
             found.append(reader.mpi())
         mpis = tuple(found)
     hashed: dict[int, bytes] = {}
-    issuer_key_id = issuer_fpr = None
-    for kind, value in _subpackets(hashed_area):
+    issuer_key_id = issuer_fpr = embedded = unknown_critical = None
+    for raw_kind, value in _subpackets(hashed_area):
+        kind = raw_kind & 0x7F
+        if raw_kind & 0x80 and kind not in KNOWN_CRITICAL and unknown_critical is None:
+            unknown_critical = kind
         hashed.setdefault(kind, value)
+    unhashed = _subpackets(unhashed_area)
+    for raw_kind, _ in unhashed:
+        kind = raw_kind & 0x7F
+        if raw_kind & 0x80 and kind not in KNOWN_CRITICAL and unknown_critical is None:
+            unknown_critical = kind
     # The issuer may sit in either area; the unhashed copy is only a hint, which is all we
-    # use it for: the cryptographic check decides.
-    for kind, value in [*hashed.items(), *_subpackets(unhashed_area)]:
+    # use it for: the cryptographic check decides. So for the embedded back-signature
+    # (RFC 9580 §5.2.1), which proves itself by its own signature.
+    for kind, value in [*hashed.items(), *((k & 0x7F, v) for k, v in unhashed)]:
         if kind == SUB_ISSUER and len(value) == 8 and issuer_key_id is None:
             issuer_key_id = value
         elif kind == SUB_ISSUER_FPR and len(value) == 21 and value[0] == 4 and not issuer_fpr:
             issuer_fpr = value[1:]
+        elif kind == SUB_EMBEDDED and embedded is None:
+            embedded = value
     created_raw = hashed.get(SUB_CREATED)
     if created_raw is None or len(created_raw) != 4:
         raise KeyRefused("signature without a creation time")
@@ -405,7 +427,8 @@ def parse_signature(body: bytes) -> Signature:
         body=body, sig_type=sig_type, algorithm=algorithm, hash_algorithm=hash_algorithm,
         hashed_trailer=trailer, left16=left16, mpis=mpis,
         created=int.from_bytes(created_raw, "big"), issuer_key_id=issuer_key_id,
-        issuer_fingerprint=issuer_fpr, hashed=hashed,
+        issuer_fingerprint=issuer_fpr, hashed=hashed, embedded=embedded,
+        unknown_critical=unknown_critical,
     )
 
 

@@ -110,24 +110,37 @@ class Signer:
     def key_id(self) -> bytes:
         return self.fingerprint[-8:]
 
+    @property
+    def subkey_packet(self) -> bytes:
+        """This key as a (signing) subkey of another."""
+        return new_header(14, len(self.body)) + self.body
+
     def signature(self, sig_type: int, signed: bytes, created: int, *,
                   hashed: bytes = b"", unhashed: bytes = b"", issuer: str = "both",
-                  corrupt: bool = False) -> bytes:
+                  corrupt: bool = False, hash_algorithm: int = 8) -> bytes:
         """A v4 signature packet over signed (the hashed prefix before the trailer)."""
+        body = self.signature_body(sig_type, signed, created, hashed=hashed, unhashed=unhashed,
+                                   issuer=issuer, corrupt=corrupt,
+                                   hash_algorithm=hash_algorithm)
+        return new_header(2, len(body)) + body
+
+    def signature_body(self, sig_type: int, signed: bytes, created: int, *,
+                       hashed: bytes = b"", unhashed: bytes = b"", issuer: str = "both",
+                       corrupt: bool = False, hash_algorithm: int = 8) -> bytes:
         area = subpacket(2, created.to_bytes(4, "big")) + hashed
         if issuer in ("both", "fpr"):
             area += subpacket(33, b"\x04" + self.fingerprint)
         if issuer in ("both", "keyid"):
             unhashed = subpacket(16, self.key_id) + unhashed
-        head = bytes((4, sig_type, 22, 8)) + len(area).to_bytes(2, "big") + area
+        head = bytes((4, sig_type, 22, hash_algorithm)) + len(area).to_bytes(2, "big") + area
         trailer = head + b"\x04\xff" + len(head).to_bytes(4, "big")
-        digest = hashlib.sha256(signed + trailer).digest()
+        hasher = {2: hashlib.sha1, 8: hashlib.sha256, 10: hashlib.sha512}[hash_algorithm]
+        digest = hasher(signed + trailer).digest()
         value = self.secret.sign(digest)
         if corrupt:
             value = value[:10] + bytes((value[10] ^ 1,)) + value[11:]
-        body = (head + len(unhashed).to_bytes(2, "big") + unhashed + digest[:2]
+        return (head + len(unhashed).to_bytes(2, "big") + unhashed + digest[:2]
                 + mpi(value[:32]) + mpi(value[32:]))
-        return new_header(2, len(body)) + body
 
     # The usual signatures, over this key (or `target`'s, for third-party certifications).
     def certify(self, text: str, created: int = T0, *, target: Signer | None = None,
@@ -138,10 +151,23 @@ class Signer:
                               hashed=subpacket(27, b"\x03") + hashed, issuer=issuer,
                               corrupt=corrupt)
 
-    def bind(self, sub: Subkey, created: int = T0, sig_type: int = 0x18,
-             hashed: bytes = b"") -> bytes:
+    def bind(self, sub: Subkey | Signer, created: int = T0, sig_type: int = 0x18,
+             hashed: bytes = b"", *, flags: int = 0x0C, unhashed: bytes = b"",
+             hash_algorithm: int = 8) -> bytes:
         return self.signature(sig_type, self.prefix + key_prefix(sub.body), created,
-                              hashed=subpacket(27, b"\x0c") + hashed)
+                              hashed=subpacket(27, bytes((flags,))) + hashed,
+                              unhashed=unhashed, hash_algorithm=hash_algorithm)
+
+    def bind_signing(self, sub: Signer, created: int = T0, *, back: str = "hashed",
+                     flags: int = 0x02) -> bytes:
+        """A binding of `sub` as a signing subkey, with its back-signature (0x19) in the
+        hashed or unhashed area, or "none", or "forged" (made by this key, not by sub)."""
+        signer = self if back == "forged" else sub
+        embedded = subpacket(32, signer.signature_body(
+            0x19, self.prefix + key_prefix(sub.body), created))
+        return self.bind(sub, created, flags=flags,
+                         hashed=embedded if back in ("hashed", "forged") else b"",
+                         unhashed=embedded if back == "unhashed" else b"")
 
     def on_key(self, sig_type: int, created: int = T0) -> bytes:
         return self.signature(sig_type, self.prefix, created)
@@ -433,3 +459,31 @@ def test_oversize_and_odd_signatures_are_dropped() -> None:
     assert result.key == key
     assert result.stats["dropped:oversize-signature"] == 1
     assert result.stats["dropped:signature-not-v4"] == 2
+
+
+# --- signing subkeys need their back-signature (RFC 9580 §5.2.1) ------------------------------
+
+@pytest.mark.parametrize(("back", "flags", "kept", "cross"), [
+    ("hashed", 0x02, True, True),
+    ("unhashed", 0x02, True, True),
+    ("none", 0x02, False, False),
+    ("forged", 0x02, False, False),
+    ("none", 0x01, False, False),
+    ("none", 0x20, True, False),   # authentication only: gpg makes no back-signature
+    ("none", 0x0C, True, False),   # encryption only
+    ("hashed", 0x0C, True, True),  # proven possession even where not required
+])
+def test_signing_subkeys_need_a_valid_back_signature(back: str, flags: int, kept: bool,
+                                                     cross: bool) -> None:
+    alice, signing = Signer(), Signer(T0 + 5)
+    key = (alice.packet + user_id(ALICE_UID) + alice.certify(ALICE_UID, T0 + 1)
+           + signing.subkey_packet + alice.bind_signing(signing, T0 + 6, back=back,
+                                                        flags=flags))
+    result = clean(key)
+    assert [s.cross_certified for s in result.info.subkeys] == ([cross] if kept else [])
+    assert (result.stats["dropped:subkey-without-back-signature"] == 1) is not kept
+
+
+def test_an_encryption_subkey_is_not_cross_certified() -> None:
+    _, _, key = simple_key()
+    assert [s.cross_certified for s in clean(key).info.subkeys] == [False]
