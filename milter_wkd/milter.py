@@ -22,7 +22,15 @@ from typing import Any, TypeVar, cast
 
 import Milter
 
-from milter_wkd.replies import INTERNAL_ERROR, Accept, Discard, Reject, Reply, TempFail
+from milter_wkd.replies import (
+    INTERNAL_ERROR,
+    Accept,
+    Discard,
+    Reject,
+    Reply,
+    TempFail,
+    milter_text,
+)
 from milter_wkd.service import MailService
 from milter_wkd.transaction import Transaction
 
@@ -133,10 +141,10 @@ class WkdMilter(Milter.Base):  # type: ignore[misc]
 
     def _apply(self, reply: Reply) -> int:
         if isinstance(reply, Reject):
-            self.setreply(str(reply.code), reply.xcode, reply.text)
+            self.setreply(str(reply.code), reply.xcode, milter_text(reply.text))
             return REJECT
         if isinstance(reply, TempFail):
-            self.setreply(str(reply.code), reply.xcode, reply.text)
+            self.setreply(str(reply.code), reply.xcode, milter_text(reply.text))
             return TEMPFAIL
         if isinstance(reply, Discard):
             return DISCARD

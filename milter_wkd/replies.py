@@ -12,13 +12,21 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-_UNPRINTABLE = re.compile(r"[^\x20-\x7e]+")
+_LINE_BREAKS = re.compile(r"[\x00-\x1f\x7f]+")
+_NOT_ASCII = re.compile(r"[^\x20-\x7e]")
 
 
 def one_line(text: str, limit: int = 300) -> str:
-    """A reply text: printable ASCII on one line, at most limit characters."""
-    cleaned = _UNPRINTABLE.sub(" ", text).strip()
+    """A reply text: printable ASCII on one line, at most limit characters. Control
+    characters (line breaks) become a space, anything else unprintable a "?"."""
+    cleaned = _NOT_ASCII.sub("?", _LINE_BREAKS.sub(" ", text)).strip()
     return cleaned[:limit] or "-"
+
+
+def milter_text(text: str) -> str:
+    """A sanitised reply text as libmilter's smfi_setreply wants it: "%" doubled (it reads
+    the text as a format, "a single '%' will cause the text to be ignored")."""
+    return one_line(text).replace("%", "%%")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +38,9 @@ class Reject:
     def __post_init__(self) -> None:
         if not re.fullmatch(r"5\.\d{1,3}\.\d{1,3}", self.xcode):
             raise ValueError(f"a reject needs a 5.x.x enhanced code, not {self.xcode}")
+        # Every reply text passes here: whatever a client sent, quoted in a reason,
+        # reaches the SMTP client as one line of printable ASCII.
+        object.__setattr__(self, "text", one_line(self.text))
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +52,7 @@ class TempFail:
     def __post_init__(self) -> None:
         if not re.fullmatch(r"4\.\d{1,3}\.\d{1,3}", self.xcode):
             raise ValueError(f"a tempfail needs a 4.x.x enhanced code, not {self.xcode}")
+        object.__setattr__(self, "text", one_line(self.text))
 
 
 @dataclass(frozen=True, slots=True)

@@ -184,14 +184,12 @@ class MailService:
             return Reject(552, "5.3.4", f"Key submission larger than {self.max_body} octets")
         raw = tx.raw_message()
         decrypt = wks.decrypter(self._secret(domain), max_plaintext=self.max_body)
-        try:
-            submission = wks.parse_submission(raw, decrypt, max_mail=self.max_body)
-        except MessageRefused as first:
-            try:
-                response = wks.parse_confirmation_response(raw, decrypt, max_mail=self.max_body)
-            except MessageRefused:
-                raise first from None
-            return self._confirmation(tx, domain, response)
+        # One parse decides what the mail is, so a refusal names what is wrong with it
+        # (a response from the wrong From is refused for that, not as a bad submission).
+        parsed = wks.parse_message(raw, decrypt, max_mail=self.max_body)
+        if isinstance(parsed, wks.ConfirmationResponse):
+            return self._confirmation(tx, domain, parsed)
+        submission = parsed
         # One pass over the submitted bytes (a flooded key is megabytes): everything after
         # works on what survives, which cleaning again only narrows to fewer addresses.
         limits = openpgp.Limits(max_input=self.config.keys.max_input_bytes)
@@ -400,7 +398,10 @@ class MailService:
         try:
             return self._outgoing_edits(tx)
         except (Unavailable, ConfigError, Refused) as exc:
-            log.warning("%s: no Autocrypt header: %s", tx.queue_id, exc.reason)
+            # The mail flows, without Autocrypt header and without our DKIM signature: the
+            # directory decides who owns the From, and a hint never stops mail.
+            log.warning("%s: no Autocrypt header, not DKIM-signed: %s", tx.queue_id,
+                        exc.reason)
             return Accept()
 
     def _outgoing_edits(self, tx: Transaction) -> Reply:
@@ -428,13 +429,27 @@ class MailService:
         if cfg.dkim_sign_outgoing and sender is not None:
             domain = self._domains.get(sender.domain)
             key = self._dkim_key(domain) if domain is not None else None
-            if key is not None and not tx.oversize:
+            # A signature says the provider vouches for the From: only for its owner.
+            if key is not None and not tx.oversize and self._owns_from(tx, sender):
                 headers = list(tx.headers) + [(e.name, e.value or "") for e in edits]
                 message = Transaction(headers=headers, body=tx.body).raw_message()
                 signature = dkim.signature_header(message, key).decode("ascii")
                 name, _, value = signature.partition(":")
                 edits.append(HeaderEdit(name, value.strip().replace("\r\n", "\n"), 0))
         return Accept(edits=tuple(edits))
+
+    def _owns_from(self, tx: Transaction, sender: Address) -> bool:
+        """The mail may carry our DKIM signature: it comes from a trusted network, or the
+        directory user of the SASL login owns the From address (mail or alias). The
+        directory down raises Unavailable: the mail then goes out unsigned."""
+        if not tx.sasl_login:
+            return True  # _is_ours: a trusted network (webmail) vouches for its users
+        owner = self._hint(sender)
+        if self._sender_may_use(tx, owner):
+            return True
+        log.warning("%s: not DKIM-signed: %s logged in, From %s is not theirs",
+                    tx.queue_id, tx.sasl_login, sender)
+        return False
 
     def _sender_may_use(self, tx: Transaction, hint: _CachedHint) -> bool:
         """A logged-in sender gets the header only for From addresses that are their own."""

@@ -8,6 +8,7 @@ tools/gpg-wks-server.c and gpg-wks-client.c as the reference) as data in, decisi
   only to the submitted key } + detached signature by the submission key };
 - `parse_confirmation_response`: the client's answer (encrypted to the submission key, or
   in the clear when the client found no key for us) carrying the nonce back;
+- `parse_message`: either of the two, told apart by the type of the (decrypted) part;
 - `build_notice` (`build_published_notice`, `build_refusal_notice`): a plain text mail from
   the submission address;
 - `new_nonce`, `nonces_equal`; `parse_wks_data` for the name-value lines; `decrypter` makes
@@ -440,6 +441,10 @@ def parse_confirmation_response(raw: bytes, decrypt: Decrypt, *,
     with _mail_errors("mail"):
         mail, body, encrypted = _unwrap(raw, TYPE_WKS, decrypt, max_mail)
         sender = _from_address(mail)
+    return _response(sender, body, encrypted)
+
+
+def _response(sender: Address, body: bytes, encrypted: bool) -> ConfirmationResponse:
     fields = parse_wks_data(body)
     if fields.get("type") != "confirmation-response":
         raise MessageRefused(f"not a confirmation response: type {fields.get('type', '')[:40]!r}")
@@ -450,8 +455,58 @@ def parse_confirmation_response(raw: bytes, decrypt: Decrypt, *,
         raise MessageRefused("the nonce is malformed")
     # GnuPG's server never looks at From; we insist that the confirming address sent it.
     if sender.key != address.key:
-        raise MessageRefused("From does not match the address being confirmed")
+        raise MessageRefused(
+            f"From does not match the address being confirmed ({sender} is not {address})")
     return ConfirmationResponse(address, submission_address, nonce, encrypted)
+
+
+def _kind_of(entity: Message) -> tuple[str, Message]:
+    """(TYPE_PGP_KEYS or TYPE_WKS, the part) as `_find_part` finds either."""
+    for wanted in (TYPE_PGP_KEYS, TYPE_WKS):
+        if entity.get_content_type() == wanted:
+            return wanted, entity
+    if entity.get_content_type() == "multipart/mixed":
+        children = _children(entity)
+        found = [c for c in children if c.get_content_type() in (TYPE_PGP_KEYS, TYPE_WKS)]
+        if len(found) == 1:
+            return found[0].get_content_type(), _find_part(entity, found[0].get_content_type())
+        if len(found) > 1:
+            raise MessageRefused(f"more than one {TYPE_PGP_KEYS} or {TYPE_WKS} part")
+    raise MessageRefused(f"expected a {TYPE_PGP_KEYS} or {TYPE_WKS} part, found "
+                         f"{entity.get_content_type()}")
+
+
+def _bare_kind(plaintext: bytes) -> str:
+    """A decrypted plaintext without MIME header: WKS data when it says so, else a key."""
+    head = plaintext.lstrip()[:200].lower()
+    return TYPE_WKS if head.startswith(b"type:") or b"\ntype:" in head else TYPE_PGP_KEYS
+
+
+def parse_message(raw: bytes, decrypt: Decrypt, *, max_mail: int = DEFAULT_MAX_MAIL,
+                  ) -> Submission | ConfirmationResponse:
+    """A mail to the submission address: a key publishing request or a confirmation
+    response, told apart by the type of the (decrypted) part, so that a refusal names
+    what is wrong with the message it is (decrypted once, not once per guess)."""
+    with _mail_errors("mail"):
+        mail = _parse_entity(raw, "mail", max_mail)
+        encrypted = mail.get_content_type() == "multipart/encrypted"
+        if encrypted:
+            plaintext = decrypt(_pgp_mime_ciphertext(mail))
+            entity = _parse_entity(plaintext, "decrypted message", max_mail)
+            if entity.get("Content-Type") is None:
+                kind, body = _bare_kind(plaintext), plaintext
+            else:
+                kind, part = _kind_of(entity)
+                body = _payload(part)
+        else:
+            kind, part = _kind_of(mail)
+            body = _payload(part)
+        sender = _from_address(mail)
+        if kind == TYPE_PGP_KEYS:
+            if not body.strip():
+                raise MessageRefused("the application/pgp-keys part is empty")
+            return Submission(sender, body, encrypted, _draft_version(mail))
+    return _response(sender, body, encrypted)
 
 
 # --- nonces -----------------------------------------------------------------------------

@@ -210,3 +210,27 @@ def test_inbound_autocrypt_claiming_our_domain_can_be_stripped(sandbox: Sandbox)
         foreign = Transaction(client_ip="192.0.2.7", headers=[
             ("From", "someone@example.net"), ("Autocrypt", "addr=someone@example.net; k=1")])
         assert strict.decide(foreign) == Accept()
+
+
+def _verifies(sandbox: Sandbox, message: Mail) -> bool:
+    key = dkim.load_key(sandbox.dkim_key, "example.org", "wkd")
+    records = {key.dns_name(): key.dns_record()}
+    return dkim.verify(message.raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"), records)
+
+
+@pytest.mark.parametrize(("from_", "signed"), [
+    (ALICE, True), (ALIAS, True),
+    ("bob@example.org", False),  # another user's address
+    ("nobody@example.org", False),  # nobody's address in our domain
+], ids=["own", "alias", "other-user", "nobody"])
+def test_dkim_only_for_a_from_the_login_owns(sandbox: Sandbox, alice_key: bytes, from_: str,
+                                             signed: bool) -> None:
+    """#11 item 6: alice logged in cannot get example.org's signature on bob's From."""
+    message_id, raw = mail(f"Someone <{from_}>")
+    send(sandbox, raw, ALICE, ["bob@example.org"], login="alice")
+    message = delivered(sandbox, message_id)
+    if signed:
+        assert message["DKIM-Signature"] is not None
+        assert _verifies(sandbox, message)
+    else:
+        assert message.get_all("DKIM-Signature") is None

@@ -346,6 +346,39 @@ def test_response_of_the_wrong_type(service: messages.GeneratedKey) -> None:
         wks.parse_confirmation_response(mail, wks.decrypter(service.secret))
 
 
+def test_parse_message_tells_submissions_and_responses_apart(
+        service: messages.GeneratedKey, user: messages.GeneratedKey) -> None:
+    decrypt = wks.decrypter(service.secret)
+    nonce = wks.new_nonce()
+    response = wks.parse_message(
+        pgp_mime(RESPONSE_HEADERS, wks_part(response_data(nonce)), service.public), decrypt)
+    assert response == wks.ConfirmationResponse(USER, SUBMISSION, nonce, True)
+    bare = wks.parse_message(
+        pgp_mime(RESPONSE_HEADERS, response_data(nonce), service.public), decrypt)
+    assert bare == response
+    submission = wks.parse_message(
+        pgp_mime(SUBMIT_HEADERS, key_part(user.public), service.public), decrypt)
+    assert isinstance(submission, wks.Submission)
+    assert pk.dearmor(submission.key)[1] == user.public
+    armored = pk.armor(pk.ARMOR_PUBLIC_KEY, user.public)
+    assert wks.parse_message(pgp_mime(SUBMIT_HEADERS, armored, service.public),
+                             decrypt) == wks.parse_submission(
+        pgp_mime(SUBMIT_HEADERS, armored, service.public), decrypt)
+
+
+def test_parse_message_names_the_real_reason(service: messages.GeneratedKey) -> None:
+    """A response from the wrong From is refused for that, not as a bad submission."""
+    mail = pgp_mime(RESPONSE_HEADERS.replace("From: user@", "From: mallory@"),
+                    wks_part(response_data()), service.public)
+    with pytest.raises(MessageRefused, match=(
+            r"From does not match the address being confirmed "
+            r"\(mallory@example\.org is not user@example\.org\)")):
+        wks.parse_message(mail, wks.decrypter(service.secret))
+    with pytest.raises(MessageRefused, match=r"expected a application/pgp-keys or "):
+        wks.parse_message(RESPONSE_HEADERS.encode() + b"Content-Type: text/plain\n\nhi\n",
+                          lambda d: d)
+
+
 def test_wks_data_is_case_insensitive_in_names_only() -> None:
     assert wks.parse_wks_data(b"Type: X\r\nNONCE:abc  \n\n") == {"type": "X", "nonce": "abc"}
 
