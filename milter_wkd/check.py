@@ -14,6 +14,9 @@ What it reads and tries (each group can be skipped by name):
   minute should the delete fail). As anonymous: a `(mail=*)` search under base_dn returns
   no entry (adminLimitExceeded is the intended answer) and cn=pgpServerInfo is readable
   (dirmngr). Nothing a user can see is changed.
+- keys: every key holder below base_dn (as the configured account): an entry with a
+  wkdKeyProblem, or whose wkdKeyDigest is missing or does not match its pgpKey, fails,
+  named (the responder does not serve it; see milter_wkd.reconcile).
 - submission-key: per domain, the secret key file is readable, not world-readable, not
   passphrase-protected, signs what its public key file verifies and decrypts what is
   encrypted to that public key; the public key names the submission address.
@@ -70,6 +73,7 @@ from milter_wkd.directory import (
     Directory,
     PendingRequest,
     close_connection,
+    key_digest,
 )
 from milter_wkd.directory import ldap_reason as _ldap_why
 from milter_wkd.errors import MilterWkdError
@@ -77,8 +81,8 @@ from milter_wkd.openpgp import messages
 from milter_wkd.values import Address, Fingerprint
 from milter_wkd.wkd import address_hash
 
-GROUPS = ("directory", "schema", "acl", "submission-key", "dkim", "wkd", "postfix", "milter",
-          "dovecot")
+GROUPS = ("directory", "schema", "acl", "keys", "submission-key", "dkim", "wkd", "postfix",
+          "milter", "dovecot")
 DEFAULT_WKD_URL = "https://openpgpkey.{domain}/.well-known/openpgpkey/{domain}/"
 DEFAULT_DOVECOT_SOCKET = "/var/spool/postfix/private/auth"
 POSTCONF_PARAMETERS = ("smtpd_milters", "non_smtpd_milters", "milter_default_action",
@@ -354,15 +358,16 @@ def _pending_write_probe(config: Config, who: str) -> Iterator[CheckResult]:
                              now, now + 60)
     with Directory(cfg) as store:
         try:
-            store.create_pending(request)
+            # A generous limit: the probe is about rights, not about the rate limit.
+            request = store.create_pending(request, limit=100)
         except MilterWkdError as exc:
             yield _fail("acl", f"{who} cannot create a pending request below "
                         f"{cfg.pending_base}: {exc.reason}", _ACL_FIX)
             return
         try:
-            store.delete_pending(nonce)
+            store.delete_pending(request)
         except MilterWkdError as exc:
-            yield _fail("acl", f"{who} created wkdNonce={nonce} but cannot delete it: "
+            yield _fail("acl", f"{who} created {request.dn} but cannot delete it: "
                         f"{exc.reason}", f"{_ACL_FIX}; then `milter-wkd pending expire`")
             return
     yield _ok("acl", f"{who} creates and deletes pending requests below {cfg.pending_base}")
@@ -910,6 +915,44 @@ def check_dovecot(options: Options, params: dict[str, str] | None) -> Iterator[C
                   f"({' '.join(mechanisms)})")
 
 
+# -- keys -------------------------------------------------------------------------------
+
+
+def check_keys(config: Config) -> Iterator[CheckResult]:
+    """Every key holder's pgpKey was checked by the system: its wkdKeyDigest matches and it
+    has no wkdKeyProblem (an LDAP edit the milter's follower withheld). Each other entry is
+    a failure naming it: the responder does not serve it."""
+    try:
+        with Directory(config.directory) as directory:
+            holders = directory.key_holders_since("")
+    except MilterWkdError as exc:
+        yield _skip("keys", f"cannot list the key holders: {exc.reason}")
+        return
+    published = 0
+    for user, _csn in holders:
+        raw = user.snapshot or {}
+        values = {name.lower(): found for name, found in raw.items()}
+        keys = values.get("pgpkey", [])
+        if not keys:
+            continue
+        problem = values.get("wkdkeyproblem", [])
+        digest = values.get("wkdkeydigest", [b""])[0].decode("ascii", "replace").lower()
+        if problem:
+            yield _fail("keys", f"the key of {user.dn} is not served: "
+                        f"{problem[0].decode('utf-8', 'replace')}",
+                        "replace its pgpKey by a key with a user ID of the entry's own "
+                        "addresses that no other entry holds (milter-wkd keys import ADDRESS "
+                        "FILE), or delete the pgpKey")
+        elif digest != key_digest(keys[0]):
+            yield _fail("keys", f"the pgpKey of {user.dn} was not checked by the system "
+                        "(wkdKeyDigest missing or stale): it is not served",
+                        "keep `milter-wkd milter` running (its follower checks LDAP edits "
+                        f"within a second) and read its log for {user.dn}")
+        else:
+            published += 1
+    yield _ok("keys", f"{published} published key(s) checked by the system")
+
+
 # -- all of it --------------------------------------------------------------------------
 
 
@@ -917,6 +960,8 @@ def run(config: Config, options: Options) -> Iterator[CheckResult]:
     """Every check not in options.skip, in order; never raises."""
     skip = options.skip
     yield from _guarded("directory", lambda: check_directory(config, options))
+    if "keys" not in skip:
+        yield from _guarded("keys", lambda: check_keys(config))
     for domain in config.domains:
         if "submission-key" not in skip:
             yield from _guarded("submission-key", partial(check_submission_key, domain))

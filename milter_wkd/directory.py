@@ -11,10 +11,21 @@ pool, so that one instance serves a multi-threaded milter):
   gpgFingerprint, gpgSubFingerprint, pgpSubKeyID, pgpUserID, gpgMailbox, pgpRevoked,
   pgpDisabled, pgpKeyCreateTime/pgpKeyExpireTime as YYYYMMDDHHMMSSZ, pgpKeySize,
   pgpKeyType), the WKD look-up names wkdAddressHash (`<z-base-32 hash>@<domain>`) and the
-  provenance (wkdKeySource, wkdKeySourceActor, wkdKeyPublished) - all in ONE modify
-  request, so a reader sees the old key or the new one, never a mix;
-- pending WKS requests: entries `wkdNonce=<nonce>,<pending_base>` (create, fetch by nonce
-  and address, take once, delete, expire);
+  provenance (wkdKeySource, wkdKeySourceActor, wkdKeyPublished) and wkdKeyDigest (SHA-256
+  of the pgpKey value: a pgpKey whose digest does not match was not written by the system,
+  and is not served until it has been checked) - all in ONE modify request, so a reader
+  sees the old key or the new one, never a mix;
+- claims on key material: one entry `wkdFingerprint=<hex>,<claims_base>` per primary key
+  and subkey, naming the entry that holds it. An LDAP add of an existing name fails, so two
+  entries can never both hold the same material, even when two publications race. A claim
+  proven by a signature of that key (a primary's self-signatures, a subkey's
+  back-signature) takes precedence over an unproven one (an encryption subkey, which anyone
+  can bind to their own key): the unproven holder loses that subkey, and an unproven subkey
+  whose material is held elsewhere is left out of the publication (`StoredKey.withheld`);
+- pending WKS requests: entries `cn=<slot>.<hash>@<domain>,<pending_base>`, at most
+  `limit` slots per address, so the per-address cap holds under any concurrency (create
+  in a free slot, fetch by address with the nonce compared in constant time against the
+  stored one, take once, delete, expire);
 - `change_token()`: contextCSN of the suffix (syncprov), which changes on every write.
 
 `ConnectionPool`, `close_connection`, `ldap_reason`, `CONNECTION_ERRORS` and
@@ -30,8 +41,9 @@ restarted: an operation on a stale pooled connection is retried once on a fresh 
 modifies are idempotent, and an add or delete whose first attempt did go through reports
 Conflict or NotFound on the retry), a refused bind or a busy server raise
 `DirectoryUnavailable` (callers answer with a temporary failure); an
-unknown user, key or request is `NotFound`; an address owned by two entries, a
-fingerprint published by another user or an existing nonce is `Conflict`; a key the
+unknown user, key or request is `NotFound`; an address owned by two entries or
+key material whose claim another entry holds is `Conflict`; all slots of an address taken
+is `RateLimited`; a key the
 directory itself refuses (constraint overlay) is `KeyRefused`; any other LDAP error is
 `DirectoryError`.
 """
@@ -40,6 +52,9 @@ from __future__ import annotations
 
 import calendar
 import contextlib
+import dataclasses
+import hashlib
+import hmac
 import logging
 import queue
 import re
@@ -54,6 +69,7 @@ from urllib.parse import quote, unquote
 
 import ldap
 from ldap.controls import SimplePagedResultsControl
+from ldap.controls.libldap import AssertionControl
 from ldap.dn import escape_dn_chars
 from ldap.filter import escape_filter_chars
 
@@ -65,9 +81,10 @@ from milter_wkd.errors import (
     DirectoryUnavailable,
     KeyRefused,
     NotFound,
+    RateLimited,
     Refused,
 )
-from milter_wkd.openpgp import CleanResult, KeyInfo, armor_key
+from milter_wkd.openpgp import CleanResult, KeyInfo, armor_key, clean_key, without_subkeys
 from milter_wkd.openpgp.packets import dearmor
 from milter_wkd.values import Address, Fingerprint
 from milter_wkd.wkd import address_hash
@@ -78,6 +95,7 @@ T = TypeVar("T")
 
 KEY_CLASS = "wkdKeyHolder"
 PENDING_CLASS = "wkdPendingRequest"
+CLAIM_CLASS = "wkdKeyClaim"
 DEFAULT_LDAPI_SOCKET = "/var/run/slapd/ldapi"
 _PAGE_SIZE = 200
 _NONCE = re.compile(r"^[A-Za-z0-9]{16,64}$")
@@ -89,8 +107,16 @@ GNUPG_ATTRIBUTES = (
     "pgpKeyExpireTime", "pgpKeySize", "pgpKeyType",
 )
 PROVENANCE_ATTRIBUTES = ("wkdKeySource", "wkdKeySourceActor", "wkdKeyPublished")
-KEY_ATTRIBUTES = (*GNUPG_ATTRIBUTES, "wkdAddressHash", *PROVENANCE_ATTRIBUTES)
+DIGEST = "wkdKeyDigest"
+PROBLEM = "wkdKeyProblem"
+KEY_ATTRIBUTES = (*GNUPG_ATTRIBUTES, "wkdAddressHash", *PROVENANCE_ATTRIBUTES, DIGEST, PROBLEM)
 PREFER_ENCRYPT = "wkdPreferEncrypt"
+_CLAIM_ATTRIBUTES = ("wkdFingerprint", "wkdClaimHolder", "wkdClaimKind", "wkdCreated")
+# A claim whose holder does not hold the material yet is a publication under way for this
+# long (a publication takes milliseconds; a stuck one is retried by Postfix within
+# minutes), and a leftover of a failed one after it: only a leftover may be taken over.
+CLAIM_IN_FLIGHT = 120
+_CLAIM_ROUNDS = 3
 
 # Errors that mean "the connection is gone or never came": retry once, then give up.
 CONNECTION_ERRORS = (ldap.SERVER_DOWN, ldap.TIMEOUT, ldap.CONNECT_ERROR, OSError)
@@ -109,6 +135,40 @@ class KeySource(StrEnum):
     AUTH_SUBMIT = "auth-submit"
     WKS_CONFIRMED = "wks-confirmed"
     ADMIN_IMPORT = "admin-import"
+    ADMIN_EDIT = "admin-edit"  # pgpKey written with LDAP tools, checked by the system
+
+
+class ClaimKind(StrEnum):
+    """How an entry's key proves it holds a piece of key material."""
+
+    PRIMARY = "primary"  # self-signatures are made by it
+    PROVEN_SUBKEY = "proven-subkey"  # it made a back-signature (RFC 9580 5.2.1, 0x19)
+    SUBKEY = "subkey"  # bound by the primary only: anyone can bind anyone's public key
+
+    @property
+    def proven(self) -> bool:
+        return self is not ClaimKind.SUBKEY
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Who holds a fingerprint: a claim entry, or (recorded=False) the key attributes of
+    an entry published before claims existed."""
+
+    fingerprint: str  # hex
+    holder: str  # DN
+    kind: ClaimKind
+    created: int
+    recorded: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Holdings:
+    """The claims on some fingerprints and the entries whose key attributes hold them."""
+
+    asked: frozenset[str]
+    claims: dict[str, Claim]
+    attributes: dict[str, tuple[tuple[str, bool], ...]]  # hex -> (DN, held as primary)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,10 +187,9 @@ class User:
     # The entry's key attributes as read together with the addresses (find_user with
     # with_key=True): publishing right after the look-up needs no second read.
     snapshot: dict[str, list[bytes]] | None = field(default=None, compare=False, repr=False)
-    # A fingerprint and the DNs of the entries that held it, read with the user
-    # (find_user with holders_of): publishing that key needs no search of its own.
-    holders: tuple[Fingerprint, tuple[str, ...]] | None = field(
-        default=None, compare=False, repr=False)
+    # Who holds some fingerprints, read with the user (find_user with holders_of):
+    # publishing that key needs no search of its own.
+    holders: Holdings | None = field(default=None, compare=False, repr=False)
 
     def owns(self, address: Address) -> bool:
         return any(a.key == address.key for a in self.addresses)
@@ -152,6 +211,8 @@ class StoredKey:
     disabled: bool
     provenance: Provenance | None
     prefer_encrypt: str | None
+    # Set by publish_key only: subkeys left out because another entry holds them, and why.
+    withheld: tuple[tuple[Fingerprint, str], ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +223,7 @@ class PendingRequest:
     key: bytes  # binary OpenPGP, as cleaned at submission
     created: int
     expires: int
+    dn: str = field(default="", compare=False)  # where it is stored (set by the store)
 
 
 # -- value formats ---------------------------------------------------------------------
@@ -177,6 +239,82 @@ def parse_gnupg_time(text: str) -> int | None:
     if not match:
         return None
     return calendar.timegm(time.strptime(match.group(1), "%Y%m%d%H%M%S"))
+
+
+def key_digest(value: bytes) -> str:
+    """wkdKeyDigest of a pgpKey value: SHA-256 of its octets as stored, in hex."""
+    return hashlib.sha256(value).hexdigest()
+
+
+def key_fingerprints(info: KeyInfo) -> list[Fingerprint]:
+    """The primary's and every subkey's fingerprint: the material a key claims."""
+    return [info.fingerprint, *(s.fingerprint for s in info.subkeys)]
+
+
+def wanted_claims(info: KeyInfo) -> dict[str, ClaimKind]:
+    wanted = {s.fingerprint.hex: ClaimKind.PROVEN_SUBKEY if s.cross_certified
+              else ClaimKind.SUBKEY for s in info.subkeys}
+    wanted[info.fingerprint.hex] = ClaimKind.PRIMARY
+    return wanted
+
+
+def _dn_key(dn: str) -> str:
+    return ",".join(part.strip() for part in dn.lower().split(","))
+
+
+@dataclass(slots=True)
+class ClaimPlan:
+    """What publishing a key on an entry does to the claims (see `plan_claims`)."""
+
+    add: dict[str, ClaimKind] = field(default_factory=dict)  # no claim yet
+    take: dict[str, tuple[Claim, ClaimKind]] = field(default_factory=dict)  # from another
+    own: dict[str, tuple[Claim, ClaimKind]] = field(default_factory=dict)  # ours, kind changes
+    drop: dict[str, str] = field(default_factory=dict)  # left out of the key, with a reason
+    displace: list[tuple[str, str]] = field(default_factory=list)  # (DN, hex) to strip
+    conflict: str | None = None
+
+
+def plan_claims(dn: str, wanted: dict[str, ClaimKind], holdings: Holdings,
+                now: int) -> ClaimPlan:
+    """Decide, for each fingerprint of a key to publish on entry dn, whether it is claimed,
+    taken over, kept, left out, or refuses the whole key.
+
+    A proven claim (primary, back-signed subkey) beats an unproven one (a subkey bound by
+    its primary only); an unproven subkey never displaces anything and is left out when
+    another entry holds that material; two proven claims are a conflict. A claim whose
+    holder does not hold the material and is older than CLAIM_IN_FLIGHT is a leftover.
+    """
+    plan = ClaimPlan()
+    me = _dn_key(dn)
+    for fpr, kind in wanted.items():
+        held_by = holdings.attributes.get(fpr, ())
+        claim = holdings.claims.get(fpr)
+        if claim is None:
+            other = next(((h, primary) for h, primary in held_by if _dn_key(h) != me), None)
+            if other is None:
+                plan.add[fpr] = kind
+                continue
+            claim = Claim(fpr, other[0], ClaimKind.PRIMARY if other[1] else ClaimKind.SUBKEY,
+                          0, recorded=False)
+        if _dn_key(claim.holder) == me:
+            if claim.kind is not kind:
+                plan.own[fpr] = (claim, kind)
+            continue
+        holder_holds = any(_dn_key(h) == _dn_key(claim.holder) for h, _ in held_by)
+        if not holder_holds and claim.recorded and now - claim.created > CLAIM_IN_FLIGHT:
+            plan.take[fpr] = (claim, kind)
+        elif not holder_holds and claim.recorded:
+            plan.conflict = (f"key material {fpr} is being published by another user right "
+                             "now; try again in a few minutes")
+        elif kind.proven and not claim.kind.proven:
+            plan.take[fpr] = (claim, kind)
+            plan.displace.append((claim.holder, fpr))
+        elif not kind.proven:
+            plan.drop[fpr] = (f"subkey {fpr} is published by another user, so it was left "
+                              "out (if it is yours, ask your provider)")
+        else:
+            plan.conflict = f"key {fpr} is published by another user already"
+    return plan
 
 
 def address_slot(address: Address) -> str:
@@ -387,6 +525,25 @@ def _addresses(values: Sequence[str], dn: str) -> tuple[Address, ...]:
     return tuple(found.values())
 
 
+def _holdings(asked: frozenset[str], claim_entries: list[dict[str, Any]],
+              holder_entries: list[dict[str, Any]]) -> Holdings:
+    claims: dict[str, Claim] = {}
+    for entry in claim_entries:
+        fpr, holder = (_text(entry, "wkdFingerprint") or "").upper(), _text(entry, "wkdClaimHolder")
+        kind = _text(entry, "wkdClaimKind") or ""
+        if fpr in asked and holder:
+            claims[fpr] = Claim(
+                fpr, holder, ClaimKind(kind) if kind in set(ClaimKind) else ClaimKind.SUBKEY,
+                parse_gnupg_time(_text(entry, "wkdCreated") or "") or 0)
+    attributes: dict[str, list[tuple[str, bool]]] = {}
+    for entry in holder_entries:
+        primaries = {v.upper() for v in _texts(entry, "gpgFingerprint")}
+        for fpr in primaries | {v.upper() for v in _texts(entry, "gpgSubFingerprint")}:
+            if fpr in asked:
+                attributes.setdefault(fpr, []).append((entry["dn"], fpr in primaries))
+    return Holdings(asked, claims, {f: tuple(h) for f, h in attributes.items()})
+
+
 class Directory:
     """The directory store. Thread-safe; every method may raise DirectoryUnavailable."""
 
@@ -489,21 +646,22 @@ class Directory:
         return f"(&{self.config.user_filter}(|{alternatives}))"
 
     def find_user(self, address: Address, *, with_key: bool = False,
-                  holders_of: Fingerprint | None = None) -> User | None:
+                  holders_of: Sequence[Fingerprint] = ()) -> User | None:
         """The user whose mail attributes hold address; None if nobody's do.
 
         with_key: read the published key in the same search (`User.snapshot`), for a
         caller that goes on to `current_key` and `publish_key` at once. holders_of: also
-        find, in the same round trip, which entries hold that fingerprint (`User.holders`,
-        for `publish_key`'s check).
+        read, in the same round trip, the claims on those fingerprints and which entries
+        hold them (`User.holders`, for `publish_key`).
         """
         attributes = list(self.config.mail_attributes)
         if with_key:
             attributes += ["objectClass", *KEY_ATTRIBUTES, PREFER_ENCRYPT]
         queries: list[tuple[str, str, Sequence[str], int]] = [
             (self.config.base_dn, self._address_filter(address), attributes, SUBTREE)]
-        if holders_of is not None:
-            queries.append(self._holders_query(holders_of))
+        asked = frozenset(f.hex for f in holders_of)
+        if asked:
+            queries += self._holdings_queries(asked)
         entries, *holders = self._searches(queries)
         if len(entries) > 1:
             raise Conflict(f"{address} belongs to {len(entries)} directory entries")
@@ -513,8 +671,7 @@ class Directory:
         values = [v for name in self.config.mail_attributes for v in _texts(entry, name)]
         return User(entry["dn"], _addresses(values, entry["dn"]),
                     entry["raw_attributes"] if with_key else None,
-                    (holders_of, tuple(h["dn"] for h in holders[0]))
-                    if holders_of is not None else None)
+                    _holdings(asked, *holders) if asked else None)
 
     def user(self, address: Address) -> User:
         """Like find_user, but NotFound when nobody has the address."""
@@ -530,9 +687,13 @@ class Directory:
         return entries[0] if entries else None
 
     def _stored(self, entry: dict[str, Any]) -> StoredKey | None:
+        """The key an entry publishes; None when it has none, or one the system has not
+        checked (no or another wkdKeyDigest: edited with LDAP tools) or withheld."""
         armored = _values(entry, "pgpKey")
         fingerprint = _text(entry, "gpgFingerprint")
-        if not armored or not fingerprint:
+        if not armored or not fingerprint or _values(entry, PROBLEM):
+            return None
+        if _text(entry, DIGEST) != key_digest(armored[0]):
             return None
         try:
             _label, binary = dearmor(armored[0])
@@ -575,11 +736,20 @@ class Directory:
         found = self.find_user(address, with_key=True)
         return self.current_key(found) if found is not None else None
 
-    def _holders_query(self, fingerprint: Fingerprint,
-                       ) -> tuple[str, str, Sequence[str], int]:
-        value = escape_filter_chars(fingerprint.hex)
-        return (self.config.base_dn, f"(|(gpgFingerprint={value})(gpgSubFingerprint={value}))",
-                ["1.1"], SUBTREE)
+    def _holdings_queries(self, fingerprints: frozenset[str],
+                          ) -> list[tuple[str, str, Sequence[str], int]]:
+        values = [escape_filter_chars(f) for f in sorted(fingerprints)]
+        claims = "".join(f"(wkdFingerprint={v})" for v in values)
+        held = "".join(f"(gpgFingerprint={v})(gpgSubFingerprint={v})" for v in values)
+        return [(self.config.claims_base, f"(&(objectClass={CLAIM_CLASS})(|{claims}))",
+                 _CLAIM_ATTRIBUTES, ldap.SCOPE_ONELEVEL),
+                (self.config.base_dn, f"(|{held})", ["gpgFingerprint", "gpgSubFingerprint"],
+                 SUBTREE)]
+
+    def holdings(self, fingerprints: Sequence[Fingerprint]) -> Holdings:
+        """The claims on fingerprints and the entries whose key attributes hold them."""
+        asked = frozenset(f.hex for f in fingerprints)
+        return _holdings(asked, *self._searches(self._holdings_queries(asked)))
 
     def find_by_fingerprint(self, fingerprint: Fingerprint) -> StoredKey | None:
         """The entry whose key has this primary or subkey fingerprint."""
@@ -609,8 +779,11 @@ class Directory:
     def publish_key(self, user: User, cleaned: CleanResult, provenance: Provenance) -> StoredKey:
         """Store a cleaned key on the user's entry, replacing any key there (one modify).
 
-        Every address of the key must be one of the user's; the fingerprint must not be
-        published by another entry (Conflict).
+        Every address of the key must be one of the user's. Its key material is claimed
+        first (see `plan_claims`): a primary or back-signed subkey that another entry holds
+        is a Conflict, unless that entry holds it only as an unproven subkey, which it then
+        loses; an unproven subkey held elsewhere is left out (`StoredKey.withheld`).
+        Claims of the entry's previous key that the new one lacks are released.
         """
         info = cleaned.info
         foreign = [str(a) for a in info.addresses if not user.owns(a)]
@@ -618,37 +791,178 @@ class Directory:
             raise KeyRefused(f"the key names addresses of someone else: {', '.join(foreign)}")
         if not info.addresses:
             raise KeyRefused("the key has no user ID with an address of its owner")
-        if user.holders is not None and user.holders[0] == info.fingerprint:
-            holders = user.holders[1]
-        else:
-            holders = tuple(h["dn"] for h in self._searches(
-                [self._holders_query(info.fingerprint)])[0])
-        if any(dn.lower() != user.dn.lower() for dn in holders):
-            raise Conflict(f"key {info.fingerprint} is published by another user already")
+        wanted = wanted_claims(info)
+        holdings = user.holders
+        if holdings is None or not holdings.asked >= set(wanted):
+            holdings = self.holdings(key_fingerprints(info))
         entry = ({"dn": user.dn, "raw_attributes": user.snapshot} if user.snapshot is not None
-                 else self._read_entry(user.dn, ["objectClass", "pgpDisabled", PREFER_ENCRYPT]))
+                 else self._read_entry(user.dn, ["objectClass", "pgpDisabled", PREFER_ENCRYPT,
+                                                 "gpgFingerprint", "gpgSubFingerprint"]))
         if entry is None:
             raise NotFound(f"no entry {user.dn}")
+        plan = self._claim(user.dn, wanted, holdings, provenance.published)
+        if plan.drop:
+            cleaned = without_subkeys(cleaned, [Fingerprint.parse(f) for f in plan.drop])
+        stored = self._write_key(entry, cleaned, provenance, _text(entry, "pgpDisabled") or "0")
+        previous = {v.upper() for v in (*_texts(entry, "gpgFingerprint"),
+                                        *_texts(entry, "gpgSubFingerprint"))}
+        self._release_claims(user.dn, previous - set(wanted))
+        for holder, fpr in plan.displace:
+            self._strip_material(holder, {fpr})
+        # A proven claim may have been taken from us between claiming and writing: then
+        # its new holder may have stripped our entry before our write put it back.
+        lost = [fpr for fpr, claim in self.holdings(
+            [Fingerprint.parse(f) for f in wanted if f not in plan.drop]).claims.items()
+            if _dn_key(claim.holder) != _dn_key(user.dn)]
+        if lost:
+            self._strip_material(user.dn, set(lost))
+        return dataclasses.replace(stored, withheld=tuple(
+            (Fingerprint.parse(f), reason) for f, reason in plan.drop.items()))
+
+    def _write_key(self, entry: dict[str, Any], cleaned: CleanResult, provenance: Provenance,
+                   disabled: str) -> StoredKey:
+        """One modify that writes a key and everything derived from it on an entry."""
+        dn = entry["dn"]
         classes = {c.lower() for c in _texts(entry, "objectClass")}
-        values: dict[str, list[str]] = key_attributes(info, armor_key(cleaned.key))
-        values["pgpDisabled"] = [_text(entry, "pgpDisabled") or "0"]
+        armored = armor_key(cleaned.key)
+        values: dict[str, list[str]] = key_attributes(cleaned.info, armored)
+        values["pgpDisabled"] = [disabled]
         values["wkdKeySource"] = [provenance.source.value]
         values["wkdKeySourceActor"] = [provenance.actor] if provenance.actor else []
         values["wkdKeyPublished"] = [gnupg_time(provenance.published)]
+        values[DIGEST] = [key_digest(armored)]
+        values[PROBLEM] = []
         changes: Changes = {name: (REPLACE, vals) for name, vals in values.items()}
-        if KEY_CLASS.lower() not in classes:
+        if classes and KEY_CLASS.lower() not in classes:
             changes["objectClass"] = (ADD, [KEY_CLASS])
-        self._modify(user.dn, changes)
+        self._modify(dn, changes)
         # What a read-back would return, without the round trip: the values just written.
         written = {name: _encode(vals) for name, vals in values.items()}
         written[PREFER_ENCRYPT] = _values(entry, PREFER_ENCRYPT)
-        stored = self._stored({"dn": user.dn, "raw_attributes": written})
+        stored = self._stored({"dn": dn, "raw_attributes": written})
         if stored is None:
-            raise DirectoryError(f"the key written to {user.dn} cannot be parsed back")
+            raise DirectoryError(f"the key written to {dn} cannot be parsed back")
         return stored
 
+    # -- claims on key material -----------------------------------------------------------
+
+    def _claim_dn(self, fingerprint: str) -> str:
+        return f"wkdFingerprint={escape_dn_chars(fingerprint)},{self.config.claims_base}"
+
+    def _claim(self, dn: str, wanted: dict[str, ClaimKind], holdings: Holdings,
+               now: int) -> ClaimPlan:
+        """Make the claims of plan_claims; on a lost race read them again and re-plan."""
+        for _round in range(_CLAIM_ROUNDS):
+            plan = plan_claims(dn, wanted, holdings, now)
+            if plan.conflict is not None:
+                raise Conflict(plan.conflict)
+            if self._apply_claims(dn, plan, now):
+                return plan
+            holdings = self.holdings([Fingerprint.parse(f) for f in wanted])
+        raise DirectoryUnavailable("claims on this key material keep changing; try again")
+
+    def _apply_claims(self, dn: str, plan: ClaimPlan, now: int) -> bool:
+        """Add, take over and update claims, atomically each; False if another writer
+        changed one first (nothing of ours is left behind then)."""
+        added: list[str] = []
+
+        def operation(conn: Any) -> bool:
+            for fpr, kind in (*plan.add.items(),
+                              *((f, k) for f, (c, k) in plan.take.items() if not c.recorded)):
+                try:
+                    conn.add_ext_s(self._claim_dn(fpr), [
+                        ("objectClass", [CLAIM_CLASS.encode()]),
+                        ("wkdFingerprint", [fpr.encode()]),
+                        ("wkdClaimHolder", [dn.encode()]),
+                        ("wkdClaimKind", [kind.value.encode()]),
+                        ("wkdCreated", [gnupg_time(now).encode()])])
+                except ldap.ALREADY_EXISTS:
+                    return False
+                added.append(fpr)
+            for fpr, (claim, kind) in (*plan.own.items(),
+                                       *((f, p) for f, p in plan.take.items() if p[0].recorded)):
+                # Compare-and-swap: deleting the holder value we read fails with
+                # noSuchAttribute if someone else changed it since.
+                try:
+                    conn.modify_ext_s(self._claim_dn(fpr), [
+                        (DELETE, "wkdClaimHolder", [claim.holder.encode()]),
+                        (ADD, "wkdClaimHolder", [dn.encode()]),
+                        (REPLACE, "wkdClaimKind", [kind.value.encode()]),
+                        (REPLACE, "wkdCreated", [gnupg_time(now).encode()])])
+                except (ldap.NO_SUCH_ATTRIBUTE, ldap.NO_SUCH_OBJECT):
+                    return False
+            return True
+
+        try:
+            done = self._call(operation)
+        except ldap.LDAPError as exc:
+            done = False
+            failure: BaseException | None = DirectoryError(
+                f"claiming key material failed: {ldap_reason(exc)}")
+        else:
+            failure = None
+        if not done and added:
+            self._release_claims(dn, set(added))
+        if failure is not None:
+            raise failure
+        return done
+
+    def _release_claims(self, dn: str, fingerprints: set[str]) -> None:
+        """Delete the claims on fingerprints that dn holds (others' claims stay)."""
+        if not fingerprints:
+            return
+        holder = AssertionControl(True, f"(wkdClaimHolder={escape_filter_chars(dn)})")
+
+        def operation(conn: Any) -> None:
+            for fpr in sorted(fingerprints):
+                with contextlib.suppress(ldap.NO_SUCH_OBJECT, ldap.ASSERTION_FAILED):
+                    conn.delete_ext_s(self._claim_dn(fpr), serverctrls=[holder])
+
+        try:
+            self._call(operation)
+        except ldap.LDAPError as exc:
+            # A claim left behind is a leftover that expires (CLAIM_IN_FLIGHT); no harm.
+            log.warning("releasing claims of %s failed: %s", dn, ldap_reason(exc))
+
+    def _strip_material(self, dn: str, fingerprints: set[str]) -> None:
+        """Remove subkeys whose material another entry now holds from dn's key."""
+        entry = self._read_entry(dn, ["objectClass", *KEY_ATTRIBUTES, PREFER_ENCRYPT])
+        stored = self._stored(entry) if entry is not None else None
+        if entry is None or stored is None:
+            return
+        try:
+            cleaned = without_subkeys(clean_key(stored.key, None),
+                                      [Fingerprint.parse(f) for f in fingerprints])
+        except Refused as exc:
+            self.withhold_key(dn, f"the stored key no longer passes the checks: {exc.reason}")
+            return
+        if cleaned.info.fingerprint.hex in fingerprints:
+            self.withhold_key(dn, f"its primary key {cleaned.info.fingerprint} is held by "
+                                  "another entry")
+            return
+        provenance = stored.provenance or Provenance(KeySource.ADMIN_EDIT, "", 0)
+        self._write_key(entry, cleaned, provenance, "1" if stored.disabled else "0")
+        log.warning("removed subkey(s) %s from the key of %s: another entry proved it holds "
+                    "them", ", ".join(sorted(fingerprints)), dn)
+
+    def withhold_key(self, dn: str, reason: str) -> None:
+        """Stop serving an entry's key: remove what was derived from it and its claims, keep
+        pgpKey (an administrator's data, to fix), and say why in wkdKeyProblem."""
+        entry = self._read_entry(dn, ["objectClass", *KEY_ATTRIBUTES])
+        if entry is None:
+            raise NotFound(f"no entry {dn}")
+        changes: Changes = {name: (REPLACE, []) for name in KEY_ATTRIBUTES
+                            if name not in ("pgpKey", PROBLEM) and _values(entry, name)}
+        changes[PROBLEM] = (REPLACE, [reason[:1000]])
+        if KEY_CLASS.lower() not in {c.lower() for c in _texts(entry, "objectClass")}:
+            changes["objectClass"] = (ADD, [KEY_CLASS])
+        self._modify(dn, changes)
+        self._release_claims(dn, {v.upper() for v in (*_texts(entry, "gpgFingerprint"),
+                                                      *_texts(entry, "gpgSubFingerprint"))})
+        log.warning("key of %s withheld: %s", dn, reason)
+
     def remove_key(self, user: User) -> StoredKey:
-        """Remove the user's published key and everything derived from it (one modify)."""
+        """Remove the user's published key, everything derived from it and its claims."""
         entry = self._read_entry(user.dn, ["objectClass", *KEY_ATTRIBUTES, PREFER_ENCRYPT])
         stored = self._stored(entry) if entry is not None else None
         if entry is None or stored is None:
@@ -658,6 +972,8 @@ class Directory:
         if not _values(entry, PREFER_ENCRYPT):
             changes["objectClass"] = (DELETE, [KEY_CLASS])
         self._modify(user.dn, changes)
+        self._release_claims(user.dn, {v.upper() for v in (
+            *_texts(entry, "gpgFingerprint"), *_texts(entry, "gpgSubFingerprint"))})
         return stored
 
     def set_disabled(self, user: User, disabled: bool) -> StoredKey:
@@ -694,81 +1010,119 @@ class Directory:
 
     # -- pending WKS requests -----------------------------------------------------------
 
-    def _pending_dn(self, nonce: str) -> str:
-        if not _NONCE.match(nonce):
-            raise Refused("malformed nonce")
-        return f"wkdNonce={escape_dn_chars(nonce)},{self.config.pending_base}"
+    def _slot_dn(self, address: Address, slot: int) -> str:
+        return f"cn={escape_dn_chars(f'{slot}.{address_slot(address)}')},{self.config.pending_base}"
 
-    def create_pending(self, request: PendingRequest) -> None:
-        """Store a pending request; Conflict if its nonce exists already."""
-        dn = self._pending_dn(request.nonce)
+    def create_pending(self, request: PendingRequest, *, limit: int) -> PendingRequest:
+        """Store a request in a free slot of its address (at most `limit` unexpired ones).
+
+        The slot is taken by an LDAP add, which fails if the name exists, so concurrent
+        requests can never exceed the limit. An expired request in a slot is replaced.
+        RateLimited when every slot holds an unexpired request.
+        """
+        if not _NONCE.match(request.nonce):
+            raise Refused("malformed nonce")
+        now = request.created
+        value = escape_filter_chars(str(request.address))
+        existing = {_dn_key(r.dn): r for r in self._pending_entries(f"(wkdAddress={value})")}
+        # Requests stored by earlier versions (named by nonce) count against the limit too.
+        older = sum(1 for dn, r in existing.items()
+                    if not dn.startswith("cn=") and r.expires > now)
         attributes: dict[str, list[str | bytes]] = {
             "objectClass": [PENDING_CLASS], "wkdNonce": [request.nonce],
             "wkdAddress": [str(request.address)], "wkdFingerprint": [request.fingerprint.hex],
             "wkdSubmittedKey": [request.key], "wkdCreated": [gnupg_time(request.created)],
             "wkdExpires": [gnupg_time(request.expires)],
         }
+        for slot in range(1, limit - older + 1):
+            dn = self._slot_dn(request.address, slot)
+            current = existing.get(_dn_key(dn))
+            if current is not None and current.expires > now:
+                continue
+            if current is not None:
+                self._delete_pending_dn(dn, f"(wkdNonce={escape_filter_chars(current.nonce)})")
+            if self._add_pending(dn, attributes):
+                return dataclasses.replace(request, dn=dn)
+        raise RateLimited(f"{request.address} has {limit} unconfirmed requests already")
+
+    def restore_pending(self, request: PendingRequest) -> None:
+        """Put a taken request back where it was (a publication that could not finish)."""
+        if not request.dn or not self._add_pending(request.dn, {
+                "objectClass": [PENDING_CLASS], "wkdNonce": [request.nonce],
+                "wkdAddress": [str(request.address)],
+                "wkdFingerprint": [request.fingerprint.hex], "wkdSubmittedKey": [request.key],
+                "wkdCreated": [gnupg_time(request.created)],
+                "wkdExpires": [gnupg_time(request.expires)]}):
+            log.warning("could not put back the pending request for %s", request.address)
+
+    def _add_pending(self, dn: str, attributes: dict[str, list[str | bytes]]) -> bool:
         addlist = [(name, _encode(values)) for name, values in attributes.items()]
         try:
             self._call(lambda conn: conn.add_ext_s(dn, addlist))
         except ldap.ALREADY_EXISTS:
-            raise Conflict("a pending request with this nonce exists already") from None
+            return False
         except ldap.LDAPError as exc:
             raise DirectoryError(
                 f"storing the pending request failed: {ldap_reason(exc)}") from None
+        return True
 
     def get_pending(self, nonce: str, address: Address, now: int | None = None,
                     ) -> PendingRequest:
-        """The unexpired request with this nonce for this address, else NotFound."""
+        """The unexpired request for this address whose stored nonce equals `nonce`,
+        compared in constant time with every stored one; else NotFound."""
         now = int(time.time()) if now is None else now
-        entry = self._read_entry(self._pending_dn(nonce), [
-            "wkdNonce", "wkdAddress", "wkdFingerprint", "wkdSubmittedKey", "wkdCreated",
-            "wkdExpires"])
-        missing = NotFound("no pending request for this nonce and address")
-        if entry is None:
-            raise missing
-        try:
-            stored_address = Address.parse(_text(entry, "wkdAddress") or "")
-            fingerprint = Fingerprint.parse(_text(entry, "wkdFingerprint") or "")
-        except Refused:
-            raise missing from None
-        expires = parse_gnupg_time(_text(entry, "wkdExpires") or "") or 0
-        if stored_address.key != address.key or expires <= now:
-            raise missing
-        keys = _values(entry, "wkdSubmittedKey")
-        return PendingRequest(nonce, stored_address, fingerprint, keys[0] if keys else b"",
-                              parse_gnupg_time(_text(entry, "wkdCreated") or "") or 0, expires)
+        if not _NONCE.match(nonce):
+            raise Refused("malformed nonce")
+        value = escape_filter_chars(str(address))
+        found = None
+        for request in self._pending_entries(f"(wkdAddress={value})", with_key=True):
+            # compare_digest on every candidate, no early exit: timing tells nothing.
+            if (hmac.compare_digest(request.nonce.encode(), nonce.encode())
+                    and request.address.key == address.key and request.expires > now):
+                found = request
+        if found is None:
+            raise NotFound("no pending request for this nonce and address")
+        return found
 
-    def delete_pending(self, nonce: str) -> None:
-        """Delete a pending request; NotFound if it is gone (e.g. taken by someone else)."""
-        dn = self._pending_dn(nonce)
+    def _delete_pending_dn(self, dn: str, assertion: str) -> bool:
+        """Delete a request entry if it still matches assertion; False if it is gone."""
         try:
-            self._call(lambda conn: conn.delete_ext_s(dn))
-        except ldap.NO_SUCH_OBJECT:
-            raise NotFound("no pending request for this nonce") from None
+            self._call(lambda conn: conn.delete_ext_s(
+                dn, serverctrls=[AssertionControl(True, assertion)]))
+        except (ldap.NO_SUCH_OBJECT, ldap.ASSERTION_FAILED):
+            return False
         except ldap.LDAPError as exc:
             raise DirectoryError(f"deleting {dn} failed: {ldap_reason(exc)}") from None
+        return True
+
+    def delete_pending(self, request: PendingRequest) -> None:
+        """Delete a pending request; NotFound if it is gone (e.g. taken by someone else)."""
+        dn = request.dn or f"wkdNonce={escape_dn_chars(request.nonce)},{self.config.pending_base}"
+        if not self._delete_pending_dn(dn, f"(wkdNonce={escape_filter_chars(request.nonce)})"):
+            raise NotFound("no pending request for this nonce")
 
     def take_pending(self, nonce: str, address: Address, now: int | None = None,
                      ) -> PendingRequest:
         """Fetch and delete a request: of two concurrent takers only one gets it."""
         request = self.get_pending(nonce, address, now)
-        self.delete_pending(nonce)
+        self.delete_pending(request)
         return request
 
-    def _pending_entries(self, filt: str) -> list[PendingRequest]:
+    def _pending_entries(self, filt: str, *, with_key: bool = False) -> list[PendingRequest]:
+        attributes = ["wkdNonce", "wkdAddress", "wkdFingerprint", "wkdCreated", "wkdExpires"]
         entries = self._search(self.config.pending_base, f"(&(objectClass={PENDING_CLASS}){filt})",
-                               ["wkdNonce", "wkdAddress", "wkdFingerprint", "wkdCreated",
-                                "wkdExpires"])
+                               [*attributes, "wkdSubmittedKey"] if with_key else attributes)
         found = []
         for entry in entries:
+            keys = _values(entry, "wkdSubmittedKey")
             try:
                 found.append(PendingRequest(
                     _text(entry, "wkdNonce") or "",
                     Address.parse(_text(entry, "wkdAddress") or ""),
-                    Fingerprint.parse(_text(entry, "wkdFingerprint") or ""), b"",
+                    Fingerprint.parse(_text(entry, "wkdFingerprint") or ""),
+                    keys[0] if keys else b"",
                     parse_gnupg_time(_text(entry, "wkdCreated") or "") or 0,
-                    parse_gnupg_time(_text(entry, "wkdExpires") or "") or 0))
+                    parse_gnupg_time(_text(entry, "wkdExpires") or "") or 0, entry["dn"]))
             except Refused:
                 log.warning("ignoring malformed pending request %s", entry["dn"])
         return found
@@ -787,16 +1141,11 @@ class Directory:
     def expire_pending(self, now: int | None = None) -> int:
         """Delete every request that expired at or before now; returns how many."""
         now = int(time.time()) if now is None else now
+        expired = f"(wkdExpires<={gnupg_time(now)})"
         entries = self._search(self.config.pending_base,
-                               f"(&(objectClass={PENDING_CLASS})(wkdExpires<={gnupg_time(now)}))",
-                               ["1.1"])
-        removed = 0
-        for entry in entries:
-            with contextlib.suppress(NotFound):
-                nonce = entry["dn"].split(",", 1)[0].partition("=")[2]
-                self.delete_pending(nonce)
-                removed += 1
-        return removed
+                               f"(&(objectClass={PENDING_CLASS}){expired})", ["1.1"])
+        # The assertion keeps a slot that was given to a new request meanwhile.
+        return sum(self._delete_pending_dn(entry["dn"], expired) for entry in entries)
 
     # -- changes ----------------------------------------------------------------------
 
@@ -819,3 +1168,38 @@ class Directory:
         entry = self._read_entry(self._suffix_dn(), ["contextCSN"])
         values = sorted(_texts(entry, "contextCSN")) if entry is not None else []
         return "|".join(values)
+
+    # -- following key entries (milter_wkd.reconcile) ---------------------------------
+
+    def key_holders_since(self, csn: str = "") -> list[tuple[User, str]]:
+        """Every key holder below base_dn written at or after the CSN `csn` (all of them
+        when empty), each as a `User` whose snapshot holds its key attributes, digest and
+        problem, with its entryCSN: what the follower needs to re-derive a key."""
+        holders = f"(objectClass={KEY_CLASS})"
+        filt = (f"(&{holders}(entryCSN>={escape_filter_chars(csn)}))" if csn else holders)
+        attributes = ["objectClass", "entryCSN", *self.config.mail_attributes,
+                      *KEY_ATTRIBUTES, "wkdKeyDigest", "wkdKeyProblem", PREFER_ENCRYPT]
+        found = []
+        for entry in self._search(self.config.base_dn, filt, list(dict.fromkeys(attributes))):
+            values = [v for name in self.config.mail_attributes for v in _texts(entry, name)]
+            csn_of = max(_texts(entry, "entryCSN"), default="")
+            found.append((User(entry["dn"], _addresses(values, entry["dn"]),
+                               entry["raw_attributes"]), csn_of))
+        return found
+
+    def clear_key_attributes(self, user: User) -> None:
+        """Remove every key attribute left on an entry whose pgpKey is gone (one modify),
+        and its claims; the object class goes too unless prefer-encrypt keeps it."""
+        entry = self._read_entry(user.dn, ["objectClass", *KEY_ATTRIBUTES, "wkdKeyDigest",
+                                           "wkdKeyProblem", PREFER_ENCRYPT])
+        if entry is None:
+            raise NotFound(f"no entry {user.dn}")
+        names = dict.fromkeys([*KEY_ATTRIBUTES, "wkdKeyDigest", "wkdKeyProblem"])
+        changes: Changes = {name: (REPLACE, []) for name in names if _values(entry, name)}
+        if not _values(entry, PREFER_ENCRYPT) and KEY_CLASS.lower() in {
+                c.lower() for c in _texts(entry, "objectClass")}:
+            changes["objectClass"] = (DELETE, [KEY_CLASS])
+        if changes:
+            self._modify(user.dn, changes)
+        self._release_claims(user.dn, {v.upper() for v in (
+            *_texts(entry, "gpgFingerprint"), *_texts(entry, "gpgSubFingerprint"))})

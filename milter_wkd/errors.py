@@ -57,3 +57,7 @@ class NotFound(Refused):
 class Conflict(Refused):
     """The directory holds something that contradicts the request (an address on two
     entries, a fingerprint published by another user, a nonce in use)."""
+
+
+class RateLimited(Refused):
+    """A limit on requests was reached (e.g. pending confirmation requests per address)."""

@@ -36,12 +36,20 @@ from pathlib import Path
 
 from milter_wkd import autocrypt, dkim, openpgp, wks
 from milter_wkd.config import Config, ConfigError, DomainConfig
-from milter_wkd.directory import Directory, KeySource, PendingRequest, Provenance, User
+from milter_wkd.directory import (
+    Directory,
+    KeySource,
+    PendingRequest,
+    Provenance,
+    User,
+    key_fingerprints,
+)
 from milter_wkd.errors import (
     Conflict,
     DirectoryUnavailable,
     MessageRefused,
     NotFound,
+    RateLimited,
     Refused,
     Unavailable,
 )
@@ -222,9 +230,10 @@ class MailService:
                 f"the cleaned key has {len(cleaned.key)} octets, over the limit of "
                 f"{self.config.keys.max_published_bytes}")
         now = int(self.clock())
-        self.directory.publish_key(user, cleaned, Provenance(source, actor, now))
+        stored = self.directory.publish_key(user, cleaned, Provenance(source, actor, now))
         self._forget_hints()
-        return cleaned
+        # Subkeys whose material another entry holds were left out (stats name them).
+        return openpgp.without_subkeys(cleaned, [f for f, _ in stored.withheld])
 
     def _authenticated(self, tx: Transaction, domain: DomainConfig,
                        submission: wks.Submission, everything: openpgp.CleanResult) -> Reply:
@@ -234,7 +243,7 @@ class MailService:
         except Refused:
             return Reject(550, "5.7.1", "The SASL login is not a mail address of this provider")
         user = self.directory.find_user(login, with_key=True,
-                                        holders_of=everything.info.fingerprint)
+                                        holders_of=key_fingerprints(everything.info))
         if user is None:
             return Reject(550, "5.7.1", "The logged-in user is not in the key directory")
         own: list[Address] = []
@@ -284,16 +293,18 @@ class MailService:
             if self.directory.find_user(address) is None:
                 reasons.append(f"{address}: no such user")
                 continue
-            recent = self.directory.count_pending(address)
-            if recent >= self.config.milter.max_pending_per_address:
-                reasons.append(f"{address}: too many pending requests")
-                log.warning("%s: rate limit for %s (%d pending)", tx.queue_id, address, recent)
-                continue
             cleaned = openpgp.clean_key(submission.key, [address], limits=limits)
             nonce = wks.new_nonce()
-            self.directory.create_pending(PendingRequest(
-                nonce, address, cleaned.info.fingerprint, cleaned.key, now,
-                now + self.config.milter.pending_days * DAY))
+            try:
+                # Takes one of the address's slots atomically: the cap holds under load.
+                pending = self.directory.create_pending(PendingRequest(
+                    nonce, address, cleaned.info.fingerprint, cleaned.key, now,
+                    now + self.config.milter.pending_days * DAY),
+                    limit=self.config.milter.max_pending_per_address)
+            except RateLimited:
+                reasons.append(f"{address}: too many pending requests")
+                log.warning("%s: rate limit for %s", tx.queue_id, address)
+                continue
             request = wks.build_confirmation_request(
                 submission_address=submission_address, address=address,
                 fingerprint=cleaned.info.fingerprint, nonce=nonce, user_key=cleaned.key,
@@ -301,7 +312,7 @@ class MailService:
             try:
                 self._send(domain, address, request)
             except MailerUnavailable:
-                self.directory.delete_pending(nonce)
+                self.directory.delete_pending(pending)
                 raise
             sent += 1
             log.info("%s: confirmation request for %s (%s) sent", tx.queue_id, address,
@@ -316,19 +327,17 @@ class MailService:
             raise MessageRefused("the response names another submission address")
         now = int(self.clock())
         try:
+            # Compares the offered nonce with the stored ones in constant time.
             pending = self.directory.get_pending(response.nonce, response.address, now)
         except (NotFound, Refused):
             raise MessageRefused("no pending request for this nonce (used, expired or unknown)"
                                  ) from None
-        if not wks.nonces_equal(pending.nonce, response.nonce):
-            raise MessageRefused("no pending request for this nonce")
-        user = self.directory.find_user(response.address, with_key=True,
-                                        holders_of=pending.fingerprint)
+        user = self.directory.find_user(response.address, with_key=True)
         if user is None:
             raise MessageRefused(f"{response.address} is no longer a user here")
         try:
             # Single use: of two concurrent responses only one deletes the request.
-            self.directory.delete_pending(pending.nonce)
+            self.directory.delete_pending(pending)
         except NotFound:
             raise MessageRefused("this confirmation was used already") from None
         try:
@@ -336,7 +345,7 @@ class MailService:
                                               KeySource.WKS_CONFIRMED, str(response.address))
         except (DirectoryUnavailable, Conflict):
             # Put the request back so the retried response can still succeed.
-            self.directory.create_pending(pending)
+            self.directory.restore_pending(pending)
             raise
         notice = wks.build_published_notice(
             submission_address=Address.parse(domain.submission_address),

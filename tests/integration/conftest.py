@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ldap
 import pytest
 
 from milter_wkd import openpgp
 from milter_wkd.config import DirectoryConfig
-from milter_wkd.directory import Directory, KeySource, Provenance, StoredKey
+from milter_wkd.directory import KEY_ATTRIBUTES, Directory, KeySource, Provenance, StoredKey
 from milter_wkd.errors import NotFound
 from milter_wkd.sandbox.slapd import Slapd
 from milter_wkd.values import Address
@@ -78,7 +79,8 @@ def store(slapd: Slapd) -> Iterator[Directory]:
 
 
 def reset_directory(server: Slapd) -> None:
-    """Remove every published key, prefer-encrypt setting and pending request (as root)."""
+    """Remove every published (or withheld) key, prefer-encrypt setting, claim and pending
+    request (as root)."""
     with Directory(account_config(server, None)) as root:
         for name in server.users:
             user = root.user(Address.parse(server.users[name]["address"]))
@@ -87,6 +89,27 @@ def reset_directory(server: Slapd) -> None:
             if root.get_prefer_encrypt(user) is not None:
                 root.set_prefer_encrypt(user, None)
         root.expire_pending(now=int(time.time()) + 10 * 365 * 86400)
+    leftovers = reset_ldif(server)
+    if leftovers:
+        server.ldapmodify(leftovers)
+
+
+def reset_ldif(server: Slapd) -> str:
+    """LDIF that deletes every claim and every key attribute left on a user entry."""
+    conn = ldapclient.bind(server.uri, server.admin_dn, server.admin_password)
+    try:
+        parts = [f"dn: {dn}\nchangetype: delete\n" for dn, _ in conn.search_s(
+            server.claims_dn, ldap.SCOPE_ONELEVEL, "(objectClass=*)", ["1.1"])]
+        for name in server.users:
+            dn = server.users[name]["dn"]
+            ((_dn, attrs),) = conn.search_s(dn, ldap.SCOPE_BASE, "(objectClass=*)",
+                                           list(KEY_ATTRIBUTES))
+            if attrs:
+                parts.append(f"dn: {dn}\nchangetype: modify\n" + "".join(
+                    f"delete: {a}\n-\n" for a in attrs))
+    finally:
+        conn.unbind_ext_s()
+    return "\n".join(parts)
 
 
 @dataclass(frozen=True)

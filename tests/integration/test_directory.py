@@ -5,6 +5,8 @@ the key attributes must say."""
 from __future__ import annotations
 
 import calendar
+import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -16,17 +18,21 @@ import pytest
 from milter_wkd import openpgp
 from milter_wkd.config import DirectoryConfig
 from milter_wkd.directory import (
+    ClaimKind,
     Directory,
     KeySource,
     PendingRequest,
     Provenance,
     StoredKey,
+    key_fingerprints,
 )
-from milter_wkd.errors import Conflict, KeyRefused, NotFound, Refused
+from milter_wkd.errors import Conflict, KeyRefused, NotFound, RateLimited, Refused
 from milter_wkd.sandbox.slapd import Slapd
 from milter_wkd.values import Address, Fingerprint
 from tests.support import ldapclient
 from tests.support.gnupg import WKS_CLIENT, GnuPG
+from tests.support.squat import squatting_key
+from tests.unit.test_openpgp_crafted import T0, Signer, user_id
 
 pytestmark = pytest.mark.integration
 
@@ -206,13 +212,16 @@ def test_fingerprint_holders_read_with_the_user(
     alice_key = gpg_keys["alice"]
     publish("alice@example.org", alice_key.data)
     fpr = Fingerprint.parse(alice_key.fingerprint)
-    bob = store.find_user(Address.parse("bob@example.org"), with_key=True, holders_of=fpr)
+    bob = store.find_user(Address.parse("bob@example.org"), with_key=True, holders_of=[fpr])
     assert bob is not None
     assert bob.holders is not None
-    assert bob.holders[0] == fpr
-    assert [dn.split(",")[0] for dn in bob.holders[1]] == ["uid=alice"]
+    assert bob.holders.asked == {fpr.hex}
+    claim = bob.holders.claims[fpr.hex]
+    assert (claim.holder.split(",")[0], claim.kind) == ("uid=alice", ClaimKind.PRIMARY)
+    assert [(dn.split(",")[0], primary) for dn, primary in bob.holders.attributes[fpr.hex]] \
+        == [("uid=alice", True)]
     # Pipelined with a search that finds nothing, and with one under a missing base.
-    nobody = store.find_user(Address.parse("nobody@example.org"), holders_of=fpr)
+    nobody = store.find_user(Address.parse("nobody@example.org"), holders_of=[fpr])
     assert nobody is None
     (first, second) = store._searches([
         (store.config.base_dn, "(uid=carol)", ["uid"], ldap.SCOPE_SUBTREE),
@@ -273,7 +282,7 @@ def test_same_fingerprint_on_two_users_is_a_conflict(
         store.publish_key(bob, cleaned, Provenance(KeySource.ADMIN_IMPORT, "t", 0))
     # The same check when the holders were read with the user (the milter's way).
     read_with = store.find_user(Address.parse("bob@example.org"), with_key=True,
-                                holders_of=cleaned.info.fingerprint)
+                                holders_of=key_fingerprints(cleaned.info))
     assert read_with is not None
     with pytest.raises(Conflict):
         store.publish_key(read_with, cleaned, Provenance(KeySource.ADMIN_IMPORT, "t", 0))
@@ -337,11 +346,12 @@ def pending(nonce: str = "n" * 32, address: str = "bob@example.org",
 
 def test_pending_request_lifecycle(store: Directory) -> None:
     request = pending()
-    store.create_pending(request)
-    with pytest.raises(Conflict):
-        store.create_pending(request)
+    stored = store.create_pending(request, limit=3)
+    assert stored == request
+    assert stored.dn.startswith("cn=1.")
     got = store.get_pending(request.nonce, Address.parse("BOB@example.org"))
     assert got == request
+    assert got.dn == stored.dn
     with pytest.raises(NotFound):
         store.get_pending(request.nonce, Address.parse("alice@example.org"))
     with pytest.raises(NotFound):
@@ -350,27 +360,27 @@ def test_pending_request_lifecycle(store: Directory) -> None:
     with pytest.raises(NotFound):
         store.take_pending(request.nonce, request.address)
     with pytest.raises(NotFound):
-        store.delete_pending(request.nonce)
+        store.delete_pending(stored)
 
 
 def test_pending_requests_expire(store: Directory) -> None:
-    store.create_pending(pending("a" * 32, expires_in=60))
-    store.create_pending(pending("b" * 32, expires_in=7200))
+    first = store.create_pending(pending("a" * 32, expires_in=60), limit=3)
+    store.create_pending(pending("b" * 32, expires_in=7200), limit=3)
     later = int(time.time()) + 600
     with pytest.raises(NotFound):
         store.get_pending("a" * 32, Address.parse("bob@example.org"), now=later)
     assert store.expire_pending(now=later) == 1
     assert store.get_pending("b" * 32, Address.parse("bob@example.org"), now=later)
     with pytest.raises(NotFound):
-        store.delete_pending("a" * 32)
+        store.delete_pending(first)
 
 
 def test_pending_requests_are_counted_per_address_and_listed(store: Directory) -> None:
     bob = Address.parse("bob@example.org")
     assert store.count_pending(bob) == 0
-    store.create_pending(pending("e" * 32, expires_in=60))
-    store.create_pending(pending("f" * 32, expires_in=7200))
-    store.create_pending(pending("g" * 32, address="alice@example.org"))
+    store.create_pending(pending("e" * 32, expires_in=60), limit=3)
+    store.create_pending(pending("f" * 32, expires_in=7200), limit=3)
+    store.create_pending(pending("g" * 32, address="alice@example.org"), limit=3)
     assert store.count_pending(Address.parse("Bob@Example.org")) == 2
     assert store.count_pending(bob, now=int(time.time()) + 600) == 1
     assert store.count_pending(Address("*", "example.org")) == 0
@@ -387,7 +397,7 @@ def test_malformed_nonces_are_refused(store: Directory, nonce: str) -> None:
 
 def test_only_one_of_two_concurrent_takers_gets_a_request(store: Directory) -> None:
     request = pending("c" * 32)
-    store.create_pending(request)
+    store.create_pending(request, limit=3)
     results: list[object] = []
 
     def take() -> None:
@@ -413,7 +423,7 @@ def test_change_token_changes_on_every_write(store: Directory, publish: Publish,
     tokens = [store.change_token()]
     publish("bob@example.org", gpg_keys["bob"].data)
     tokens.append(store.change_token())
-    store.create_pending(pending("d" * 32))
+    store.create_pending(pending("d" * 32), limit=3)
     tokens.append(store.change_token())
     store.remove_key(store.user(Address.parse("bob@example.org")))
     tokens.append(store.change_token())
@@ -441,9 +451,9 @@ def test_sasl_external_over_ldapi(config_for: Callable[..., DirectoryConfig]) ->
 
 
 def test_password_file_and_wrong_password(
-        config_for: Callable[..., DirectoryConfig], tmp_path: Any) -> None:
+        slapd: Slapd, config_for: Callable[..., DirectoryConfig], tmp_path: Any) -> None:
     secret = tmp_path / "secret"
-    secret.write_text("milter-secret\n")
+    secret.write_text(slapd.service_accounts["milter"]["password"] + "\n")
     with Directory(config_for("milter", bind_password="", bind_password_file=str(secret))) as d:
         assert d.find_user(Address.parse("bob@example.org")) is not None
     from milter_wkd.errors import DirectoryUnavailable
@@ -481,3 +491,158 @@ def test_gnupg_time_format() -> None:
     assert fmt(epoch) == "20201231120000Z"
     assert parse_gnupg_time("20201231120000Z") == epoch
     assert parse_gnupg_time("garbage") is None
+
+
+# -- claims on key material (#11 item 1) and the pending cap (#11 item 5) ----------------
+
+
+def holders_as_dirmngr_sees_them(slapd: Slapd, fpr: str) -> list[str]:
+    conn = ldapclient.bind(slapd.uri, slapd.admin_dn, slapd.admin_password)
+    try:
+        found = conn.search_s(slapd.people_dn, ldap.SCOPE_SUBTREE,
+                              f"(|(gpgFingerprint={fpr})(gpgSubFingerprint={fpr}))", ["1.1"])
+        return [dn.split(",")[0] for dn, _ in found]
+    finally:
+        conn.unbind_ext_s()
+
+
+def test_subkey_squatting_before_the_owner_published_cannot_block_him(
+        store: Directory, slapd: Slapd, publish: Publish, gpg_keys: dict[str, Any],
+        tmp_path: Any) -> None:
+    bob = gpg_keys["bob"]
+    squat = squatting_key(bob.data, "Alice <alice@example.org>")
+    first = publish("alice@example.org", squat)
+    assert bob.fingerprint in root_fprs(first)  # unproven, and nobody held it yet
+    # Bob's own key proves his primary (self-signatures): it wins, alice loses the subkey.
+    published = publish("bob@example.org", bob.data)
+    assert published.fingerprint.hex == bob.fingerprint
+    alice_now = store.get_key(store.user(Address.parse("alice@example.org")))
+    assert alice_now is not None
+    assert bob.fingerprint not in root_fprs(alice_now)
+    assert len(root_fprs(alice_now)) == 1  # her own subkey stays
+    assert holders_as_dirmngr_sees_them(slapd, bob.fingerprint) == ["uid=bob"]
+    # His revocation goes through too.
+    with GnuPG(tmp_path / "revoker") as gpg:
+        gpg.import_key(bob.data)
+        certificate = (bob.gpg.home / "openpgp-revocs.d" / f"{bob.fingerprint}.rev").read_text()
+        gpg.import_key(certificate.replace(":-----BEGIN", "-----BEGIN").encode())
+        revoked = gpg.export(bob.fingerprint)
+    assert publish("bob@example.org", revoked).revoked
+
+
+def test_subkey_squatting_after_the_owner_published_leaves_the_subkey_out(
+        store: Directory, slapd: Slapd, publish: Publish, gpg_keys: dict[str, Any]) -> None:
+    bob = gpg_keys["bob"]
+    publish("bob@example.org", bob.data)
+    squat = squatting_key(bob.data, "Alice <alice@example.org>")
+    alice = publish("alice@example.org", squat)
+    assert bob.fingerprint not in root_fprs(alice)
+    assert [f.hex for f, _ in alice.withheld] == [bob.fingerprint]
+    assert "published by another user" in alice.withheld[0][1]
+    assert holders_as_dirmngr_sees_them(slapd, bob.fingerprint) == ["uid=bob"]
+    again = publish("bob@example.org", bob.data)  # his update still works
+    assert again.fingerprint.hex == bob.fingerprint
+
+
+def test_two_entries_never_both_publish_one_key_even_at_the_same_instant(
+        store: Directory, slapd: Slapd) -> None:
+    users = [store.user(Address.parse(a)) for a in ("alice@example.org", "bob@example.org")]
+    for attempt in range(12):
+        # One key with an address of each (one person with two mailboxes, or a mistake).
+        signer = Signer(created=T0 + attempt)
+        key = signer.packet + b"".join(user_id(f"<{u.addresses[0]}>")
+                                       + signer.certify(f"<{u.addresses[0]}>", T0 + 100)
+                                       for u in users)
+        cleaned = [openpgp.clean_key(key, u.addresses) for u in users]
+        barrier = threading.Barrier(2)
+        outcome: list[str] = []
+
+        def run(user: Any, clean: openpgp.CleanResult) -> None:
+            barrier.wait()
+            try:
+                store.publish_key(user, clean, Provenance(KeySource.ADMIN_IMPORT, "t", 0))
+                outcome.append("published")
+            except Conflict:
+                outcome.append("conflict")
+
+        threads = [threading.Thread(target=run, args=pair) for pair in zip(users, cleaned,
+                                                                             strict=True)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(outcome) == ["conflict", "published"], attempt
+        assert len(holders_as_dirmngr_sees_them(slapd, signer.fingerprint.hex().upper())) == 1
+        for user in users:
+            with contextlib.suppress(NotFound):
+                store.remove_key(user)
+
+
+def test_a_fresh_claim_blocks_and_a_leftover_one_is_taken_over(
+        store: Directory, slapd: Slapd, publish: Publish, gpg_keys: dict[str, Any]) -> None:
+    fpr = gpg_keys["alice"].fingerprint
+    claim_dn = f"wkdFingerprint={fpr},{slapd.claims_dn}"
+    slapd.ldapmodify(f"dn: {claim_dn}\nobjectClass: wkdKeyClaim\nwkdFingerprint: {fpr}\n"
+                     f"wkdClaimHolder: {slapd.users['bob']['dn']}\nwkdClaimKind: primary\n"
+                     f"wkdCreated: {gnupg_time(str(int(time.time())))}\n", add=True)
+    # Bob's publication of that material may be under way right now: not taken.
+    with pytest.raises(Conflict, match="right now"):
+        publish("alice@example.org", gpg_keys["alice"].data)
+    slapd.ldapmodify(f"dn: {claim_dn}\nchangetype: modify\nreplace: wkdCreated\n"
+                     "wkdCreated: 20200101000000Z\n")
+    # Old, and bob's entry does not hold it: a leftover of a failed publication.
+    assert publish("alice@example.org", gpg_keys["alice"].data).fingerprint.hex == fpr
+    holder = store.holdings([Fingerprint.parse(fpr)]).claims[fpr].holder
+    assert holder.split(",")[0] == "uid=alice"
+
+
+def test_removing_a_key_releases_its_claims(store: Directory, publish: Publish,
+                                            gpg_keys: dict[str, Any]) -> None:
+    stored = publish("bob@example.org", gpg_keys["bob"].data)
+    fprs = [stored.fingerprint, *(Fingerprint.parse(f) for f in root_fprs(stored))]
+    assert set(store.holdings(fprs).claims) == {f.hex for f in fprs}
+    store.remove_key(store.user(Address.parse("bob@example.org")))
+    assert store.holdings(fprs).claims == {}
+    publish("alice@example.org", gpg_keys["alice"].data)  # others' claims are untouched
+    assert store.holdings(fprs).claims == {}
+
+
+def test_pending_cap_holds_under_concurrency(store: Directory) -> None:
+    barrier = threading.Barrier(12)
+    outcome: list[str] = []
+
+    def create(index: int) -> None:
+        barrier.wait()
+        try:
+            store.create_pending(pending(f"{index:02d}" * 16), limit=3)
+            outcome.append("stored")
+        except RateLimited:
+            outcome.append("limited")
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcome) == ["limited"] * 9 + ["stored"] * 3
+    assert store.count_pending(Address.parse("bob@example.org")) == 3
+
+
+def test_an_expired_request_gives_its_slot_to_a_new_one(store: Directory) -> None:
+    old = store.create_pending(pending("o" * 32, expires_in=1), limit=1)
+    with pytest.raises(RateLimited):
+        store.create_pending(pending("p" * 32), limit=1)
+    later = dataclasses.replace(pending("q" * 32), created=int(time.time()) + 5)
+    new = store.create_pending(later, limit=1)
+    assert new.dn == old.dn
+    assert store.get_pending("q" * 32, later.address).nonce == "q" * 32
+    with pytest.raises(NotFound):
+        store.get_pending("o" * 32, later.address, now=0)
+
+
+def test_the_nonce_is_compared_with_the_stored_one(store: Directory) -> None:
+    store.create_pending(pending("s" * 32), limit=3)
+    # Same address, a nonce one character off: the compare itself must say no.
+    with pytest.raises(NotFound):
+        store.get_pending("s" * 31 + "t", Address.parse("bob@example.org"))
+    assert store.get_pending("s" * 32, Address.parse("bob@example.org")).nonce == "s" * 32
