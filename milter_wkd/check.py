@@ -17,6 +17,16 @@ What it reads and tries (each group can be skipped by name):
 - keys: every key holder below base_dn (as the configured account): an entry with a
   wkdKeyProblem, or whose wkdKeyDigest is missing or does not match its pgpKey, fails,
   named (the responder does not serve it; see milter_wkd.reconcile).
+- passwords: binds as each service account (the configured bind DNs and cn=milter, cn=wkd,
+  cn=dovecot beside them) with every password this project ever documented
+  (milter_wkd.passwords.DOCUMENTED_PASSWORDS): one that works fails, named. A
+  bind_password_file readable by others fails, by its group is a warning.
+- responder: binds as the WKD responder does ([web] bind_dn, else [directory]: one config
+  file tells both) and tries to write what it never may: a pending request (created and at
+  once deleted should it succeed), and, on a user entry, the deletion of a value that no
+  entry has from each key attribute (KEY_WRITE_PROBES): slapd checks the ACL first, so
+  noSuchAttribute (or inappropriateMatching) means the write was allowed, yet nothing
+  changed. Either fails, with the fix (the read-only cn=wkd).
 - submission-key: per domain, the secret key file is readable, not world-readable, not
   passphrase-protected, signs what its public key file verifies and decrypts what is
   encrypted to that public key; the public key names the submission address.
@@ -61,10 +71,11 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import ldap
+from ldap.dn import dn2str, str2dn
 from ldap.filter import escape_filter_chars
 
-from milter_wkd import dkim, openpgp
-from milter_wkd.config import Config, DomainConfig
+from milter_wkd import dkim, openpgp, passwords
+from milter_wkd.config import Config, DirectoryConfig, DomainConfig
 from milter_wkd.directory import (
     CONNECTION_ERRORS,
     PENDING_CLASS,
@@ -76,13 +87,13 @@ from milter_wkd.directory import (
     key_digest,
 )
 from milter_wkd.directory import ldap_reason as _ldap_why
-from milter_wkd.errors import MilterWkdError
+from milter_wkd.errors import MilterWkdError, Unavailable
 from milter_wkd.openpgp import messages
 from milter_wkd.values import Address, Fingerprint
 from milter_wkd.wkd import address_hash
 
-GROUPS = ("directory", "schema", "acl", "keys", "submission-key", "dkim", "wkd", "postfix",
-          "milter", "dovecot")
+GROUPS = ("directory", "schema", "acl", "keys", "passwords", "responder", "submission-key",
+          "dkim", "wkd", "postfix", "milter", "dovecot")
 DEFAULT_WKD_URL = "https://openpgpkey.{domain}/.well-known/openpgpkey/{domain}/"
 DEFAULT_DOVECOT_SOCKET = "/var/spool/postfix/private/auth"
 POSTCONF_PARAMETERS = ("smtpd_milters", "non_smtpd_milters", "milter_default_action",
@@ -953,6 +964,160 @@ def check_keys(config: Config) -> Iterator[CheckResult]:
     yield _ok("keys", f"{published} published key(s) checked by the system")
 
 
+# -- service accounts: documented passwords, the responder's rights ----------------------
+
+# (attribute, a value no entry has): deleting it gets past slapd's ACL check or not, and
+# changes nothing either way.
+KEY_WRITE_PROBES = (("pgpKey", b"milter-wkd check probe"), ("gpgMailbox", b"probe@invalid"),
+                    ("wkdAddressHash", b"milter-wkd-check-probe"),
+                    ("gpgFingerprint", b"0" * 40), ("pgpDisabled", b"0"))
+_PASSWORDS_FIX = ("milter-wkd directory passwords (ldap/README.md step 6) sets random ones "
+                  "and writes the 0600 files; then restart milter-wkd, milter-wkd-web, dovecot")
+_RESPONDER_FIX = ("let the responder bind as the read-only account: [web] bind_dn = "
+                  "\"cn=wkd,ou=services,...\" and bind_password_file = "
+                  "\"/etc/milter-wkd/wkd.password\" (milter-wkd directory passwords writes "
+                  "it); restart milter-wkd-web")
+
+
+def _service_dns(config: Config) -> list[str]:
+    """The configured bind DNs, and cn=milter, cn=wkd and cn=dovecot beside each (Dovecot's
+    account is in no file of ours, but ldap/milter-wkd-entries.ldif puts it there)."""
+    found: dict[str, str] = {}
+    for dn in (config.directory.bind_dn, config.web.bind_dn):
+        if not dn:
+            continue
+        try:
+            parts = str2dn(dn)
+        except ldap.DECODING_ERROR:
+            parts = []
+        siblings = [passwords.account_dn(name, dn2str(parts[1:]))
+                    for name in passwords.ACCOUNTS] if len(parts) > 1 else []
+        for candidate in (dn, *siblings):
+            found.setdefault(candidate.lower(), candidate)
+    return list(found.values())
+
+
+def _bind_accepted(config: Config, dn: str, password: str, timeout: float) -> bool:
+    """Whether slapd takes this password for dn; raises MilterWkdError when unreachable."""
+    cfg = dataclasses.replace(config.directory, bind_dn=dn, bind_password=password,
+                              bind_password_file="", timeout=timeout)
+    try:
+        close_connection(ConnectionPool(cfg).open())
+    except MilterWkdError as failure:
+        if isinstance(_connect_failure(failure), CONNECTION_ERRORS):
+            raise
+        return False
+    return True
+
+
+def check_passwords(config: Config, options: Options) -> Iterator[CheckResult]:
+    timeout = min(options.timeout, max(config.directory.timeout, 2.0))
+    dns = _service_dns(config)
+    if not dns:
+        yield _skip("passwords", "no bind_dn configured: no service account to try")
+    else:
+        accepted = [(dn, password) for dn in dns for password in passwords.DOCUMENTED_PASSWORDS
+                    if _bind_accepted(config, dn, password, timeout)]
+        for dn, password in accepted:
+            yield _fail("passwords", f"{dn} accepts the documented password {password!r}: "
+                        "anybody who read the documentation can bind as it", _PASSWORDS_FIX)
+        if not accepted:
+            yield _ok("passwords", f"no documented password "
+                      f"({', '.join(passwords.DOCUMENTED_PASSWORDS)}) opens {'; '.join(dns)}")
+    for section, name in (("directory", config.directory.bind_password_file),
+                          ("web", config.web.bind_password_file)):
+        if not name:
+            continue
+        try:
+            mode = stat.S_IMODE(os.stat(name).st_mode)
+        except OSError as exc:
+            yield _fail("passwords", f"[{section}] bind_password_file {name}: {_why(exc)}",
+                        _PASSWORDS_FIX)
+            continue
+        if passwords.readable_by_others(mode):
+            yield _fail("passwords", f"[{section}] bind_password_file {name} is open to "
+                        f"everybody (mode {mode:04o})", f"chmod 600 {name} (owner: the "
+                        "service's user), then change the password: " + _PASSWORDS_FIX)
+        elif passwords.readable_by_group(mode):
+            yield CheckResult("passwords", True, f"[{section}] bind_password_file {name} is "
+                              f"open to its group (mode {mode:04o})", f"chmod 600 {name}",
+                              warning=True)
+        else:
+            yield _ok("passwords", f"[{section}] bind_password_file {name} is mode "
+                      f"{mode:04o}")
+    if config.directory.bind_password and config.web.bind_dn:
+        yield CheckResult("passwords", True, "[directory] bind_password is written in the "
+                          "config file, which the responder reads too",
+                          "use bind_password_file (mode 0600, the milter's user)", warning=True)
+
+
+def check_responder(config: Config, options: Options) -> Iterator[CheckResult]:
+    cfg = dataclasses.replace(config.responder_directory(),
+                              timeout=min(options.timeout, max(config.directory.timeout, 2.0)))
+    source = "[web]" if config.web.bind_dn else "[directory]"
+    who = cfg.bind_dn or ("root (SASL EXTERNAL)" if cfg.uri.startswith("ldapi")
+                          else "anonymous")
+    try:
+        conn = ConnectionPool(cfg).open()
+    except MilterWkdError as failure:
+        yield _fail("responder", f"the WKD responder's bind as {who} ({source}) at {cfg.uri} "
+                    f"fails: {_why(_connect_failure(failure))}", _RESPONDER_FIX)
+        return
+    try:
+        writes = _responder_pending_write(config, cfg)
+        description, entries = _search(conn, cfg.base_dn, cfg.user_filter, ["1.1"], size=1,
+                                       timeout=cfg.timeout)
+        if entries:
+            writes += _responder_key_writes(conn, entries[0][0])
+        else:
+            yield CheckResult("responder", True, f"the responder's account finds no user "
+                              f"below {cfg.base_dn} ({description}) to try a key write on",
+                              "check [directory] base_dn and user_filter", warning=True)
+    finally:
+        close_connection(conn)
+    if writes:
+        yield _fail("responder", f"the WKD responder binds as {who} ({source}), which can "
+                    f"write {', '.join(writes)}: an attacker who takes the Internet-facing "
+                    "responder could change keys", _RESPONDER_FIX)
+    else:
+        yield _ok("responder", f"the WKD responder binds as {who} ({source}) and can write "
+                  f"neither pending requests nor {', '.join(a for a, _ in KEY_WRITE_PROBES)}")
+
+
+def _responder_pending_write(config: Config, cfg: DirectoryConfig) -> list[str]:
+    domain = config.domains[0] if config.domains else DomainConfig()
+    now = int(time.time())
+    request = PendingRequest("check" + secrets.token_hex(12),
+                             Address.parse(domain.submission_address),
+                             Fingerprint.parse("0" * 40), b"milter-wkd check probe", now,
+                             now + 60)
+    with Directory(cfg) as store:
+        try:
+            request = store.create_pending(request, limit=100)
+        except Unavailable:
+            raise
+        except MilterWkdError:
+            return []  # refused: as it should be
+        with contextlib.suppress(MilterWkdError):
+            store.delete_pending(request)
+    return [f"pending requests (below {cfg.pending_base})"]
+
+
+def _responder_key_writes(conn: Any, target: str) -> list[str]:
+    writable = []
+    for attribute, value in KEY_WRITE_PROBES:
+        try:
+            conn.modify_s(target, [(ldap.MOD_DELETE, attribute, [value])])
+        except ldap.INSUFFICIENT_ACCESS:
+            continue
+        except CONNECTION_ERRORS:
+            raise
+        except ldap.LDAPError:
+            pass  # past the ACL check: the value was missing, nothing changed
+        writable.append(f"{attribute} (of {target})")
+    return writable
+
+
 # -- all of it --------------------------------------------------------------------------
 
 
@@ -962,6 +1127,10 @@ def run(config: Config, options: Options) -> Iterator[CheckResult]:
     yield from _guarded("directory", lambda: check_directory(config, options))
     if "keys" not in skip:
         yield from _guarded("keys", lambda: check_keys(config))
+    if "passwords" not in skip:
+        yield from _guarded("passwords", lambda: check_passwords(config, options))
+    if "responder" not in skip:
+        yield from _guarded("responder", lambda: check_responder(config, options))
     for domain in config.domains:
         if "submission-key" not in skip:
             yield from _guarded("submission-key", partial(check_submission_key, domain))

@@ -2,7 +2,8 @@
 
 systemd runs it (see systemd/milter-wkd.service); SIGTERM stops it. The unix socket gets
 [milter] socket_mode and socket_group as soon as libmilter has created it, so the MTA's
-user can connect while others cannot.
+user can connect while others cannot. The key follower (milter_wkd.reconcile) runs beside
+it in a thread: the milter's account is the one that may write keys.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from milter_wkd import config as config_mod
-from milter_wkd import mailer, milter
+from milter_wkd import mailer, milter, openpgp
 from milter_wkd.config import ConfigError
 from milter_wkd.directory import Directory
+from milter_wkd.reconcile import Reconciler
 from milter_wkd.service import MailService
 
 log = logging.getLogger(__name__)
@@ -64,8 +66,15 @@ def _run(args: argparse.Namespace) -> int:
                          daemon=True).start()
     directory = Directory(cfg.directory)
     service = MailService(cfg, directory, mailer.from_config(cfg.mailer))
+    # The key follower gets its own connection: its passes never wait for mail's slots.
+    follower_directory = Directory(cfg.directory)
+    follower = Reconciler(follower_directory,
+                          limits=openpgp.Limits(max_input=cfg.keys.max_input_bytes))
+    follower.start()
     try:
         milter.run(service, socket_spec, cfg.milter.timeout)
     finally:
+        follower.stop()
+        follower_directory.close()
         directory.close()
     return 0

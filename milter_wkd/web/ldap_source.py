@@ -9,8 +9,11 @@ Reads, as the responder's service account (or SASL EXTERNAL over ldapi://):
 - mirroring: every such entry, paged (500 a page).
 An entry's published addresses are its `gpgMailbox` values (which only the milter and the
 administrator may write), narrowed to those named by `wkdAddressHash` when it has any; each
-address gets the key cleaned down to its own user ID (a user may rewrite their own pgpKey,
-never the addresses it is served for). The responder's account never needs `mail`.
+address gets the key cleaned down to its own user ID. An entry is served only when the
+system has checked its pgpKey: `wkdKeyDigest` is the SHA-256 of the pgpKey value and there
+is no `wkdKeyProblem` (a conflicting or invalid LDAP edit is not served; the milter's
+follower, milter_wkd.reconcile, derives or withholds it within a second). The responder's
+account never needs `mail`.
 Change tracking needs read access to `entryCSN` of the key entries; without it
 `changes_since` raises `ChangesUnknown` and the cache starts over on every change.
 
@@ -35,7 +38,7 @@ from ldap.controls import SimplePagedResultsControl
 from ldap.filter import escape_filter_chars
 
 from milter_wkd.config import DirectoryConfig
-from milter_wkd.directory import ConnectionPool, close_connection, ldap_reason
+from milter_wkd.directory import ConnectionPool, close_connection, key_digest, ldap_reason
 from milter_wkd.errors import BadAddress, MilterWkdError
 from milter_wkd.values import Address
 from milter_wkd.web.source import (
@@ -52,6 +55,9 @@ HASH_ATTRIBUTE = "wkdAddressHash"
 KEY_ATTRIBUTE = "pgpKey"
 KEY_CLASS = "wkdKeyHolder"
 MAILBOX_ATTRIBUTE = "gpgMailbox"
+DIGEST_ATTRIBUTE = "wkdKeyDigest"
+PROBLEM_ATTRIBUTE = "wkdKeyProblem"
+MAX_LOGGED_UNCHECKED = 10_000
 PAGE_SIZE = 500
 # A search result entry as python-ldap gives it: DN, {attribute: [values]}.
 Entry = tuple[str, dict[str, list[bytes]]]
@@ -69,6 +75,7 @@ class LdapKeySource:
         self._conn: Any = None
         self._suffix: str | None = None
         self._csn_ok: bool | None = None
+        self._logged: set[tuple[str, str]] = set()
 
     # -- connection ---------------------------------------------------------------------
 
@@ -142,14 +149,13 @@ class LdapKeySource:
     def changes_since(self, token: str) -> list[Change]:
         filt = f"(entryCSN>={escape_filter_chars(token)})" if token else "(objectClass=*)"
         attributes = ["entryCSN", HASH_ATTRIBUTE, KEY_ATTRIBUTE, "pgpDisabled",
-                      MAILBOX_ATTRIBUTE]
+                      MAILBOX_ATTRIBUTE, DIGEST_ATTRIBUTE, PROBLEM_ATTRIBUTE]
         if not self._csn_readable():
             raise ChangesUnknown("entryCSN of key entries is not readable")
         changes = []
         for entry in self._paged(self._suffix_dn(), filt, attributes):
             csn = max((v.decode() for v in _values(entry, "entryCSN")), default="")
-            publishes = bool(_values(entry, KEY_ATTRIBUTE)) and (
-                b"1" not in _values(entry, "pgpDisabled"))
+            publishes = self._checked(entry) and (b"1" not in _values(entry, "pgpDisabled"))
             slots = self._slots(entry) if publishes else frozenset()
             published = self._published_entry(entry) if publishes else None
             changes.append(Change(entry[0], csn, slots, published))
@@ -190,7 +196,26 @@ class LdapKeySource:
     # -- entries ----------------------------------------------------------------------------
 
     def _entry_attributes(self) -> list[str]:
-        return [KEY_ATTRIBUTE, "entryCSN", MAILBOX_ATTRIBUTE, HASH_ATTRIBUTE]
+        return [KEY_ATTRIBUTE, "entryCSN", MAILBOX_ATTRIBUTE, HASH_ATTRIBUTE, DIGEST_ATTRIBUTE,
+                PROBLEM_ATTRIBUTE]
+
+    def _checked(self, entry: Entry) -> bool:
+        """Has the system checked this entry's pgpKey and found nothing wrong with it?"""
+        keys = _values(entry, KEY_ATTRIBUTE)
+        if not keys:
+            return False
+        problem = _values(entry, PROBLEM_ATTRIBUTE)
+        digest = _values(entry, DIGEST_ATTRIBUTE)
+        if problem:
+            why = "withheld: " + problem[0].decode("utf-8", "replace")
+        elif not digest or digest[0].decode("ascii", "replace").lower() != key_digest(keys[0]):
+            why = "its pgpKey was not checked by the system (wkdKeyDigest missing or stale)"
+        else:
+            return True
+        if len(self._logged) < MAX_LOGGED_UNCHECKED and (entry[0], why) not in self._logged:
+            self._logged.add((entry[0], why))
+            log.info("not serving the key of %s: %s", entry[0], why)
+        return False
 
     def _csn_readable(self) -> bool:
         """Can we read entryCSN of key entries? Asked once, of any one of them."""
@@ -227,7 +252,7 @@ class LdapKeySource:
 
     def _published_entry(self, entry: Entry) -> Published | None:
         keys = _values(entry, KEY_ATTRIBUTE)
-        if not keys:
+        if not keys or not self._checked(entry):
             return None
         csn = max((v.decode() for v in _values(entry, "entryCSN")), default="")
         return Published(entry[0], self._addresses(entry), keys[0], csn)

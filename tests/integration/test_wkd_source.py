@@ -6,6 +6,7 @@ key cache on top of it, fresh after ldapmodify and ldapdelete.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 
 import pytest
@@ -138,3 +139,31 @@ def test_a_stopped_directory_is_unavailable_then_back(slapd: Slapd, source: Ldap
         source.change_token()
     slapd.start()
     assert source.change_token() == token
+
+
+def test_a_key_the_system_did_not_check_or_withheld_is_not_served(
+        slapd: Slapd, source: LdapKeySource, keys: dict[str, bytes]) -> None:
+    """#11 item 2: a pgpKey written with LDAP tools is served only once the system has
+    checked it (wkdKeyDigest of the value) and found no problem (wkdKeyProblem)."""
+    write_key(slapd, ALICE_DN, keys["alice"], [str(ALICE), str(ALIAS)], checked=False)
+    assert source.lookup(address_slot(ALICE)) == []
+    assert list(source.iter_published()) == []
+    write_key(slapd, ALICE_DN, keys["alice"], [str(ALICE), str(ALIAS)])
+    cache = KeyCache(source, budget=1 << 20, reconcile_interval=3600)
+    assert cache.load()
+    assert cache.get(address_slot(ALICE)) is not None
+    # A new pgpKey under the old digest (an edit nobody checked): not served.
+    token = source.change_token()
+    slapd.ldapmodify(f"dn: {ALICE_DN}\nchangetype: modify\nreplace: pgpKey\n"
+                     f"pgpKey:: {base64.b64encode(openpgp.armor_key(keys['bob'])).decode()}\n-\n")
+    assert [c.slots for c in source.changes_since(token.split("|")[0])] == [frozenset()]
+    cache.refresh()
+    assert cache.get(address_slot(ALICE)) is None
+    write_key(slapd, ALICE_DN, keys["alice"], [str(ALICE), str(ALIAS)])
+    cache.refresh()
+    assert cache.get(address_slot(ALICE)) is not None
+    slapd.ldapmodify(f"dn: {ALICE_DN}\nchangetype: modify\nreplace: wkdKeyProblem\n"
+                     "wkdKeyProblem: material held by another entry\n-\n")
+    cache.refresh()
+    assert cache.get(address_slot(ALICE)) is None
+    assert source.lookup(address_slot(ALICE)) == []

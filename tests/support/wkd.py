@@ -8,7 +8,10 @@ dirmngr is started by gpg INSIDE the namespace and killed there when the command
 no dirmngr outlives its namespace. Needs root (unshare -m).
 
 `write_key(slapd, dn, key, addresses)` does what an administrator does with ldapmodify:
-pgpKey (armored), gpgMailbox and wkdAddressHash on the entry, in one modify.
+pgpKey (armored), gpgMailbox and wkdAddressHash on the entry, in one modify, and (unless
+`checked=False`) the wkdKeyDigest that the system's follower (milter_wkd.reconcile) writes
+once it has checked a pgpKey: without it the responder serves nothing of the entry, and
+these tests run the responder without a milter.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from milter_wkd.directory import key_digest
 from milter_wkd.openpgp import armor_key
 from milter_wkd.sandbox.slapd import Slapd, SlapdError
 from milter_wkd.values import Address
@@ -70,7 +74,8 @@ class WkdNamespace:
             env=full_env, capture_output=True, timeout=timeout, check=False)
 
 
-def key_ldif(dn: str, key: bytes, addresses: Sequence[str], *, add_class: bool) -> str:
+def key_ldif(dn: str, key: bytes, addresses: Sequence[str], *, add_class: bool,
+             checked: bool = True) -> str:
     """An LDIF modify that publishes `key` (binary or armored) for `addresses` on `dn`."""
     armored = key if key.lstrip().startswith(b"-----") else armor_key(key)
     parsed = [Address.parse(a) for a in addresses]
@@ -81,26 +86,35 @@ def key_ldif(dn: str, key: bytes, addresses: Sequence[str], *, add_class: bool) 
     lines += ["replace: gpgMailbox", *[f"gpgMailbox: {a}" for a in parsed], "-"]
     lines += ["replace: wkdAddressHash", *[f"wkdAddressHash: {address_slot(a)}" for a in parsed],
               "-"]
+    lines += ["replace: wkdKeyDigest", *([f"wkdKeyDigest: {key_digest(armored)}"] if checked
+                                          else []), "-"]
     return "\n".join(lines) + "\n"
 
 
-def write_key(slapd: Slapd, dn: str, key: bytes, addresses: Sequence[str]) -> None:
-    """Publish a key on an entry with ldapmodify, as root (like an administrator)."""
+def write_key(slapd: Slapd, dn: str, key: bytes, addresses: Sequence[str], *,
+              checked: bool = True) -> None:
+    """Publish a key on an entry with ldapmodify, as root (like an administrator);
+    checked: with the digest the system writes after checking it."""
     try:
-        slapd.ldapmodify(key_ldif(dn, key, addresses, add_class=True))
+        slapd.ldapmodify(key_ldif(dn, key, addresses, add_class=True, checked=checked))
     except SlapdError as exc:
         if "Type or value exists" not in str(exc):
             raise
-        slapd.ldapmodify(key_ldif(dn, key, addresses, add_class=False))
+        slapd.ldapmodify(key_ldif(dn, key, addresses, add_class=False, checked=checked))
 
 
-def write_raw_key(slapd: Slapd, dn: str, value: bytes) -> None:
-    """Replace only pgpKey with any bytes (a corrupt or secret key written by hand)."""
+def write_raw_key(slapd: Slapd, dn: str, value: bytes, *, checked: bool = True) -> None:
+    """Replace only pgpKey with any bytes (a corrupt or secret key written by hand), and
+    with `checked` its digest, as if the system had let it through: the responder's own
+    checks of every key must still refuse it."""
+    digest = f"replace: wkdKeyDigest\nwkdKeyDigest: {key_digest(value)}\n-\n" if checked else ""
     slapd.ldapmodify(f"dn: {dn}\nchangetype: modify\nreplace: pgpKey\n"
-                     f"pgpKey:: {base64.b64encode(value).decode()}\n-\n")
+                     f"pgpKey:: {base64.b64encode(value).decode()}\n-\n{digest}")
 
 
 def remove_key(slapd: Slapd, dn: str) -> None:
-    """Delete pgpKey, gpgMailbox and wkdAddressHash from the entry with ldapmodify."""
+    """Delete pgpKey, gpgMailbox, wkdAddressHash, the digest and any problem from the
+    entry with ldapmodify."""
     slapd.ldapmodify(f"dn: {dn}\nchangetype: modify\nreplace: pgpKey\n-\n"
-                     "replace: gpgMailbox\n-\nreplace: wkdAddressHash\n-\n")
+                     "replace: gpgMailbox\n-\nreplace: wkdAddressHash\n-\n"
+                     "replace: wkdKeyDigest\n-\nreplace: wkdKeyProblem\n-\n")

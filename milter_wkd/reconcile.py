@@ -1,0 +1,219 @@
+"""The key follower: makes every attribute derived from a `pgpKey` follow that `pgpKey`.
+
+Administrators (and LDAP tooling with their rights) may replace `pgpKey` on an entry
+directly; users may not (ldap/config/30-access.ldif). The system then re-derives everything
+else from the new value with the rules of a submission, so that an LDAP edit can never put
+on an entry what a submission could not: the key is cleaned for the entry's own addresses
+(`openpgp.clean_key`) and published with `Directory.publish_key` (ownership, one entry per
+piece of key material, `wkdKeyDigest`), provenance `admin-edit`. A key it cannot accept
+(unreadable, no user ID of the entry's addresses, material another entry holds) is withheld
+(`Directory.withhold_key`: derived attributes and claims removed, `pgpKey` kept for the
+administrator to fix, the reason in `wkdKeyProblem`) and logged as a WARNING naming the
+entry; `milter-wkd check` lists such entries, and the WKD responder serves no entry whose
+`wkdKeyDigest` does not match its `pgpKey` or that has a `wkdKeyProblem`. An entry whose
+`pgpKey` was deleted loses what was derived from it.
+
+`Reconciler.run_once()` looks at the key holders written since the last look (the suffix's
+contextCSN, then `entryCSN >=`; everything the first time, which gives entries published
+before digests existed a digest or a problem); `start()` does that every `interval` seconds
+(0.25: as fresh as the responder) in a daemon thread. The milter process runs it
+(`milter-wkd milter`): only the milter's account may write keys.
+
+Reads the [directory] section through the `Directory` it is given (the milter's account)
+and [keys] max_input_bytes (the caller's `limits`).
+
+Failure: a directory that does not answer is retried at the next poll from the same point
+(nothing is skipped); an entry that fails to be written is logged and looked at again at
+its next change or the next start. The follower never stops the milter.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from enum import StrEnum
+
+from milter_wkd import openpgp
+from milter_wkd.directory import (
+    Directory,
+    KeySource,
+    Provenance,
+    User,
+    key_attributes,
+    key_digest,
+    parse_gnupg_time,
+)
+from milter_wkd.errors import Conflict, KeyRefused, MilterWkdError, NotFound, Refused
+from milter_wkd.openpgp import CleanResult
+from milter_wkd.web.source import changes_from
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL = 0.25
+ACTOR = "ldap"
+DIGEST = "wkdKeyDigest"
+PROBLEM = "wkdKeyProblem"
+MAX_PROBLEM = 1000  # what withhold_key stores of a reason (the schema allows 1024)
+# Derived attributes whose presence means "this entry publishes something".
+_PUBLISHING = ("pgpCertID", "gpgFingerprint", "gpgMailbox", "wkdAddressHash")
+
+
+class Outcome(StrEnum):
+    UNCHANGED = "unchanged"
+    PUBLISHED = "published"
+    WITHHELD = "withheld"
+    CLEARED = "cleared"
+    FAILED = "failed"
+
+
+def _values(snapshot: dict[str, list[bytes]], name: str) -> list[bytes]:
+    found = snapshot.get(name)
+    if found is not None:
+        return found
+    for key, values in snapshot.items():
+        if key.lower() == name.lower():
+            return values
+    return []
+
+
+def _text(snapshot: dict[str, list[bytes]], name: str) -> str | None:
+    values = _values(snapshot, name)
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+def derived_differ(snapshot: dict[str, list[bytes]], cleaned: CleanResult) -> list[str]:
+    """The derived attributes whose stored values are not what the cleaned key gives."""
+    wanted = key_attributes(cleaned.info, openpgp.armor_key(cleaned.key))
+    wanted.pop("pgpKey")
+    return [name for name, values in wanted.items()
+            if {v.decode("utf-8", "replace") for v in _values(snapshot, name)} != set(values)]
+
+
+def _provenance(snapshot: dict[str, list[bytes]], now: int) -> Provenance:
+    """The entry's own provenance when it has a valid one (an entry published before
+    digests existed keeps it), else an administrator's LDAP edit now."""
+    source = _text(snapshot, "wkdKeySource")
+    if source in set(KeySource):
+        return Provenance(KeySource(source), _text(snapshot, "wkdKeySourceActor") or "",
+                          parse_gnupg_time(_text(snapshot, "wkdKeyPublished") or "") or now)
+    return Provenance(KeySource.ADMIN_EDIT, ACTOR, now)
+
+
+class Reconciler:
+    def __init__(self, directory: Directory, *, interval: float = POLL_INTERVAL,
+                 limits: openpgp.Limits = openpgp.DEFAULT_LIMITS,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.directory = directory
+        self.interval = interval
+        self.limits = limits
+        self.clock = clock
+        self.token: str | None = None  # None: nothing looked at yet (a full pass is due)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- one pass -----------------------------------------------------------------------
+
+    def run_once(self) -> dict[str, Outcome]:
+        """Look at every key holder written since the last pass; {DN: outcome} of those
+        that were looked at. Raises DirectoryUnavailable (the token stays where it was)."""
+        token = self.directory.change_token()
+        if token == self.token:
+            return {}
+        since = changes_from(self.token, token) if self.token else ""
+        outcomes = {user.dn: self.reconcile(user)
+                    for user, _csn in self.directory.key_holders_since(since)}
+        # Our own writes move the token again: the next pass sees those entries once more
+        # and finds them consistent (UNCHANGED), which ends it.
+        self.token = token
+        return outcomes
+
+    def reconcile(self, user: User) -> Outcome:
+        """Make one entry (read with its key attributes: `User.snapshot`) consistent."""
+        snapshot = user.snapshot or {}
+        keys = _values(snapshot, "pgpKey")
+        try:
+            if not keys:
+                return self._cleared(user, snapshot)
+            return self._checked(user, snapshot, keys[0])
+        except MilterWkdError as exc:
+            log.warning("cannot reconcile the key of %s: %s", user.dn, exc.reason)
+            return Outcome.FAILED
+
+    def _cleared(self, user: User, snapshot: dict[str, list[bytes]]) -> Outcome:
+        leftovers = [n for n in (*_PUBLISHING, DIGEST, PROBLEM) if _values(snapshot, n)]
+        if not leftovers:
+            return Outcome.UNCHANGED
+        log.info("pgpKey of %s was removed: clearing %s", user.dn, ", ".join(leftovers))
+        try:
+            self.directory.remove_key(user)
+        except NotFound:
+            # remove_key wants a key to remove; without pgpKey only the leftovers go.
+            self.directory.clear_key_attributes(user)
+        return Outcome.CLEARED
+
+    def _checked(self, user: User, snapshot: dict[str, list[bytes]], value: bytes,
+                 ) -> Outcome:
+        problem = _text(snapshot, PROBLEM)
+        try:
+            cleaned = openpgp.clean_key(value, user.addresses, limits=self.limits)
+        except Refused as exc:
+            return self._withheld(user, snapshot, problem, f"unusable key: {exc.reason}")
+        if (not problem and _text(snapshot, DIGEST) == key_digest(value)
+                and not derived_differ(snapshot, cleaned)):
+            return Outcome.UNCHANGED
+        now = int(self.clock())
+        # Derived attributes that match mean a publication by the system from before
+        # digests existed: it keeps its provenance. Anything else is an LDAP edit.
+        provenance = (_provenance(snapshot, now) if not problem and not derived_differ(
+            snapshot, cleaned) else Provenance(KeySource.ADMIN_EDIT, ACTOR, now))
+        try:
+            self.directory.publish_key(user, cleaned, provenance)
+        except (KeyRefused, Conflict) as exc:
+            return self._withheld(user, snapshot, problem, exc.reason)
+        if problem:
+            log.info("the key of %s is published again (it was withheld: %s)", user.dn,
+                     problem)
+        else:
+            log.info("re-derived the key attributes of %s from its pgpKey", user.dn)
+        return Outcome.PUBLISHED
+
+    def _withheld(self, user: User, snapshot: dict[str, list[bytes]], problem: str | None,
+                  reason: str) -> Outcome:
+        reason = reason[:MAX_PROBLEM]
+        if problem == reason and not any(_values(snapshot, n) for n in _PUBLISHING):
+            return Outcome.UNCHANGED  # withheld for this very reason already
+        log.warning("not publishing the pgpKey of %s: %s", user.dn, reason)
+        self.directory.withhold_key(user.dn, reason)
+        return Outcome.WITHHELD
+
+    # -- the thread ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="milter-wkd-reconcile",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _loop(self) -> None:
+        down = False
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+                if down:
+                    log.info("key follower: directory back")
+                down = False
+            except MilterWkdError as exc:
+                if not down:
+                    log.warning("key follower: %s (retrying)", exc.reason)
+                down = True
+            except Exception:
+                log.exception("key follower: unexpected error (retrying)")
+            self._stop.wait(self.interval)
