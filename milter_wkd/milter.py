@@ -4,7 +4,8 @@ It only collects and relays: connect/envfrom/envrcpt/header/body fill a `Transac
 (SASL login from the {auth_authen} macro, which Postfix sends with MAIL FROM), and at end of
 message `MailService.decide` returns a `Reply` that is applied here. Bodies are collected
 only when needed (mail to a submission address, or DKIM signing in the milter), capped at
-[milter] max_submission_bytes.
+[milter] max_submission_bytes, in memory up to [milter] body_memory_bytes and beyond that in
+an unnamed temporary file (closed, hence gone, at end of message, abort or disconnect).
 
 Reads [milter] socket and timeout. Failure: no exception ever reaches libmilter; an
 unexpected error while handling mail to a submission address answers 451 4.3.0 (Postfix
@@ -14,6 +15,8 @@ Postfix's own milter_default_action (tempfail in the shipped snippet) covers a d
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import socket
 import time
@@ -74,6 +77,7 @@ class WkdMilter(Milter.Base):  # type: ignore[misc]
     @_noreply
     def envfrom(self, mail_from: str, *params: str) -> int:
         del params
+        self.tx.close()
         self.tx = Transaction(client_ip=self.client_ip,
                               sasl_login=self.getsymval("{auth_authen}") or None,
                               queue_id=self.getsymval("i") or "-",
@@ -105,11 +109,11 @@ class WkdMilter(Milter.Base):  # type: ignore[misc]
     def body(self, chunk: bytes) -> int:
         tx = self.tx
         if tx.collect_body and not tx.oversize:
-            if len(tx.body) + len(chunk) > self.service.max_body:
+            if tx.body_size + len(chunk) > self.service.max_body:
                 tx.oversize = True
-                tx.body.clear()
+                tx.drop_body()
             else:
-                tx.body += chunk
+                tx.add_body(chunk, self.service.body_memory)
         return CONTINUE
 
     def eom(self) -> int:
@@ -131,10 +135,16 @@ class WkdMilter(Milter.Base):  # type: ignore[misc]
             log.exception("%s: applying %s failed", tx.queue_id, type(reply).__name__)
             return TEMPFAIL if self.service.is_submission(tx) else CONTINUE
         finally:
+            tx.close()
             self.tx = Transaction(client_ip=self.client_ip)
 
     def abort(self) -> int:
+        self.tx.close()
         self.tx = Transaction(client_ip=self.client_ip)
+        return CONTINUE
+
+    def close(self) -> int:
+        self.tx.close()
         return CONTINUE
 
     # --- replies ------------------------------------------------------------------------
@@ -160,8 +170,26 @@ class WkdMilter(Milter.Base):  # type: ignore[misc]
         return ACCEPT
 
 
+# glibc's mallopt parameter; fixing it also stops glibc from raising it on every free.
+_M_MMAP_THRESHOLD = -3
+
+
+def _return_large_buffers() -> None:
+    """Make glibc give every buffer of 256 KiB or more back to the system when it is freed.
+    By default it raises that threshold up to 32 MiB as buffers are freed, and then keeps a
+    freed 24 MB body in the arena of the libmilter thread that parsed it: with a thread per
+    connection, memory grew by every large body ever seen at once (#11 item 9)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        if not libc.mallopt(_M_MMAP_THRESHOLD, 256 * 1024):
+            log.warning("mallopt(M_MMAP_THRESHOLD) refused; large bodies may stay resident")
+    except (OSError, AttributeError):
+        log.warning("not glibc: cannot set M_MMAP_THRESHOLD; large bodies may stay resident")
+
+
 def run(service: MailService, socket_spec: str, timeout: int) -> None:
     """Serve until SIGTERM/SIGINT (libmilter handles the signals)."""
+    _return_large_buffers()
     Milter.factory = lambda: WkdMilter(service)
     Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.DELRCPT)
     log.info("milter-wkd listening on %s", socket_spec)

@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 
 MAILER_DOWN = TempFail(451, "4.4.1", "Cannot send the key service's reply - try again later")
 CONFIG_BROKEN = TempFail(451, "4.3.5", "Key service misconfigured - try again later")
+LARGE_BODIES_BUSY = TempFail(451, "4.3.2", "Too many large messages at once - try again later")
 DAY = 86400
 
 
@@ -82,6 +83,10 @@ class MailService:
         self.mailer = mailer
         self.clock = clock
         self.max_body = config.milter.max_submission_bytes
+        self.body_memory = config.milter.body_memory_bytes
+        # Bodies over body_memory wait on disk; reading one back and parsing it costs a
+        # few times its size, so only this many are in memory at once.
+        self._large_bodies = threading.BoundedSemaphore(config.milter.max_large_bodies)
         self._submission = {Address.parse(d.submission_address).key: d for d in config.domains}
         self._domains = {d.name.lower(): d for d in config.domains}
         self._trusted = [ipaddress.ip_network(n, strict=False)
@@ -126,6 +131,18 @@ class MailService:
         return self.config.milter.dkim_sign_outgoing and self._is_ours(tx)
 
     def decide(self, tx: Transaction) -> Reply:
+        if tx.spill is None:
+            return self._decide(tx)
+        if not self._large_bodies.acquire(timeout=self.config.milter.large_body_wait):
+            log.warning("%s: %d large bodies in work already; this one waits (%d octets)",
+                        tx.queue_id, self.config.milter.max_large_bodies, tx.body_size)
+            return LARGE_BODIES_BUSY if self.is_submission(tx) else Accept()
+        try:
+            return self._decide(tx)
+        finally:
+            self._large_bodies.release()
+
+    def _decide(self, tx: Transaction) -> Reply:
         domain = self._submission_domain(tx)
         if domain is None:
             return self._outgoing(tx)
@@ -440,8 +457,7 @@ class MailService:
             key = self._dkim_key(domain) if domain is not None else None
             # A signature says the provider vouches for the From: only for its owner.
             if key is not None and not tx.oversize and self._owns_from(tx, sender):
-                headers = list(tx.headers) + [(e.name, e.value or "") for e in edits]
-                message = Transaction(headers=headers, body=tx.body).raw_message()
+                message = tx.raw_message([(e.name, e.value or "") for e in edits])
                 signature = dkim.signature_header(message, key).decode("ascii")
                 name, _, value = signature.partition(":")
                 edits.append(HeaderEdit(name, value.strip().replace("\r\n", "\n"), 0))

@@ -3,11 +3,18 @@
 Plain data: the adapter (`milter`) fills it, the service decides on it. Headers keep their
 order and raw values (folding as the MTA sent it, with LF); `raw_message` rebuilds the
 message with CRLF line ends for MIME parsing and DKIM.
+
+A body is kept in memory up to the limit `add_body` is given; the rest goes to an unnamed
+temporary file (tempfile.TemporaryFile: mode 0600, unlinked at once, so it disappears on
+`close` or when the process dies), so that slow or many large bodies do not hold memory
+while they arrive. `close` must be called when the message is done or aborted.
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
+from typing import IO
 
 
 @dataclass(slots=True)
@@ -21,6 +28,29 @@ class Transaction:
     body: bytearray = field(default_factory=bytearray)
     collect_body: bool = False
     oversize: bool = False
+    spill: IO[bytes] | None = None
+    body_size: int = 0
+
+    def add_body(self, chunk: bytes, memory_limit: int) -> None:
+        """Append a body chunk: in memory up to memory_limit octets, then to the file."""
+        if self.spill is None and len(self.body) + len(chunk) > memory_limit:
+            # Closed by close(), which the milter calls at end of message, abort, quit.
+            self.spill = tempfile.TemporaryFile(prefix="milter-wkd-body-")  # noqa: SIM115
+        if self.spill is not None:
+            self.spill.write(chunk)
+        else:
+            self.body += chunk
+        self.body_size += len(chunk)
+
+    def drop_body(self) -> None:
+        self.body.clear()
+        self.body_size = 0
+        self.close()
+
+    def close(self) -> None:
+        if self.spill is not None:
+            self.spill.close()
+            self.spill = None
 
     def header_values(self, name: str) -> list[str]:
         lowered = name.lower()
@@ -33,6 +63,14 @@ class Transaction:
             lines.append(f"{name}: {folded}\r\n".encode("utf-8", "surrogateescape"))
         return b"".join(lines)
 
-    def raw_message(self) -> bytes:
-        # One copy of the body (a submission can be tens of megabytes), not two.
-        return b"".join((self.header_block(), b"\r\n", self.body))
+    def raw_message(self, extra_headers: list[tuple[str, str]] | None = None) -> bytes:
+        """The message (with extra_headers after the others); the spilled part is read
+        back here, so the caller holds the body in memory only while it uses the result."""
+        head = self.header_block()
+        if extra_headers:
+            head += Transaction(headers=extra_headers).header_block()
+        if self.spill is None:
+            # One copy of the body (a submission can be tens of megabytes), not two.
+            return b"".join((head, b"\r\n", self.body))
+        self.spill.seek(0)
+        return b"".join((head, b"\r\n", self.body, self.spill.read()))

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import re
 import smtplib
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from milter_wkd import wks
+from milter_wkd.config import load
 from milter_wkd.openpgp import packets
 from milter_wkd.sandbox import Sandbox
 from milter_wkd.values import Fingerprint
@@ -90,3 +92,56 @@ def test_a_response_from_the_wrong_from_is_refused_for_that(sandbox: Sandbox,
     stored = published(sandbox, "carol@example.org")
     assert stored is not None
     assert stored.fingerprint == Fingerprint.parse(client.fpr)
+
+
+def _kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def test_many_large_anonymous_bodies_do_not_each_cost_their_size(sandbox: Sandbox) -> None:
+    """#11 item 9: N anonymous 24 MB mails to the submission address at once. Bodies wait
+    in temporary files and at most [milter] max_large_bodies are in memory at a time, so
+    the milter's peak memory grows by far less than N bodies (before: N x 24 MB and more).
+    Every mail gets an answer: refused (550, it is no key) or, if it waited too long, 451."""
+    assert sandbox.milter is not None
+    pid = sandbox.milter.pid
+    assert pid is not None
+    count, size = 8, 24 * 1024 * 1024
+    line = b"x" * 76 + b"\r\n"
+    raw = (f"From: x@example.net\r\nTo: {SUBMISSION}\r\nSubject: big\r\n"
+           "Content-Type: text/plain\r\n\r\n").encode() + line * (size // len(line))
+    before = _kib(pid, "VmRSS")
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+    answers: list[tuple[int, bytes]] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        try:
+            submit(sandbox, raw, "x@example.net")
+            answer = (250, b"")
+        except smtplib.SMTPDataError as exc:
+            answer = (exc.smtp_code, exc.smtp_error)
+        with lock:
+            answers.append(answer)
+
+    threads = [threading.Thread(target=one) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    peak = _kib(pid, "VmHWM")
+    growth_mib = (peak - before) / 1024
+    print(f"milter RSS before {before / 1024:.0f} MiB, peak {peak / 1024:.0f} MiB "
+          f"(+{growth_mib:.0f} MiB) for {count} concurrent bodies of {size >> 20} MiB")
+    assert len(answers) == count
+    for code, text in answers:
+        assert (code == 550 and text.startswith(b"5.7.1 Key submission refused")) or (
+            code == 451 and text.startswith(b"4.3.2")), (code, text)
+    # Each body in work costs up to 3x its size (read back, joined, split); N x size is what
+    # collecting all of them in memory cost (measured before the fix: +361 MiB).
+    slots = load(sandbox.config_path, environ={}).milter.max_large_bodies
+    assert slots < count / 3
+    assert growth_mib < 3 * slots * size / 2**20
