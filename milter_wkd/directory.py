@@ -951,8 +951,10 @@ class Directory:
         entry = self._read_entry(dn, ["objectClass", *KEY_ATTRIBUTES])
         if entry is None:
             raise NotFound(f"no entry {dn}")
+        # pgpKey stays for the administrator to fix; pgpDisabled stays as their decision.
         changes: Changes = {name: (REPLACE, []) for name in KEY_ATTRIBUTES
-                            if name not in ("pgpKey", PROBLEM) and _values(entry, name)}
+                            if name not in ("pgpKey", "pgpDisabled", PROBLEM)
+                            and _values(entry, name)}
         changes[PROBLEM] = (REPLACE, [reason[:1000]])
         if KEY_CLASS.lower() not in {c.lower() for c in _texts(entry, "objectClass")}:
             changes["objectClass"] = (ADD, [KEY_CLASS])
@@ -962,19 +964,29 @@ class Directory:
         log.warning("key of %s withheld: %s", dn, reason)
 
     def remove_key(self, user: User) -> StoredKey:
-        """Remove the user's published key, everything derived from it and its claims."""
+        """Remove the user's published key, everything derived from it and its claims.
+        NotFound when the entry publishes none (a withheld key is cleared all the same)."""
         entry = self._read_entry(user.dn, ["objectClass", *KEY_ATTRIBUTES, PREFER_ENCRYPT])
         stored = self._stored(entry) if entry is not None else None
-        if entry is None or stored is None:
+        if entry is not None:
+            self._clear_key(entry)
+        if stored is None:
             raise NotFound(f"{user.dn} has no published key")
+        return stored
+
+    def _clear_key(self, entry: dict[str, Any]) -> None:
+        """One modify that empties every key attribute present; then release the claims.
+        The object class goes too unless prefer-encrypt keeps it."""
+        dn = entry["dn"]
         changes: Changes = {name: (REPLACE, []) for name in KEY_ATTRIBUTES
                             if _values(entry, name)}
-        if not _values(entry, PREFER_ENCRYPT):
+        if not _values(entry, PREFER_ENCRYPT) and KEY_CLASS.lower() in {
+                c.lower() for c in _texts(entry, "objectClass")}:
             changes["objectClass"] = (DELETE, [KEY_CLASS])
-        self._modify(user.dn, changes)
-        self._release_claims(user.dn, {v.upper() for v in (
+        if changes:
+            self._modify(dn, changes)
+        self._release_claims(dn, {v.upper() for v in (
             *_texts(entry, "gpgFingerprint"), *_texts(entry, "gpgSubFingerprint"))})
-        return stored
 
     def set_disabled(self, user: User, disabled: bool) -> StoredKey:
         """Disable (not served, not in Autocrypt, dirmngr skips it) or re-enable a key."""
@@ -1178,7 +1190,7 @@ class Directory:
         holders = f"(objectClass={KEY_CLASS})"
         filt = (f"(&{holders}(entryCSN>={escape_filter_chars(csn)}))" if csn else holders)
         attributes = ["objectClass", "entryCSN", *self.config.mail_attributes,
-                      *KEY_ATTRIBUTES, "wkdKeyDigest", "wkdKeyProblem", PREFER_ENCRYPT]
+                      *KEY_ATTRIBUTES, PREFER_ENCRYPT]
         found = []
         for entry in self._search(self.config.base_dn, filt, list(dict.fromkeys(attributes))):
             values = [v for name in self.config.mail_attributes for v in _texts(entry, name)]
@@ -1190,16 +1202,7 @@ class Directory:
     def clear_key_attributes(self, user: User) -> None:
         """Remove every key attribute left on an entry whose pgpKey is gone (one modify),
         and its claims; the object class goes too unless prefer-encrypt keeps it."""
-        entry = self._read_entry(user.dn, ["objectClass", *KEY_ATTRIBUTES, "wkdKeyDigest",
-                                           "wkdKeyProblem", PREFER_ENCRYPT])
+        entry = self._read_entry(user.dn, ["objectClass", *KEY_ATTRIBUTES, PREFER_ENCRYPT])
         if entry is None:
             raise NotFound(f"no entry {user.dn}")
-        names = dict.fromkeys([*KEY_ATTRIBUTES, "wkdKeyDigest", "wkdKeyProblem"])
-        changes: Changes = {name: (REPLACE, []) for name in names if _values(entry, name)}
-        if not _values(entry, PREFER_ENCRYPT) and KEY_CLASS.lower() in {
-                c.lower() for c in _texts(entry, "objectClass")}:
-            changes["objectClass"] = (DELETE, [KEY_CLASS])
-        if changes:
-            self._modify(user.dn, changes)
-        self._release_claims(user.dn, {v.upper() for v in (
-            *_texts(entry, "gpgFingerprint"), *_texts(entry, "gpgSubFingerprint"))})
+        self._clear_key(entry)

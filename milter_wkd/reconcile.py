@@ -184,8 +184,7 @@ class Reconciler:
         reason = reason[:MAX_PROBLEM]
         if problem == reason and not any(_values(snapshot, n) for n in _PUBLISHING):
             return Outcome.UNCHANGED  # withheld for this very reason already
-        log.warning("not publishing the pgpKey of %s: %s", user.dn, reason)
-        self.directory.withhold_key(user.dn, reason)
+        self.directory.withhold_key(user.dn, reason)  # logs a warning naming the entry
         return Outcome.WITHHELD
 
     # -- the thread ---------------------------------------------------------------------

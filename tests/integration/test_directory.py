@@ -557,7 +557,8 @@ def test_two_entries_never_both_publish_one_key_even_at_the_same_instant(
         barrier = threading.Barrier(2)
         outcome: list[str] = []
 
-        def run(user: Any, clean: openpgp.CleanResult) -> None:
+        def run(user: Any, clean: openpgp.CleanResult, barrier: threading.Barrier = barrier,
+                outcome: list[str] = outcome) -> None:
             barrier.wait()
             try:
                 store.publish_key(user, clean, Provenance(KeySource.ADMIN_IMPORT, "t", 0))
