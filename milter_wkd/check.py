@@ -1016,14 +1016,7 @@ def check_passwords(config: Config, options: Options) -> Iterator[CheckResult]:
     if not dns:
         yield _skip("passwords", "no bind_dn configured: no service account to try")
     else:
-        accepted = [(dn, password) for dn in dns for password in passwords.DOCUMENTED_PASSWORDS
-                    if _bind_accepted(config, dn, password, timeout)]
-        for dn, password in accepted:
-            yield _fail("passwords", f"{dn} accepts the documented password {password!r}: "
-                        "anybody who read the documentation can bind as it", _PASSWORDS_FIX)
-        if not accepted:
-            yield _ok("passwords", f"no documented password "
-                      f"({', '.join(passwords.DOCUMENTED_PASSWORDS)}) opens {'; '.join(dns)}")
+        yield from _documented_passwords(config, dns, timeout)
     for section, name in (("directory", config.directory.bind_password_file),
                           ("web", config.web.bind_password_file)):
         if not name:
@@ -1051,6 +1044,22 @@ def check_passwords(config: Config, options: Options) -> Iterator[CheckResult]:
                           "use bind_password_file (mode 0600, the milter's user)", warning=True)
 
 
+def _documented_passwords(config: Config, dns: list[str], timeout: float,
+                          ) -> Iterator[CheckResult]:
+    try:
+        accepted = [(dn, password) for dn in dns for password in passwords.DOCUMENTED_PASSWORDS
+                    if _bind_accepted(config, dn, password, timeout)]
+    except MilterWkdError:
+        yield _skip("passwords", "needs the directory")
+        return
+    for dn, password in accepted:
+        yield _fail("passwords", f"{dn} accepts the documented password {password!r}: "
+                    "anybody who read the documentation can bind as it", _PASSWORDS_FIX)
+    if not accepted:
+        yield _ok("passwords", f"no documented password "
+                  f"({', '.join(passwords.DOCUMENTED_PASSWORDS)}) opens {'; '.join(dns)}")
+
+
 def check_responder(config: Config, options: Options) -> Iterator[CheckResult]:
     cfg = dataclasses.replace(config.responder_directory(),
                               timeout=min(options.timeout, max(config.directory.timeout, 2.0)))
@@ -1060,8 +1069,12 @@ def check_responder(config: Config, options: Options) -> Iterator[CheckResult]:
     try:
         conn = ConnectionPool(cfg).open()
     except MilterWkdError as failure:
+        exc = _connect_failure(failure)
+        if isinstance(exc, CONNECTION_ERRORS):
+            yield _skip("responder", "needs the directory")
+            return
         yield _fail("responder", f"the WKD responder's bind as {who} ({source}) at {cfg.uri} "
-                    f"fails: {_why(_connect_failure(failure))}", _RESPONDER_FIX)
+                    f"fails: {_why(exc)}", _RESPONDER_FIX)
         return
     try:
         writes = _responder_pending_write(config, cfg)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from milter_wkd.errors import MilterWkdError
+from milter_wkd.openpgp.cleaning import DEFAULT_CURVES, Limits, Policy
 
 DEFAULT_PATH = Path("/etc/milter-wkd/milter-wkd.toml")
 ENV_PREFIX = "MILTER_WKD_"
@@ -66,6 +67,9 @@ class DirectoryConfig:
         "Most directory connections one process keeps open (one per concurrent request)."))
 
 
+_KNOWN_CURVES = DEFAULT_CURVES | {"brainpoolP256r1", "brainpoolP384r1", "brainpoolP512r1"}
+
+
 @dataclass(frozen=True, slots=True)
 class KeysConfig:
     max_input_bytes: int = field(default=90 * 1024 * 1024, metadata=_doc(
@@ -73,6 +77,36 @@ class KeysConfig:
         "64 MiB flooded key, which is cleaned in a single linear pass."))
     max_published_bytes: int = field(default=64 * 1024, metadata=_doc(
         "Largest cleaned key that is published (gpg caps a WKD answer at 256 KiB)."))
+    min_rsa_bits: int = field(default=2048, metadata=_doc(
+        "Smallest RSA key published. A weaker primary key is refused (the user must create "
+        "a new key), a weaker subkey left out; Sequoia rejects RSA under 2048 bits."))
+    min_dsa_bits: int = field(default=2048, metadata=_doc(
+        "Smallest DSA or ElGamal key published (as min_rsa_bits)."))
+    curves: list[str] = field(default_factory=lambda: sorted(DEFAULT_CURVES), metadata=_doc(
+        "Elliptic curves published (EdDSA only on ed25519, ECDH also on cv25519): the ones "
+        "GnuPG 2.2 and Sequoia both accept. brainpoolP256r1, brainpoolP384r1 and "
+        "brainpoolP512r1 may be added, but Debian 12's sq cannot check them. RFC 9580 "
+        "keys (Ed25519, X25519, Ed448, X448 as algorithms 25-28) are never published: "
+        "GnuPG 2.2 cannot read them."))
+    sha1_before_2023: bool = field(default=False, metadata=_doc(
+        "Accept SHA-1 self-signatures made before 2023-02-01, as GnuPG 2.2 does. Off: "
+        "Sequoia (sq, and programs built on it) rejects every SHA-1 self-signature since "
+        "that date, so such keys are not published; the user refreshes them with "
+        "gpg --quick-set-expire FPR 2y. MD5, RIPEMD-160 and SHA-3 self-signatures are "
+        "never accepted."))
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.curves) - _KNOWN_CURVES)
+        if unknown:
+            raise ConfigError(f"[keys] curves: unknown curve(s) {', '.join(unknown)} (known: "
+                              f"{', '.join(sorted(_KNOWN_CURVES))})")
+
+    def limits(self, *, mailbox_only: bool = False) -> Limits:
+        """The openpgp cleaning limits and publication policy these keys say."""
+        return Limits(max_input=self.max_input_bytes, policy=Policy(
+            min_rsa_bits=self.min_rsa_bits, min_dsa_bits=self.min_dsa_bits,
+            curves=frozenset(self.curves), sha1_before_2023=self.sha1_before_2023,
+            mailbox_only=mailbox_only))
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +128,11 @@ class DomainConfig:
     allow_unauthenticated: bool = field(default=True, metadata=_doc(
         "Accept submissions from senders who are not logged in, by the WKS confirmation "
         "round trip."))
-    mailbox_only: bool = field(default=True, metadata=_doc(
-        "Advertise mailbox-only: published user IDs are bare addresses or 'Name <addr>'."))
+    mailbox_only: bool = field(default=False, metadata=_doc(
+        "Advertise mailbox-only in the WKS policy and enforce it: only user IDs that are a "
+        "bare address (no name) are published. gpg-wks-client then adds such a user ID to "
+        "the key it submits; other clients' keys with 'Name <addr>' user IDs are refused. "
+        "Off (the default): 'Name <addr>' is published too, if it names one address."))
     dkim_selector: str = field(default="wkd", metadata=_doc(
         "DKIM selector for mail milter-wkd generates or signs for this domain."))
     dkim_key: str = field(default="", metadata=_doc(
@@ -172,6 +209,15 @@ class WebConfig:
         "Empty: plain HTTP, only behind a TLS reverse proxy on loopback (docs/nginx-wkd.conf)."))
     key_file: str = field(default="/etc/milter-wkd/wkd.key", metadata=_doc(
         "Private key (PEM, PKCS#8, unencrypted) of cert_file."))
+    bind_dn: str = field(default="", metadata=_doc(
+        "The responder's own read-only LDAP account, cn=wkd,ou=services,dc=example,dc=org "
+        "in ldap/milter-wkd-entries.ldif: it binds as this instead of [directory] bind_dn, "
+        "the milter's account, which may write keys. Empty: as [directory] says (for a "
+        "file of the responder's own); `milter-wkd check` fails when that account can write."))
+    bind_password_file: str = field(default="", metadata=_doc(
+        "File holding the password of [web] bind_dn (first line), readable by the "
+        "responder's user only: `milter-wkd directory passwords` writes "
+        "/etc/milter-wkd/wkd.password, mode 0600, owner milter-wkd-web."))
     workers: int = field(default=0, metadata=_doc(
         "Server worker processes; 0: one per CPU core. Each keeps its own key cache."))
     threads: int = field(default=1, metadata=_doc(
@@ -193,6 +239,11 @@ class WebConfig:
         "Cache-Control max-age (seconds) of key, policy and submission-address answers; "
         "404 answers use at most 60."))
 
+    def __post_init__(self) -> None:
+        # An empty password would make the bind an unauthenticated one (RFC 4513 5.1.2).
+        if self.bind_dn and not self.bind_password_file:
+            raise ConfigError("[web] bind_dn needs bind_password_file")
+
 
 @dataclass(frozen=True, slots=True)
 class Config:
@@ -206,6 +257,14 @@ class Config:
     def domain(self, name: str) -> DomainConfig | None:
         lowered = name.lower()
         return next((d for d in self.domains if d.name.lower() == lowered), None)
+
+    def responder_directory(self) -> DirectoryConfig:
+        """[directory] as the WKD responder uses it: bound as [web] bind_dn when that is set
+        (the milter's password, inline or in its file, is then never read)."""
+        if not self.web.bind_dn:
+            return self.directory
+        return dataclasses.replace(self.directory, bind_dn=self.web.bind_dn, bind_password="",
+                                   bind_password_file=self.web.bind_password_file)
 
 
 def _field_types(cls: type[Any]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "key": ("key", "clean or inspect an OpenPGP key offline"),
     "keys": ("keys", "administer the keys published in the directory"),
     "domain": ("domain", "service keys and DNS of a mail domain"),
+    "directory": ("directory", "LDAP set-up: random service-account passwords"),
     "milter": ("milter_cmd", "run the milter (WKS submissions, Autocrypt)"),
     "pending": ("pending", "pending WKS confirmation requests"),
     "web": ("web", "serve the Web Key Directory over HTTPS"),

@@ -9,8 +9,9 @@ below `directory`. Postfix and Dovecot read the shipped postfix/ and dovecot/ sn
 so the documentation is what runs.
 
 It writes two files there: `milter-wkd.toml`, a complete milter-wkd configuration for
-this sandbox (the directory as the milter's service account, the reinjection port as
-the mailer), and `sandbox.json`, the state that `down(directory)` (`milter-wkd sandbox
+this sandbox (the directory as the milter's service account, the responder's as cn=wkd,
+the reinjection port as the mailer; their random passwords in milter.password and
+wkd.password, 0600), and `sandbox.json`, the state that `down(directory)` (`milter-wkd sandbox
 down`) uses to stop by pid everything that was started, also from another process and
 also when some of it has died already. As a context manager it always tears down,
 also when starting failed half-way or the body raised; `start_detached` starts a
@@ -164,6 +165,11 @@ mail_attributes = [{", ".join(_toml(a) for a in self.slapd.mail_attributes)}]
 pending_base = {_toml(self.slapd.pending_dn)}
 claims_base = {_toml(self.slapd.claims_dn)}
 
+[web]
+# The responder reads as the read-only cn=wkd, never as the milter's account.
+bind_dn = {_toml(self.slapd.service_accounts["wkd"]["dn"])}
+bind_password_file = {_toml(str(self.dir / "wkd.password"))}
+
 [mailer]
 method = "smtp"
 smtp_host = {_toml(self.postfix.reinject.host)}
@@ -189,10 +195,11 @@ dkim_key = {_toml(str(self.dkim_key))}
 """
 
     def write_milter_config(self) -> None:
-        password_file = self.dir / "milter.password"
-        password_file.touch(mode=0o600)
-        password_file.write_text(self.slapd.service_accounts["milter"]["password"] + "\n",
-                                 encoding="utf-8")
+        for account in ("milter", "wkd"):
+            password_file = self.dir / f"{account}.password"
+            password_file.touch(mode=0o600)
+            password_file.write_text(
+                self.slapd.service_accounts[account]["password"] + "\n", encoding="utf-8")
         self.config_path.write_text(self.milter_config(), encoding="utf-8")
         loaded = config.load(self.config_path, environ={})  # an unknown key: fail now
         for domain in loaded.domains:

@@ -7,7 +7,9 @@ ldap/example-dit.ldif, then the SETUP_STEPS of ldap/README.md - the very files a
 administrator applies with ldapadd/ldapmodify, here with their offline twins slapadd and
 slapmodify. `Slapd(workdir, milter_wkd=False)` stops after the base and the users, and
 `apply_setup()` then performs SETUP_STEPS online over ldapi:// exactly as the README says
-(the test of the README).
+(the test of the README). The service accounts, which the shipped LDIF leaves locked, get
+random passwords (`service_accounts`) over ldapi://, as `milter-wkd directory passwords`
+sets them.
 
 `start()` runs `slapd -F workdir/slapd.d -h "ldap://127.0.0.1:PORT/ ldapi://SOCKET/"` in the
 foreground (`-d 0`, log in workdir/slapd.log) and waits until `ldapwhoami -Y EXTERNAL`
@@ -20,9 +22,7 @@ Failures raise `SlapdError` with the tool's output or the log tail.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import os
 import shutil
 import signal
@@ -35,7 +35,9 @@ from types import TracebackType
 from typing import TypedDict
 from urllib.parse import quote
 
+from milter_wkd import passwords
 from milter_wkd.errors import MilterWkdError
+from milter_wkd.passwords import ssha
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LDAP_DIR = REPO_ROOT / "ldap"
@@ -70,13 +72,6 @@ class UserInfo(TypedDict):
 class AccountInfo(TypedDict):
     dn: str
     password: str
-
-
-def ssha(password: str) -> str:
-    """An RFC 2307 {SSHA} hash, as slappasswd makes it."""
-    salt = os.urandom(8)
-    digest = hashlib.sha1(password.encode() + salt).digest()  # noqa: S324 (the format)
-    return "{SSHA}" + base64.b64encode(digest + salt).decode("ascii")
 
 
 def _free_port() -> int:
@@ -122,9 +117,11 @@ class Slapd:
                    "dn": f"uid={name},{self.people_dn}"}
             for name in ("alice", "bob", "carol")
         }
+        # Random, as `milter-wkd directory passwords` makes them (the LDIF ships none).
         self.service_accounts: dict[str, AccountInfo] = {
-            name: {"dn": f"cn={name},ou=services,{self.suffix}", "password": f"{name}-secret"}
-            for name in ("milter", "wkd", "dovecot")
+            name: {"dn": f"cn={name},ou=services,{self.suffix}",
+                   "password": passwords.new_password()}
+            for name in passwords.ACCOUNTS
         }
 
     # -- addresses --------------------------------------------------------------------
@@ -238,10 +235,17 @@ olcAccess: {{1}}to * by * read
             self._tool(slapadd, "-n1", "-F", str(self.config_dir), "-l", str(path))
 
     def apply_setup(self) -> None:
-        """Perform ldap/README.md's SETUP_STEPS online, as root over ldapi://."""
+        """Perform ldap/README.md's SETUP_STEPS online, as root over ldapi://, then give
+        the service accounts their passwords (step 6's `milter-wkd directory passwords`)."""
         for tool, name in SETUP_STEPS:
             self._tool(_binary(tool), "-H", self.ldapi_uri, "-Y", "EXTERNAL", "-Q",
                        "-f", str(LDAP_DIR / name))
+        self.set_service_passwords()
+
+    def set_service_passwords(self) -> None:
+        """Set service_accounts' passwords in the running slapd (as root over ldapi://)."""
+        self.ldapmodify(passwords.password_ldif(
+            {info["dn"]: info["password"] for info in self.service_accounts.values()}))
 
     # -- running ----------------------------------------------------------------------
 
@@ -249,7 +253,8 @@ olcAccess: {{1}}to * by * read
         """Build (first time only), start slapd and wait until it answers."""
         if self.running:
             return
-        if not self.config_dir.exists():
+        fresh = not self.config_dir.exists()
+        if fresh:
             self.build()
         socket_path = self.socket_path
         with contextlib.suppress(FileNotFoundError):
@@ -272,6 +277,8 @@ olcAccess: {{1}}to * by * read
                 raise SlapdError(f"slapd did not answer within {timeout:.0f} s:\n"
                                  f"{self._log_tail()}")
             time.sleep(0.02)
+        if fresh and self.with_milter_wkd:
+            self.set_service_passwords()
 
     def _answers(self) -> bool:
         if not self.socket_path.exists():

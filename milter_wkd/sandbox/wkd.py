@@ -8,8 +8,9 @@ host, and `milter-wkd web` (granian over HTTPS) reading the sandbox's slapd.
 
 Everything lives in workdir: ca.pem (the test CA, to bind-mount over the system bundle
 inside a mount namespace), wkd.crt/wkd.key (the server's chain and PKCS#8 key),
-milter-wkd.toml, web.log, web.pid (the server's pid, command name PROCESS_NAME). The
-responder binds as the read-only cn=wkd service account.
+milter-wkd.toml, wkd.password (0600), web.log, web.pid (the server's pid, command name
+PROCESS_NAME). The responder binds as the read-only cn=wkd service account ([web] bind_dn,
+its password from slapd.service_accounts).
 Real WKD clients only ever use port 443; on another port only HTTP tools that take a port
 (curl --resolve, wrk) reach it. Stopping goes by the pid this object started.
 Failures raise `SandboxError` with the log tail.
@@ -27,6 +28,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol
@@ -47,6 +49,7 @@ from milter_wkd.sandbox.daemons import (
     terminate,
     wait_until,
 )
+from milter_wkd.sandbox.slapd import AccountInfo
 
 WKD_PORT = 443
 # The command name of `milter-wkd web` (a Python interpreter), for stopping it by pid.
@@ -60,6 +63,9 @@ class DirectoryPeer(Protocol):
     def uri(self) -> str: ...
 
     suffix: str
+
+    @property
+    def service_accounts(self) -> Mapping[str, AccountInfo]: ...
 
 
 # granian binds with SO_REUSEPORT, so two responders on 127.0.0.1:443 would BOTH succeed
@@ -141,8 +147,6 @@ class WkdResponder:
 
     domain = "example.org"
     submission_address = "key-submission@example.org"
-    bind_dn = "cn=wkd,ou=services,dc=example,dc=org"
-    bind_password = "wkd-secret"  # noqa: S105 (the sandbox's throwaway directory)
 
     def __init__(self, workdir: Path, slapd: DirectoryPeer, port: int | None = None, *,
                  submission_public_key: Path | None = None, workers: int = 1,
@@ -162,7 +166,12 @@ class WkdResponder:
         self.log_path = self.workdir / "web.log"
         self.pid_file = self.workdir / "web.pid"
         self.ca_file = self.workdir / "ca.pem"
+        self.password_file = self.workdir / "wkd.password"
         self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bind_dn(self) -> str:
+        return self.slapd.service_accounts["wkd"]["dn"]
 
     @property
     def hosts(self) -> list[str]:
@@ -187,14 +196,21 @@ class WkdResponder:
         _ca, cert, key = make_test_pki(self.workdir, self.hosts)
         cert_file, key_file = (str(cert), str(key)) if self.tls else ("", "")
         public_key = self.submission_public_key or self.workdir / "submission.pub"
+        with contextlib.suppress(FileNotFoundError):
+            self.password_file.unlink()
+        fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as password:
+            password.write(self.slapd.service_accounts["wkd"]["password"] + "\n")
+        # As README's Deployment says: [directory] is the milter's; the responder binds as
+        # the read-only cn=wkd of [web] (here [directory] names no account at all).
         self.config_path.write_text(f"""\
 [directory]
 uri = {_toml_string(self.slapd.uri)}
-bind_dn = {_toml_string(self.bind_dn)}
-bind_password = {_toml_string(self.bind_password)}
 base_dn = {_toml_string(self.slapd.suffix)}
 
 [web]
+bind_dn = {_toml_string(self.bind_dn)}
+bind_password_file = {_toml_string(str(self.password_file))}
 listen_address = "{LOOPBACK}"
 port = {self.port}
 cert_file = {_toml_string(cert_file)}

@@ -5,7 +5,9 @@ Serves, for every configured domain, the advanced (`Host: openpgpkey.<domain>`) 
 Keys come from memory (`cache.KeyCache`), kept fresh from the directory's change token;
 the directory is read through `ldap_source.LdapKeySource` (any `source.KeySource` will do).
 
-Configuration: [directory], [web] and the [[domains]] tables of the config file. Serving:
+Configuration: [directory], [web] and the [[domains]] tables of the config file; the
+directory is read as [web] bind_dn (the read-only cn=wkd account) when that is set, else as
+[directory] says (`Config.responder_directory`). Serving:
 `milter-wkd web --config FILE` runs this app under granian over HTTPS (see
 `milter_wkd.cli.web`); `wsgi_app` is the factory a WSGI server imports, reading the config
 path from MILTER_WKD_CONFIG.
@@ -29,7 +31,7 @@ CONFIG_ENV = "MILTER_WKD_CONFIG"
 def create_app(config: Config, *, start: bool = True) -> WkdApp:
     """The WSGI app for a config; `start` launches the cache's mirroring/refresh thread."""
     web = config.web
-    cache = KeyCache(LdapKeySource(config.directory), budget=web.cache_bytes,
+    cache = KeyCache(LdapKeySource(config.responder_directory()), budget=web.cache_bytes,
                      refresh_interval=web.refresh_interval,
                      reconcile_interval=web.reconcile_interval)
     if start:

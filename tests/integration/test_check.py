@@ -6,22 +6,28 @@ stopped slapd, ...), the right FAIL line with a fix hint."""
 from __future__ import annotations
 
 import re
+import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import ldap
 import pytest
 
-from milter_wkd import check
+from milter_wkd import check, passwords
 from milter_wkd import config as config_module
 from milter_wkd.cli import main
-from milter_wkd.directory import Directory
+from milter_wkd.directory import ConnectionPool, Directory, PendingRequest, close_connection
+from milter_wkd.errors import MilterWkdError
 from milter_wkd.openpgp import armor_key
 from milter_wkd.openpgp.messages import generate_submission_key
 from milter_wkd.sandbox import Sandbox
 from milter_wkd.sandbox.daemons import LOOPBACK, free_port
-from milter_wkd.sandbox.slapd import LDAP_DIR, PEERCRED_ROOT
+from milter_wkd.sandbox.slapd import LDAP_DIR, PEERCRED_ROOT, Slapd
 from milter_wkd.sandbox.wkd import WkdResponder
-from milter_wkd.values import Address
+from milter_wkd.values import Address, Fingerprint
+from milter_wkd.web import create_app
+from milter_wkd.web.ldap_source import LdapKeySource
 from tests.support.mail import sandbox_fixture  # noqa: F401 (the `sandbox` fixture)
 
 pytestmark = pytest.mark.integration
@@ -65,10 +71,11 @@ def options(sandbox: Sandbox, wkd: Wkd, **changes: object) -> check.Options:
 
 
 def config_copy(sandbox: Sandbox, tmp_path: Path, **replace: str) -> Path:
-    """The sandbox's milter-wkd.toml with `key = value` lines replaced (values as TOML)."""
+    """The sandbox's milter-wkd.toml with `key = value` lines replaced (values as TOML;
+    the first such line: [directory] comes first)."""
     text = sandbox.config_path.read_text(encoding="utf-8")
     for key, value in replace.items():
-        text, count = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
+        text, count = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text, count=1)
         assert count == 1, key
     path = tmp_path / "milter-wkd.toml"
     path.write_text(text, encoding="utf-8")
@@ -330,3 +337,137 @@ def test_a_peer_that_never_answers_times_out(sandbox: Sandbox, wkd: Wkd, tmp_pat
     assert "timed out" in wkd_failure.detail
     (milter_failure,) = failed(found, "milter")
     assert milter_failure.detail == f"inet:{port}@{LOOPBACK} does not answer: timed out"
+
+
+# -- #11 items 7 and 8: documented passwords, the responder's rights ----------------------
+
+NOT_ACCOUNTS = frozenset(set(check.GROUPS) - {"passwords", "responder"})
+
+
+@pytest.fixture
+def own_slapd(tmp_path: Path) -> Iterator[Slapd]:
+    """A slapd of this test's own: these tests change service accounts' passwords."""
+    server = Slapd(tmp_path / "slapd")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def accounts_config(server: Slapd, folder: Path, *, web: str | None = "wkd") -> Path:
+    """[directory] as cn=milter, [web] as `web` (None: no [web] bind_dn), password files
+    written 0600 from the sandbox slapd's random passwords."""
+    files = {}
+    for name in ("milter", "wkd"):
+        path = folder / f"{name}.password"
+        path.touch(mode=0o600)
+        path.write_text(server.service_accounts[name]["password"] + "\n")
+        files[name] = path
+    web_section = "" if web is None else (
+        f'[web]\nbind_dn = "{server.service_accounts[web]["dn"]}"\n'
+        f'bind_password_file = "{files[web]}"\n')
+    path = folder / "milter-wkd.toml"
+    path.write_text(f"""\
+[directory]
+uri = "{server.uri}"
+bind_dn = "{server.service_accounts["milter"]["dn"]}"
+bind_password_file = "{files["milter"]}"
+base_dn = "{server.people_dn}"
+pending_base = "{server.pending_dn}"
+claims_base = "{server.claims_dn}"
+mail_attributes = ["mail", "mailLocalAddress"]
+
+{web_section}""")
+    return path
+
+
+def account_results(path: Path) -> list[check.CheckResult]:
+    return results(path, check.Options(skip=NOT_ACCOUNTS, timeout=5.0))
+
+
+def test_accounts_pass_with_random_passwords(own_slapd: Slapd, tmp_path: Path) -> None:
+    found = account_results(accounts_config(own_slapd, tmp_path))
+    assert [r.label for r in found] == ["ok"] * len(found), found
+    details = "\n".join(r.detail for r in found)
+    services = f"ou=services,{own_slapd.suffix}"
+    assert ("no documented password (milter-secret, wkd-secret, dovecot-secret) opens "
+            f"cn=milter,{services}; cn=wkd,{services}; cn=dovecot,{services}") in details
+    assert f"the WKD responder binds as cn=wkd,{services} ([web]) and can write neither" \
+        in details
+
+
+def test_a_documented_password_fails(own_slapd: Slapd, tmp_path: Path) -> None:
+    """The attack of #11 item 7: somebody set a password this project once printed (the
+    shipped LDIF did, for all three). Dovecot's account is in no milter-wkd config: it is
+    tried beside ours."""
+    path = accounts_config(own_slapd, tmp_path)
+    accounts = own_slapd.service_accounts
+    own_slapd.ldapmodify(passwords.password_ldif({accounts["milter"]["dn"]: "milter-secret",
+                                                  accounts["dovecot"]["dn"]: "dovecot-secret"}))
+    (tmp_path / "milter.password").write_text("milter-secret\n")
+    found = failed(account_results(path), "passwords")
+    assert [r.detail.split(":")[0] for r in found] == [
+        f"{accounts['milter']['dn']} accepts the documented password 'milter-secret'",
+        f"{accounts['dovecot']['dn']} accepts the documented password 'dovecot-secret'"]
+    assert all("milter-wkd directory passwords" in r.fix for r in found)
+
+
+def test_a_password_file_open_to_others_fails(own_slapd: Slapd, tmp_path: Path) -> None:
+    path = accounts_config(own_slapd, tmp_path)
+    (tmp_path / "wkd.password").chmod(0o644)
+    (tmp_path / "milter.password").chmod(0o640)
+    found = account_results(path)
+    (failure,) = failed(found, "passwords")
+    assert failure.detail == (f"[web] bind_password_file {tmp_path}/wkd.password is open to "
+                              "everybody (mode 0644)")
+    (warning,) = [r for r in found if r.warning]
+    assert warning.detail == (f"[directory] bind_password_file {tmp_path}/milter.password "
+                              "is open to its group (mode 0640)")
+
+
+@pytest.mark.parametrize("web", [None, "milter"])
+def test_a_responder_that_can_write_fails(own_slapd: Slapd, tmp_path: Path,
+                                          web: str | None) -> None:
+    """The attack of #11 item 8: the responder run with the milter's config (what
+    systemd/milter-wkd-web.service did) or pointed at cn=milter can write keys."""
+    found = account_results(accounts_config(own_slapd, tmp_path, web=web))
+    (failure,) = failed(found, "responder")
+    milter_dn = own_slapd.service_accounts["milter"]["dn"]
+    source = "[directory]" if web is None else "[web]"
+    assert failure.detail.startswith(
+        f"the WKD responder binds as {milter_dn} ({source}), which can write pending "
+        f"requests (below {own_slapd.pending_dn}), pgpKey (of uid=")
+    assert "gpgMailbox" in failure.detail
+    assert 'bind_dn = "cn=wkd,ou=services,...' in failure.fix
+    # The probes wrote nothing: no pending request is left, alice has no key.
+    with Directory(config_module.load(tmp_path / "milter-wkd.toml",
+                                      environ={}).directory) as store:
+        assert store.list_pending() == []
+        assert store.key_for(Address.parse("alice@example.org")) is None
+
+
+def test_the_responder_binds_as_cn_wkd_and_cannot_write(sandbox: Sandbox) -> None:
+    """#11 item 8 through the code the responder runs (web.create_app): with the one config
+    file that README and systemd/milter-wkd-web.service give it, and with the sandbox
+    responder's own file, it is cn=wkd, and its writes are refused."""
+    wkd_dn = sandbox.slapd.service_accounts["wkd"]["dn"]
+    alice = sandbox.slapd.users["alice"]["dn"]
+    for path in (sandbox.config_path, sandbox.wkd.config_path):
+        cfg = config_module.load(path, environ={})
+        source = create_app(cfg, start=False).cache.source
+        assert isinstance(source, LdapKeySource)
+        conn = ConnectionPool(source.config).open()
+        try:
+            assert conn.whoami_s() == f"dn:{wkd_dn}", path
+            for attribute, value in check.KEY_WRITE_PROBES:
+                with pytest.raises(ldap.INSUFFICIENT_ACCESS):
+                    conn.modify_s(alice, [(ldap.MOD_DELETE, attribute, [value])])
+        finally:
+            close_connection(conn)
+        now = int(time.time())
+        request = PendingRequest("probe" + secrets.token_hex(8),
+                                 Address.parse("alice@example.org"),
+                                 Fingerprint.parse("0" * 40), b"key", now, now + 60)
+        with Directory(source.config) as store, pytest.raises(MilterWkdError):
+            store.create_pending(request, limit=100)

@@ -4,16 +4,20 @@ the store, the ACLs, the limits and the constraints work as in the sandbox."""
 
 from __future__ import annotations
 
+import pwd
 import re
+import stat
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import ldap
 import pytest
 
 from milter_wkd import openpgp
+from milter_wkd.cli import main
 from milter_wkd.config import DirectoryConfig
 from milter_wkd.directory import Directory, KeySource, Provenance
 from milter_wkd.errors import KeyRefused
@@ -120,3 +124,81 @@ def test_classic_schema_files_load(tmp_path: Path) -> None:
     proc = subprocess.run([slaptest, "-f", str(conf), "-u"], capture_output=True, text=True,
                           check=False)
     assert proc.returncode == 0, proc.stderr
+
+
+# Every password this project ever documented for its service accounts (issue #11, item 7).
+DOCUMENTED_PASSWORDS = ("milter-secret", "wkd-secret", "dovecot-secret")
+
+
+def test_readme_setup_leaves_no_documented_password(existing_server: Slapd) -> None:
+    """The attack: an administrator follows ldap/README.md to the letter; then anybody who
+    read this project's documentation tries its passwords on the service accounts."""
+    existing_server.apply_setup()
+    assert_refused(existing_server, DOCUMENTED_PASSWORDS)
+
+
+def assert_refused(server: Slapd, passwords: Sequence[str]) -> None:
+    for name in ("milter", "wkd", "dovecot"):
+        dn = f"cn={name},ou=services,{server.suffix}"
+        for password in passwords:
+            with pytest.raises(ldap.INVALID_CREDENTIALS):
+                ldapclient.bind(server.uri, dn, password).unbind_ext_s()
+
+
+def _readme_steps_only(server: Slapd) -> None:
+    """ldap/README.md steps 1-6 as an administrator types them, nothing more."""
+    for tool, name in SETUP_STEPS:
+        subprocess.run([tool, "-H", server.ldapi_uri, "-Y", "EXTERNAL", "-Q",
+                        "-f", str(LDAP_DIR / name)], check=True, capture_output=True)
+
+
+def test_shipped_service_accounts_are_locked(existing_server: Slapd) -> None:
+    _readme_steps_only(existing_server)
+    # {CRYPT}! is no password: not even its own text, nor the "!" of it, nor nothing.
+    assert_refused(existing_server, [*DOCUMENTED_PASSWORDS, "!", "{CRYPT}!", "*"])
+
+
+def test_passwords_command_sets_random_ones(existing_server: Slapd, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    _readme_steps_only(existing_server)
+    services = f"ou=services,{existing_server.suffix}"
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    owners = ["--owner", "milter=root", "--owner", "wkd=nobody", "--owner", "dovecot=root"]
+    args = ["directory", "passwords", "--uri", existing_server.ldapi_uri,
+            "--services", services, "--dir", str(folder), *owners]
+    assert main(args) == 0, capsys.readouterr()
+    out = capsys.readouterr().out
+    assert f"cn=milter,{services}: new password set; {folder}/milter.password" in out
+    found = {}
+    for name in ("milter", "wkd", "dovecot"):
+        path = folder / f"{name}.password"
+        info = path.stat()
+        assert stat.S_IMODE(info.st_mode) == 0o600, name
+        assert info.st_uid == (pwd.getpwnam("nobody").pw_uid if name == "wkd" else 0)
+        password = path.read_text().splitlines()[0]
+        assert len(password) >= 32
+        ldapclient.bind(existing_server.uri, f"cn={name},{services}", password).unbind_ext_s()
+        found[name] = password
+    assert len(set(found.values())) == 3
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "dovecot.password", "milter.password", "wkd.password"]
+    assert_refused(existing_server, DOCUMENTED_PASSWORDS)
+
+    # Again, as LDIF for an LDAP server elsewhere: nothing changes until it is applied.
+    assert main([*args, "--ldif", "--account", "wkd"]) == 0
+    ldif = capsys.readouterr().out
+    assert "changetype: modify" in ldif
+    assert "cn=milter" not in ldif
+    fresh = (folder / "wkd.password").read_text().splitlines()[0]
+    assert fresh != found["wkd"]
+    ldapclient.bind(existing_server.uri, f"cn=wkd,{services}", found["wkd"]).unbind_ext_s()
+    existing_server.ldapmodify(ldif)
+    ldapclient.bind(existing_server.uri, f"cn=wkd,{services}", fresh).unbind_ext_s()
+
+    # A change slapd refuses leaves the old file, and no temporary one, behind.
+    assert main([*args, "--services", f"ou=nowhere,{existing_server.suffix}"]) == 1
+    assert "setting the password of cn=milter,ou=nowhere" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "dovecot.password", "milter.password", "wkd.password"]
+    assert (folder / "milter.password").read_text().splitlines()[0] == found["milter"]
