@@ -3,9 +3,10 @@
 granian (a Rust HTTP server, `--interface wsgi`) was chosen by measurement: on a 2-core
 machine, HTTPS with keep-alive, it serves this app at roughly nginx's static-file rate,
 where gunicorn's threaded worker manages about a seventh of it (benchmarks/wkd.py).
-Reads [web] (address, port, certificate and key, workers, threads, keep-alive), [directory]
-and [[domains]]. With an empty cert_file it speaks plain HTTP, for a TLS-terminating
-reverse proxy on the same host (docs/nginx-wkd.conf). Each worker process builds the app
+Reads [web] (address, port, certificate and key, workers, threads, keep-alive, and
+bind_dn/bind_password_file: the read-only account it binds as), [directory] and
+[[domains]]. With an empty cert_file it speaks plain HTTP, for a TLS-terminating reverse
+proxy on the same host (docs/nginx-wkd.conf). Each worker process builds the app
 from the same config file (MILTER_WKD_CONFIG) and keeps its own key cache. Runs in the
 foreground until SIGTERM/SIGINT.
 """

@@ -17,7 +17,8 @@ account never needs `mail`.
 Change tracking needs read access to `entryCSN` of the key entries; without it
 `changes_since` raises `ChangesUnknown` and the cache starts over on every change.
 
-Configuration: the [directory] section, read and connected to exactly as the store does it
+Configuration: the [directory] section as `Config.responder_directory` gives it (bound as
+[web] bind_dn when that is set), read and connected to exactly as the store does it
 (`milter_wkd.directory`: uri, bind_dn, bind_password(_file), ca_file - ldaps:// demands a
 valid certificate -, timeout); base_dn. One connection, one operation at a time.
 

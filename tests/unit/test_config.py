@@ -55,3 +55,25 @@ def test_domains_tables(tmp_path: Path) -> None:
 def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         config.load(tmp_path / "nope.toml", environ={})
+
+
+def test_the_responder_binds_as_its_own_account() -> None:
+    shared = {"directory": {"bind_dn": "cn=milter,ou=services,dc=example,dc=org",
+                            "bind_password": "inline-milter-password"}}
+    cfg = config.build(shared, environ={})
+    assert cfg.responder_directory() == cfg.directory  # no [web] bind_dn: [directory]'s
+    cfg = config.build({**shared, "web": {
+        "bind_dn": "cn=wkd,ou=services,dc=example,dc=org",
+        "bind_password_file": "/etc/milter-wkd/wkd.password"}}, environ={})
+    responder = cfg.responder_directory()
+    assert (responder.bind_dn, responder.bind_password, responder.bind_password_file) == (
+        "cn=wkd,ou=services,dc=example,dc=org", "", "/etc/milter-wkd/wkd.password")
+    assert responder.uri == cfg.directory.uri
+    assert "[web]" in config.example()
+    assert "cn=wkd,ou=services,dc=example,dc=org" in config.example()
+
+
+def test_a_responder_account_needs_its_password_file() -> None:
+    # Without one the bind would be an unauthenticated (anonymous) one.
+    with pytest.raises(config.ConfigError, match=r"\[web\] bind_dn needs bind_password_file"):
+        config.build({"web": {"bind_dn": "cn=wkd,ou=services,dc=example,dc=org"}}, environ={})
