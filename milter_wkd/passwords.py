@@ -1,7 +1,8 @@
 """The service accounts' LDAP passwords: made at set-up, never shipped.
 
-ldap/milter-wkd-entries.ldif creates cn=milter, cn=wkd and cn=dovecot without a
-userPassword, so nobody can bind as them until `milter-wkd directory passwords` has run.
+ldap/milter-wkd-entries.ldif creates cn=milter, cn=wkd and cn=dovecot locked
+(`userPassword: {CRYPT}!`, which no password matches), so nobody can bind as them until
+`milter-wkd directory passwords` has run.
 That command (milter_wkd.cli.directory) takes, per account, a new random password
 (`new_password`: 32 characters, 192 bits from `secrets`), stores its {SSHA} hash in slapd
 as root over ldapi:// (SASL EXTERNAL, like ldap/README.md's other steps) or prints the

@@ -1,15 +1,16 @@
 """`milter-wkd directory passwords`: random passwords for the LDAP service accounts.
 
 Run as root on the LDAP server after ldap/README.md step 6 has added the accounts (which
-ship without a password). For each of cn=milter, cn=wkd and cn=dovecot (below --services;
---account picks some) it makes a random password, sets its {SSHA} hash in slapd as root
-over ldapi:// (SASL EXTERNAL), and writes the password to DIR/<account>.password, created
-with mode 0600 and owned by the account's system user: milter-wkd (the milter), milter-wkd-web
-(the WKD responder), root (Dovecot: copy it into dovecot-ldap.conf.ext as dnpass). --owner
-ACCOUNT=USER changes an owner. With --ldif nothing in the directory changes: the LDIF to
-apply on the LDAP server (`ldapmodify -Y EXTERNAL -H ldapi:/// -f FILE`) goes to stdout and
-the files are written at once. Exit 2 for an unknown user, 75 when the directory is down,
-1 when slapd refuses a change (files of accounts it did change are in place).
+ship locked: `userPassword: {CRYPT}!` matches no password). For each of cn=milter,
+cn=wkd and cn=dovecot (below --services; --account picks some) it makes a random
+password, sets its {SSHA} hash in slapd as root over ldapi:// (SASL EXTERNAL), and
+writes the password to DIR/<account>.password, created with mode 0600 and owned by the
+account's system user: milter-wkd (the milter), milter-wkd-web (the WKD responder), root
+(Dovecot: copy it into dovecot-ldap.conf.ext as dnpass). --owner ACCOUNT=USER changes an
+owner. With --ldif nothing in the directory changes: the LDIF to apply on the LDAP
+server (`ldapmodify -Y EXTERNAL -H ldapi:/// -f FILE`) goes to stdout and the files are
+written at once. Exit 2 for an unknown user, 75 when the directory is down, 1 when slapd
+refuses a change (files of accounts it did change are in place).
 """
 
 from __future__ import annotations
