@@ -92,8 +92,8 @@ class KeysConfig:
         "Accept SHA-1 self-signatures made before 2023-02-01, as GnuPG 2.2 does. Off: "
         "Sequoia (sq, and programs built on it) rejects every SHA-1 self-signature since "
         "that date, so such keys are not published; the user refreshes them with "
-        "gpg --quick-set-expire FPR 2y. MD5, RIPEMD-160 and SHA-3 self-signatures are "
-        "never accepted."))
+        "gpg --cert-digest-algo SHA256 --quick-set-expire FPR 2y. MD5, RIPEMD-160 and "
+        "SHA-3 self-signatures are never accepted."))
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.curves) - _KNOWN_CURVES)

@@ -217,7 +217,7 @@ class MailService:
         submission = parsed
         # One pass over the submitted bytes (a flooded key is megabytes): everything after
         # works on what survives, which cleaning again only narrows to fewer addresses.
-        limits = openpgp.Limits(max_input=self.config.keys.max_input_bytes)
+        limits = self.config.keys.limits(mailbox_only=domain.mailbox_only)
         everything = openpgp.clean_key(submission.key, None, limits=limits)
         submission = dataclasses.replace(submission, key=everything.key)
         addresses = list(everything.info.addresses)
@@ -231,7 +231,8 @@ class MailService:
                            source: KeySource, actor: str,
                            cleaned_for_all: openpgp.CleanResult | None = None,
                            ) -> openpgp.CleanResult:
-        limits = openpgp.Limits(max_input=self.config.keys.max_input_bytes)
+        domain = self._domains.get(addresses[0].domain) if addresses else None
+        limits = self.config.keys.limits(mailbox_only=domain is not None and domain.mailbox_only)
         wanted = {a.key for a in addresses}
         if cleaned_for_all is not None and wanted == {
                 a.key for a in cleaned_for_all.info.addresses}:
@@ -281,7 +282,9 @@ class MailService:
                                           str(login), everything)
         now = int(self.clock())
         submission_address = Address.parse(domain.submission_address)
-        text_refused = "".join(f"\nNot published for {r}" for r in refused)
+        text_refused = "".join(f"\nNot published for {r}" for r in refused) + "".join(
+            f"\nLeft out: {part}" for part in dict.fromkeys((*everything.dropped,
+                                                               *cleaned.dropped)))
         notice = wks.build_notice(
             submission_address=submission_address, address=login,
             subject="Your key has been published",
@@ -300,7 +303,7 @@ class MailService:
         now = int(self.clock())
         submission_address = Address.parse(domain.submission_address)
         secret = self._secret(domain)
-        limits = openpgp.Limits(max_input=self.config.keys.max_input_bytes)
+        limits = self.config.keys.limits(mailbox_only=domain.mailbox_only)
         sent = 0
         reasons: list[str] = []
         for address in key_addresses:

@@ -70,17 +70,44 @@ class Address:
         return f"{self.local}@{self.domain}"
 
 
-_UID_ADDR = re.compile(r"<([^<>]*)>\s*$")
+# `Name <addr>`: the only `<` and `>` of the user ID, the `>` last, no `@` in the name.
+_UID_NAME_ADDR = re.compile(r"^[^<>@]*<([^<>]*)>$")
+
+
+def user_id_address(user_id: str) -> Address:
+    """The one address that every OpenPGP implementation reads from a user ID.
+
+    Accepted: a bare addr-spec, or `Name <addr-spec>` with no other `<`, `>` or `@`.
+    Implementations disagree on anything else: GnuPG takes the FIRST `<...>` and, for a
+    user ID without `<`, the whole text only if it is a plain mailbox (common/mbox-util.c
+    mailbox_from_userid); C code stops at a NUL; Sequoia parses RFC 2822 name-addr and reads
+    no address from `A <a@x> <b@y>`. Raises `BadAddress` saying why.
+    """
+    if any(ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F for ch in user_id):
+        raise BadAddress("it contains control characters (GnuPG stops reading at a NUL)")
+    if user_id.count("@") > 1:
+        raise BadAddress("it names more than one address (OpenPGP programs read different "
+                         "ones)")
+    if "<" in user_id or ">" in user_id:
+        match = _UID_NAME_ADDR.match(user_id)
+        if match is None:
+            raise BadAddress("it is not of the form 'Name <address>' (one '<', one '>' at "
+                             "the end)")
+        candidate = match.group(1)
+    else:
+        candidate = user_id
+    if "@" not in candidate:
+        raise BadAddress("it has no mail address")
+    if candidate != "".join(candidate.split()) or candidate.endswith(".") or len(
+            candidate) > 320:
+        raise BadAddress("its address has spaces, a trailing dot or is too long")
+    return Address.parse(candidate)
 
 
 def address_of_user_id(user_id: str) -> Address | None:
-    """The address of an OpenPGP user ID (`Name <addr>` or a bare `addr`), or None."""
-    match = _UID_ADDR.search(user_id)
-    candidate = match.group(1) if match else user_id
-    if "@" not in candidate or len(candidate) > 320:
-        return None
+    """The address of an OpenPGP user ID (see `user_id_address`), or None."""
     try:
-        return Address.parse(candidate)
+        return user_id_address(user_id)
     except BadAddress:
         return None
 

@@ -17,9 +17,11 @@ from milter_wkd.errors import KeyRefused
 from milter_wkd.openpgp import packets
 from milter_wkd.openpgp.cleaning import (
     DEFAULT_LIMITS,
+    DEFAULT_POLICY,
     CleanKey,
     CleanSubkey,
     Limits,
+    Policy,
     merge_skeletons,
     scan,
     verify_skeleton,
@@ -27,8 +29,9 @@ from milter_wkd.openpgp.cleaning import (
 from milter_wkd.values import Address, Fingerprint
 
 __all__ = [
-    "DEFAULT_LIMITS", "CleanKey", "CleanResult", "KeyInfo", "KeyRefused", "Limits",
-    "SubkeyInfo", "armor_key", "autocrypt_keydata", "autocrypt_of", "clean_key", "inspect_key",
+    "DEFAULT_LIMITS", "DEFAULT_POLICY", "CleanKey", "CleanResult", "KeyInfo", "KeyRefused",
+    "Limits", "Policy", "SubkeyInfo", "armor_key", "autocrypt_keydata", "autocrypt_of",
+    "clean_key", "inspect_key",
     "merge_keys",
 ]
 
@@ -121,6 +124,11 @@ class CleanResult:
     info: KeyInfo
     stats: Counter[str]
     clean: CleanKey
+
+    @property
+    def dropped(self) -> tuple[str, ...]:
+        """Parts left out that the submitter must hear of, each with why and what to do."""
+        return self.clean.dropped
 
 
 def _key_expiry(clean: CleanKey) -> int | None:

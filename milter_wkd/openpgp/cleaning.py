@@ -36,16 +36,17 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from milter_wkd.errors import KeyRefused
+from milter_wkd.errors import BadAddress, KeyRefused
 from milter_wkd.openpgp import packets as pk
 from milter_wkd.openpgp.material import (
+    HASH_NAMES,
     PublicKey,
     Signature,
     parse_public_key,
     parse_signature,
     user_id_hash_prefix,
 )
-from milter_wkd.values import Address, address_of_user_id
+from milter_wkd.values import Address, user_id_address
 
 SIG_CERT_TYPES = frozenset({0x10, 0x11, 0x12, 0x13})
 SIG_CERT_REVOCATION = 0x30
@@ -54,6 +55,7 @@ SIG_SUBKEY_REVOCATION = 0x28
 SIG_DIRECT_KEY = 0x1F
 SIG_KEY_REVOCATION = 0x20
 SIG_ATTESTATION = 0x16
+_REVOCATIONS = frozenset({SIG_KEY_REVOCATION, SIG_CERT_REVOCATION, SIG_SUBKEY_REVOCATION})
 SIG_PRIMARY_KEY_BINDING = 0x19
 # Key flags that make a subkey signing-capable (RFC 9580 §5.2.3.29): certify 0x01, sign 0x02.
 # Authentication (0x20) does not: GnuPG makes no back-signature for it and Sequoia asks
@@ -67,6 +69,94 @@ _ALLOWED_TYPES = {
 }
 
 
+# Sequoia's standard policy rejects SHA-1 for self-signatures from this date on (its
+# SecondPreImageResistantHashCutoffList, Timestamp::Y2023M2). It compares the cutoff with the
+# time of evaluation, not of signing: sq 0.27 (sequoia-openpgp 1.12) refuses a SHA-1
+# self-signature made in 2022 today.
+SHA1_CUTOFF = 1675209600  # 2023-02-01T00:00:00Z
+# Hashes GnuPG 2.2 and Sequoia both check for self-signatures (SHA-3 is unknown to gpg 2.2).
+_GOOD_HASHES = frozenset({8, 9, 10, 11})
+# Curves both GnuPG 2.2 and Sequoia accept. Brainpool is left out: Debian 12's sq (Nettle
+# backend) finds no valid binding on brainpool keys gpg makes.
+DEFAULT_CURVES = frozenset({"ed25519", "cv25519", "nistp256", "nistp384", "nistp521"})
+# Which curves each elliptic-curve algorithm may use (ECDH, ECDSA, EdDSA legacy).
+_CURVES_OF = {18: frozenset({"cv25519", "nistp256", "nistp384", "nistp521", "brainpoolP256r1",
+                             "brainpoolP384r1", "brainpoolP512r1"}),
+              19: frozenset({"nistp256", "nistp384", "nistp521", "brainpoolP256r1",
+                             "brainpoolP384r1", "brainpoolP512r1"}),
+              22: frozenset({"ed25519"})}
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """What a key must meet to be published (config [keys] and the domain's mailbox-only).
+
+    Keys and signatures that GnuPG 2.2 or Sequoia (sq) would reject are not published: a
+    primary key below the minimum is refused; a weak subkey, a user ID or subkey whose only
+    self-signatures use a rejected hash or an unknown critical subpacket is left out.
+    """
+
+    min_rsa_bits: int = 2048
+    min_dsa_bits: int = 2048  # DSA and ElGamal
+    curves: frozenset[str] = DEFAULT_CURVES
+    # Accept SHA-1 self-signatures made before SHA1_CUTOFF, as GnuPG 2.2 does (Sequoia
+    # rejects them all since that date).
+    sha1_before_2023: bool = False
+    # Publish only user IDs that are a bare address (the WKS policy flag mailbox-only).
+    mailbox_only: bool = False
+
+
+DEFAULT_POLICY = Policy()
+
+
+def key_weakness(key: PublicKey, policy: Policy) -> str | None:
+    """Why GnuPG 2.2 or Sequoia would reject this key's algorithm or size (None: neither)."""
+    algo = key.algorithm
+    if algo in _CURVES_OF:
+        if key.curve not in _CURVES_OF[algo] or key.curve not in policy.curves:
+            accepted = ", ".join(sorted(policy.curves & _CURVES_OF[algo]))
+            return f"{key.algorithm_name} on curve {key.curve} is not accepted ({accepted} are)"
+        return None
+    if algo in (1, 2, 3):
+        name, minimum = "RSA", policy.min_rsa_bits
+    elif algo in (16, 17):
+        name, minimum = key.algorithm_name, policy.min_dsa_bits
+    else:
+        return f"{key.algorithm_name} keys are not understood by GnuPG 2.2"
+    if key.bits < minimum:
+        return f"{name}-{key.bits} is too weak (minimum {minimum} bits)"
+    return None
+
+
+def signature_problem(sig: Signature, policy: Policy) -> str | None:
+    """Why current OpenPGP software would ignore this self-signature (None: it would not)."""
+    if sig.unknown_critical is not None:
+        return "critical"
+    if sig.sig_type in _REVOCATIONS or sig.hash_algorithm in _GOOD_HASHES:
+        # Revocations stay whatever their hash: clients must learn of them (Sequoia gives
+        # revocations a tolerance for the same reason).
+        return None
+    if sig.hash_algorithm == 2 and policy.sha1_before_2023 and sig.created < SHA1_CUTOFF:
+        return None
+    return "sha1" if sig.hash_algorithm == 2 else "hash"
+
+
+# gpg 2.2 renews a self-signature of a DSA, ECDSA or EdDSA key with the hash of the old one
+# (g10/keyedit.c update_keysig_packet) unless told otherwise.
+_REFRESH = "gpg --cert-digest-algo SHA256 --quick-set-expire"
+
+
+def _problem_text(problem: str, sig_hash: int) -> str:
+    if problem == "critical":
+        return ("carries a critical subpacket that GnuPG or Sequoia does not understand "
+                "(RFC 9580 5.2.3.7), so they reject it")
+    if problem == "sha1":
+        return ("uses SHA-1 (current OpenPGP software, e.g. Sequoia since 2023-02-01, "
+                "rejects it)")
+    name = HASH_NAMES.get(sig_hash, f"hash {sig_hash}")
+    return f"uses {name}, which GnuPG 2.2 or Sequoia rejects"
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Hard bounds on what a key may cost us. Defaults take a 64 MiB flooded key."""
@@ -78,11 +168,10 @@ class Limits:
     max_user_ids: int = 64
     max_subkeys: int = 64
     max_invalid_signatures: int = 100
+    policy: Policy = DEFAULT_POLICY
 
 
 DEFAULT_LIMITS = Limits()
-
-_REVOCATIONS = frozenset({SIG_KEY_REVOCATION, SIG_CERT_REVOCATION, SIG_SUBKEY_REVOCATION})
 _Entry = tuple[int, int, bytes, Signature]
 
 
@@ -134,6 +223,8 @@ class _Component:
     candidates: _Candidates
     key: PublicKey | None = None
     address: Address | None = None
+    # Why verified self-signatures were rejected (signature_problem), with their hash.
+    problems: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -146,6 +237,9 @@ class Skeleton:
     key_candidates: _Candidates
     components: dict[tuple[str, bytes], _Component]
     stats: Counter[str]
+    # Parts left out for a reason the submitter must hear: label -> human reason.
+    notes: dict[str, str] = field(default_factory=dict)
+    policy: Policy = DEFAULT_POLICY
 
 
 def _signature_owner_check(
@@ -201,12 +295,21 @@ class _Verifier:
     primary: PublicKey
     limit: int
     stats: Counter[str]
+    policy: Policy = DEFAULT_POLICY
     failures: int = 0
 
-    def offer(self, target: _Candidates, prefix: bytes, raw: bytes, sig: Signature) -> None:
+    def offer(self, target: _Candidates, prefix: bytes, raw: bytes, sig: Signature,
+              problems: dict[str, int] | None = None) -> None:
         reason = target.rejects(raw, sig)
         if reason is not None:
             self.stats["dropped:" + reason] += 1
+            return
+        # Cheap and before the cryptography: what clients would ignore is never a candidate.
+        problem = signature_problem(sig, self.policy)
+        if problem is not None:
+            self.stats[f"dropped:self-signature-{problem}"] += 1
+            if problems is not None:
+                problems.setdefault(problem, sig.hash_algorithm)
             return
         if not self.primary.verify(sig, prefix):
             self.stats["dropped:invalid-self-signature"] += 1
@@ -247,11 +350,18 @@ def scan(data: bytes, addresses: Iterable[Address] | None, limits: Limits = DEFA
     primary = parse_public_key(data[first_body:first_end])
     if not primary.can_sign:
         raise KeyRefused(f"primary key algorithm {primary.algorithm_name} cannot certify")
+    policy = limits.policy
+    weak = key_weakness(primary, policy)
+    if weak is not None:
+        raise KeyRefused(f"{weak}: create a new key (e.g. gpg --quick-gen-key ADDRESS "
+                         "future-default)")
     if not primary.can_verify:
         raise KeyRefused(f"unsupported primary key: {primary.algorithm_name} {primary.curve}")
+    fpr = primary.fingerprint.hex().upper()
+    notes: dict[str, str] = {}
     key_id = primary.key_id
     key_prefix = primary.hash_prefix()
-    verifier = _Verifier(primary, limits.max_invalid_signatures, stats)
+    verifier = _Verifier(primary, limits.max_invalid_signatures, stats, policy)
     key_candidates = _Candidates(limits.max_candidates)
     components: dict[tuple[str, bytes], _Component] = {}
     current: _Component | None = None
@@ -275,7 +385,8 @@ def scan(data: bytes, addresses: Iterable[Address] | None, limits: Limits = DEFA
                 if current is None:
                     verifier.offer(key_candidates, key_prefix, *found)
                 else:
-                    verifier.offer(current.candidates, current.prefix, *found)
+                    verifier.offer(current.candidates, current.prefix, *found,
+                                   current.problems)
         elif tag == pk.TAG_USER_ID:
             current, current_kind = None, "skip"
             if end - body_start > limits.max_user_id:
@@ -284,7 +395,7 @@ def scan(data: bytes, addresses: Iterable[Address] | None, limits: Limits = DEFA
             body = data[body_start:end]
             ident = ("uid", body)
             if ident not in components:
-                address = _wanted_address(body, wanted, stats)
+                address = _wanted_address(body, wanted, stats, notes, fpr, policy)
                 if address is None:
                     continue
                 uid_count += 1
@@ -310,6 +421,13 @@ def scan(data: bytes, addresses: Iterable[Address] | None, limits: Limits = DEFA
                 except KeyRefused:
                     stats["dropped:unusable-subkey"] += 1
                     continue
+                weak = key_weakness(subkey, policy)
+                if weak is not None:
+                    stats["dropped:weak-subkey"] += 1
+                    notes[f"subkey {subkey.fingerprint.hex().upper()}"] = (
+                        f"{weak}: add a new subkey (gpg --quick-add-key {fpr} "
+                        "future-default encr)")
+                    continue
                 components[ident] = _Component(
                     "subkey", data[start:end], body, key_prefix + subkey.hash_prefix(),
                     _Candidates(limits.max_candidates), key=subkey)
@@ -334,23 +452,42 @@ def scan(data: bytes, addresses: Iterable[Address] | None, limits: Limits = DEFA
         stats["dropped:signature-on-dropped-component"] += on_dropped
     if third_party:
         stats["dropped:third-party-signature"] += third_party
-    return Skeleton(data[:first_end], primary, key_candidates, components, stats)
+    return Skeleton(data[:first_end], primary, key_candidates, components, stats, notes,
+                    policy)
+
+
+def _quoted(text: str) -> str:
+    shown = text if len(text) <= 80 else text[:77] + "..."
+    return "user ID '" + shown.encode("unicode_escape").decode("ascii") + "'"
 
 
 def _wanted_address(body: bytes, wanted: set[str] | None, stats: Counter[str],
-                    ) -> Address | None:
+                    notes: dict[str, str], fpr: str, policy: Policy) -> Address | None:
     """The address of a user ID packet body if it may be published, else None (counted)."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         stats["dropped:user-id-not-utf8"] += 1
         return None
-    address = address_of_user_id(text)
-    if address is None:
-        stats["dropped:user-id-without-address"] += 1
+    try:
+        address = user_id_address(text)
+    except BadAddress as exc:
+        if "@" not in text:
+            stats["dropped:user-id-without-address"] += 1
+        else:
+            # We cannot tell whose it is, so whoever submits it hears why.
+            stats["dropped:ambiguous-user-id"] += 1
+            notes[_quoted(text)] = (f"{exc.reason}: make one user ID per address, "
+                                    f"'Name <address>' (gpg --quick-add-uid {fpr})")
         return None
     if wanted is not None and address.key not in wanted:
         stats["dropped:user-id-other-address"] += 1
+        return None
+    if policy.mailbox_only and text != str(address):
+        stats["dropped:user-id-not-mailbox-only"] += 1
+        notes[_quoted(text)] = (
+            "this domain publishes only user IDs that are a bare address (mailbox-only): "
+            f"add one with gpg --quick-add-uid {fpr} {address}")
         return None
     return address
 
@@ -361,7 +498,7 @@ def merge_skeletons(old: Skeleton, new: Skeleton, limits: Limits = DEFAULT_LIMIT
     if old.primary.fingerprint != new.primary.fingerprint:
         raise KeyRefused("the update is a different key (fingerprints differ)")
     merged = Skeleton(old.primary_raw, old.primary, _Candidates(limits.max_candidates), {},
-                      old.stats + new.stats)
+                      old.stats + new.stats, {**old.notes, **new.notes}, limits.policy)
 
     def offer(target: _Candidates, raw: bytes, sig: Signature) -> None:
         if target.rejects(raw, sig) is None:
@@ -376,6 +513,7 @@ def merge_skeletons(old: Skeleton, new: Skeleton, limits: Limits = DEFAULT_LIMIT
                 target = _Component(comp.kind, comp.raw, comp.body, comp.prefix,
                                     _Candidates(limits.max_candidates), comp.key, comp.address)
                 merged.components[ident] = target
+            target.problems.update(comp.problems)
             for raw, sig in comp.candidates.newest_first():
                 offer(target.candidates, raw, sig)
     return merged
@@ -421,6 +559,8 @@ class CleanKey:
     user_ids: tuple[CleanUserID, ...]
     subkeys: tuple[CleanSubkey, ...]
     stats: Counter[str]
+    # Each part left out that the submitter must hear of: "<part>: <why and what to do>".
+    dropped: tuple[str, ...] = ()
 
     @property
     def revocation(self) -> bytes | None:
@@ -468,7 +608,8 @@ def _signing_capable(key: PublicKey, binding: Signature) -> bool:
     return key.can_sign if flags is None else bool(flags & _SIGNING_FLAGS)
 
 
-def _back_signed(key: PublicKey, prefix: bytes, binding: Signature, now: int) -> bool:
+def _back_signed(key: PublicKey, prefix: bytes, binding: Signature, now: int,
+                 policy: Policy) -> bool:
     """True when the binding embeds a valid primary-key binding signature (RFC 9580 §5.2.1:
     type 0x19, made by the subkey over the primary key and the subkey)."""
     if binding.embedded is None or not key.can_verify:
@@ -477,7 +618,7 @@ def _back_signed(key: PublicKey, prefix: bytes, binding: Signature, now: int) ->
         back = parse_signature(binding.embedded)
     except KeyRefused:
         return False
-    if back.sig_type != SIG_PRIMARY_KEY_BINDING or back.unknown_critical is not None:
+    if back.sig_type != SIG_PRIMARY_KEY_BINDING or signature_problem(back, policy) is not None:
         return False
     expires = back.sig_expires
     if expires is not None and expires <= now:
@@ -495,6 +636,8 @@ def verify_skeleton(skeleton: Skeleton, now: int | None = None) -> CleanKey:
     direct = _newest_valid(key_sigs, frozenset({SIG_DIRECT_KEY}), now, stats)
     best_by_address: dict[str, CleanUserID] = {}
     subkeys: list[CleanSubkey] = []
+    notes = dict(skeleton.notes)
+    fpr = primary.fingerprint.hex().upper()
     for comp in skeleton.components.values():
         candidates = comp.candidates.newest_first()
         if comp.kind == "uid":
@@ -503,6 +646,10 @@ def verify_skeleton(skeleton: Skeleton, now: int | None = None) -> CleanKey:
             cert = _newest_valid(candidates, SIG_CERT_TYPES, now, stats)
             if cert is None:
                 stats["dropped:user-id-without-valid-self-signature"] += 1
+                for problem, hash_algo in comp.problems.items():
+                    notes[_quoted(comp.body.decode("utf-8"))] = (
+                        f"its self-signature {_problem_text(problem, hash_algo)}: refresh it "
+                        f"with {_REFRESH} {fpr} 2y")
                 continue
             revoked = _newest_valid(candidates,
                                     frozenset({SIG_CERT_REVOCATION}), now, stats)
@@ -522,18 +669,31 @@ def verify_skeleton(skeleton: Skeleton, now: int | None = None) -> CleanKey:
                 continue
             binding = _newest_valid(candidates,
                                     frozenset({SIG_SUBKEY_BINDING}), now, stats)
+            label = f"subkey {comp.key.fingerprint.hex().upper()}"
             if binding is None:
                 stats["dropped:subkey-without-valid-binding"] += 1
+                for problem, hash_algo in comp.problems.items():
+                    notes[label] = (
+                        f"its binding signature {_problem_text(problem, hash_algo)}: refresh "
+                        f"it with {_REFRESH} {fpr} 2y '*'")
                 continue
-            cross_certified = _back_signed(comp.key, comp.prefix, binding[1], now)
+            cross_certified = _back_signed(comp.key, comp.prefix, binding[1], now,
+                                           skeleton.policy)
             if not cross_certified and _signing_capable(comp.key, binding[1]):
                 stats["dropped:subkey-without-back-signature"] += 1
+                notes[label] = ("it can sign but carries no valid back-signature (RFC 9580 "
+                                "5.2.1) proving the subkey's holder agreed: add signing "
+                                f"subkeys with gpg --quick-add-key {fpr} future-default sign")
                 continue
             sub_revs = _all_valid(candidates, frozenset({SIG_SUBKEY_REVOCATION}), now, stats)
             subkeys.append(CleanSubkey(comp.raw, comp.key, binding[0], binding[1], sub_revs,
                                        cross_certified))
     if not best_by_address:
-        raise KeyRefused("no user ID with a valid self-signature for any allowed address")
+        # What the submitter must fix comes first: an SMTP reply carries 300 characters.
+        why = [f"{part}: {reason}" for part, reason in notes.items()
+               if part.startswith("user ID")]
+        raise KeyRefused("; ".join(why) if why else
+                         "no user ID with a valid self-signature for any allowed address")
     user_ids = tuple(best_by_address.values())
     stats["kept:user-id"] = len(user_ids)
     stats["kept:subkey"] = len(subkeys)
@@ -544,4 +704,5 @@ def verify_skeleton(skeleton: Skeleton, now: int | None = None) -> CleanKey:
         skeleton.primary_raw, primary,
         revocations,
         direct[0] if direct else None, direct[1] if direct else None,
-        user_ids, tuple(subkeys), stats)
+        user_ids, tuple(subkeys), stats,
+        tuple(f"{part}: {reason}" for part, reason in notes.items()))

@@ -493,3 +493,86 @@ def test_cli_inspect(world: World) -> None:
     assert info["bits"] == 3072
     assert sorted(info["user_ids"]) == ["Rob <rob@example.org>",
                                         "Rob Elsewhere <rob@elsewhere.example>"]
+
+
+# --- #11 items 3 and 4, and back-signatures: keys gpg makes, that gpg or sq would misread ----
+
+def test_gpg_files_a_two_address_user_id_under_the_first_one(tmp_path: Path) -> None:
+    """The attack: gpg reads bob@ from this user ID; we used to publish it for alice@."""
+    uid = "Bob Baker <bob@example.org> <alice@example.org>"
+    with GnuPG(tmp_path / "mallory") as gpg:
+        fpr = gpg.generate(uid)
+        assert gpg.fingerprint("<bob@example.org>") == fpr
+        assert gpg.run("--list-keys", "<alice@example.org>", check=False).returncode != 0
+        data = gpg.export(fpr)
+    for wanted in (addrs("alice@example.org"), addrs("bob@example.org"), None):
+        with pytest.raises(KeyRefused, match="more than one address"):
+            openpgp.clean_key(data, wanted)
+
+
+def test_rsa_1024_made_by_gpg_is_refused_as_sq_does(tmp_path: Path) -> None:
+    with GnuPG(tmp_path / "weak") as gpg:
+        fpr = gpg.generate("Weak <weak@example.org>", algo="rsa1024", subkey="rsa1024")
+        data = gpg.export(fpr)
+    assert "Policy rejected asymmetric algorithm" in sq_inspect(data)[2]
+    with pytest.raises(KeyRefused, match=r"RSA-1024 is too weak \(minimum 2048 bits\)"):
+        openpgp.clean_key(data, None)
+    weak_subkey_only = openpgp.Policy(min_rsa_bits=1024)
+    assert openpgp.clean_key(data, None, limits=openpgp.Limits(policy=weak_subkey_only))
+
+
+@pytest.mark.parametrize(("when", "accepted_by_the_lenient_policy"), [
+    ("20220601T000000", True), ("20240601T000000", False)])
+def test_sha1_self_signatures_and_the_advice_that_fixes_them(
+        tmp_path: Path, when: str, accepted_by_the_lenient_policy: bool) -> None:
+    with GnuPG(tmp_path / "sha1") as gpg:
+        sha1 = ("--faked-system-time", when, "--cert-digest-algo", "SHA1", "--digest-algo",
+                "SHA1")
+        gpg.run(*sha1, "--quick-gen-key", "Old <old@example.org>", "rsa2048", "default",
+                "never")
+        fpr = gpg.fingerprint("old@example.org")
+        gpg.run(*sha1, "--quick-add-key", fpr, "rsa2048", "encr", "never")
+        data = gpg.export(fpr)
+        # sq rejects it whenever it was made: Sequoia compares its cutoff with today.
+        assert "SHA1 is not considered secure since 2023-02-01" in sq_inspect(data)[2]
+        with pytest.raises(KeyRefused, match=f"uses SHA-1.*SHA256 --quick-set-expire {fpr} 2y"):
+            openpgp.clean_key(data, None)
+        lenient = openpgp.Limits(policy=openpgp.Policy(sha1_before_2023=True))
+        if accepted_by_the_lenient_policy:
+            assert openpgp.clean_key(data, None, limits=lenient).info.fingerprint.hex == fpr
+        else:
+            with pytest.raises(KeyRefused, match="SHA-1"):
+                openpgp.clean_key(data, None, limits=lenient)
+        # What the refusal tells the user to do makes the key publishable.
+        refresh = ("--cert-digest-algo", "SHA256", "--quick-set-expire", fpr, "2y")
+        gpg.run(*refresh)
+        gpg.run(*refresh, "*")
+        refreshed = openpgp.clean_key(gpg.export(fpr), None)
+    assert refreshed.info.user_ids == ("Old <old@example.org>",)
+    assert len(refreshed.info.subkeys) == 1
+    assert "Invalid" not in sq_inspect(refreshed.key)[2]
+
+
+def test_a_critical_notation_invalidates_the_self_signature_as_in_gpg(tmp_path: Path) -> None:
+    with GnuPG(tmp_path / "crit") as gpg:
+        fpr = gpg.generate("Crit <crit@example.org>")
+        gpg.run("--cert-notation", "!x@example.org=1", "--quick-add-uid", fpr,
+                "Crit Two <crit2@example.org>")
+        data = gpg.export(fpr)
+        checked = gpg.run("--check-sigs", fpr).stderr.decode()
+    assert "unknown critical bit" in checked  # gpg itself refuses that self-signature
+    result = openpgp.clean_key(data, None)
+    assert result.info.user_ids == ("Crit <crit@example.org>",)
+    assert result.stats["dropped:self-signature-critical"] == 1
+    assert result.dropped[0].startswith("user ID 'Crit Two <crit2@example.org>': its "
+                                        "self-signature carries a critical subpacket")
+
+
+def test_gpg_signing_subkeys_are_cross_certified(tmp_path: Path) -> None:
+    with GnuPG(tmp_path / "signing") as gpg:
+        fpr = gpg.generate("Sig <sig@example.org>")
+        gpg.run("--quick-add-key", fpr, "ed25519", "sign", "1y")
+        gpg.run("--quick-add-key", fpr, "ed25519", "auth", "1y")
+        info = openpgp.inspect_key(gpg.export(fpr))
+    assert sorted((s.usage, s.cross_certified) for s in info.subkeys) == [
+        ("a", False), ("e", False), ("s", True)]

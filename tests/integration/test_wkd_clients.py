@@ -167,7 +167,7 @@ def test_gpg_wks_client_check_and_supported(site: Site, tmp_path: Path) -> None:
         fields = supported.stdout.decode().strip().split(":")
         # domain:WKD:WKS:error:protocol-version:auth-submit:mailbox-only
         assert fields[:3] == ["example.org", "1", "1"]
-        assert fields[4:7] == ["3", "1", "1"]
+        assert fields[4:7] == ["3", "1", "0"]  # mailbox_only is off by default
 
 
 def test_the_submission_key_is_served_like_a_users(site: Site, tmp_path: Path) -> None:
@@ -205,7 +205,7 @@ def test_head_cors_length_and_type(site: Site) -> None:
 
 def test_policy_and_submission_address_byte_for_byte(site: Site) -> None:
     policy = (b"protocol-version: 3\nsubmission-address: key-submission@example.org\n"
-              b"mailbox-only\nauth-submit\n")
+              b"auth-submit\n")
     for path, host in [("/.well-known/openpgpkey/example.org/policy", None),
                        ("/.well-known/openpgpkey/policy", "example.org")]:
         status, headers, body = site.wkd.get(path, host=host)

@@ -119,10 +119,12 @@ def test_dovecot_socket_from_option_postfix_or_default() -> None:
 
 POLICY = b"mailbox-only\nauth-submit\nprotocol-version: 3\nsubmission-address: " \
          b"key-submission@example.org\n"
+MAILBOX_ONLY = DomainConfig(mailbox_only=True)
 
 
 def test_good_policy() -> None:
-    assert check.check_policy(POLICY, DOMAIN) == []
+    assert check.check_policy(POLICY, MAILBOX_ONLY) == []
+    assert check.check_policy(POLICY.replace(b"mailbox-only\n", b""), DOMAIN) == []
 
 
 @pytest.mark.parametrize(("body", "expected"), [
@@ -136,14 +138,15 @@ def test_good_policy() -> None:
     (b"", "it is empty"),
 ])
 def test_policy_problems(body: bytes, expected: str) -> None:
-    problems = check.check_policy(body, DOMAIN)
+    problems = check.check_policy(body, MAILBOX_ONLY)
     assert any(expected in p for p in problems), problems
 
 
 def test_policy_advertising_what_the_config_switched_off() -> None:
     domain = DomainConfig(auth_submit=False)
     assert check.check_policy(POLICY, domain) == [
-        "auth-submit advertised (the config says auth_submit = false)"]
+        "auth-submit advertised (the config says auth_submit = false)",
+        "mailbox-only advertised (the config says mailbox_only = false)"]
 
 
 # -- the submission key pair on disk ------------------------------------------------------

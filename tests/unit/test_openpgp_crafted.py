@@ -8,10 +8,13 @@ integration tests check that gpg accepts such keys). Other modules reuse it as a
 from __future__ import annotations
 
 import hashlib
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
 
 from milter_wkd import openpgp
 from milter_wkd.errors import KeyRefused
@@ -134,7 +137,8 @@ class Signer:
             unhashed = subpacket(16, self.key_id) + unhashed
         head = bytes((4, sig_type, 22, hash_algorithm)) + len(area).to_bytes(2, "big") + area
         trailer = head + b"\x04\xff" + len(head).to_bytes(4, "big")
-        hasher = {2: hashlib.sha1, 8: hashlib.sha256, 10: hashlib.sha512}[hash_algorithm]
+        hasher = {1: hashlib.md5, 2: hashlib.sha1, 8: hashlib.sha256,
+                  10: hashlib.sha512}[hash_algorithm]
         digest = hasher(signed + trailer).digest()
         value = self.secret.sign(digest)
         if corrupt:
@@ -487,3 +491,164 @@ def test_signing_subkeys_need_a_valid_back_signature(back: str, flags: int, kept
 def test_an_encryption_subkey_is_not_cross_certified() -> None:
     _, _, key = simple_key()
     assert [s.cross_certified for s in clean(key).info.subkeys] == [False]
+
+
+# --- #11 item 3: a user ID is published only if everyone reads the same single address -----
+
+BOB_AND_ALICE = "Bob Baker <bob@example.org> <alice@example.org>"
+
+
+def test_a_user_id_with_two_addresses_is_never_published() -> None:
+    # GnuPG reads bob@ (the first <...>); we used to read alice@ (the last).
+    alice = Signer()
+    key = alice.packet + user_id(BOB_AND_ALICE) + alice.certify(BOB_AND_ALICE, T0 + 1)
+    for wanted in (ALICE, [Address.parse("bob@example.org")], None):
+        with pytest.raises(KeyRefused, match="more than one address"):
+            openpgp.clean_key(key, wanted, now=NOW)
+    both = key + user_id(ALICE_UID) + alice.certify(ALICE_UID, T0 + 2)
+    result = clean(both, None)
+    assert result.info.user_ids == (ALICE_UID,)
+    assert result.stats["dropped:ambiguous-user-id"] == 1
+    assert [d.split(":")[0] for d in result.dropped] == [f"user ID '{BOB_AND_ALICE}'"]
+
+
+@pytest.mark.parametrize(("text", "kept"), [("alice@example.org", True),
+                                            (ALICE_UID, False)])
+def test_mailbox_only_publishes_bare_addresses_only(text: str, kept: bool) -> None:
+    alice = Signer()
+    key = alice.packet + user_id(text) + alice.certify(text, T0 + 1)
+    limits = Limits(policy=openpgp.Policy(mailbox_only=True))
+    assert clean(key, limits=openpgp.Limits()).info.user_ids == (text,)
+    if kept:
+        assert clean(key, limits=limits).info.user_ids == (text,)
+        return
+    with pytest.raises(KeyRefused, match=r"mailbox-only.*--quick-add-uid"):
+        clean(key, limits=limits)
+
+
+# --- #11 item 4: what GnuPG 2.2 or Sequoia would reject is not published --------------------
+
+def critical(kind: int, body: bytes) -> bytes:
+    packet = subpacket(kind, body)
+    return packet[:1] + bytes((packet[1] | 0x80,)) + packet[2:]
+
+
+@pytest.mark.parametrize(("extra", "valid"), [
+    (critical(27, b"\x03"), True),          # key flags: known to both
+    (critical(2 + 0, (T0 + 1).to_bytes(4, "big")), True),
+    (critical(28, b"alice@example.org"), False),  # signer's user ID: unknown to gpg 2.2
+    (critical(23, b"\x80"), False),         # keyserver preferences: unknown to gpg 2.2
+    (critical(40, b"x"), False),            # unassigned
+    (critical(20, notation(b"x@example.org", b"1")[2:]), False),  # a critical notation
+    (subpacket(40, b"x"), True),            # not critical: ignored
+])
+def test_a_signature_with_an_unknown_critical_subpacket_is_invalid(extra: bytes,
+                                                                   valid: bool) -> None:
+    alice = Signer()
+    key = alice.packet + user_id(ALICE_UID) + alice.certify(ALICE_UID, T0 + 1, hashed=extra)
+    if valid:
+        assert clean(key).info.user_ids == (ALICE_UID,)
+        return
+    with pytest.raises(KeyRefused, match="critical subpacket"):
+        clean(key)
+
+
+def test_an_unknown_critical_subpacket_in_the_unhashed_area_counts_too() -> None:
+    alice, sub = Signer(), Subkey(T0 + 5)
+    key = (alice.packet + user_id(ALICE_UID) + alice.certify(ALICE_UID, T0 + 1) + sub.packet
+           + alice.bind(sub, T0 + 6, unhashed=critical(40, b"x")))
+    result = clean(key)
+    assert result.info.subkeys == ()
+    assert result.stats["dropped:self-signature-critical"] == 1
+    assert result.dropped[0].startswith(f"subkey {sub.fingerprint}: its binding signature")
+
+
+OLD = 1_600_000_000  # 2020-09-13, before the SHA-1 cutoff
+
+
+@pytest.mark.parametrize(("created", "hash_algorithm", "sha1_before_2023", "valid"), [
+    (OLD, 2, False, False),   # Sequoia rejects every SHA-1 self-signature today
+    (OLD, 2, True, True),     # GnuPG 2.2 accepts it; the admin may too
+    (T0, 2, True, False),     # made after 2023-02-01: nobody should
+    (OLD, 1, True, False),    # MD5: never
+    (OLD, 10, False, True),
+])
+def test_weak_hash_self_signatures(created: int, hash_algorithm: int,
+                                   sha1_before_2023: bool, valid: bool) -> None:
+    alice = Signer(OLD)
+    cert = alice.signature(0x13, alice.prefix + uid_prefix(ALICE_UID), created,
+                           hashed=subpacket(27, b"\x03"), hash_algorithm=hash_algorithm)
+    key = alice.packet + user_id(ALICE_UID) + cert
+    limits = Limits(policy=openpgp.Policy(sha1_before_2023=sha1_before_2023))
+    if valid:
+        assert clean(key, limits=limits).info.user_ids == (ALICE_UID,)
+        return
+    advice = "gpg --cert-digest-algo SHA256 --quick-set-expire " + alice.fingerprint.hex().upper()
+    with pytest.raises(KeyRefused, match=r"uses (SHA-1|MD5).*" + advice + " 2y"):
+        clean(key, limits=limits)
+
+
+def test_a_newer_sha1_self_signature_does_not_hide_the_good_one() -> None:
+    alice = Signer()
+    sha1 = alice.signature(0x13, alice.prefix + uid_prefix(ALICE_UID), T0 + 9,
+                           hashed=subpacket(27, b"\x03"), hash_algorithm=2)
+    key = alice.packet + user_id(ALICE_UID) + alice.certify(ALICE_UID, T0 + 1) + sha1
+    result = clean(key)
+    assert result.info.user_ids == (ALICE_UID,)
+    assert result.clean.user_ids[0].signature.created == T0 + 1
+    assert result.dropped == ()
+
+
+def rsa_body(bits: int, created: int = T0) -> bytes:
+    """An RSA public key packet body (a real modulus from 1024 bits, `cryptography`'s least)."""
+    if bits >= 1024:
+        n = rsa.generate_private_key(65537, bits).public_key().public_numbers().n
+    else:
+        n = int.from_bytes(hashlib.shake_256(b"n").digest(bits // 8), "big") | 1 << (bits - 1) | 1
+    return (b"\x04" + created.to_bytes(4, "big") + b"\x01"
+            + mpi(n.to_bytes((bits + 7) // 8, "big")) + mpi(b"\x01\x00\x01"))
+
+
+def ecdsa_body(curve: ec.EllipticCurve, oid: bytes) -> bytes:
+    point = ec.generate_private_key(curve).public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    return b"\x04" + T0.to_bytes(4, "big") + b"\x13" + bytes((len(oid),)) + oid + mpi(point)
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    (lambda: rsa_body(1024), "RSA-1024 is too weak (minimum 2048 bits): create a new key"),
+    (lambda: rsa_body(768), "RSA-768 is too weak"),
+    (lambda: rsa_body(512), "RSA-512 is too weak"),
+    (lambda: ecdsa_body(ec.BrainpoolP256R1(), bytes.fromhex("2B2403030208010107")),
+     "ECDSA on curve brainpoolP256r1 is not accepted"),
+    (lambda: b"\x04" + T0.to_bytes(4, "big") + b"\x1b" + bytes(32),
+     "Ed25519 keys are not understood by GnuPG 2.2"),
+])
+def test_weak_primary_keys_are_refused(body: Callable[[], bytes], reason: str) -> None:
+    raw = body()
+    key = new_header(6, len(raw)) + raw + user_id(ALICE_UID)
+    with pytest.raises(KeyRefused, match=re.escape(reason)):
+        clean(key)
+
+
+def test_the_minimum_is_configurable() -> None:
+    raw = ecdsa_body(ec.BrainpoolP256R1(), bytes.fromhex("2B2403030208010107"))
+    key = new_header(6, len(raw)) + raw
+    policy = openpgp.Policy(curves=openpgp.DEFAULT_POLICY.curves | {"brainpoolP256r1"})
+    with pytest.raises(KeyRefused, match="no user ID"):
+        clean(key, limits=Limits(policy=policy))  # got past the strength check
+
+
+def test_weak_subkeys_are_left_out_with_a_reason() -> None:
+    alice, weak = Signer(), Subkey(T0 + 5)
+    weak.body = rsa_body(1024, T0 + 5)
+    key = (alice.packet + user_id(ALICE_UID) + alice.certify(ALICE_UID, T0 + 1)
+           + weak.packet + alice.bind(weak, T0 + 6))
+    result = clean(key)
+    assert result.info.subkeys == ()
+    assert result.stats["dropped:weak-subkey"] == 1
+    assert result.dropped == (
+        f"subkey {weak.fingerprint}: RSA-1024 is too weak (minimum 2048 bits): add a new "
+        f"subkey (gpg --quick-add-key {alice.fingerprint.hex().upper()} future-default encr)",)
+    lenient = Limits(policy=openpgp.Policy(min_rsa_bits=1024))
+    assert [s.bits for s in clean(key, limits=lenient).info.subkeys] == [1024]
