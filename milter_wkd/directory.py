@@ -13,8 +13,9 @@ pool, so that one instance serves a multi-threaded milter):
   pgpKeyType), the WKD look-up names wkdAddressHash (`<z-base-32 hash>@<domain>`) and the
   provenance (wkdKeySource, wkdKeySourceActor, wkdKeyPublished) and wkdKeyDigest (SHA-256
   of the pgpKey value: a pgpKey whose digest does not match was not written by the system,
-  and is not served until it has been checked) - all in ONE modify request, so a reader
-  sees the old key or the new one, never a mix;
+  and is not served until it has been checked) - all in ONE LDAP transaction (RFC 5805,
+  slapd 2.5+ with back-mdb) together with the claims below, so a reader sees the old key
+  or the new one, never a mix, and a failure writes nothing;
 - claims on key material: one entry `wkdFingerprint=<hex>,<claims_base>` per primary key
   and subkey, naming the entry that holds it. An LDAP add of an existing name fails, so two
   entries can never both hold the same material, even when two publications race. A claim
@@ -68,10 +69,13 @@ from typing import Any, TypeVar
 from urllib.parse import quote, unquote
 
 import ldap
-from ldap.controls import SimplePagedResultsControl
+from ldap.controls import RequestControl, SimplePagedResultsControl
 from ldap.controls.libldap import AssertionControl
 from ldap.dn import escape_dn_chars
+from ldap.extop import ExtendedRequest
 from ldap.filter import escape_filter_chars
+from pyasn1.codec.ber.encoder import encode as ber_encode
+from pyasn1.type import namedtype, univ
 
 from milter_wkd.config import DirectoryConfig
 from milter_wkd.errors import (
@@ -544,6 +548,73 @@ def _holdings(asked: frozenset[str], claim_entries: list[dict[str, Any]],
     return Holdings(asked, claims, {f: tuple(h) for f, h in attributes.items()})
 
 
+# RFC 5805 LDAP transactions: start (extended operation), the control every operation of
+# the transaction carries, end (commit or abort).
+_TXN_START, _TXN_CONTROL, _TXN_END = "1.3.6.1.1.21.1", "1.3.6.1.1.21.2", "1.3.6.1.1.21.3"
+# How a transaction ends that lost a race to another writer (nothing of it was written).
+_RACE_RESULTS = (ldap.ALREADY_EXISTS, ldap.NO_SUCH_ATTRIBUTE, ldap.NO_SUCH_OBJECT,
+                 ldap.ASSERTION_FAILED)
+# What publishing needs to know of the entry it writes, when not read with the user.
+_ENTRY_STATE = ["objectClass", "pgpDisabled", PREFER_ENCRYPT, "gpgFingerprint",
+                "gpgSubFingerprint", DIGEST]
+# (add | modify | delete, DN, addlist or modlist, assertion filter or None)
+Operation = tuple[str, str, Any, str | None]
+
+
+class _TxnEndRequest(univ.Sequence):
+    componentType = namedtype.NamedTypes(
+        namedtype.DefaultedNamedType("commit", univ.Boolean(True)),
+        namedtype.NamedType("identifier", univ.OctetString()))
+
+
+def _txn_end(identifier: bytes, *, commit: bool) -> bytes:
+    request = _TxnEndRequest()
+    request.setComponentByName("commit", commit)
+    request.setComponentByName("identifier", identifier)
+    return bytes(ber_encode(request))
+
+
+def _modlist(changes: Changes) -> list[tuple[int, str, list[bytes] | None]]:
+    return [(kind, name, _encode(values) or None) for name, (kind, values) in changes.items()]
+
+
+def _unchanged(entry: dict[str, Any]) -> str:
+    """An assertion that an entry's key is still the one read (by its digest)."""
+    digest = _text(entry, DIGEST)
+    return f"({DIGEST}={escape_filter_chars(digest)})" if digest else f"(!({DIGEST}=*))"
+
+
+def _key_changes(entry: dict[str, Any], cleaned: CleanResult, provenance: Provenance,
+                 disabled: str) -> tuple[Changes, dict[str, list[bytes]]]:
+    """The modify that writes a key and everything derived from it on an entry, and the
+    values it writes (what a read-back would return, without the round trip)."""
+    armored = armor_key(cleaned.key)
+    values: dict[str, list[str]] = key_attributes(cleaned.info, armored)
+    values["pgpDisabled"] = [disabled]
+    values["wkdKeySource"] = [provenance.source.value]
+    values["wkdKeySourceActor"] = [provenance.actor] if provenance.actor else []
+    values["wkdKeyPublished"] = [gnupg_time(provenance.published)]
+    values[DIGEST] = [key_digest(armored)]
+    values[PROBLEM] = []
+    changes: Changes = {name: (REPLACE, vals) for name, vals in values.items()}
+    classes = {c.lower() for c in _texts(entry, "objectClass")}
+    if classes and KEY_CLASS.lower() not in classes:
+        changes["objectClass"] = (ADD, [KEY_CLASS])
+    return changes, {name: _encode(vals) for name, vals in values.items()}
+
+
+def _withhold_changes(entry: dict[str, Any], reason: str) -> Changes:
+    """Remove what was derived from the key (pgpKey stays for the administrator to fix,
+    pgpDisabled as their decision) and say why in wkdKeyProblem."""
+    changes: Changes = {name: (REPLACE, []) for name in KEY_ATTRIBUTES
+                        if name not in ("pgpKey", "pgpDisabled", PROBLEM)
+                        and _values(entry, name)}
+    changes[PROBLEM] = (REPLACE, [reason[:1000]])
+    if KEY_CLASS.lower() not in {c.lower() for c in _texts(entry, "objectClass")}:
+        changes["objectClass"] = (ADD, [KEY_CLASS])
+    return changes
+
+
 class Directory:
     """The directory store. Thread-safe; every method may raise DirectoryUnavailable."""
 
@@ -629,8 +700,7 @@ class Directory:
                 f"search under {queries[0][0]} failed: {ldap_reason(exc)}") from None
 
     def _modify(self, dn: str, changes: Changes) -> None:
-        modlist = [(kind, name, _encode(values) or None)
-                   for name, (kind, values) in changes.items()]
+        modlist = _modlist(changes)
         try:
             self._call(lambda conn: conn.modify_ext_s(dn, modlist))
         except ldap.NO_SUCH_OBJECT:
@@ -777,13 +847,16 @@ class Directory:
                 yield stored
 
     def publish_key(self, user: User, cleaned: CleanResult, provenance: Provenance) -> StoredKey:
-        """Store a cleaned key on the user's entry, replacing any key there (one modify).
+        """Store a cleaned key on the user's entry, replacing any key there, in ONE LDAP
+        transaction (RFC 5805) with the claims on its key material.
 
-        Every address of the key must be one of the user's. Its key material is claimed
-        first (see `plan_claims`): a primary or back-signed subkey that another entry holds
-        is a Conflict, unless that entry holds it only as an unproven subkey, which it then
-        loses; an unproven subkey held elsewhere is left out (`StoredKey.withheld`).
-        Claims of the entry's previous key that the new one lacks are released.
+        Every address of the key must be one of the user's. A primary or back-signed
+        subkey that another entry holds is a Conflict, unless that entry holds it only as
+        an unproven subkey: then that entry loses the subkey in the same transaction. An
+        unproven subkey held elsewhere is left out (`StoredKey.withheld`). The transaction
+        asserts that nothing it read has changed; when another writer got there first it
+        is read again and re-planned. Claims of the previous key that the new one lacks are
+        released afterwards.
         """
         info = cleaned.info
         foreign = [str(a) for a in info.addresses if not user.owns(a)]
@@ -792,120 +865,133 @@ class Directory:
         if not info.addresses:
             raise KeyRefused("the key has no user ID with an address of its owner")
         wanted = wanted_claims(info)
+        fingerprints = key_fingerprints(info)
         holdings = user.holders
         if holdings is None or not holdings.asked >= set(wanted):
-            holdings = self.holdings(key_fingerprints(info))
+            holdings = self.holdings(fingerprints)
         entry = ({"dn": user.dn, "raw_attributes": user.snapshot} if user.snapshot is not None
-                 else self._read_entry(user.dn, ["objectClass", "pgpDisabled", PREFER_ENCRYPT,
-                                                 "gpgFingerprint", "gpgSubFingerprint"]))
-        if entry is None:
-            raise NotFound(f"no entry {user.dn}")
-        plan = self._claim(user.dn, wanted, holdings, provenance.published)
-        if plan.drop:
-            cleaned = without_subkeys(cleaned, [Fingerprint.parse(f) for f in plan.drop])
-        stored = self._write_key(entry, cleaned, provenance, _text(entry, "pgpDisabled") or "0")
+                 else self._read_entry(user.dn, _ENTRY_STATE))
+        for _round in range(_CLAIM_ROUNDS):
+            if entry is None:
+                raise NotFound(f"no entry {user.dn}")
+            plan = plan_claims(user.dn, wanted, holdings, provenance.published)
+            if plan.conflict is not None:
+                raise Conflict(plan.conflict)
+            final = without_subkeys(cleaned, {Fingerprint.parse(f): reason
+                                              for f, reason in plan.drop.items()})
+            changes, written = _key_changes(entry, final, provenance,
+                                            _text(entry, "pgpDisabled") or "0")
+            operations = self._claim_operations(user.dn, plan, provenance.published)
+            operations.append(("modify", user.dn, _modlist(changes), _unchanged(entry)))
+            displaced: dict[str, set[str]] = {}
+            for holder, fpr in plan.displace:
+                displaced.setdefault(holder, set()).add(fpr)
+            for holder, fprs in displaced.items():
+                operations += self._strip_operations(holder, fprs)
+            if self._transaction(operations):
+                break
+            holdings = self.holdings(fingerprints)
+            entry = self._read_entry(user.dn, _ENTRY_STATE)
+        else:
+            raise DirectoryUnavailable("the key material's claims keep changing; try again")
+        for holder, fprs in displaced.items():
+            log.warning("removed subkey(s) %s from the key of %s: %s proved it holds them",
+                        ", ".join(sorted(fprs)), holder, user.dn)
         previous = {v.upper() for v in (*_texts(entry, "gpgFingerprint"),
                                         *_texts(entry, "gpgSubFingerprint"))}
         self._release_claims(user.dn, previous - set(wanted))
-        for holder, fpr in plan.displace:
-            self._strip_material(holder, {fpr})
-        # A proven claim may have been taken from us between claiming and writing: then
-        # its new holder may have stripped our entry before our write put it back.
-        lost = [fpr for fpr, claim in self.holdings(
-            [Fingerprint.parse(f) for f in wanted if f not in plan.drop]).claims.items()
-            if _dn_key(claim.holder) != _dn_key(user.dn)]
-        if lost:
-            self._strip_material(user.dn, set(lost))
+        written[PREFER_ENCRYPT] = _values(entry, PREFER_ENCRYPT)
+        stored = self._stored({"dn": user.dn, "raw_attributes": written})
+        if stored is None:
+            raise DirectoryError(f"the key written to {user.dn} cannot be parsed back")
         return dataclasses.replace(stored, withheld=tuple(
             (Fingerprint.parse(f), reason) for f, reason in plan.drop.items()))
 
-    def _write_key(self, entry: dict[str, Any], cleaned: CleanResult, provenance: Provenance,
-                   disabled: str) -> StoredKey:
-        """One modify that writes a key and everything derived from it on an entry."""
-        dn = entry["dn"]
-        classes = {c.lower() for c in _texts(entry, "objectClass")}
-        armored = armor_key(cleaned.key)
-        values: dict[str, list[str]] = key_attributes(cleaned.info, armored)
-        values["pgpDisabled"] = [disabled]
-        values["wkdKeySource"] = [provenance.source.value]
-        values["wkdKeySourceActor"] = [provenance.actor] if provenance.actor else []
-        values["wkdKeyPublished"] = [gnupg_time(provenance.published)]
-        values[DIGEST] = [key_digest(armored)]
-        values[PROBLEM] = []
-        changes: Changes = {name: (REPLACE, vals) for name, vals in values.items()}
-        if classes and KEY_CLASS.lower() not in classes:
-            changes["objectClass"] = (ADD, [KEY_CLASS])
-        self._modify(dn, changes)
-        # What a read-back would return, without the round trip: the values just written.
-        written = {name: _encode(vals) for name, vals in values.items()}
-        written[PREFER_ENCRYPT] = _values(entry, PREFER_ENCRYPT)
-        stored = self._stored({"dn": dn, "raw_attributes": written})
-        if stored is None:
-            raise DirectoryError(f"the key written to {dn} cannot be parsed back")
-        return stored
+    # -- transactions and claims on key material -----------------------------------------
 
-    # -- claims on key material -----------------------------------------------------------
+    def _transaction(self, operations: Sequence[Operation]) -> bool:
+        """Apply operations all or none (RFC 5805 transaction; slapd 2.5 with back-mdb).
+
+        False when another writer got there first (an entry that exists, a value or an
+        assertion that no longer holds): nothing was written, read again and re-plan.
+        """
+        def operation(conn: Any) -> None:
+            _name, identifier = conn.extop_s(ExtendedRequest(_TXN_START, None))
+            txn = RequestControl(_TXN_CONTROL, True, identifier)
+            ended = False
+            try:
+                for kind, dn, data, assertion in operations:
+                    controls = [txn]
+                    if assertion is not None:
+                        controls.append(AssertionControl(True, assertion))
+                    if kind == "add":
+                        conn.add_ext_s(dn, data, serverctrls=controls)
+                    elif kind == "modify":
+                        conn.modify_ext_s(dn, data, serverctrls=controls)
+                    else:
+                        conn.delete_ext_s(dn, serverctrls=controls)
+                ended = True  # a failed commit ends the transaction too
+                conn.extop_s(ExtendedRequest(_TXN_END, _txn_end(identifier, commit=True)))
+            finally:
+                if not ended:
+                    with contextlib.suppress(ldap.LDAPError):
+                        conn.extop_s(ExtendedRequest(_TXN_END, _txn_end(identifier,
+                                                                        commit=False)))
+
+        try:
+            self._call(operation)
+        except _RACE_RESULTS as exc:
+            log.info("a directory transaction lost a race (%s); reading again", ldap_reason(exc))
+            return False
+        except ldap.LDAPError as exc:
+            raise DirectoryError(f"the directory transaction failed: {ldap_reason(exc)}"
+                                 ) from None
+        return True
 
     def _claim_dn(self, fingerprint: str) -> str:
         return f"wkdFingerprint={escape_dn_chars(fingerprint)},{self.config.claims_base}"
 
-    def _claim(self, dn: str, wanted: dict[str, ClaimKind], holdings: Holdings,
-               now: int) -> ClaimPlan:
-        """Make the claims of plan_claims; on a lost race read them again and re-plan."""
-        for _round in range(_CLAIM_ROUNDS):
-            plan = plan_claims(dn, wanted, holdings, now)
-            if plan.conflict is not None:
-                raise Conflict(plan.conflict)
-            if self._apply_claims(dn, plan, now):
-                return plan
-            holdings = self.holdings([Fingerprint.parse(f) for f in wanted])
-        raise DirectoryUnavailable("claims on this key material keep changing; try again")
+    def _claim_operations(self, dn: str, plan: ClaimPlan, now: int) -> list[Operation]:
+        """The adds and compare-and-swaps that make plan's claims."""
+        operations: list[Operation] = []
+        for fpr, kind in (*plan.add.items(),
+                          *((f, k) for f, (c, k) in plan.take.items() if not c.recorded)):
+            # An add fails if the name exists: the atomic "nobody holds this yet".
+            operations.append(("add", self._claim_dn(fpr), [
+                ("objectClass", [CLAIM_CLASS.encode()]), ("wkdFingerprint", [fpr.encode()]),
+                ("wkdClaimHolder", [dn.encode()]), ("wkdClaimKind", [kind.value.encode()]),
+                ("wkdCreated", [gnupg_time(now).encode()])], None))
+        for fpr, (claim, kind) in (*plan.own.items(),
+                                   *((f, c) for f, c in plan.take.items() if c[0].recorded)):
+            # Deleting the holder value read fails (noSuchAttribute) if it changed since.
+            operations.append(("modify", self._claim_dn(fpr), [
+                (DELETE, "wkdClaimHolder", [claim.holder.encode()]),
+                (ADD, "wkdClaimHolder", [dn.encode()]),
+                (REPLACE, "wkdClaimKind", [kind.value.encode()]),
+                (REPLACE, "wkdCreated", [gnupg_time(now).encode()])], None))
+        return operations
 
-    def _apply_claims(self, dn: str, plan: ClaimPlan, now: int) -> bool:
-        """Add, take over and update claims, atomically each; False if another writer
-        changed one first (nothing of ours is left behind then)."""
-        added: list[str] = []
-
-        def operation(conn: Any) -> bool:
-            for fpr, kind in (*plan.add.items(),
-                              *((f, k) for f, (c, k) in plan.take.items() if not c.recorded)):
-                try:
-                    conn.add_ext_s(self._claim_dn(fpr), [
-                        ("objectClass", [CLAIM_CLASS.encode()]),
-                        ("wkdFingerprint", [fpr.encode()]),
-                        ("wkdClaimHolder", [dn.encode()]),
-                        ("wkdClaimKind", [kind.value.encode()]),
-                        ("wkdCreated", [gnupg_time(now).encode()])])
-                except ldap.ALREADY_EXISTS:
-                    return False
-                added.append(fpr)
-            for fpr, (claim, kind) in (*plan.own.items(),
-                                       *((f, p) for f, p in plan.take.items() if p[0].recorded)):
-                # Compare-and-swap: deleting the holder value we read fails with
-                # noSuchAttribute if someone else changed it since.
-                try:
-                    conn.modify_ext_s(self._claim_dn(fpr), [
-                        (DELETE, "wkdClaimHolder", [claim.holder.encode()]),
-                        (ADD, "wkdClaimHolder", [dn.encode()]),
-                        (REPLACE, "wkdClaimKind", [kind.value.encode()]),
-                        (REPLACE, "wkdCreated", [gnupg_time(now).encode()])])
-                except (ldap.NO_SUCH_ATTRIBUTE, ldap.NO_SUCH_OBJECT):
-                    return False
-            return True
-
+    def _strip_operations(self, dn: str, fingerprints: set[str]) -> list[Operation]:
+        """The modify that removes subkeys whose material another entry proved it holds
+        from dn's key (withholds the key if it no longer passes), asserting the key read."""
+        entry = self._read_entry(dn, ["objectClass", *KEY_ATTRIBUTES, PREFER_ENCRYPT])
+        stored = self._stored(entry) if entry is not None else None
+        if entry is None or stored is None:
+            return []
         try:
-            done = self._call(operation)
-        except ldap.LDAPError as exc:
-            done = False
-            failure: BaseException | None = DirectoryError(
-                f"claiming key material failed: {ldap_reason(exc)}")
+            cleaned = without_subkeys(clean_key(stored.key, None), {
+                Fingerprint.parse(f): f"subkey {f}: another entry proved it holds it"
+                for f in fingerprints})
+            if cleaned.info.fingerprint.hex in fingerprints:
+                raise KeyRefused(f"its primary key {cleaned.info.fingerprint} is held by "
+                                 "another entry")
+        except Refused as exc:
+            changes = _withhold_changes(entry, f"the key no longer passes: {exc.reason}")
         else:
-            failure = None
-        if not done and added:
-            self._release_claims(dn, set(added))
-        if failure is not None:
-            raise failure
-        return done
+            provenance = stored.provenance or Provenance(KeySource.ADMIN_EDIT, "", 0)
+            changes, _written = _key_changes(entry, cleaned, provenance,
+                                             "1" if stored.disabled else "0")
+        return [("modify", dn, _modlist(changes), _unchanged(entry))]
 
     def _release_claims(self, dn: str, fingerprints: set[str]) -> None:
         """Delete the claims on fingerprints that dn holds (others' claims stay)."""
@@ -924,41 +1010,13 @@ class Directory:
             # A claim left behind is a leftover that expires (CLAIM_IN_FLIGHT); no harm.
             log.warning("releasing claims of %s failed: %s", dn, ldap_reason(exc))
 
-    def _strip_material(self, dn: str, fingerprints: set[str]) -> None:
-        """Remove subkeys whose material another entry now holds from dn's key."""
-        entry = self._read_entry(dn, ["objectClass", *KEY_ATTRIBUTES, PREFER_ENCRYPT])
-        stored = self._stored(entry) if entry is not None else None
-        if entry is None or stored is None:
-            return
-        try:
-            cleaned = without_subkeys(clean_key(stored.key, None),
-                                      [Fingerprint.parse(f) for f in fingerprints])
-        except Refused as exc:
-            self.withhold_key(dn, f"the stored key no longer passes the checks: {exc.reason}")
-            return
-        if cleaned.info.fingerprint.hex in fingerprints:
-            self.withhold_key(dn, f"its primary key {cleaned.info.fingerprint} is held by "
-                                  "another entry")
-            return
-        provenance = stored.provenance or Provenance(KeySource.ADMIN_EDIT, "", 0)
-        self._write_key(entry, cleaned, provenance, "1" if stored.disabled else "0")
-        log.warning("removed subkey(s) %s from the key of %s: another entry proved it holds "
-                    "them", ", ".join(sorted(fingerprints)), dn)
-
     def withhold_key(self, dn: str, reason: str) -> None:
         """Stop serving an entry's key: remove what was derived from it and its claims, keep
         pgpKey (an administrator's data, to fix), and say why in wkdKeyProblem."""
         entry = self._read_entry(dn, ["objectClass", *KEY_ATTRIBUTES])
         if entry is None:
             raise NotFound(f"no entry {dn}")
-        # pgpKey stays for the administrator to fix; pgpDisabled stays as their decision.
-        changes: Changes = {name: (REPLACE, []) for name in KEY_ATTRIBUTES
-                            if name not in ("pgpKey", "pgpDisabled", PROBLEM)
-                            and _values(entry, name)}
-        changes[PROBLEM] = (REPLACE, [reason[:1000]])
-        if KEY_CLASS.lower() not in {c.lower() for c in _texts(entry, "objectClass")}:
-            changes["objectClass"] = (ADD, [KEY_CLASS])
-        self._modify(dn, changes)
+        self._modify(dn, _withhold_changes(entry, reason))
         self._release_claims(dn, {v.upper() for v in (*_texts(entry, "gpgFingerprint"),
                                                       *_texts(entry, "gpgSubFingerprint"))})
         log.warning("key of %s withheld: %s", dn, reason)

@@ -251,7 +251,7 @@ class MailService:
         stored = self.directory.publish_key(user, cleaned, Provenance(source, actor, now))
         self._forget_hints()
         # Subkeys whose material another entry holds were left out (stats name them).
-        return openpgp.without_subkeys(cleaned, [f for f, _ in stored.withheld])
+        return openpgp.without_subkeys(cleaned, dict(stored.withheld))
 
     def _authenticated(self, tx: Transaction, domain: DomainConfig,
                        submission: wks.Submission, everything: openpgp.CleanResult) -> Reply:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from milter_wkd.errors import KeyRefused
@@ -224,19 +224,18 @@ def autocrypt_of(result: CleanResult, address: Address, *, now: int | None = Non
     return b"".join((clean.primary_raw, uid.raw, uid.certification, sub.raw, sub.binding))
 
 
-def without_subkeys(result: CleanResult, fingerprints: Iterable[Fingerprint]) -> CleanResult:
-    """The same cleaned key without the named subkeys (and their signatures).
-
-    Used when key material is held by another entry: the subkey goes, the rest stays valid.
-    """
-    dropped = {f.hex for f in fingerprints}
+def without_subkeys(result: CleanResult, dropped: Mapping[Fingerprint, str]) -> CleanResult:
+    """The same cleaned key without the named subkeys (and their signatures); each reason
+    joins `dropped`. Used when key material is held by another entry."""
+    names = {f.hex for f in dropped}
     kept = tuple(s for s in result.clean.subkeys
-                 if Fingerprint.from_bytes(s.key.fingerprint).hex not in dropped)
+                 if Fingerprint.from_bytes(s.key.fingerprint).hex not in names)
     if len(kept) == len(result.clean.subkeys):
         return result
     stats = Counter(result.clean.stats)
     stats["dropped:subkey-held-by-another-entry"] += len(result.clean.subkeys) - len(kept)
-    return _result(dataclasses.replace(result.clean, subkeys=kept, stats=stats))
+    return _result(dataclasses.replace(result.clean, subkeys=kept, stats=stats,
+                                       dropped=(*result.clean.dropped, *dropped.values())))
 
 
 def armor_key(binary: bytes) -> bytes:

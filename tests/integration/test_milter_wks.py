@@ -144,7 +144,8 @@ def test_expired_and_unknown_nonces_are_refused(sandbox: Sandbox, alice: WksClie
     nonce = wks.new_nonce()
     with directory(sandbox) as store:
         store.create_pending(PendingRequest(nonce, carol, Fingerprint.parse(alice.fpr),
-                                            alice.gpg.export(alice.fpr), now - 10, now - 1))
+                                            alice.gpg.export(alice.fpr), now - 10, now - 1),
+                             limit=3)
     for offered in (nonce, wks.new_nonce()):
         with pytest.raises(smtplib.SMTPDataError) as refused:
             submit(sandbox, _response_mail(sandbox, str(carol), offered), str(carol))
@@ -305,7 +306,7 @@ def test_pending_list_and_expire_commands(sandbox: Sandbox, tmp_path: Path) -> N
     nonce = wks.new_nonce()
     with directory(sandbox) as store:
         store.create_pending(PendingRequest(nonce, dave, Fingerprint.parse("A" * 40), b"\x99",
-                                            now - 100, now - 10))
+                                            now - 100, now - 10), limit=3)
     command = [sys.executable, "-m", "milter_wkd", "pending"]
     listed = subprocess.run([*command, "list", "--config", str(sandbox.config_path)],
                             capture_output=True, text=True, check=True, timeout=60)
