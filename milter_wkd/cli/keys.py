@@ -139,8 +139,7 @@ def _import(args: argparse.Namespace) -> int:
         if len(data) > PROGRESS_ABOVE:
             print(f"cleaning {len(data) / 2**20:.1f} MiB ...", file=sys.stderr, flush=True)
         started = time.monotonic()
-        cleaned = openpgp.clean_key(data, user.addresses,
-                                    limits=openpgp.Limits(max_input=cfg.keys.max_input_bytes))
+        cleaned = openpgp.clean_key(data, user.addresses, limits=cfg.keys.limits())
         if len(data) > PROGRESS_ABOVE:
             dropped = sum(n for kind, n in cleaned.stats.items() if kind.startswith("dropped:"))
             print(f"cleaned in {time.monotonic() - started:.2f} s: {len(cleaned.key)} octets "

@@ -14,7 +14,17 @@ signatures can cost. The second step (`verify_skeleton`) then keeps:
 - for each allowed address exactly ONE user ID: the one with the newest valid
   self-certification, unless a newer valid self-revocation revoked it;
 - every subkey with a valid binding: its newest binding and its valid revocations
-  (expired and revoked subkeys stay, so that clients holding old copies learn of them).
+  (expired and revoked subkeys stay, so that clients holding old copies learn of them);
+  a signing-capable one (key flags certify or sign, or no flags and a signing algorithm)
+  only with a valid back-signature (0x19, RFC 9580 §5.2.1), which `cross_certified` records.
+
+What GnuPG 2.2 or Sequoia would reject or read differently is not published (`Policy`, from
+config [keys] and the domain's mailbox_only): a user ID only if it names one address that
+every implementation reads (`values.user_id_address`); a primary key below the minimum
+strength or on another curve is refused, such a subkey left out; a self-signature with an
+unknown critical subpacket (either area) or a rejected hash (MD5, RIPEMD-160, SHA-3; SHA-1
+unless made before 2023-02-01 and allowed) is never a candidate, revocations excepted.
+Parts left out for a reason the submitter must act on are named in `CleanKey.dropped`.
 
 Dropped on purpose, and documented in README.md:
 - third-party certifications, and with them first-party attestations of third-party
