@@ -6,8 +6,9 @@ What it reads and tries (each group can be skipped by name):
   its password, or SASL EXTERNAL over ldapi://) with the store's own connection code
   (milter_wkd.directory, python-ldap); Who am I?
 - schema: the subschema entry (rootDSE subschemaSubentry) lists our object classes
-  wkdKeyHolder, wkdPendingRequest and the attribute types pgpKey, gpgFingerprint,
-  wkdAddressHash, wkdNonce.
+  wkdKeyHolder, wkdPendingRequest, wkdKeyClaim and the attribute types pgpKey,
+  gpgFingerprint, wkdAddressHash, wkdNonce, wkdKeyDigest; pending_base and claims_base
+  exist; the server offers LDAP transactions (RFC 5805), which every publication uses.
 - acl: as the configured account: reads the mail attributes of a user (one entry), cannot
   read userPassword, lists pending_base, and creates then deletes a pending WKS request
   with a random nonce for the submission address (what the milter does; it expires in a
@@ -80,6 +81,7 @@ from milter_wkd.directory import (
     CONNECTION_ERRORS,
     PENDING_CLASS,
     RESULT_NAMES,
+    TXN_START,
     ConnectionPool,
     Directory,
     PendingRequest,
@@ -99,8 +101,8 @@ DEFAULT_DOVECOT_SOCKET = "/var/spool/postfix/private/auth"
 POSTCONF_PARAMETERS = ("smtpd_milters", "non_smtpd_milters", "milter_default_action",
                        "milter_protocol", "milter_mail_macros", "smtpd_sasl_type",
                        "smtpd_sasl_path", "queue_directory")
-SCHEMA_CLASSES = ("wkdKeyHolder", "wkdPendingRequest")
-SCHEMA_ATTRIBUTES = ("pgpKey", "gpgFingerprint", "wkdAddressHash", "wkdNonce")
+SCHEMA_CLASSES = ("wkdKeyHolder", "wkdPendingRequest", "wkdKeyClaim")
+SCHEMA_ATTRIBUTES = ("pgpKey", "gpgFingerprint", "wkdAddressHash", "wkdNonce", "wkdKeyDigest")
 MAX_BODY = 512 * 1024
 _SCHEMA_FIX = ("load the schemas: ldapadd -Y EXTERNAL -H ldapi:/// -f "
                "ldap/schema/gnupg-keyserver.ldif and -f ldap/schema/milter-wkd.ldif "
@@ -301,6 +303,21 @@ def _bound(conn: Any, config: Config, who: str, timeout: float,
         yield _fail("directory", f"pending_base {cfg.pending_base} does not exist or is "
                     "not visible", "add it (ldap/milter-wkd-entries.ldif) or correct "
                     "[directory] pending_base")
+    description, entries = _search(conn, cfg.claims_base, "(objectClass=*)", ["1.1"],
+                                   scope=ldap.SCOPE_BASE, timeout=timeout)
+    if description == "noSuchObject" or (description == "success" and not entries):
+        yield _fail("directory", f"claims_base {cfg.claims_base} does not exist or is "
+                    "not visible", "add it (ldap/milter-wkd-entries.ldif), give the milter "
+                    "write access to it (config/30-access.ldif) or correct "
+                    "[directory] claims_base")
+    # A publication is one LDAP transaction (RFC 5805): OpenLDAP 2.5+ with back-mdb.
+    description, root = _search(conn, "", "(objectClass=*)", ["supportedExtension"],
+                                scope=ldap.SCOPE_BASE, timeout=timeout)
+    extensions = {v.decode() for v in _raw(root[0], "supportedExtension")} if root else set()
+    if TXN_START not in extensions:
+        yield _fail("directory", "the directory does not offer LDAP transactions (RFC 5805, "
+                    f"extension {TXN_START}), which every publication uses",
+                    "run OpenLDAP 2.5 or later with the mdb backend")
 
 
 def _schema(conn: Any, timeout: float) -> Iterator[CheckResult]:

@@ -550,7 +550,7 @@ def _holdings(asked: frozenset[str], claim_entries: list[dict[str, Any]],
 
 # RFC 5805 LDAP transactions: start (extended operation), the control every operation of
 # the transaction carries, end (commit or abort).
-_TXN_START, _TXN_CONTROL, _TXN_END = "1.3.6.1.1.21.1", "1.3.6.1.1.21.2", "1.3.6.1.1.21.3"
+TXN_START, _TXN_CONTROL, _TXN_END = "1.3.6.1.1.21.1", "1.3.6.1.1.21.2", "1.3.6.1.1.21.3"
 # How a transaction ends that lost a race to another writer (nothing of it was written).
 _RACE_RESULTS = (ldap.ALREADY_EXISTS, ldap.NO_SUCH_ATTRIBUTE, ldap.NO_SUCH_OBJECT,
                  ldap.ASSERTION_FAILED)
@@ -916,7 +916,7 @@ class Directory:
         assertion that no longer holds): nothing was written, read again and re-plan.
         """
         def operation(conn: Any) -> None:
-            _name, identifier = conn.extop_s(ExtendedRequest(_TXN_START, None))
+            _name, identifier = conn.extop_s(ExtendedRequest(TXN_START, None))
             txn = RequestControl(_TXN_CONTROL, True, identifier)
             ended = False
             try:

@@ -235,7 +235,7 @@ def test_wkd_certificate_and_served_key(sandbox: Sandbox, wkd: Wkd, tmp_path: Pa
     assert "openpgpkey.example.org must resolve to it" in failure.fix
 
 
-def test_wrong_account_and_wrong_pending_base(sandbox: Sandbox, wkd: Wkd,
+def test_wrong_account_and_wrong_pending_and_claims_base(sandbox: Sandbox, wkd: Wkd,
                                               tmp_path: Path) -> None:
     # The WKD responder's read-only account where the milter's belongs: the ACLs say no.
     wkd_account = sandbox.slapd.service_accounts["wkd"]
@@ -263,6 +263,11 @@ def test_wrong_account_and_wrong_pending_base(sandbox: Sandbox, wkd: Wkd,
     assert [r.detail for r in failed(found, "directory")] == [
         "pending_base ou=nowhere,dc=example,dc=org does not exist or is not visible"]
     assert any("cannot create a pending request" in r.detail for r in failed(found, "acl"))
+    # A claims_base that does not exist (or that the milter may not see).
+    path = config_copy(sandbox, tmp_path, claims_base='"ou=nowhere,dc=example,dc=org"')
+    found = results(path, options(sandbox, wkd, skip=only_directory))
+    assert [r.detail for r in failed(found, "directory")] == [
+        "claims_base ou=nowhere,dc=example,dc=org does not exist or is not visible"]
 
 
 def test_acl_that_lets_anonymous_enumerate(sandbox: Sandbox, wkd: Wkd) -> None:
