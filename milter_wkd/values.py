@@ -72,6 +72,7 @@ class Address:
 
 # `Name <addr>`: the only `<` and `>` of the user ID, the `>` last, no `@` in the name.
 _UID_NAME_ADDR = re.compile(r"^[^<>@]*<([^<>]*)>$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def user_id_address(user_id: str) -> Address:
@@ -83,7 +84,7 @@ def user_id_address(user_id: str) -> Address:
     mailbox_from_userid); C code stops at a NUL; Sequoia parses RFC 2822 name-addr and reads
     no address from `A <a@x> <b@y>`. Raises `BadAddress` saying why.
     """
-    if any(ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F for ch in user_id):
+    if _CONTROL.search(user_id):
         raise BadAddress("it contains control characters (GnuPG stops reading at a NUL)")
     if user_id.count("@") > 1:
         raise BadAddress("it names more than one address (OpenPGP programs read different "
