@@ -1241,26 +1241,24 @@ class Directory:
 
     # -- following key entries (milter_wkd.reconcile) ---------------------------------
 
-    def key_holders_since(self, csn: str = "") -> list[tuple[User, str]]:
+    def key_holders_since(self, csn: str = "", *, withheld_only: bool = False,
+                          ) -> list[tuple[User, str]]:
         """Every key holder below base_dn written at or after the CSN `csn` (all of them
-        when empty), each as a `User` whose snapshot holds its key attributes, digest and
-        problem, with its entryCSN: what the follower needs to re-derive a key."""
-        holders = f"(objectClass={KEY_CLASS})"
-        filt = (f"(&{holders}(entryCSN>={escape_filter_chars(csn)}))" if csn else holders)
+        when empty; only withheld ones with withheld_only), each as a `User` whose snapshot
+        holds its key attributes, with its entryCSN: what the follower needs."""
+        filt = f"(objectClass={KEY_CLASS})"
+        if csn:
+            filt += f"(entryCSN>={escape_filter_chars(csn)})"
+        if withheld_only:
+            filt += f"({PROBLEM}=*)"
         attributes = ["objectClass", "entryCSN", *self.config.mail_attributes,
                       *KEY_ATTRIBUTES, PREFER_ENCRYPT]
         found = []
-        for entry in self._search(self.config.base_dn, filt, list(dict.fromkeys(attributes))):
+        for entry in self._search(self.config.base_dn, f"(&{filt})",
+                                  list(dict.fromkeys(attributes))):
             values = [v for name in self.config.mail_attributes for v in _texts(entry, name)]
             csn_of = max(_texts(entry, "entryCSN"), default="")
             found.append((User(entry["dn"], _addresses(values, entry["dn"]),
                                entry["raw_attributes"]), csn_of))
         return found
 
-    def clear_key_attributes(self, user: User) -> None:
-        """Remove every key attribute left on an entry whose pgpKey is gone (one modify),
-        and its claims; the object class goes too unless prefer-encrypt keeps it."""
-        entry = self._read_entry(user.dn, ["objectClass", *KEY_ATTRIBUTES, PREFER_ENCRYPT])
-        if entry is None:
-            raise NotFound(f"no entry {user.dn}")
-        self._clear_key(entry)

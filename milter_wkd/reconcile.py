@@ -24,11 +24,13 @@ and [keys] max_input_bytes (the caller's `limits`).
 
 Failure: a directory that does not answer is retried at the next poll from the same point
 (nothing is skipped); an entry that fails to be written is logged and looked at again at
-its next change or the next start. The follower never stops the milter.
+its next change or the next start; a withheld key is looked at again every minute (the
+material another entry held may have been released). The follower never stops the milter.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -37,6 +39,8 @@ from enum import StrEnum
 
 from milter_wkd import openpgp
 from milter_wkd.directory import (
+    DIGEST,
+    PROBLEM,
     Directory,
     KeySource,
     Provenance,
@@ -52,9 +56,10 @@ from milter_wkd.web.source import changes_from
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.25
+# Withheld keys are looked at again this often even when their entry did not change: the
+# material another entry held may have been released since.
+RETRY_WITHHELD = 60.0
 ACTOR = "ldap"
-DIGEST = "wkdKeyDigest"
-PROBLEM = "wkdKeyProblem"
 MAX_PROBLEM = 1000  # what withhold_key stores of a reason (the schema allows 1024)
 # Derived attributes whose presence means "this entry publishes something".
 _PUBLISHING = ("pgpCertID", "gpgFingerprint", "gpgMailbox", "wkdAddressHash")
@@ -129,6 +134,11 @@ class Reconciler:
         self.token = token
         return outcomes
 
+    def retry_withheld(self) -> dict[str, Outcome]:
+        """Look again at every withheld key (what blocked it may be gone)."""
+        return {user.dn: self.reconcile(user)
+                for user, _csn in self.directory.key_holders_since("", withheld_only=True)}
+
     def reconcile(self, user: User) -> Outcome:
         """Make one entry (read with its key attributes: `User.snapshot`) consistent."""
         snapshot = user.snapshot or {}
@@ -146,11 +156,8 @@ class Reconciler:
         if not leftovers:
             return Outcome.UNCHANGED
         log.info("pgpKey of %s was removed: clearing %s", user.dn, ", ".join(leftovers))
-        try:
+        with contextlib.suppress(NotFound):  # it clears the leftovers all the same
             self.directory.remove_key(user)
-        except NotFound:
-            # remove_key wants a key to remove; without pgpKey only the leftovers go.
-            self.directory.clear_key_attributes(user)
         return Outcome.CLEARED
 
     def _checked(self, user: User, snapshot: dict[str, list[bytes]], value: bytes,
@@ -160,14 +167,14 @@ class Reconciler:
             cleaned = openpgp.clean_key(value, user.addresses, limits=self.limits)
         except Refused as exc:
             return self._withheld(user, snapshot, problem, f"unusable key: {exc.reason}")
-        if (not problem and _text(snapshot, DIGEST) == key_digest(value)
-                and not derived_differ(snapshot, cleaned)):
+        consistent = not problem and not derived_differ(snapshot, cleaned)
+        if consistent and _text(snapshot, DIGEST) == key_digest(value):
             return Outcome.UNCHANGED
         now = int(self.clock())
         # Derived attributes that match mean a publication by the system from before
         # digests existed: it keeps its provenance. Anything else is an LDAP edit.
-        provenance = (_provenance(snapshot, now) if not problem and not derived_differ(
-            snapshot, cleaned) else Provenance(KeySource.ADMIN_EDIT, ACTOR, now))
+        provenance = (_provenance(snapshot, now) if consistent
+                      else Provenance(KeySource.ADMIN_EDIT, ACTOR, now))
         try:
             self.directory.publish_key(user, cleaned, provenance)
         except (KeyRefused, Conflict) as exc:
@@ -203,9 +210,13 @@ class Reconciler:
 
     def _loop(self) -> None:
         down = False
+        retried = time.monotonic()
         while not self._stop.is_set():
             try:
                 self.run_once()
+                if time.monotonic() - retried >= RETRY_WITHHELD:
+                    retried = time.monotonic()
+                    self.retry_withheld()
                 if down:
                     log.info("key follower: directory back")
                 down = False

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from milter_wkd import config as config_mod
-from milter_wkd import mailer, milter, openpgp
+from milter_wkd import mailer, milter
 from milter_wkd.config import ConfigError
 from milter_wkd.directory import Directory
 from milter_wkd.reconcile import Reconciler
@@ -69,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
     # The key follower gets its own connection: its passes never wait for mail's slots.
     follower_directory = Directory(cfg.directory)
     follower = Reconciler(follower_directory,
-                          limits=openpgp.Limits(max_input=cfg.keys.max_input_bytes))
+                          limits=cfg.keys.limits())
     follower.start()
     try:
         milter.run(service, socket_spec, cfg.milter.timeout)

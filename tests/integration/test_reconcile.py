@@ -206,3 +206,19 @@ def test_a_consistent_directory_is_left_alone(
     token = store.change_token()
     assert follower.run_once() == {}
     assert store.change_token() == token  # nothing written: no loop of its own writes
+
+
+def test_a_withheld_key_is_published_once_what_blocked_it_is_gone(
+        slapd: Slapd, store: Directory, source: LdapKeySource, shared_key: bytes,
+        gpg_keys: dict[str, UserKey]) -> None:
+    reconciler = Reconciler(store)  # passes driven by hand: no thread
+    publish(store, "alice@example.org", gpg_keys["alice"].data)
+    reconciler.run_once()
+    publish(store, "carol@example.org", shared_key)
+    admin_sets_pgpkey(slapd, ALICE_DN, openpgp.armor_key(shared_key))
+    assert reconciler.run_once()[ALICE_DN] == "withheld"
+    assert served(source, ALICE) == []
+    assert reconciler.retry_withheld() == {ALICE_DN: "unchanged"}  # still held by carol
+    store.remove_key(store.user(Address.parse("carol@example.org")))
+    assert reconciler.retry_withheld() == {ALICE_DN: "published"}
+    assert served(source, ALICE) == [ALICE_DN]
