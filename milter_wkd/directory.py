@@ -732,7 +732,7 @@ class Directory:
         asked = frozenset(f.hex for f in holders_of)
         if asked:
             queries += self._holdings_queries(asked)
-        entries, *holders = self._searches(queries)
+        entries, *holdings = self._searches(queries)
         if len(entries) > 1:
             raise Conflict(f"{address} belongs to {len(entries)} directory entries")
         if not entries:
@@ -741,7 +741,8 @@ class Directory:
         values = [v for name in self.config.mail_attributes for v in _texts(entry, name)]
         return User(entry["dn"], _addresses(values, entry["dn"]),
                     entry["raw_attributes"] if with_key else None,
-                    _holdings(asked, *holders) if asked else None)
+                    _holdings(asked, [e for found in holdings[1:] for e in found],
+                              holdings[0]) if asked else None)
 
     def user(self, address: Address) -> User:
         """Like find_user, but NotFound when nobody has the address."""
@@ -809,17 +810,18 @@ class Directory:
     def _holdings_queries(self, fingerprints: frozenset[str],
                           ) -> list[tuple[str, str, Sequence[str], int]]:
         values = [escape_filter_chars(f) for f in sorted(fingerprints)]
-        claims = "".join(f"(wkdFingerprint={v})" for v in values)
         held = "".join(f"(gpgFingerprint={v})(gpgSubFingerprint={v})" for v in values)
-        return [(self.config.claims_base, f"(&(objectClass={CLAIM_CLASS})(|{claims}))",
-                 _CLAIM_ATTRIBUTES, ldap.SCOPE_ONELEVEL),
-                (self.config.base_dn, f"(|{held})", ["gpgFingerprint", "gpgSubFingerprint"],
-                 SUBTREE)]
+        # Claims are read by name (one base search each, in the same round trip).
+        return [(self.config.base_dn, f"(|{held})", ["gpgFingerprint", "gpgSubFingerprint"],
+                 SUBTREE),
+                *((self._claim_dn(f), f"(objectClass={CLAIM_CLASS})", _CLAIM_ATTRIBUTES, BASE)
+                  for f in sorted(fingerprints))]
 
     def holdings(self, fingerprints: Sequence[Fingerprint]) -> Holdings:
         """The claims on fingerprints and the entries whose key attributes hold them."""
         asked = frozenset(f.hex for f in fingerprints)
-        return _holdings(asked, *self._searches(self._holdings_queries(asked)))
+        held, *claims = self._searches(self._holdings_queries(asked))
+        return _holdings(asked, [e for found in claims for e in found], held)
 
     def find_by_fingerprint(self, fingerprint: Fingerprint) -> StoredKey | None:
         """The entry whose key has this primary or subkey fingerprint."""
@@ -915,21 +917,31 @@ class Directory:
         False when another writer got there first (an entry that exists, a value or an
         assertion that no longer holds): nothing was written, read again and re-plan.
         """
+        timeout = self.config.timeout
+
+        def send(conn: Any, kind: str, dn: str, data: Any, controls: list[Any]) -> int:
+            if kind == "add":
+                return int(conn.add_ext(dn, data, serverctrls=controls))
+            if kind == "modify":
+                return int(conn.modify_ext(dn, data, serverctrls=controls))
+            return int(conn.delete_ext(dn, serverctrls=controls))
+
         def operation(conn: Any) -> None:
+            if len(operations) == 1:  # one operation is atomic by itself
+                kind, dn, data, assertion = operations[0]
+                controls = [AssertionControl(True, assertion)] if assertion else []
+                conn.result3(send(conn, kind, dn, data, controls), all=1, timeout=timeout)
+                return
             _name, identifier = conn.extop_s(ExtendedRequest(TXN_START, None))
             txn = RequestControl(_TXN_CONTROL, True, identifier)
             ended = False
             try:
-                for kind, dn, data, assertion in operations:
-                    controls = [txn]
-                    if assertion is not None:
-                        controls.append(AssertionControl(True, assertion))
-                    if kind == "add":
-                        conn.add_ext_s(dn, data, serverctrls=controls)
-                    elif kind == "modify":
-                        conn.modify_ext_s(dn, data, serverctrls=controls)
-                    else:
-                        conn.delete_ext_s(dn, serverctrls=controls)
+                # Queued by the server until the end: sent together, one round trip.
+                sent = [send(conn, kind, dn, data, [txn] + (
+                    [AssertionControl(True, assertion)] if assertion else []))
+                    for kind, dn, data, assertion in operations]
+                for msgid in sent:
+                    conn.result3(msgid, all=1, timeout=timeout)
                 ended = True  # a failed commit ends the transaction too
                 conn.extop_s(ExtendedRequest(_TXN_END, _txn_end(identifier, commit=True)))
             finally:
