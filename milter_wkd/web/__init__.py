@@ -18,7 +18,9 @@ from __future__ import annotations
 import os
 
 from milter_wkd import config as config_module
+from milter_wkd import openpgp
 from milter_wkd.config import Config
+from milter_wkd.values import Address
 from milter_wkd.web.app import WkdApp
 from milter_wkd.web.cache import KeyCache
 from milter_wkd.web.ldap_source import LdapKeySource
@@ -31,9 +33,15 @@ CONFIG_ENV = "MILTER_WKD_CONFIG"
 def create_app(config: Config, *, start: bool = True) -> WkdApp:
     """The WSGI app for a config; `start` launches the cache's mirroring/refresh thread."""
     web = config.web
+    limits = config.keys.limits()
+
+    def cleaner(key: bytes, address: Address) -> bytes:
+        # The [keys] policy of the submissions: what was published is what is served.
+        return openpgp.clean_key(key, [address], limits=limits).key
+
     cache = KeyCache(LdapKeySource(config.responder_directory()), budget=web.cache_bytes,
                      refresh_interval=web.refresh_interval,
-                     reconcile_interval=web.reconcile_interval)
+                     reconcile_interval=web.reconcile_interval, cleaner=cleaner)
     if start:
         cache.start()
     return WkdApp(cache, config.domains, max_age=web.max_age)

@@ -7,11 +7,15 @@ from typing import Any
 
 import pytest
 
+from milter_wkd import config as config_module
 from milter_wkd.config import DomainConfig
+from milter_wkd.errors import KeyRefused
 from milter_wkd.values import Address
+from milter_wkd.web import create_app
 from milter_wkd.web.app import WkdApp
 from milter_wkd.web.cache import KeyCache
 from milter_wkd.wkd import address_hash
+from tests.unit.test_openpgp_crafted import simple_key
 from tests.unit.test_web_cache import ALICE, BOB, TableSource, cleaner
 
 
@@ -186,3 +190,15 @@ def test_the_memo_is_bounded_and_skips_head(tmp_path: Path,
     # Hosts are part of the memo's key: the same path under an odd Host is refused.
     assert Response(app, "GET", key_path(ALICE), "openpgpkey.example.org").status == 200
     assert Response(app, "GET", key_path(ALICE), "evil.org").status == 404
+
+
+def test_the_responder_serves_by_the_publication_policy() -> None:
+    """create_app cleans with [keys]: a key the policy no longer accepts is not served."""
+    _signer, _sub, key = simple_key()  # Ed25519 primary, Cv25519 subkey
+    alice = Address.parse("alice@example.org")
+    default = create_app(config_module.build({}, environ={}), start=False)
+    assert default.cache.cleaner(key, alice)
+    narrow = create_app(config_module.build({"keys": {"curves": ["cv25519"]}}, environ={}),
+                        start=False)
+    with pytest.raises(KeyRefused):
+        narrow.cache.cleaner(key, alice)
