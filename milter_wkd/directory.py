@@ -624,6 +624,7 @@ class Directory:
         self.config = config
         self._pool = ConnectionPool(config)
         self._suffix: str | None = None
+        self._common_base: str | None = None
 
     def close(self) -> None:
         self._pool.close()
@@ -741,8 +742,7 @@ class Directory:
         values = [v for name in self.config.mail_attributes for v in _texts(entry, name)]
         return User(entry["dn"], _addresses(values, entry["dn"]),
                     entry["raw_attributes"] if with_key else None,
-                    _holdings(asked, [e for found in holdings[1:] for e in found],
-                              holdings[0]) if asked else None)
+                    self._split_holdings(asked, holdings[0]) if asked else None)
 
     def user(self, address: Address) -> User:
         """Like find_user, but NotFound when nobody has the address."""
@@ -809,19 +809,39 @@ class Directory:
 
     def _holdings_queries(self, fingerprints: frozenset[str],
                           ) -> list[tuple[str, str, Sequence[str], int]]:
+        """ONE search (below the nearest entry above both base_dn and claims_base) for the
+        claims on fingerprints and the entries whose key attributes hold them: every term
+        is an indexed equality (20-indexes.ldif)."""
         values = [escape_filter_chars(f) for f in sorted(fingerprints)]
         held = "".join(f"(gpgFingerprint={v})(gpgSubFingerprint={v})" for v in values)
-        # Claims are read by name (one base search each, in the same round trip).
-        return [(self.config.base_dn, f"(|{held})", ["gpgFingerprint", "gpgSubFingerprint"],
-                 SUBTREE),
-                *((self._claim_dn(f), f"(objectClass={CLAIM_CLASS})", _CLAIM_ATTRIBUTES, BASE)
-                  for f in sorted(fingerprints))]
+        claims = "".join(f"(wkdFingerprint={v})" for v in values)
+        return [(self._holdings_base(), f"(|(&(objectClass={CLAIM_CLASS})(|{claims})){held})",
+                 ["gpgFingerprint", "gpgSubFingerprint", *_CLAIM_ATTRIBUTES], SUBTREE)]
+
+    def _holdings_base(self) -> str:
+        if self._common_base is None:
+            people = [r.strip() for r in self.config.base_dn.split(",")]
+            claims = [r.strip() for r in self.config.claims_base.split(",")]
+            common: list[str] = []
+            for mine, theirs in zip(reversed(people), reversed(claims), strict=False):
+                if mine.lower() != theirs.lower():
+                    break
+                common.insert(0, mine)
+            self._common_base = ",".join(common)
+        return self._common_base
+
+    def _split_holdings(self, asked: frozenset[str], found: list[dict[str, Any]]) -> Holdings:
+        people = _dn_key(self.config.base_dn)
+        claims = [e for e in found if _values(e, "wkdClaimHolder")]
+        held = [e for e in found if not _values(e, "wkdClaimHolder")
+                and (_dn_key(e["dn"]) == people or _dn_key(e["dn"]).endswith("," + people))]
+        return _holdings(asked, claims, held)
 
     def holdings(self, fingerprints: Sequence[Fingerprint]) -> Holdings:
         """The claims on fingerprints and the entries whose key attributes hold them."""
         asked = frozenset(f.hex for f in fingerprints)
-        held, *claims = self._searches(self._holdings_queries(asked))
-        return _holdings(asked, [e for found in claims for e in found], held)
+        (found,) = self._searches(self._holdings_queries(asked))
+        return self._split_holdings(asked, found)
 
     def find_by_fingerprint(self, fingerprint: Fingerprint) -> StoredKey | None:
         """The entry whose key has this primary or subkey fingerprint."""
