@@ -35,18 +35,19 @@ so every LDAP connection of the project is opened and reported the same way.
 
 Configuration: the [directory] section (uri ldap://, ldaps:// or ldapi://; bind_dn and
 bind_password(_file) for a simple bind, else SASL EXTERNAL on ldapi://; ca_file; base_dn;
-user_filter; mail_attributes; pending_base; timeout; pool_size).
+user_filter; mail_attributes; pending_base; claims_base; timeout; pool_size).
 
 Failures: no answer within `timeout` seconds, a refused connection, a broken one (slapd
 restarted: an operation on a stale pooled connection is retried once on a fresh one;
 modifies are idempotent, and an add or delete whose first attempt did go through reports
-Conflict or NotFound on the retry), a refused bind or a busy server raise
-`DirectoryUnavailable` (callers answer with a temporary failure); an
-unknown user, key or request is `NotFound`; an address owned by two entries or
-key material whose claim another entry holds is `Conflict`; all slots of an address taken
-is `RateLimited`; a key the
-directory itself refuses (constraint overlay) is `KeyRefused`; any other LDAP error is
-`DirectoryError`.
+Conflict or NotFound on the retry; a publication's transaction that was cut off was never
+committed and is made again), a refused bind or a busy server raise
+`DirectoryUnavailable` (callers answer with a temporary failure), and so does a
+publication whose claims kept changing under it; an unknown user, key or request is
+`NotFound`; an address owned by two entries or key material whose claim another entry
+holds is `Conflict`; all slots of an address taken is `RateLimited`; a key the directory
+itself refuses (constraint overlay) is `KeyRefused`; any other LDAP error (a server
+without LDAP transactions among them) is `DirectoryError`.
 """
 
 from __future__ import annotations
