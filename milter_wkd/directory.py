@@ -116,11 +116,7 @@ DIGEST = "wkdKeyDigest"
 PROBLEM = "wkdKeyProblem"
 KEY_ATTRIBUTES = (*GNUPG_ATTRIBUTES, "wkdAddressHash", *PROVENANCE_ATTRIBUTES, DIGEST, PROBLEM)
 PREFER_ENCRYPT = "wkdPreferEncrypt"
-_CLAIM_ATTRIBUTES = ("wkdFingerprint", "wkdClaimHolder", "wkdClaimKind", "wkdCreated")
-# A claim whose holder does not hold the material yet is a publication under way for this
-# long (a publication takes milliseconds; a stuck one is retried by Postfix within
-# minutes), and a leftover of a failed one after it: only a leftover may be taken over.
-CLAIM_IN_FLIGHT = 120
+_CLAIM_ATTRIBUTES = ("wkdFingerprint", "wkdClaimHolder", "wkdClaimKind")
 _CLAIM_ROUNDS = 3
 
 # Errors that mean "the connection is gone or never came": retry once, then give up.
@@ -163,7 +159,6 @@ class Claim:
     fingerprint: str  # hex
     holder: str  # DN
     kind: ClaimKind
-    created: int
     recorded: bool = True
 
 
@@ -279,15 +274,15 @@ class ClaimPlan:
     conflict: str | None = None
 
 
-def plan_claims(dn: str, wanted: dict[str, ClaimKind], holdings: Holdings,
-                now: int) -> ClaimPlan:
+def plan_claims(dn: str, wanted: dict[str, ClaimKind], holdings: Holdings) -> ClaimPlan:
     """Decide, for each fingerprint of a key to publish on entry dn, whether it is claimed,
     taken over, kept, left out, or refuses the whole key.
 
     A proven claim (primary, back-signed subkey) beats an unproven one (a subkey bound by
     its primary only); an unproven subkey never displaces anything and is left out when
     another entry holds that material; two proven claims are a conflict. A claim whose
-    holder does not hold the material and is older than CLAIM_IN_FLIGHT is a leftover.
+    holder does not hold the material is a leftover (a removal that could not release it):
+    claims and keys are written in one transaction, so no publication is ever half done.
     """
     plan = ClaimPlan()
     me = _dn_key(dn)
@@ -300,17 +295,14 @@ def plan_claims(dn: str, wanted: dict[str, ClaimKind], holdings: Holdings,
                 plan.add[fpr] = kind
                 continue
             claim = Claim(fpr, other[0], ClaimKind.PRIMARY if other[1] else ClaimKind.SUBKEY,
-                          0, recorded=False)
+                          recorded=False)
         if _dn_key(claim.holder) == me:
             if claim.kind is not kind:
                 plan.own[fpr] = (claim, kind)
             continue
         holder_holds = any(_dn_key(h) == _dn_key(claim.holder) for h, _ in held_by)
-        if not holder_holds and claim.recorded and now - claim.created > CLAIM_IN_FLIGHT:
+        if not holder_holds:
             plan.take[fpr] = (claim, kind)
-        elif not holder_holds and claim.recorded:
-            plan.conflict = (f"key material {fpr} is being published by another user right "
-                             "now; try again in a few minutes")
         elif kind.proven and not claim.kind.proven:
             plan.take[fpr] = (claim, kind)
             plan.displace.append((claim.holder, fpr))
@@ -538,8 +530,7 @@ def _holdings(asked: frozenset[str], claim_entries: list[dict[str, Any]],
         kind = _text(entry, "wkdClaimKind") or ""
         if fpr in asked and holder:
             claims[fpr] = Claim(
-                fpr, holder, ClaimKind(kind) if kind in set(ClaimKind) else ClaimKind.SUBKEY,
-                parse_gnupg_time(_text(entry, "wkdCreated") or "") or 0)
+                fpr, holder, ClaimKind(kind) if kind in set(ClaimKind) else ClaimKind.SUBKEY)
     attributes: dict[str, list[tuple[str, bool]]] = {}
     for entry in holder_entries:
         primaries = {v.upper() for v in _texts(entry, "gpgFingerprint")}
@@ -897,14 +888,14 @@ class Directory:
         for _round in range(_CLAIM_ROUNDS):
             if entry is None:
                 raise NotFound(f"no entry {user.dn}")
-            plan = plan_claims(user.dn, wanted, holdings, provenance.published)
+            plan = plan_claims(user.dn, wanted, holdings)
             if plan.conflict is not None:
                 raise Conflict(plan.conflict)
             final = without_subkeys(cleaned, {Fingerprint.parse(f): reason
                                               for f, reason in plan.drop.items()})
             changes, written = _key_changes(entry, final, provenance,
                                             _text(entry, "pgpDisabled") or "0")
-            operations = self._claim_operations(user.dn, plan, provenance.published)
+            operations = self._claim_operations(user.dn, plan)
             operations.append(("modify", user.dn, _modlist(changes), _unchanged(entry)))
             displaced: dict[str, set[str]] = {}
             for holder, fpr in plan.displace:
@@ -984,7 +975,7 @@ class Directory:
     def _claim_dn(self, fingerprint: str) -> str:
         return f"wkdFingerprint={escape_dn_chars(fingerprint)},{self.config.claims_base}"
 
-    def _claim_operations(self, dn: str, plan: ClaimPlan, now: int) -> list[Operation]:
+    def _claim_operations(self, dn: str, plan: ClaimPlan) -> list[Operation]:
         """The adds and compare-and-swaps that make plan's claims."""
         operations: list[Operation] = []
         for fpr, kind in (*plan.add.items(),
@@ -992,16 +983,15 @@ class Directory:
             # An add fails if the name exists: the atomic "nobody holds this yet".
             operations.append(("add", self._claim_dn(fpr), [
                 ("objectClass", [CLAIM_CLASS.encode()]), ("wkdFingerprint", [fpr.encode()]),
-                ("wkdClaimHolder", [dn.encode()]), ("wkdClaimKind", [kind.value.encode()]),
-                ("wkdCreated", [gnupg_time(now).encode()])], None))
+                ("wkdClaimHolder", [dn.encode()]), ("wkdClaimKind", [kind.value.encode()])],
+                None))
         for fpr, (claim, kind) in (*plan.own.items(),
                                    *((f, c) for f, c in plan.take.items() if c[0].recorded)):
             # Deleting the holder value read fails (noSuchAttribute) if it changed since.
             operations.append(("modify", self._claim_dn(fpr), [
                 (DELETE, "wkdClaimHolder", [claim.holder.encode()]),
                 (ADD, "wkdClaimHolder", [dn.encode()]),
-                (REPLACE, "wkdClaimKind", [kind.value.encode()]),
-                (REPLACE, "wkdCreated", [gnupg_time(now).encode()])], None))
+                (REPLACE, "wkdClaimKind", [kind.value.encode()])], None))
         return operations
 
     def _strip_operations(self, dn: str, fingerprints: set[str]) -> list[Operation]:
@@ -1040,7 +1030,7 @@ class Directory:
         try:
             self._call(operation)
         except ldap.LDAPError as exc:
-            # A claim left behind is a leftover that expires (CLAIM_IN_FLIGHT); no harm.
+            # A claim left behind is a leftover: the next publication of it takes it over.
             log.warning("releasing claims of %s failed: %s", dn, ldap_reason(exc))
 
     def withhold_key(self, dn: str, reason: str) -> None:

@@ -350,14 +350,9 @@ NOT_ACCOUNTS = frozenset(set(check.GROUPS) - {"passwords", "responder"})
 
 
 @pytest.fixture
-def own_slapd(tmp_path: Path) -> Iterator[Slapd]:
+def own_slapd(private_slapd: Slapd) -> Slapd:
     """A slapd of this test's own: these tests change service accounts' passwords."""
-    server = Slapd(tmp_path / "slapd")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
+    return private_slapd
 
 
 def accounts_config(server: Slapd, folder: Path, *, web: str | None = "wkd") -> Path:
