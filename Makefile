@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # pymilter and python-ldap build against.
 DEBS := slapd ldap-utils postfix dovecot-core dovecot-ldap dovecot-lmtpd dovecot-imapd \
         gnupg dirmngr gpg-wks-client gpg-wks-server sq libmilter-dev swaks nginx wrk gcc \
-        libldap-dev libsasl2-dev
+        libldap-dev libsasl2-dev opendkim opendkim-tools
 DEMO_ARGS ?=
 
 .PHONY: test demo debs venv lint typecheck pytest clean bench

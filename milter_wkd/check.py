@@ -31,8 +31,9 @@ What it reads and tries (each group can be skipped by name):
 - submission-key: per domain, the secret key file is readable, not world-readable, not
   passphrase-protected, signs what its public key file verifies and decrypts what is
   encrypted to that public key; the public key names the submission address.
-- dkim: per domain with a dkim_key, the key loads; with `dns` the TXT record at
-  <selector>._domainkey.<domain> carries its public key (off by default: skipped).
+- dkim: per domain, each configured key (dkim_rsa_key, which must be RSA, and dkim_key)
+  loads, and a probe it signs verifies against its public key; with `dns` the TXT record
+  at <selector>._domainkey.<domain> of each carries its public key (off by default).
 - wkd: per domain, HTTPS with certificate validation (system store or ca_file; optionally
   connecting to another address while validating the real host name): the policy file
   (200, LF-terminated lines, submission-address and auth-submit as configured), the
@@ -494,7 +495,10 @@ def check_submission_key(domain: DomainConfig) -> Iterator[CheckResult]:
 
 
 def check_dkim(config: Config, domain: DomainConfig, dns: bool) -> Iterator[CheckResult]:
-    if not domain.dkim_key:
+    configured = [(setting, path, selector, algorithm) for setting, path, selector, algorithm in (
+        ("dkim_rsa_key", domain.dkim_rsa_key, domain.dkim_rsa_selector, "rsa"),
+        ("dkim_key", domain.dkim_key, domain.dkim_selector, None)) if path]
+    if not configured:
         if config.milter.dkim_sign_outgoing:
             yield _fail("dkim", f"{domain.name}: dkim_sign_outgoing is on but no dkim_key "
                         "is configured", "set dkim_key in [[domains]] and run "
@@ -503,26 +507,38 @@ def check_dkim(config: Config, domain: DomainConfig, dns: bool) -> Iterator[Chec
             yield _skip("dkim", f"{domain.name}: no dkim_key (generated mail is not "
                         "DKIM-signed by milter-wkd)")
         return
-    try:
-        key = dkim.load_key(Path(domain.dkim_key), domain.name, domain.dkim_selector)
-    except MilterWkdError as exc:
-        yield _fail("dkim", f"{domain.name}: {exc.reason}",
-                    "run `milter-wkd domain init` to create it (then publish the TXT record "
-                    "it prints), or correct dkim_key")
-        return
-    yield _ok("dkim", f"{domain.name}: {key.algorithm} key {domain.dkim_key} "
-              f"(selector {domain.dkim_selector})")
-    if not dns:
-        yield _skip("dkim", f"{key.dns_name()} TXT not looked up (offline default; --dns)")
-        return
-    yield from _dkim_dns(key)
+    for setting, path, selector, algorithm in configured:
+        try:
+            key = dkim.load_key(Path(path), domain.name, selector,
+                                "rsa" if algorithm == "rsa" else None)
+        except MilterWkdError as exc:
+            yield _fail("dkim", f"{domain.name}: {exc.reason}",
+                        "run `milter-wkd domain init` to create it (then publish the TXT "
+                        f"record it prints), or correct {setting}")
+            continue
+        probe = dkim.sign(_DKIM_PROBE.replace(b"@example.org", b"@" + key.domain.encode()),
+                          key)
+        if not dkim.verify(probe, {key.dns_name(): key.dns_record()}):
+            yield _fail("dkim", f"{domain.name}: a signature made with {path} does not "
+                        "verify against its own public key", "report this as a bug")
+            continue
+        yield _ok("dkim", f"{domain.name}: {key.algorithm} key {path} (selector {selector}) "
+                  "signs, and its signature verifies")
+        if not dns:
+            yield _skip("dkim", f"{key.dns_name()} TXT not looked up (offline default; --dns)")
+            continue
+        yield from _dkim_dns(key)
+
+
+_DKIM_PROBE = (b"From: milter-wkd check <postmaster@example.org>\r\nTo: postmaster@example.org"
+               b"\r\nSubject: DKIM probe\r\n\r\nNot sent.\r\n")
 
 
 def _dkim_dns(key: dkim.DkimKey) -> Iterator[CheckResult]:
     import dns.exception  # noqa: PLC0415 - only with --dns
     import dns.resolver  # noqa: PLC0415
 
-    expected = f"DNS: {key.dns_name()}. IN TXT \"{key.dns_record()}\""
+    expected = f"DNS: {key.zone_line()}"
     try:
         answer = dns.resolver.resolve(key.dns_name(), "TXT", lifetime=5.0)
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):

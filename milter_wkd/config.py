@@ -134,9 +134,23 @@ class DomainConfig:
         "the key it submits; other clients' keys with 'Name <addr>' user IDs are refused. "
         "Off (the default): 'Name <addr>' is published too, if it names one address."))
     dkim_selector: str = field(default="wkd", metadata=_doc(
-        "DKIM selector for mail milter-wkd generates or signs for this domain."))
+        "DKIM selector of dkim_key: its TXT record is <selector>._domainkey.<domain>."))
     dkim_key: str = field(default="", metadata=_doc(
-        "PEM private key for DKIM (empty: generated mail is not signed by milter-wkd)."))
+        "PEM private key for DKIM, Ed25519 or RSA (domain init makes an Ed25519 key); "
+        "empty: generated mail is not signed by milter-wkd. Mail is signed with this key "
+        "and, when dkim_rsa_key is set, with that one too: two signatures (RFC 8463)."))
+    dkim_rsa_selector: str = field(default="wkd-rsa", metadata=_doc(
+        "DKIM selector of dkim_rsa_key (must differ from dkim_selector)."))
+    dkim_rsa_key: str = field(default="", metadata=_doc(
+        "PEM private RSA key (2048 bits; domain init makes it) for a second signature "
+        "beside dkim_key's Ed25519 one: every receiver verifies RSA, not all verify "
+        "Ed25519, and each receiver uses the signature it can check. Recommended: Ed25519 in "
+        "dkim_key and RSA here. Empty (the default): one signature, with dkim_key."))
+
+    def __post_init__(self) -> None:
+        if self.dkim_rsa_key and self.dkim_key and self.dkim_rsa_selector == self.dkim_selector:
+            raise ConfigError(f"[[domains]] {self.name}: dkim_rsa_selector and dkim_selector "
+                              f"are both {self.dkim_selector!r}; each key needs its own")
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,7 +343,10 @@ def build(data: dict[str, Any], environ: typing.Mapping[str, str] | None = None)
         if typing.get_origin(section_cls) is list:
             sections[section_name] = _build_tables(section_name, section_cls, data)
             continue
-        given = dict(data.get(section_name, {}))
+        section = data.get(section_name, {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"[{section_name}] must be a table")
+        given = dict(section)
         hints = _field_types(section_cls)
         for unknown in set(given) - set(hints):
             raise ConfigError(f"[{section_name}] unknown key {unknown!r}")
@@ -356,6 +373,8 @@ def load(path: Path | str | None = None, environ: typing.Mapping[str, str] | Non
         text = ""
     except OSError as exc:
         raise ConfigError(f"cannot read config file {file_path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{file_path} is not UTF-8 (octet {exc.start})") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

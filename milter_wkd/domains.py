@@ -1,4 +1,4 @@
-"""A domain's service keys: the WKS submission key pair and the DKIM key.
+"""A domain's service keys: the WKS submission key pair and the DKIM key(s).
 
 `init_domain` creates what is missing (secret key 0600, public key 0644 — the public one
 is what the WKD responder serves and clients encrypt submissions to) and never overwrites
@@ -45,16 +45,22 @@ def init_domain(domain: DomainConfig) -> list[str]:
     else:
         info = inspect_key(public_path.read_bytes())
         lines.append(f"submission key {info.fingerprint} in {secret_path}")
-    if domain.dkim_key:
-        key_path = Path(domain.dkim_key)
+    dkim_keys: list[tuple[str, str, dkim.Algorithm | None]] = [
+        (domain.dkim_rsa_key, domain.dkim_rsa_selector, "rsa"),
+        (domain.dkim_key, domain.dkim_selector, None)]
+    for path, selector, algorithm in dkim_keys:
+        if not path:
+            continue
+        key_path = Path(path)
         if key_path.exists():
-            key = dkim.load_key(key_path, domain.name, domain.dkim_selector)
-            lines.append(f"DKIM key in {key_path}")
+            key = dkim.load_key(key_path, domain.name, selector, algorithm)
+            lines.append(f"DKIM key ({key.algorithm}, selector {selector}) in {key_path}")
         else:
             key_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-            key = dkim.generate_key(key_path, domain.name, domain.dkim_selector)
-            lines.append(f"created DKIM key in {key_path}")
-        lines.append(f"DNS: {key.dns_name()}. IN TXT \"{key.dns_record()}\"")
+            key = dkim.generate_key(key_path, domain.name, selector, algorithm or "ed25519")
+            lines.append(f"created DKIM key ({key.algorithm}, selector {selector}) in "
+                         f"{key_path}")
+        lines.append(f"DNS: {key.zone_line()}")
     lines.append(f"DNS: openpgpkey.{domain.name}. IN A/AAAA <the WKD responder's address> "
                  "(or CNAME; and a TLS certificate for that name)")
     return lines

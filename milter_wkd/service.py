@@ -92,7 +92,7 @@ class MailService:
         self._trusted = [ipaddress.ip_network(n, strict=False)
                          for n in config.milter.trusted_networks]
         self._secrets: dict[str, bytes] = {}
-        self._dkim: dict[str, dkim.DkimKey | None] = {}
+        self._dkim: dict[str, tuple[dkim.DkimKey, ...]] = {}
         self._lock = threading.Lock()
         self._hints: OrderedDict[str, _CachedHint] = OrderedDict()
         self._hint_token: str | None = None
@@ -189,17 +189,18 @@ class MailService:
             self._secrets[domain.name] = cached
         return cached
 
-    def _dkim_key(self, domain: DomainConfig) -> dkim.DkimKey | None:
-        if domain.name not in self._dkim:
-            self._dkim[domain.name] = (
-                dkim.load_key(Path(domain.dkim_key), domain.name, domain.dkim_selector)
-                if domain.dkim_key else None)
-        return self._dkim[domain.name]
+    def _dkim_keys(self, domain: DomainConfig) -> tuple[dkim.DkimKey, ...]:
+        """The domain's DKIM keys (none, one, or RSA and Ed25519), parsed once."""
+        keys = self._dkim.get(domain.name)
+        if keys is None:
+            keys = dkim.domain_keys(domain)
+            self._dkim[domain.name] = keys
+        return keys
 
     def _send(self, domain: DomainConfig, recipient: Address, message: bytes) -> None:
-        key = self._dkim_key(domain)
-        if key is not None:
-            message = dkim.sign(message, key)
+        keys = self._dkim_keys(domain)
+        if keys:
+            message = dkim.sign(message, keys)
         self.mailer.send(domain.submission_address, str(recipient), message)
 
     # --- WKS ------------------------------------------------------------------------------
@@ -457,13 +458,14 @@ class MailService:
                 edits.append(HeaderEdit(autocrypt.HEADER, value))
         if cfg.dkim_sign_outgoing and sender is not None:
             domain = self._domains.get(sender.domain)
-            key = self._dkim_key(domain) if domain is not None else None
+            keys = self._dkim_keys(domain) if domain is not None else ()
             # A signature says the provider vouches for the From: only for its owner.
-            if key is not None and not tx.oversize and self._owns_from(tx, sender):
+            if keys and not tx.oversize and self._owns_from(tx, sender):
                 message = tx.raw_message([(e.name, e.value or "") for e in edits])
-                signature = dkim.signature_header(message, key).decode("ascii")
-                name, _, value = signature.partition(":")
-                edits.append(HeaderEdit(name, value.strip().replace("\r\n", "\n"), 0))
+                # Inserted at the top, each in turn: the first key's ends up on top.
+                for signature in reversed(dkim.signature_headers(message, keys)):
+                    name, _, value = signature.decode("ascii").partition(":")
+                    edits.append(HeaderEdit(name, value.strip().replace("\r\n", "\n"), 0))
         return Accept(edits=tuple(edits))
 
     def _owns_from(self, tx: Transaction, sender: Address) -> bool:

@@ -1,7 +1,8 @@
 """`milter-wkd domain init|list`: a domain's service keys and the DNS records to publish.
 
 init creates, when missing, the submission key pair (secret 0600, public 0644, the public
-one is what the WKD responder serves) and the DKIM key, then prints the DNS records.
+one is what the WKD responder serves) and the DKIM keys (dkim_key, Ed25519, and
+dkim_rsa_key, RSA-2048, as configured), then prints the DNS records.
 Existing keys are never overwritten. Refusals (domain not configured) exit 2.
 """
 

@@ -114,7 +114,13 @@ class Sandbox:
 
     @property
     def dkim_key(self) -> Path:
+        """Ed25519, selector wkd."""
         return self.keys_dir / DOMAINS[0] / "dkim.pem"
+
+    @property
+    def dkim_rsa_key(self) -> Path:
+        """RSA-2048, selector wkd-rsa: the sandbox signs with both (dual signing)."""
+        return self.keys_dir / DOMAINS[0] / "dkim-rsa.pem"
 
     @property
     def users(self) -> dict[str, dict[str, str]]:
@@ -144,6 +150,7 @@ class Sandbox:
             "submission_address": self.submission_address,
             "submission_public_key": str(self.submission_public_key),
             "dkim_key": str(self.dkim_key),
+            "dkim_rsa_key": str(self.dkim_rsa_key),
             "wkd_url": self.wkd.wkd_url,
             "wkd_port": self.wkd.port,
             "ca_file": str(self.wkd.ca_file),
@@ -192,6 +199,8 @@ submission_key = {_toml(str(self.submission_key))}
 submission_public_key = {_toml(str(self.submission_public_key))}
 dkim_selector = "wkd"
 dkim_key = {_toml(str(self.dkim_key))}
+dkim_rsa_selector = "wkd-rsa"
+dkim_rsa_key = {_toml(str(self.dkim_rsa_key))}
 """
 
     def write_milter_config(self) -> None:

@@ -97,7 +97,12 @@ def test_everything_passes_on_the_sandbox(sandbox: Sandbox, wkd: Wkd) -> None:
     passed = {r.name for r in found if r.ok}
     assert passed == set(check.GROUPS)
     skipped = [r.detail for r in found if r.ok is None]
-    assert skipped == ["wkd._domainkey.example.org TXT not looked up (offline default; --dns)"]
+    assert skipped == [f"{name}._domainkey.example.org TXT not looked up (offline default; --dns)"
+                       for name in ("wkd-rsa", "wkd")]
+    assert [r.detail for r in found if r.name == "dkim" and r.ok] == [
+        f"example.org: {kind} key {path} (selector {name}) signs, and its signature verifies"
+        for kind, path, name in (("rsa", sandbox.dkim_rsa_key, "wkd-rsa"),
+                                 ("ed25519", sandbox.dkim_key, "wkd"))]
     details = "\n".join(r.detail for r in found)
     milter_dn = sandbox.slapd.service_accounts["milter"]["dn"]
     assert f"bound as {milter_dn} at {sandbox.slapd.uri}" in details
@@ -121,7 +126,8 @@ def test_cli_prints_one_line_per_check(sandbox: Sandbox, wkd: Wkd,
     milter_dn = sandbox.slapd.service_accounts["milter"]["dn"]
     assert lines[0] == f"ok   directory: bound as {milter_dn} at {sandbox.slapd.uri}"
     assert all(re.match(r"(ok  |skip) [a-z-]+: ", line) for line in lines[:-1]), out
-    assert re.fullmatch(r"\d+ ok, 0 warnings, 0 failed, 1 skipped", lines[-1])
+    # Skipped: the TXT records of the two DKIM keys (no DNS look-ups by default).
+    assert re.fullmatch(r"\d+ ok, 0 warnings, 0 failed, 2 skipped", lines[-1])
 
 
 def test_wrong_bind_password(sandbox: Sandbox, wkd: Wkd, tmp_path: Path,
@@ -150,6 +156,20 @@ def test_missing_dkim_key(sandbox: Sandbox, wkd: Wkd, tmp_path: Path) -> None:
         f"example.org: DKIM key {tmp_path / 'dkim.pem'}: No such file or directory")
     assert "milter-wkd domain init" in dkim_failure.fix
     assert [r.label for r in found if r.name == "submission-key"] == ["ok"]
+
+
+def test_dkim_rsa_key_of_the_wrong_kind(sandbox: Sandbox, wkd: Wkd, tmp_path: Path) -> None:
+    """dkim_rsa_key naming the Ed25519 key fails; dkim_key's key still passes."""
+    path = config_copy(sandbox, tmp_path, dkim_rsa_key=f'"{sandbox.dkim_key}"')
+    found = results(path, options(sandbox, wkd, skip=frozenset(
+        {"directory", "schema", "acl", "wkd", "postfix", "milter", "dovecot"})))
+    (dkim_failure,) = failed(found, "dkim")
+    assert dkim_failure.detail == (f"example.org: DKIM key {sandbox.dkim_key}: an ed25519 key "
+                                   "where an rsa key belongs")
+    assert "correct dkim_rsa_key" in dkim_failure.fix
+    assert [r.detail for r in found if r.name == "dkim" and r.ok] == [
+        f"example.org: ed25519 key {sandbox.dkim_key} (selector wkd) signs, and its "
+        "signature verifies"]
 
 
 def test_postfix_without_our_milter(sandbox: Sandbox, wkd: Wkd, tmp_path: Path,

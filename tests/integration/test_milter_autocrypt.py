@@ -128,16 +128,17 @@ def test_dkim_signature_covers_autocrypt(sandbox: Sandbox, alice_key: bytes) -> 
     message_id, raw = mail(f"Alice <{ALICE}>")
     send(sandbox, raw, ALICE, ["bob@example.org"], login="alice")
     message = delivered(sandbox, message_id)
-    key = dkim.load_key(sandbox.dkim_key, "example.org", "wkd")
-    records = {key.dns_name(): key.dns_record()}
+    records = _records(sandbox)
     # What Dovecot added in front (Return-Path, Delivered-To) is not signed.
-    assert dkim.verify(message.raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"), records)
-    signature = str(message["DKIM-Signature"])
-    signed = "".join(signature.split("h=", 1)[1].split(";", 1)[0].split()).lower()
-    assert "autocrypt" in signed.split(":")
-    tampered = message.raw.replace(b"addr=alice@example.org", b"addr=alice@example.org ", 1)
-    tampered = tampered.replace(b"keydata=", b"keydata=\n mDMEx", 1)
-    assert not dkim.verify(tampered.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"), records)
+    raw = message.raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    tampered = raw.replace(b"addr=alice@example.org", b"addr=alice@example.org ", 1)
+    tampered = tampered.replace(b"keydata=", b"keydata=\r\n mDMEx", 1)
+    for index, signature in enumerate(message.get_all("DKIM-Signature") or []):
+        assert dkim.verify(raw, records, index)
+        signed = "".join(str(signature).split("h=", 1)[1].split(";", 1)[0].split()).lower()
+        assert "autocrypt" in signed.split(":")
+        assert not dkim.verify(tampered, records, index)
+    assert index == 1  # two signatures: RSA and Ed25519
 
 
 def test_trusted_network_without_login(sandbox: Sandbox, alice_key: bytes) -> None:
@@ -212,10 +213,17 @@ def test_inbound_autocrypt_claiming_our_domain_can_be_stripped(sandbox: Sandbox)
         assert strict.decide(foreign) == Accept()
 
 
+def _records(sandbox: Sandbox) -> dict[str, str]:
+    """The TXT records of the sandbox's two DKIM keys (RSA wkd-rsa, Ed25519 wkd)."""
+    keys = (dkim.load_key(sandbox.dkim_rsa_key, "example.org", "wkd-rsa"),
+            dkim.load_key(sandbox.dkim_key, "example.org", "wkd"))
+    return {key.dns_name(): key.dns_record() for key in keys}
+
+
 def _verifies(sandbox: Sandbox, message: Mail) -> bool:
-    key = dkim.load_key(sandbox.dkim_key, "example.org", "wkd")
-    records = {key.dns_name(): key.dns_record()}
-    return dkim.verify(message.raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"), records)
+    """Both signatures (RSA on top, then Ed25519) verify."""
+    raw = message.raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return all(dkim.verify(raw, _records(sandbox), index) for index in (0, 1))
 
 
 @pytest.mark.parametrize(("from_", "signed"), [
