@@ -11,8 +11,10 @@ DEBS := slapd ldap-utils postfix dovecot-core dovecot-ldap dovecot-lmtpd dovecot
         gnupg dirmngr gpg-wks-client gpg-wks-server sq libmilter-dev swaks nginx wrk gcc \
         libldap-dev libsasl2-dev opendkim opendkim-tools
 DEMO_ARGS ?=
+# Seconds each fuzz target runs in `make fuzz` (the CI-sized run is part of the tests).
+FUZZ_SECONDS ?= 60
 
-.PHONY: test demo debs venv lint typecheck pytest clean bench
+.PHONY: test demo debs venv lint typecheck pytest clean bench fuzz
 
 test: debs venv lint typecheck pytest
 
@@ -36,13 +38,18 @@ $(VENV)/.stamp: pyproject.toml
 	@touch $@
 
 lint: venv
-	$(VENV)/bin/ruff check milter_wkd tests benchmarks
+	$(VENV)/bin/ruff check milter_wkd tests benchmarks fuzz
 
 typecheck: venv
 	$(VENV)/bin/mypy --strict milter_wkd
 
 pytest: venv
 	$(VENV)/bin/pytest -q
+
+# Coverage-guided fuzzing (atheris) of every parser of outside bytes, FUZZ_SECONDS per target:
+# executions, exec/s, crashes, slow inputs and peak memory per target (fuzz/run.py).
+fuzz: venv
+	$(PY) -m fuzz.run --seconds $(FUZZ_SECONDS)
 
 demo: debs venv
 	$(PY) -m milter_wkd.demo $(DEMO_ARGS)

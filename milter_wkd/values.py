@@ -47,6 +47,10 @@ class Address:
             text = text[1:-1]
         if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
             raise BadAddress("address contains control characters")
+        # Octets that are not UTF-8 arrive as lone surrogates (pymilter and the email
+        # package decode headers with surrogateescape); they are no characters of a mailbox.
+        if not text.isascii() and any("\ud800" <= ch <= "\udfff" for ch in text):
+            raise BadAddress("address is not valid UTF-8")
         local, at, domain = text.rpartition("@")
         if not at or not local or not domain:
             raise BadAddress(f"not a mail address: {text[:80]!r}")
