@@ -5,6 +5,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# The suite runs on Python 3.13 too (Debian 13's python3; these machines carry pyenv's).
+PYTHON313 ?= $(firstword $(wildcard /root/.pyenv/versions/3.13*/bin/python3.13) \
+                         $(shell command -v python3.13 2>/dev/null))
+VENV313 := .venv-3.13
 # Real peers the tests and the demo drive (see ../shared/RECIPES.md), and the headers
 # pymilter and python-ldap build against.
 DEBS := slapd ldap-utils postfix dovecot-core dovecot-ldap dovecot-lmtpd dovecot-imapd \
@@ -14,9 +18,9 @@ DEMO_ARGS ?=
 # Seconds each fuzz target runs in `make fuzz` (the CI-sized run is part of the tests).
 FUZZ_SECONDS ?= 60
 
-.PHONY: test demo debs venv lint typecheck pytest clean bench fuzz
+.PHONY: test demo debs venv lint typecheck pytest pytest-3.13 clean bench fuzz
 
-test: debs venv lint typecheck pytest
+test: debs venv lint typecheck pytest pytest-3.13
 
 debs:
 	@missing=$$(for p in $(DEBS); do \
@@ -46,6 +50,21 @@ typecheck: venv
 pytest: venv
 	$(VENV)/bin/pytest -q
 
+$(VENV313)/.stamp: pyproject.toml
+	@test -x $(VENV313)/bin/python || $(PYTHON313) -m venv $(VENV313)
+	$(VENV313)/bin/python -m pip install -q --upgrade pip
+	$(VENV313)/bin/python -m pip install -q -e '.[test]'
+	@touch $@
+
+# On CI a missing 3.13 is a failure; on a developer's machine the run is skipped, said so.
+pytest-3.13:
+	@if [ -z "$(PYTHON313)" ]; then \
+	  if [ -n "$$CI" ]; then echo "no Python 3.13: CI must run the suite on it" >&2; exit 1; fi; \
+	  echo "no Python 3.13 here (set PYTHON313=...): the 3.13 run is skipped"; \
+	else \
+	  $(MAKE) --no-print-directory $(VENV313)/.stamp && $(VENV313)/bin/pytest -q; \
+	fi
+
 # Coverage-guided fuzzing (atheris) of every parser of outside bytes, FUZZ_SECONDS per target:
 # executions, exec/s, crashes, slow inputs and peak memory per target (fuzz/run.py).
 fuzz: venv
@@ -55,4 +74,4 @@ demo: debs venv
 	$(PY) -m milter_wkd.demo $(DEMO_ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VENV313) .mypy_cache .ruff_cache .pytest_cache .hypothesis
