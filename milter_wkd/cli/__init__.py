@@ -34,6 +34,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "check": ("check", "tell what works and what to fix in a deployment"),
     "sandbox": ("sandbox", "private slapd, Dovecot, milter and Postfix on loopback"),
     "config": ("config_cmd", "configuration file helpers"),
+    "files": ("files", "where the shipped LDAP, Postfix, Dovecot and systemd files are"),
 }
 
 

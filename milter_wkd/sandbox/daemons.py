@@ -21,10 +21,10 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from milter_wkd import files
 from milter_wkd.errors import MilterWkdError
 
 LOOPBACK = "127.0.0.1"
-REPO_ROOT = Path(__file__).resolve().parents[2]
 PLACEHOLDER = re.compile(r"@([A-Z][A-Z0-9_]*)@")
 
 
@@ -54,7 +54,7 @@ def port_is_free(host: str, port: int) -> bool:
 
 def template_path(kind: str, name: str) -> Path:
     """A shipped snippet, e.g. template_path("postfix", "main.cf")."""
-    path = REPO_ROOT / kind / name
+    path = files.path(kind) / name
     if not path.is_file():
         raise SandboxError(f"shipped snippet {path} is missing")
     return path

@@ -35,12 +35,10 @@ from types import TracebackType
 from typing import TypedDict
 from urllib.parse import quote
 
-from milter_wkd import passwords
+from milter_wkd import files, passwords
 from milter_wkd.errors import MilterWkdError
 from milter_wkd.passwords import ssha
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-LDAP_DIR = REPO_ROOT / "ldap"
 SYSTEM_SCHEMA_DIR = Path("/etc/ldap/schema")
 SYSTEM_SCHEMAS = ("core", "cosine", "nis", "inetorgperson", "misc")
 MODULE_PATH = Path("/usr/lib/ldap")
@@ -225,13 +223,13 @@ olcAccess: {{1}}to * by * read
         entries: list[Path] = []
         if self.with_milter_wkd:
             for tool, name in SETUP_STEPS:
-                path = LDAP_DIR / name
+                path = files.path("ldap") / name
                 if name.startswith(("schema/", "config/")):
                     offline = slapadd if tool == "ldapadd" else slapmodify
                     self._tool(offline, *config, "-l", str(path))
                 else:
                     entries.append(path)
-        for path in (LDAP_DIR / "example-dit.ldif", *entries):
+        for path in (files.path("ldap") / "example-dit.ldif", *entries):
             self._tool(slapadd, "-n1", "-F", str(self.config_dir), "-l", str(path))
 
     def apply_setup(self) -> None:
@@ -239,7 +237,7 @@ olcAccess: {{1}}to * by * read
         the service accounts their passwords (step 6's `milter-wkd directory passwords`)."""
         for tool, name in SETUP_STEPS:
             self._tool(_binary(tool), "-H", self.ldapi_uri, "-Y", "EXTERNAL", "-Q",
-                       "-f", str(LDAP_DIR / name))
+                       "-f", str(files.path("ldap") / name))
         self.set_service_passwords()
 
     def set_service_passwords(self) -> None:

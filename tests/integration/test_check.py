@@ -14,7 +14,7 @@ from pathlib import Path
 import ldap
 import pytest
 
-from milter_wkd import check, passwords
+from milter_wkd import check, files, passwords
 from milter_wkd import config as config_module
 from milter_wkd.cli import main
 from milter_wkd.directory import ConnectionPool, Directory, PendingRequest, close_connection
@@ -23,7 +23,7 @@ from milter_wkd.openpgp import armor_key
 from milter_wkd.openpgp.messages import generate_submission_key
 from milter_wkd.sandbox import Sandbox
 from milter_wkd.sandbox.daemons import LOOPBACK, free_port
-from milter_wkd.sandbox.slapd import LDAP_DIR, PEERCRED_ROOT, Slapd
+from milter_wkd.sandbox.slapd import PEERCRED_ROOT, Slapd
 from milter_wkd.sandbox.wkd import WkdResponder
 from milter_wkd.values import Address, Fingerprint
 from milter_wkd.web import create_app
@@ -309,7 +309,7 @@ olcLimits: * size=unlimited
         found = results(sandbox.config_path, options(sandbox, wkd, skip=frozenset(
             {"submission-key", "dkim", "wkd", "postfix", "milter", "dovecot"})))
     finally:
-        sandbox.slapd.ldapmodify((LDAP_DIR / "config" / "30-access.ldif").read_text())
+        sandbox.slapd.ldapmodify((files.path("ldap") / "config" / "30-access.ldif").read_text())
     # Read-only for everyone: the milter lost its write access too.
     write_failure, failure = failed(found, "acl")
     assert "cannot create a pending request below ou=wks-pending" in write_failure.detail

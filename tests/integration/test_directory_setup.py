@@ -16,12 +16,12 @@ from typing import Any
 import ldap
 import pytest
 
-from milter_wkd import openpgp
+from milter_wkd import files, openpgp
 from milter_wkd.cli import main
 from milter_wkd.config import DirectoryConfig
 from milter_wkd.directory import Directory, KeySource, Provenance
 from milter_wkd.errors import KeyRefused
-from milter_wkd.sandbox.slapd import LDAP_DIR, SETUP_STEPS, Slapd
+from milter_wkd.sandbox.slapd import SETUP_STEPS, Slapd
 from milter_wkd.values import Address
 from tests.support import ldapclient
 
@@ -50,7 +50,7 @@ def account(server: Slapd, name: str) -> DirectoryConfig:
 
 
 def test_readme_lists_every_setup_step() -> None:
-    readme = (LDAP_DIR / "README.md").read_text()
+    readme = (files.path("ldap") / "README.md").read_text()
     for tool, name in SETUP_STEPS:
         assert f"{tool} -Y EXTERNAL -H ldapi:/// -f {name}" in readme, name
 
@@ -104,8 +104,8 @@ def _definitions(text: str, ldif: bool) -> list[str]:
 
 @pytest.mark.parametrize("name", ["gnupg-keyserver", "milter-wkd"])
 def test_schema_files_say_the_same(name: str, tmp_path: Path) -> None:
-    ldif = (LDAP_DIR / "schema" / f"{name}.ldif").read_text()
-    schema = (LDAP_DIR / "schema" / f"{name}.schema").read_text()
+    ldif = (files.path("ldap") / "schema" / f"{name}.ldif").read_text()
+    schema = (files.path("ldap") / "schema" / f"{name}.schema").read_text()
     assert _definitions(ldif, ldif=True) == _definitions(schema, ldif=False)
     assert len(_definitions(ldif, ldif=True)) >= 13
 
@@ -119,8 +119,8 @@ def test_classic_schema_files_load(tmp_path: Path) -> None:
         f"include {path}\n" for path in (
             "/etc/ldap/schema/core.schema", "/etc/ldap/schema/cosine.schema",
             "/etc/ldap/schema/inetorgperson.schema",
-            LDAP_DIR / "schema" / "gnupg-keyserver.schema",
-            LDAP_DIR / "schema" / "milter-wkd.schema")))
+            files.path("ldap") / "schema" / "gnupg-keyserver.schema",
+            files.path("ldap") / "schema" / "milter-wkd.schema")))
     proc = subprocess.run([slaptest, "-f", str(conf), "-u"], capture_output=True, text=True,
                           check=False)
     assert proc.returncode == 0, proc.stderr
@@ -149,7 +149,7 @@ def _readme_steps_only(server: Slapd) -> None:
     """ldap/README.md steps 1-6 as an administrator types them, nothing more."""
     for tool, name in SETUP_STEPS:
         subprocess.run([tool, "-H", server.ldapi_uri, "-Y", "EXTERNAL", "-Q",
-                        "-f", str(LDAP_DIR / name)], check=True, capture_output=True)
+                        "-f", str(files.path("ldap") / name)], check=True, capture_output=True)
 
 
 def test_shipped_service_accounts_are_locked(existing_server: Slapd) -> None:

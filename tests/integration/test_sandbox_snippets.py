@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from milter_wkd.sandbox.daemons import PLACEHOLDER, REPO_ROOT, SandboxError, render
+from milter_wkd import files
+from milter_wkd.sandbox.daemons import PLACEHOLDER, SandboxError, render
 
-SNIPPETS = [REPO_ROOT / "postfix" / "main.cf", REPO_ROOT / "postfix" / "master.cf",
-            REPO_ROOT / "dovecot" / "milter-wkd.conf",
-            REPO_ROOT / "dovecot" / "dovecot-ldap.conf.ext"]
+SNIPPETS = [files.path("postfix") / "main.cf", files.path("postfix") / "master.cf",
+            files.path("dovecot") / "milter-wkd.conf",
+            files.path("dovecot") / "dovecot-ldap.conf.ext"]
 
 
 def _header_and_body(path: Path) -> tuple[list[str], list[str]]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from milter_wkd import files
 from milter_wkd.sandbox.daemons import free_port, terminate, wait_until
 from milter_wkd.sandbox.slapd import Slapd
 from milter_wkd.sandbox.wkd import WkdResponder, make_test_pki
@@ -26,7 +27,7 @@ from tests.support.wkd import write_key
 
 pytestmark = pytest.mark.integration
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "nginx-wkd.conf"
+DOC = files.path("docs") / "nginx-wkd.conf"
 ALICE_PATH = ("/.well-known/openpgpkey/example.org/hu/"
               + address_hash(Address.parse("alice@example.org")))
 
