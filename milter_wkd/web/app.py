@@ -188,7 +188,10 @@ def _local_hint(query: str) -> str | None:
     """The `l=` parameter, a hint only: the hash decides (sq keeps case, gpg lowercases)."""
     if not query:
         return None
-    values = parse_qs(query, max_num_fields=4).get("l")
+    try:
+        values = parse_qs(query, max_num_fields=4).get("l")
+    except ValueError:  # more than 4 fields: no hint, the hash decides anyway
+        return None
     if not values or len(values[0]) > 64 or any(c in values[0] for c in "()*\\\0@"):
         return None
     return values[0]
