@@ -15,6 +15,7 @@ decryption (packets, decompression, the inner MIME) see hostile input at volume.
 from __future__ import annotations
 
 import base64
+import bz2
 import hashlib
 import os
 import zlib
@@ -114,9 +115,17 @@ def seeds() -> Iterator[tuple[str, bytes]]:
         yield f"ciphertext-{name}", bytes([selector | 1]) + messages.encrypt(
             entity, [fixtures.service_public()])
         yield f"plaintext-{name}", bytes([selector | 2]) + entity
-    compressed = zlib.compress(literal(key_part))
-    yield "packets-zlib", b"\x03" + pk.new_header(pk.TAG_COMPRESSED, len(compressed) + 1) + (
-        b"\x02" + compressed)
+    deflate = zlib.compressobj(wbits=-15)
+    for name, algorithm, compressed in (
+            ("zip", 1, deflate.compress(literal(key_part)) + deflate.flush()),
+            ("zlib", 2, zlib.compress(literal(key_part))),
+            ("bzip2", 3, bz2.compress(literal(key_part)))):
+        yield f"packets-{name}", b"\x03" + pk.new_header(
+            pk.TAG_COMPRESSED, len(compressed) + 1) + bytes([algorithm]) + compressed
+    # A one-pass signature and signature packet around the literal data (skipped).
+    one_pass = pk.new_header(pk.TAG_ONE_PASS, 13) + b"\x03\x00\x0a\x16" + bytes(8) + b"\x01"
+    signature = pk.new_header(pk.TAG_SIGNATURE, 4) + b"\x04\x00\x16\x0a"
+    yield "packets-signed", b"\x03" + one_pass + literal(key_part) + signature
     yield "packets-literal", b"\x0b" + literal(wks_part)
     yield "clear-submission", b"\x00" + HEADERS + key_part
     yield "clear-response", b"\x08" + HEADERS + wks_part
