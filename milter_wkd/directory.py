@@ -81,15 +81,25 @@ from pyasn1.type import namedtype, univ
 from milter_wkd.config import DirectoryConfig
 from milter_wkd.errors import (
     BadAddress,
+    Changed,
     Conflict,
     DirectoryError,
     DirectoryUnavailable,
     KeyRefused,
+    MilterWkdError,
     NotFound,
     RateLimited,
     Refused,
 )
-from milter_wkd.openpgp import CleanResult, KeyInfo, armor_key, clean_key, without_subkeys
+from milter_wkd.openpgp import (
+    DEFAULT_LIMITS,
+    CleanResult,
+    KeyInfo,
+    Limits,
+    armor_key,
+    clean_key,
+    without_subkeys,
+)
 from milter_wkd.openpgp.packets import dearmor
 from milter_wkd.values import Address, Fingerprint
 from milter_wkd.wkd import address_hash
@@ -278,34 +288,43 @@ def plan_claims(dn: str, wanted: dict[str, ClaimKind], holdings: Holdings) -> Cl
     """Decide, for each fingerprint of a key to publish on entry dn, whether it is claimed,
     taken over, kept, left out, or refuses the whole key.
 
-    A proven claim (primary, back-signed subkey) beats an unproven one (a subkey bound by
-    its primary only); an unproven subkey never displaces anything and is left out when
-    another entry holds that material; two proven claims are a conflict. A claim whose
-    holder does not hold the material is a leftover (a removal that could not release it):
-    claims and keys are written in one transaction, so no publication is ever half done.
+    Who holds a piece of material is decided by the entries' key attributes, the claim
+    saying how it was proven: the claim's holder when it holds it, else any other entry
+    that does (a claim whose holder was renamed, or material published before claims
+    existed). A proven claim (primary, back-signed subkey) beats an unproven one (a subkey
+    bound by its primary only); an unproven subkey never displaces anything and is left
+    out when another entry holds that material; two proven claims are a conflict. A claim
+    whose holder holds nothing of it is a leftover (a removal that could not release it)
+    and is taken over. Every claim change is a compare-and-swap on the claim entry, the
+    holder's own ones included when it does not hold the material yet, so a takeover and
+    a re-publication of the same material cannot both commit.
     """
     plan = ClaimPlan()
     me = _dn_key(dn)
     for fpr, kind in wanted.items():
         held_by = holdings.attributes.get(fpr, ())
-        claim = holdings.claims.get(fpr)
-        if claim is None:
-            other = next(((h, primary) for h, primary in held_by if _dn_key(h) != me), None)
-            if other is None:
+        holding = {_dn_key(h) for h, _ in held_by}
+        stored = holdings.claims.get(fpr)
+        other: tuple[str, ClaimKind] | None = None
+        if stored is not None and _dn_key(stored.holder) != me and _dn_key(
+                stored.holder) in holding:
+            other = (stored.holder, stored.kind)
+        else:
+            found = next(((h, primary) for h, primary in held_by if _dn_key(h) != me), None)
+            if found is not None:
+                other = (found[0], ClaimKind.PRIMARY if found[1] else ClaimKind.SUBKEY)
+        if other is None:
+            if stored is None:
                 plan.add[fpr] = kind
-                continue
-            claim = Claim(fpr, other[0], ClaimKind.PRIMARY if other[1] else ClaimKind.SUBKEY,
-                          recorded=False)
-        if _dn_key(claim.holder) == me:
-            if claim.kind is not kind:
-                plan.own[fpr] = (claim, kind)
+            elif _dn_key(stored.holder) != me:
+                plan.take[fpr] = (stored, kind)  # a leftover
+            elif stored.kind is not kind or me not in holding:
+                plan.own[fpr] = (stored, kind)
             continue
-        holder_holds = any(_dn_key(h) == _dn_key(claim.holder) for h, _ in held_by)
-        if not holder_holds:
-            plan.take[fpr] = (claim, kind)
-        elif kind.proven and not claim.kind.proven:
-            plan.take[fpr] = (claim, kind)
-            plan.displace.append((claim.holder, fpr))
+        holder, their_kind = other
+        if kind.proven and not their_kind.proven:
+            plan.take[fpr] = (stored or Claim(fpr, holder, their_kind, recorded=False), kind)
+            plan.displace.append((holder, fpr))
         elif not kind.proven:
             plan.drop[fpr] = (f"subkey {fpr} is published by another user, so it was left "
                               "out (if it is yours, ask your provider)")
@@ -546,9 +565,13 @@ TXN_START, _TXN_CONTROL, _TXN_END = "1.3.6.1.1.21.1", "1.3.6.1.1.21.2", "1.3.6.1
 # How a transaction ends that lost a race to another writer (nothing of it was written).
 _RACE_RESULTS = (ldap.ALREADY_EXISTS, ldap.NO_SUCH_ATTRIBUTE, ldap.NO_SUCH_OBJECT,
                  ldap.ASSERTION_FAILED)
+# A used-up pending request expires at the epoch (see Directory._consume_operation).
+_EPOCH = gnupg_time(0).encode()
+_USED = f"(wkdExpires<={gnupg_time(0)})"
+_UNUSED = f"(!{_USED})"
 # What publishing needs to know of the entry it writes, when not read with the user.
-_ENTRY_STATE = ["objectClass", "pgpDisabled", PREFER_ENCRYPT, "gpgFingerprint",
-                "gpgSubFingerprint", DIGEST]
+_ENTRY_STATE = ["objectClass", "entryCSN", "pgpKey", "pgpDisabled", PREFER_ENCRYPT,
+                "gpgFingerprint", "gpgSubFingerprint", DIGEST]
 # (add | modify | delete, DN, addlist or modlist, assertion filter or None)
 Operation = tuple[str, str, Any, str | None]
 
@@ -571,7 +594,11 @@ def _modlist(changes: Changes) -> list[tuple[int, str, list[bytes] | None]]:
 
 
 def _unchanged(entry: dict[str, Any]) -> str:
-    """An assertion that an entry's key is still the one read (by its digest)."""
+    """An assertion that an entry is still as read: its entryCSN changes with every write
+    (its digest, when the entryCSN was not read)."""
+    csn = _text(entry, "entryCSN")
+    if csn:
+        return f"(entryCSN={escape_filter_chars(csn)})"
     digest = _text(entry, DIGEST)
     return f"({DIGEST}={escape_filter_chars(digest)})" if digest else f"(!({DIGEST}=*))"
 
@@ -692,10 +719,15 @@ class Directory:
             raise DirectoryError(
                 f"search under {queries[0][0]} failed: {ldap_reason(exc)}") from None
 
-    def _modify(self, dn: str, changes: Changes) -> None:
+    def _modify(self, dn: str, changes: Changes, *, assertion: str | None = None) -> None:
+        """One modify; with an assertion, only if the entry still matches it (else
+        DirectoryUnavailable: it changed meanwhile, decide again on what is there now)."""
         modlist = _modlist(changes)
+        controls = [AssertionControl(True, assertion)] if assertion else None
         try:
-            self._call(lambda conn: conn.modify_ext_s(dn, modlist))
+            self._call(lambda conn: conn.modify_ext_s(dn, modlist, serverctrls=controls))
+        except ldap.ASSERTION_FAILED:
+            raise Changed(f"{dn} changed meanwhile") from None
         except ldap.NO_SUCH_OBJECT:
             raise NotFound(f"no entry {dn}") from None
         except ldap.LDAPError as exc:
@@ -719,7 +751,7 @@ class Directory:
         """
         attributes = list(self.config.mail_attributes)
         if with_key:
-            attributes += ["objectClass", *KEY_ATTRIBUTES, PREFER_ENCRYPT]
+            attributes += ["objectClass", "entryCSN", *KEY_ATTRIBUTES, PREFER_ENCRYPT]
         queries: list[tuple[str, str, Sequence[str], int]] = [
             (self.config.base_dn, self._address_filter(address), attributes, SUBTREE)]
         asked = frozenset(f.hex for f in holders_of)
@@ -860,7 +892,9 @@ class Directory:
             if stored is not None:
                 yield stored
 
-    def publish_key(self, user: User, cleaned: CleanResult, provenance: Provenance) -> StoredKey:
+    def publish_key(self, user: User, cleaned: CleanResult, provenance: Provenance, *,
+                    consume: PendingRequest | None = None,
+                    limits: Limits = DEFAULT_LIMITS) -> StoredKey:
         """Store a cleaned key on the user's entry, replacing any key there, in ONE LDAP
         transaction (RFC 5805) with the claims on its key material.
 
@@ -869,8 +903,13 @@ class Directory:
         an unproven subkey: then that entry loses the subkey in the same transaction. An
         unproven subkey held elsewhere is left out (`StoredKey.withheld`). The transaction
         asserts that nothing it read has changed; when another writer got there first it
-        is read again and re-planned. Claims of the previous key that the new one lacks are
-        released afterwards.
+        is read again and re-planned, unless the entry's key itself changed meanwhile: then
+        DirectoryUnavailable (decide again on what is there now). Claims of the previous key
+        that the new one lacks are released afterwards.
+
+        consume: a pending WKS request deleted in the same transaction (single use, and a
+        publication that fails leaves it for the retry); NotFound when it is gone.
+        limits: the cleaning policy for a displaced holder's key.
         """
         info = cleaned.info
         foreign = [str(a) for a in info.addresses if not user.owns(a)]
@@ -885,9 +924,10 @@ class Directory:
             holdings = self.holdings(fingerprints)
         entry = ({"dn": user.dn, "raw_attributes": user.snapshot} if user.snapshot is not None
                  else self._read_entry(user.dn, _ENTRY_STATE))
+        if entry is None:
+            raise NotFound(f"no entry {user.dn}")
+        planned = (_values(entry, "pgpKey"), _text(entry, DIGEST))
         for _round in range(_CLAIM_ROUNDS):
-            if entry is None:
-                raise NotFound(f"no entry {user.dn}")
             plan = plan_claims(user.dn, wanted, holdings)
             if plan.conflict is not None:
                 raise Conflict(plan.conflict)
@@ -901,16 +941,29 @@ class Directory:
             for holder, fpr in plan.displace:
                 displaced.setdefault(holder, set()).add(fpr)
             for holder, fprs in displaced.items():
-                operations += self._strip_operations(holder, fprs)
+                operations += self._strip_operations(holder, fprs, limits)
+            if consume is not None:
+                operations.append(self._consume_operation(consume, provenance.published))
             if self._transaction(operations):
                 break
             holdings = self.holdings(fingerprints)
             entry = self._read_entry(user.dn, _ENTRY_STATE)
+            if entry is None:
+                raise NotFound(f"no entry {user.dn}")
+            if (_values(entry, "pgpKey"), _text(entry, DIGEST)) != planned:
+                raise Changed(
+                    f"the key of {user.dn} changed while another was being published")
+            if consume is not None and not self._search(self._request_dn(consume), _UNUSED,
+                                                        ["1.1"], scope=BASE):
+                raise NotFound("this confirmation was used already")
         else:
             raise DirectoryUnavailable("the key material's claims keep changing; try again")
         for holder, fprs in displaced.items():
             log.warning("removed subkey(s) %s from the key of %s: %s proved it holds them",
                         ", ".join(sorted(fprs)), holder, user.dn)
+        if consume is not None:  # used up in the transaction; what is left is tidying
+            with contextlib.suppress(MilterWkdError):
+                self._delete_pending_dn(self._request_dn(consume), _USED)
         previous = {v.upper() for v in (*_texts(entry, "gpgFingerprint"),
                                         *_texts(entry, "gpgSubFingerprint"))}
         self._release_claims(user.dn, previous - set(wanted))
@@ -994,15 +1047,17 @@ class Directory:
                 (REPLACE, "wkdClaimKind", [kind.value.encode()])], None))
         return operations
 
-    def _strip_operations(self, dn: str, fingerprints: set[str]) -> list[Operation]:
+    def _strip_operations(self, dn: str, fingerprints: set[str], limits: Limits,
+                          ) -> list[Operation]:
         """The modify that removes subkeys whose material another entry proved it holds
         from dn's key (withholds the key if it no longer passes), asserting the key read."""
-        entry = self._read_entry(dn, ["objectClass", *KEY_ATTRIBUTES, PREFER_ENCRYPT])
+        entry = self._read_entry(dn, ["objectClass", "entryCSN", *KEY_ATTRIBUTES,
+                                      PREFER_ENCRYPT])
         stored = self._stored(entry) if entry is not None else None
         if entry is None or stored is None:
             return []
         try:
-            cleaned = without_subkeys(clean_key(stored.key, None), {
+            cleaned = without_subkeys(clean_key(stored.key, None, limits=limits), {
                 Fingerprint.parse(f): f"subkey {f}: another entry proved it holds it"
                 for f in fingerprints})
             if cleaned.info.fingerprint.hex in fingerprints:
@@ -1033,21 +1088,32 @@ class Directory:
             # A claim left behind is a leftover: the next publication of it takes it over.
             log.warning("releasing claims of %s failed: %s", dn, ldap_reason(exc))
 
-    def withhold_key(self, dn: str, reason: str) -> None:
+    def withhold_key(self, dn: str, reason: str, *, judged: str | None = None) -> None:
         """Stop serving an entry's key: remove what was derived from it and its claims, keep
-        pgpKey (an administrator's data, to fix), and say why in wkdKeyProblem."""
-        entry = self._read_entry(dn, ["objectClass", *KEY_ATTRIBUTES])
+        pgpKey (an administrator's data, to fix), and say why in wkdKeyProblem.
+
+        judged: the entryCSN of the entry as the caller read it to judge it; if the entry
+        was written since, nothing happens (DirectoryUnavailable: judge it again)."""
+        entry = self._read_entry(dn, ["objectClass", "entryCSN", *KEY_ATTRIBUTES])
         if entry is None:
             raise NotFound(f"no entry {dn}")
-        self._modify(dn, _withhold_changes(entry, reason))
+        if judged is not None and _text(entry, "entryCSN") != judged:
+            raise Changed(f"{dn} changed meanwhile")
+        self._modify(dn, _withhold_changes(entry, reason), assertion=_unchanged(entry))
         self._release_claims(dn, {v.upper() for v in (*_texts(entry, "gpgFingerprint"),
                                                       *_texts(entry, "gpgSubFingerprint"))})
         log.warning("key of %s withheld: %s", dn, reason)
 
     def remove_key(self, user: User) -> StoredKey:
         """Remove the user's published key, everything derived from it and its claims.
-        NotFound when the entry publishes none (a withheld key is cleared all the same)."""
-        entry = self._read_entry(user.dn, ["objectClass", *KEY_ATTRIBUTES, PREFER_ENCRYPT])
+        NotFound when the entry publishes none (a withheld key is cleared all the same).
+        A user read with its key (`User.snapshot`) is removed only if its entry has not
+        been written since (else DirectoryUnavailable: decide again)."""
+        entry = self._read_entry(user.dn, ["objectClass", "entryCSN", *KEY_ATTRIBUTES,
+                                           PREFER_ENCRYPT])
+        judged = _text({"raw_attributes": user.snapshot}, "entryCSN") if user.snapshot else None
+        if entry is not None and judged is not None and _text(entry, "entryCSN") != judged:
+            raise Changed(f"{user.dn} changed meanwhile")
         stored = self._stored(entry) if entry is not None else None
         if entry is not None:
             self._clear_key(entry)
@@ -1065,7 +1131,7 @@ class Directory:
                 c.lower() for c in _texts(entry, "objectClass")}:
             changes["objectClass"] = (DELETE, [KEY_CLASS])
         if changes:
-            self._modify(dn, changes)
+            self._modify(dn, changes, assertion=_unchanged(entry))
         self._release_claims(dn, {v.upper() for v in (
             *_texts(entry, "gpgFingerprint"), *_texts(entry, "gpgSubFingerprint"))})
 
@@ -1138,16 +1204,6 @@ class Directory:
                 return dataclasses.replace(request, dn=dn)
         raise RateLimited(f"{request.address} has {limit} unconfirmed requests already")
 
-    def restore_pending(self, request: PendingRequest) -> None:
-        """Put a taken request back where it was (a publication that could not finish)."""
-        if not request.dn or not self._add_pending(request.dn, {
-                "objectClass": [PENDING_CLASS], "wkdNonce": [request.nonce],
-                "wkdAddress": [str(request.address)],
-                "wkdFingerprint": [request.fingerprint.hex], "wkdSubmittedKey": [request.key],
-                "wkdCreated": [gnupg_time(request.created)],
-                "wkdExpires": [gnupg_time(request.expires)]}):
-            log.warning("could not put back the pending request for %s", request.address)
-
     def _add_pending(self, dn: str, attributes: dict[str, list[str | bytes]]) -> bool:
         addlist = [(name, _encode(values)) for name, values in attributes.items()]
         try:
@@ -1188,10 +1244,24 @@ class Directory:
             raise DirectoryError(f"deleting {dn} failed: {ldap_reason(exc)}") from None
         return True
 
+    def _consume_operation(self, request: PendingRequest, now: int) -> Operation:
+        """The modify that uses a pending request up: its expiry moved to the epoch, only
+        if it is still unused and unexpired (a delete inside a transaction makes slapd
+        2.5.13 fail some commits with `other`; the used request is deleted afterwards or
+        by `pending expire`)."""
+        nonce = escape_filter_chars(request.nonce)
+        return ("modify", self._request_dn(request), [(REPLACE, "wkdExpires", [_EPOCH])],
+                f"(&(wkdNonce={nonce})(wkdExpires>={gnupg_time(now)}))")
+
+    def _request_dn(self, request: PendingRequest) -> str:
+        # Requests stored by earlier versions are named by their nonce.
+        return request.dn or (
+            f"wkdNonce={escape_dn_chars(request.nonce)},{self.config.pending_base}")
+
     def delete_pending(self, request: PendingRequest) -> None:
         """Delete a pending request; NotFound if it is gone (e.g. taken by someone else)."""
-        dn = request.dn or f"wkdNonce={escape_dn_chars(request.nonce)},{self.config.pending_base}"
-        if not self._delete_pending_dn(dn, f"(wkdNonce={escape_filter_chars(request.nonce)})"):
+        if not self._delete_pending_dn(self._request_dn(request),
+                                       f"(wkdNonce={escape_filter_chars(request.nonce)})"):
             raise NotFound("no pending request for this nonce")
 
     def take_pending(self, nonce: str, address: Address, now: int | None = None,

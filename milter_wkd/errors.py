@@ -61,3 +61,8 @@ class Conflict(Refused):
 
 class RateLimited(Refused):
     """A limit on requests was reached (e.g. pending confirmation requests per address)."""
+
+
+class Changed(DirectoryUnavailable):
+    """A directory entry was written by someone else while it was being decided on:
+    nothing was written; decide again on what is there now (a temporary failure)."""

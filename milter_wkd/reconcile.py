@@ -22,8 +22,10 @@ before digests existed a digest or a problem); `start()` does that every `interv
 Reads the [directory] section through the `Directory` it is given (the milter's account)
 and [keys] max_input_bytes (the caller's `limits`).
 
-Failure: a directory that does not answer is retried at the next poll from the same point
-(nothing is skipped); an entry that fails to be written is logged and looked at again at
+Failure: a directory that does not answer ends the pass; the next poll starts again from
+the same point (nothing is skipped). An entry written by someone else while it was being
+judged is left alone (every write asserts the entry is as judged) and looked at in the
+next pass. An entry that fails otherwise is logged and looked at again at
 its next change or the next start; a withheld key is looked at again every minute (the
 material another entry held may have been released). The follower never stops the milter.
 """
@@ -49,7 +51,15 @@ from milter_wkd.directory import (
     key_digest,
     parse_gnupg_time,
 )
-from milter_wkd.errors import Conflict, KeyRefused, MilterWkdError, NotFound, Refused
+from milter_wkd.errors import (
+    Changed,
+    Conflict,
+    KeyRefused,
+    MilterWkdError,
+    NotFound,
+    Refused,
+    Unavailable,
+)
 from milter_wkd.openpgp import CleanResult
 from milter_wkd.web.source import changes_from
 
@@ -70,6 +80,7 @@ class Outcome(StrEnum):
     PUBLISHED = "published"
     WITHHELD = "withheld"
     CLEARED = "cleared"
+    CHANGED = "changed"  # written by someone else meanwhile: looked at in the next pass
     FAILED = "failed"
 
 
@@ -108,11 +119,14 @@ def _provenance(snapshot: dict[str, list[bytes]], now: int) -> Provenance:
 
 class Reconciler:
     def __init__(self, directory: Directory, *, interval: float = POLL_INTERVAL,
-                 limits: openpgp.Limits = openpgp.DEFAULT_LIMITS,
+                 limits: openpgp.Limits | Callable[[User], openpgp.Limits] = (
+                     openpgp.DEFAULT_LIMITS),
                  clock: Callable[[], float] = time.time) -> None:
         self.directory = directory
         self.interval = interval
-        self.limits = limits
+        # The policy of a submission for this entry's addresses (a domain's mailbox_only).
+        self.limits_for: Callable[[User], openpgp.Limits] = (
+            limits if callable(limits) else lambda _user: limits)
         self.clock = clock
         self.token: str | None = None  # None: nothing looked at yet (a full pass is due)
         self._stop = threading.Event()
@@ -147,6 +161,12 @@ class Reconciler:
             if not keys:
                 return self._cleared(user, snapshot)
             return self._checked(user, snapshot, keys[0])
+        except Changed:
+            # Written while judged: its new entryCSN brings it into the next pass.
+            return Outcome.CHANGED
+        except Unavailable:
+            # The directory is down: the pass is repeated from the same point.
+            raise
         except MilterWkdError as exc:
             log.warning("cannot reconcile the key of %s: %s", user.dn, exc.reason)
             return Outcome.FAILED
@@ -164,7 +184,8 @@ class Reconciler:
                  ) -> Outcome:
         problem = _text(snapshot, PROBLEM)
         try:
-            cleaned = openpgp.clean_key(value, user.addresses, limits=self.limits)
+            limits = self.limits_for(user)
+            cleaned = openpgp.clean_key(value, user.addresses, limits=limits)
         except Refused as exc:
             return self._withheld(user, snapshot, problem, f"unusable key: {exc.reason}")
         consistent = not problem and not derived_differ(snapshot, cleaned)
@@ -176,7 +197,7 @@ class Reconciler:
         provenance = (_provenance(snapshot, now) if consistent
                       else Provenance(KeySource.ADMIN_EDIT, ACTOR, now))
         try:
-            self.directory.publish_key(user, cleaned, provenance)
+            self.directory.publish_key(user, cleaned, provenance, limits=limits)
         except (KeyRefused, Conflict) as exc:
             return self._withheld(user, snapshot, problem, exc.reason)
         if problem:
@@ -191,7 +212,8 @@ class Reconciler:
         reason = reason[:MAX_PROBLEM]
         if problem == reason and not any(_values(snapshot, n) for n in _PUBLISHING):
             return Outcome.UNCHANGED  # withheld for this very reason already
-        self.directory.withhold_key(user.dn, reason)  # logs a warning naming the entry
+        # Only if the entry is still as judged; logs a warning naming the entry.
+        self.directory.withhold_key(user.dn, reason, judged=_text(snapshot, "entryCSN"))
         return Outcome.WITHHELD
 
     # -- the thread ---------------------------------------------------------------------

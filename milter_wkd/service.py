@@ -45,7 +45,6 @@ from milter_wkd.directory import (
     key_fingerprints,
 )
 from milter_wkd.errors import (
-    Conflict,
     DirectoryUnavailable,
     MessageRefused,
     NotFound,
@@ -231,7 +230,7 @@ class MailService:
     def _merge_and_publish(self, user: User, key: bytes, addresses: list[Address],
                            source: KeySource, actor: str,
                            cleaned_for_all: openpgp.CleanResult | None = None,
-                           ) -> openpgp.CleanResult:
+                           consume: PendingRequest | None = None) -> openpgp.CleanResult:
         domain = self._domains.get(addresses[0].domain) if addresses else None
         limits = self.config.keys.limits(mailbox_only=domain is not None and domain.mailbox_only)
         wanted = {a.key for a in addresses}
@@ -249,7 +248,8 @@ class MailService:
                 f"the cleaned key has {len(cleaned.key)} octets, over the limit of "
                 f"{self.config.keys.max_published_bytes}")
         now = int(self.clock())
-        stored = self.directory.publish_key(user, cleaned, Provenance(source, actor, now))
+        stored = self.directory.publish_key(user, cleaned, Provenance(source, actor, now),
+                                            consume=consume, limits=limits)
         self._forget_hints()
         # Subkeys whose material another entry holds were left out (stats name them).
         return openpgp.without_subkeys(cleaned, dict(stored.withheld))
@@ -357,17 +357,14 @@ class MailService:
         if user is None:
             raise MessageRefused(f"{response.address} is no longer a user here")
         try:
-            # Single use: of two concurrent responses only one deletes the request.
-            self.directory.delete_pending(pending)
+            # The request is deleted in the publication's own transaction: of two
+            # concurrent responses only one publishes, and a publication that fails (the
+            # directory down) leaves the request for the retried response.
+            cleaned = self._merge_and_publish(user, pending.key, [response.address],
+                                              KeySource.WKS_CONFIRMED, str(response.address),
+                                              consume=pending)
         except NotFound:
             raise MessageRefused("this confirmation was used already") from None
-        try:
-            cleaned = self._merge_and_publish(user, pending.key, [response.address],
-                                              KeySource.WKS_CONFIRMED, str(response.address))
-        except (DirectoryUnavailable, Conflict):
-            # Put the request back so the retried response can still succeed.
-            self.directory.restore_pending(pending)
-            raise
         notice = wks.build_published_notice(
             submission_address=Address.parse(domain.submission_address),
             address=response.address, fingerprint=cleaned.info.fingerprint, now=now,

@@ -21,7 +21,8 @@ from typing import Any
 from milter_wkd import config as config_mod
 from milter_wkd import mailer, milter
 from milter_wkd.config import ConfigError
-from milter_wkd.directory import Directory
+from milter_wkd.directory import Directory, User
+from milter_wkd.openpgp import Limits
 from milter_wkd.reconcile import Reconciler
 from milter_wkd.service import MailService
 
@@ -68,8 +69,14 @@ def _run(args: argparse.Namespace) -> int:
     service = MailService(cfg, directory, mailer.from_config(cfg.mailer))
     # The key follower gets its own connection: its passes never wait for mail's slots.
     follower_directory = Directory(cfg.directory)
-    follower = Reconciler(follower_directory,
-                          limits=cfg.keys.limits())
+    mailbox_only = {d.name.lower() for d in cfg.domains if d.mailbox_only}
+
+    def limits_for(user: User) -> Limits:
+        # As a submission for these addresses would be cleaned (a domain's mailbox-only).
+        return cfg.keys.limits(mailbox_only=any(a.domain in mailbox_only
+                                                for a in user.addresses))
+
+    follower = Reconciler(follower_directory, limits=limits_for)
     follower.start()
     try:
         milter.run(service, socket_spec, cfg.milter.timeout)

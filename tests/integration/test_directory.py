@@ -26,7 +26,7 @@ from milter_wkd.directory import (
     StoredKey,
     key_fingerprints,
 )
-from milter_wkd.errors import Conflict, KeyRefused, NotFound, RateLimited, Refused
+from milter_wkd.errors import Changed, Conflict, KeyRefused, NotFound, RateLimited, Refused
 from milter_wkd.sandbox.slapd import Slapd
 from milter_wkd.values import Address, Fingerprint
 from tests.support import ldapclient
@@ -642,3 +642,47 @@ def test_the_nonce_is_compared_with_the_stored_one(store: Directory) -> None:
     with pytest.raises(NotFound):
         store.get_pending("s" * 31 + "t", Address.parse("bob@example.org"))
     assert store.get_pending("s" * 32, Address.parse("bob@example.org")).nonce == "s" * 32
+
+
+def test_a_confirmation_is_used_up_only_by_a_publication_that_commits(
+        store: Directory, publish: Publish, gpg_keys: dict[str, Any]) -> None:
+    bob = Address.parse("bob@example.org")
+    alice_key = openpgp.clean_key(gpg_keys["alice"].data, None)
+    now = int(time.time())
+    request = store.create_pending(PendingRequest("u" * 32, bob, alice_key.info.fingerprint,
+                                                  b"k", now, now + 3600), limit=3)
+    # A publication that fails (alice's key holds that material) leaves the request.
+    publish("alice@example.org", gpg_keys["alice"].data)
+    shared = openpgp.clean_key(gpg_keys["alice"].data, None)
+    user = store.find_user(bob, with_key=True)
+    assert user is not None
+    with pytest.raises(KeyRefused):  # the key names alice's addresses, not bob's
+        store.publish_key(user, shared, Provenance(KeySource.WKS_CONFIRMED, "t", now),
+                          consume=request)
+    assert store.get_pending("u" * 32, bob).nonce == "u" * 32
+    # Two responses at once: exactly one publication uses the request up.
+    cleaned = openpgp.clean_key(gpg_keys["bob"].data, [bob])
+    barrier = threading.Barrier(2)
+    outcome: list[str] = []
+
+    def confirm() -> None:
+        user = store.find_user(bob, with_key=True)
+        assert user is not None
+        barrier.wait()
+        try:
+            store.publish_key(user, cleaned, Provenance(KeySource.WKS_CONFIRMED, "t", now),
+                              consume=request)
+            outcome.append("published")
+        except NotFound:
+            outcome.append("used already")
+        except Changed:
+            outcome.append("retry")  # the other one changed bob's entry first: 451, retried
+
+    threads = [threading.Thread(target=confirm) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcome.count("published") == 1, outcome
+    with pytest.raises(NotFound):
+        store.get_pending("u" * 32, bob)

@@ -133,7 +133,7 @@ def test_a_bad_admin_edit_is_withheld_reported_and_logged(
         slapd: Slapd, store: Directory, follower: Reconciler, source: LdapKeySource,
         gpg_keys: dict[str, UserKey], shared_key: bytes, caplog: pytest.LogCaptureFixture,
         case: str) -> None:
-    caplog.set_level(logging.WARNING, logger="milter_wkd.reconcile")
+    caplog.set_level(logging.WARNING, logger="milter_wkd")  # the store logs it
     publish(store, "alice@example.org", gpg_keys["alice"].data)
     assert served(source, ALICE) == [ALICE_DN]
     value = {"someone-elses-key": openpgp.armor_key(gpg_keys["bob"].data),
@@ -222,3 +222,27 @@ def test_a_withheld_key_is_published_once_what_blocked_it_is_gone(
     store.remove_key(store.user(Address.parse("carol@example.org")))
     assert reconciler.retry_withheld() == {ALICE_DN: "published"}
     assert served(source, ALICE) == [ALICE_DN]
+
+
+def test_the_follower_never_writes_over_what_it_did_not_judge(
+        slapd: Slapd, store: Directory, gpg_keys: dict[str, UserKey]) -> None:
+    """Its snapshot says an admin put alice2's key on the entry; before it acts, the milter
+    publishes alice's own key again. Neither the re-derivation nor a withholding may undo
+    that publication: the follower leaves the entry for its next pass."""
+    reconciler = Reconciler(store)
+    publish(store, "alice@example.org", gpg_keys["alice"].data)
+    admin_sets_pgpkey(slapd, ALICE_DN, openpgp.armor_key(gpg_keys["alice2"].data))
+    (judged,) = [u for u, _csn in store.key_holders_since("") if u.dn == ALICE_DN]
+    publish(store, "alice@example.org", gpg_keys["alice"].data)  # meanwhile, the milter
+    assert reconciler.reconcile(judged) == "changed"
+    stored = store.get_key(store.user(ALICE))
+    assert stored is not None
+    assert stored.fingerprint.hex == gpg_keys["alice"].fingerprint
+    # The same for a withholding: the snapshot's key is garbage, the entry is fine now.
+    admin_sets_pgpkey(slapd, ALICE_DN, b"-----BEGIN PGP PUBLIC KEY BLOCK-----\n\nbm8=\n"
+                                       b"-----END PGP PUBLIC KEY BLOCK-----\n")
+    (judged,) = [u for u, _csn in store.key_holders_since("") if u.dn == ALICE_DN]
+    publish(store, "alice@example.org", gpg_keys["alice"].data)
+    assert reconciler.reconcile(judged) == "changed"
+    assert store.get_key(store.user(ALICE)) is not None
+    assert reconciler.run_once()[ALICE_DN] == "unchanged"  # the next pass: all is well

@@ -69,3 +69,23 @@ def test_material_published_before_claims_existed_counts_as_held() -> None:
     ((claim, kind),) = as_subkey.take.values()
     assert (claim.holder, claim.recorded, kind) == (BOB, False, ClaimKind.PRIMARY)
     assert as_subkey.displace == [(BOB, F)]
+
+
+def test_a_claim_renamed_away_does_not_hide_the_real_holder() -> None:
+    """The claim names an entry that holds nothing of it (renamed, say) while another entry
+    does: that entry is the holder, and an unproven subkey cannot take its material."""
+    carol = "uid=carol,ou=people,dc=example,dc=org"
+    stale = Claim(F, BOB, ClaimKind.PRIMARY)
+    plan = plan_claims(ALICE, {F: ClaimKind.SUBKEY}, holdings(stale, ((carol, True),)))
+    assert plan.take == {}
+    assert list(plan.drop) == [F]
+    proven = plan_claims(ALICE, {F: ClaimKind.PRIMARY}, holdings(stale, ((carol, True),)))
+    assert proven.conflict is not None
+
+
+def test_an_own_claim_on_material_not_held_yet_is_swapped_not_assumed() -> None:
+    """Re-publishing material whose claim is ours but that our entry does not hold: the
+    claim is compare-and-swapped, so a concurrent takeover of the leftover cannot also win."""
+    mine = Claim(F, ALICE, ClaimKind.SUBKEY)
+    plan = plan_claims(ALICE, {F: ClaimKind.SUBKEY}, holdings(mine))
+    assert plan.own == {F: (mine, ClaimKind.SUBKEY)}
