@@ -176,8 +176,15 @@ class MilterConfig:
         "How many bodies over body_memory_bytes are read back and parsed at the same time "
         "(each costs a few times its size in memory while it is)."))
     large_body_wait: float = field(default=30.0, metadata=_doc(
-        "Seconds a large body waits for its turn; then a submission gets 451 4.3.2 (the "
-        "sender retries, nothing is lost) and other mail passes without our DKIM signature."))
+        "Seconds a large body waits for its turn; then it gets 451 4.3.2 (the sender "
+        "retries, nothing is lost). Submissions and our users' outgoing mail wait in "
+        "separate queues of max_large_bodies each."))
+    max_spool_bytes: int = field(default=256 * 1024 * 1024, metadata=_doc(
+        "Octets of mail bodies that all messages together may keep in temporary files "
+        "(bodies over body_memory_bytes wait there while they arrive). A body that would "
+        "go over it gets 451 4.3.2 and is retried by the sender. Temporary files go to "
+        "$TMPDIR (/tmp; with systemd's PrivateTmp a private one): on a tmpfs this is "
+        "memory."))
     pending_days: int = field(default=3, metadata=_doc(
         "Days a WKS confirmation request stays valid."))
     max_pending_per_address: int = field(default=3, metadata=_doc(

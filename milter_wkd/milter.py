@@ -113,7 +113,11 @@ class WkdMilter(Milter.Base):  # type: ignore[misc]
                 tx.oversize = True
                 tx.drop_body()
             else:
-                tx.add_body(chunk, self.service.body_memory)
+                try:
+                    tx.add_body(chunk, self.service.body_memory, self.service.spool)
+                except OSError as exc:
+                    # No exception may reach libmilter; the service answers 451 for it.
+                    log.warning("%s: body not kept (%s)", tx.queue_id, exc)
         return CONTINUE
 
     def eom(self) -> int:

@@ -54,7 +54,7 @@ from milter_wkd.errors import (
 )
 from milter_wkd.mailer import Mailer, MailerUnavailable
 from milter_wkd.replies import DIRECTORY_DOWN, Accept, Discard, HeaderEdit, Reject, Reply, TempFail
-from milter_wkd.transaction import Transaction
+from milter_wkd.transaction import SpoolBudget, Transaction
 from milter_wkd.values import Address
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ class MailService:
         # Bodies over body_memory wait on disk; reading one back and parsing it costs a
         # few times its size, so only this many are in memory at once.
         self._large_bodies = threading.BoundedSemaphore(config.milter.max_large_bodies)
+        self._large_outgoing = threading.BoundedSemaphore(config.milter.max_large_bodies)
+        self.spool = SpoolBudget(config.milter.max_spool_bytes)
         self._submission = {Address.parse(d.submission_address).key: d for d in config.domains}
         self._domains = {d.name.lower(): d for d in config.domains}
         self._trusted = [ipaddress.ip_network(n, strict=False)
@@ -130,16 +132,24 @@ class MailService:
         return self.config.milter.dkim_sign_outgoing and self._is_ours(tx)
 
     def decide(self, tx: Transaction) -> Reply:
+        if tx.body_lost:
+            # Mail whose body we needed (a submission, or mail to sign) and could not keep:
+            # the sender tries again; nothing is decided on a partial body.
+            log.warning("%s: body not kept (spool full or disk refused): 451", tx.queue_id)
+            return LARGE_BODIES_BUSY
         if tx.spill is None:
             return self._decide(tx)
-        if not self._large_bodies.acquire(timeout=self.config.milter.large_body_wait):
+        # Submissions and our users' outgoing mail wait in separate queues, so that
+        # anonymous submissions can never hold up (or unsign) users' mail.
+        slots = self._large_bodies if self.is_submission(tx) else self._large_outgoing
+        if not slots.acquire(timeout=self.config.milter.large_body_wait):
             log.warning("%s: %d large bodies in work already; this one waits (%d octets)",
                         tx.queue_id, self.config.milter.max_large_bodies, tx.body_size)
-            return LARGE_BODIES_BUSY if self.is_submission(tx) else Accept()
+            return LARGE_BODIES_BUSY
         try:
             return self._decide(tx)
         finally:
-            self._large_bodies.release()
+            slots.release()
 
     def _decide(self, tx: Transaction) -> Reply:
         domain = self._submission_domain(tx)
