@@ -1339,19 +1339,53 @@ class Directory:
         """Every key holder below base_dn written at or after the CSN `csn` (all of them
         when empty; only withheld ones with withheld_only), each as a `User` whose snapshot
         holds its key attributes, with its entryCSN: what the follower needs."""
+        found: list[tuple[User, str]] = []
+        self.each_key_holder(csn, lambda user, entry_csn: found.append((user, entry_csn)),
+                             withheld_only=withheld_only)
+        return found
+
+    def each_key_holder(self, csn: str, visit: Callable[[User, str], None], *,
+                        withheld_only: bool = False) -> int:
+        """key_holders_since, one page of entries at a time: visit(user, entryCSN) is
+        called for each as its page arrives, so a directory of any size is walked in
+        bounded memory. The search holds one pooled connection while visit may use
+        others (pool_size >= 2). Returns how many entries were visited."""
         filt = f"(objectClass={KEY_CLASS})"
         if csn:
             filt += f"(entryCSN>={escape_filter_chars(csn)})"
         if withheld_only:
             filt += f"({PROBLEM}=*)"
-        attributes = ["objectClass", "entryCSN", *self.config.mail_attributes,
-                      *KEY_ATTRIBUTES, PREFER_ENCRYPT]
-        found = []
-        for entry in self._search(self.config.base_dn, f"(&{filt})",
-                                  list(dict.fromkeys(attributes))):
-            values = [v for name in self.config.mail_attributes for v in _texts(entry, name)]
-            csn_of = max(_texts(entry, "entryCSN"), default="")
-            found.append((User(entry["dn"], _addresses(values, entry["dn"]),
-                               entry["raw_attributes"]), csn_of))
-        return found
+        attributes = list(dict.fromkeys(["objectClass", "entryCSN",
+                                         *self.config.mail_attributes, *KEY_ATTRIBUTES,
+                                         PREFER_ENCRYPT]))
+        timeout = self.config.timeout
 
+        def operation(conn: Any) -> int:
+            paging = SimplePagedResultsControl(True, size=_PAGE_SIZE, cookie=b"")
+            visited = 0
+            while True:
+                msgid = conn.search_ext(self.config.base_dn, SUBTREE, f"(&{filt})",
+                                        attributes, serverctrls=[paging], timeout=timeout)
+                _type, data, _id, controls = conn.result3(msgid, all=1, timeout=timeout)
+                for dn, raw in data:
+                    if dn is None:
+                        continue
+                    entry = {"dn": dn, "raw_attributes": raw}
+                    values = [v for name in self.config.mail_attributes
+                              for v in _texts(entry, name)]
+                    visit(User(dn, _addresses(values, dn), raw),
+                          max(_texts(entry, "entryCSN"), default=""))
+                    visited += 1
+                cookie = next((c.cookie for c in controls or ()
+                               if c.controlType == SimplePagedResultsControl.controlType), None)
+                if not cookie:
+                    return visited
+                paging.cookie = cookie
+
+        try:
+            return self._call(operation)
+        except ldap.NO_SUCH_OBJECT:
+            return 0
+        except ldap.LDAPError as exc:
+            raise DirectoryError(f"search under {self.config.base_dn} failed: "
+                                 f"{ldap_reason(exc)}") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import grp
 import logging
 import os
@@ -68,7 +69,9 @@ def _run(args: argparse.Namespace) -> int:
     directory = Directory(cfg.directory)
     service = MailService(cfg, directory, mailer.from_config(cfg.mailer))
     # The key follower gets its own connection: its passes never wait for mail's slots.
-    follower_directory = Directory(cfg.directory)
+    # At least two connections: its paged walk holds one while it writes with another.
+    follower_directory = Directory(dataclasses.replace(
+        cfg.directory, pool_size=max(2, cfg.directory.pool_size)))
     mailbox_only = {d.name.lower() for d in cfg.domains if d.mailbox_only}
 
     def limits_for(user: User) -> Limits:

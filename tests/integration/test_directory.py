@@ -15,6 +15,7 @@ from typing import Any
 import ldap
 import pytest
 
+from milter_wkd import directory as directory_module
 from milter_wkd import openpgp
 from milter_wkd.config import DirectoryConfig
 from milter_wkd.directory import (
@@ -686,3 +687,19 @@ def test_a_confirmation_is_used_up_only_by_a_publication_that_commits(
     assert outcome.count("published") == 1, outcome
     with pytest.raises(NotFound):
         store.get_pending("u" * 32, bob)
+
+
+def test_key_holders_are_walked_one_page_at_a_time(
+        store: Directory, publish: Publish, gpg_keys: dict[str, Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(directory_module, "_PAGE_SIZE", 1)  # three users, three pages
+    publish("alice@example.org", gpg_keys["alice"].data)
+    publish("bob@example.org", gpg_keys["bob"].data)
+    store.set_prefer_encrypt(store.user(Address.parse("carol@example.org")), "mutual")
+    seen: list[str] = []
+    count = store.each_key_holder("", lambda user, csn: seen.append(user.dn.split(",")[0]))
+    assert count == 3
+    assert sorted(seen) == ["uid=alice", "uid=bob", "uid=carol"]
+    withheld: list[str] = []
+    assert store.each_key_holder("", lambda user, csn: withheld.append(user.dn),
+                                 withheld_only=True) == 0
