@@ -280,6 +280,7 @@ class ClaimPlan:
     take: dict[str, tuple[Claim, ClaimKind]] = field(default_factory=dict)  # from another
     own: dict[str, tuple[Claim, ClaimKind]] = field(default_factory=dict)  # ours, kind changes
     drop: dict[str, str] = field(default_factory=dict)  # left out of the key, with a reason
+    held_by: dict[str, str] = field(default_factory=dict)  # a dropped one's holder (DN)
     displace: list[tuple[str, str]] = field(default_factory=list)  # (DN, hex) to strip
     conflict: str | None = None
 
@@ -328,6 +329,7 @@ def plan_claims(dn: str, wanted: dict[str, ClaimKind], holdings: Holdings) -> Cl
         elif not kind.proven:
             plan.drop[fpr] = (f"subkey {fpr} is published by another user, so it was left "
                               "out (if it is yours, ask your provider)")
+            plan.held_by[fpr] = holder
         else:
             plan.conflict = f"key {fpr} is published by another user already"
     return plan
@@ -961,6 +963,11 @@ class Directory:
         for holder, fprs in displaced.items():
             log.warning("removed subkey(s) %s from the key of %s: %s proved it holds them",
                         ", ".join(sorted(fprs)), holder, user.dn)
+        for fpr, holder in plan.held_by.items():
+            # Encryption-only material proves nothing of its holder: the first one keeps it
+            # and an administrator decides (the provenance names who published what).
+            log.warning("subkey %s left out of the key of %s: %s holds it already", fpr,
+                        user.dn, holder)
         if consume is not None:  # used up in the transaction; what is left is tidying
             with contextlib.suppress(MilterWkdError):
                 self._delete_pending_dn(self._request_dn(consume), _USED)
