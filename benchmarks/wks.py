@@ -54,11 +54,17 @@ How to run (from the repository root, after `make venv`; as root, like the sandb
 
     .venv/bin/python benchmarks/wks.py                # N=200
     .venv/bin/python benchmarks/wks.py --n 50 --no-postfix
+    .venv/bin/python benchmarks/wks.py --dkim ed25519   # notices signed as in 2026-11
+
+Our notices are DKIM-signed as the sandbox signs them: RSA-2048 and Ed25519 (dual signing,
+what receivers verify today); `--dkim ed25519` signs with Ed25519 only, as the figures of
+earlier sessions did. gpg-wks-server signs nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import smtplib
 import sys
@@ -255,6 +261,9 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=200, help="submissions (default 200)")
     parser.add_argument("--sessions", type=int, default=4,
                         help="parallel SMTP clients for the Postfix figure (default 4)")
+    parser.add_argument("--dkim", choices=("dual", "ed25519"), default="dual",
+                        help="how our notices are DKIM-signed in-process: RSA-2048 and "
+                             "Ed25519 as the sandbox does (default), or Ed25519 only")
     parser.add_argument("--no-postfix", action="store_true",
                         help="skip the figure through Postfix and the milter")
     args = parser.parse_args()
@@ -273,8 +282,12 @@ def main() -> int:
                                binary=WKS_CLIENT) for i in range(n + 1)]
             server = GpgWksServer(work / "theirs", sb.submission_key)
             cfg = load(sb.config_path, environ={})
+            if args.dkim == "ed25519":
+                cfg = dataclasses.replace(cfg, domains=[
+                    dataclasses.replace(d, dkim_rsa_key="") for d in cfg.domains])
             print(f"setup: {n + 1} users, keys and submission mails in "
                   f"{clock() - started:.1f} s (not timed)")
+            print(f"our notices DKIM-signed: {args.dkim}")
             print(f"N = {n} submissions (gpg-wks-client {len(mails[0])}-octet mails), "
                   "one at a time unless said otherwise")
 
