@@ -516,8 +516,13 @@ def _encode(values: Sequence[str | bytes]) -> list[bytes]:
 
 
 def _values(entry: dict[str, Any], name: str) -> list[bytes]:
-    for key, values in entry.get("raw_attributes", {}).items():
-        if key.lower() == name.lower():
+    raw = entry.get("raw_attributes", {})
+    found = raw.get(name)  # the server answers with the names asked for, mostly
+    if found is not None:
+        return list(found)
+    lowered = name.lower()
+    for key, values in raw.items():
+        if key.lower() == lowered:
             return list(values)
     return []
 

@@ -10,6 +10,7 @@ mailbox, oversize parts) raises `BadAddress`.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -42,6 +43,14 @@ class Address:
     @classmethod
     def parse(cls, text: str) -> Address:
         """Parse a bare addr-spec (optionally in angle brackets)."""
+        if cls is Address and len(text) <= _CACHED_LENGTH:
+            # The same few addresses are parsed many times per message (mail, directory
+            # values, key user IDs): remember the answers (values are immutable).
+            return _parse_cached(text)
+        return cls._parse(text)
+
+    @classmethod
+    def _parse(cls, text: str) -> Address:
         text = text.strip()
         if text.startswith("<") and text.endswith(">"):
             text = text[1:-1]
@@ -72,6 +81,16 @@ class Address:
 
     def __str__(self) -> str:
         return f"{self.local}@{self.domain}"
+
+
+# The longest valid address (64 + 1 + 255 octets) with brackets and some space: longer
+# text is refused anyway and is not worth remembering.
+_CACHED_LENGTH = 330
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_cached(text: str) -> Address:
+    return Address._parse(text)
 
 
 # `Name <addr>`: the only `<` and `>` of the user ID, the `>` last, no `@` in the name.
