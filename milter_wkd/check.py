@@ -8,7 +8,7 @@ What it reads and tries (each group can be skipped by name):
 - schema: the subschema entry (rootDSE subschemaSubentry) lists our object classes
   wkdKeyHolder, wkdPendingRequest, wkdKeyClaim and the attribute types pgpKey,
   gpgFingerprint, wkdAddressHash, wkdNonce, wkdKeyDigest; pending_base and claims_base
-  exist; the server offers LDAP transactions (RFC 5805), which every publication uses.
+  exist.
 - acl: as the configured account: reads the mail attributes of a user (one entry), cannot
   read userPassword, lists pending_base, and creates then deletes a pending WKS request
   with a random nonce for the submission address (what the milter does; it expires in a
@@ -82,7 +82,6 @@ from milter_wkd.directory import (
     CONNECTION_ERRORS,
     PENDING_CLASS,
     RESULT_NAMES,
-    TXN_START,
     ConnectionPool,
     Directory,
     PendingRequest,
@@ -311,14 +310,6 @@ def _bound(conn: Any, config: Config, who: str, timeout: float,
                     "not visible", "add it (ldap/milter-wkd-entries.ldif), give the milter "
                     "write access to it (config/30-access.ldif) or correct "
                     "[directory] claims_base")
-    # A publication is one LDAP transaction (RFC 5805): OpenLDAP 2.5+ with back-mdb.
-    description, root = _search(conn, "", "(objectClass=*)", ["supportedExtension"],
-                                scope=ldap.SCOPE_BASE, timeout=timeout)
-    extensions = {v.decode() for v in _raw(root[0], "supportedExtension")} if root else set()
-    if TXN_START not in extensions:
-        yield _fail("directory", "the directory does not offer LDAP transactions (RFC 5805, "
-                    f"extension {TXN_START}), which every publication uses",
-                    "run OpenLDAP 2.5 or later with the mdb backend")
 
 
 def _schema(conn: Any, timeout: float) -> Iterator[CheckResult]:

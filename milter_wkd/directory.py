@@ -13,12 +13,13 @@ pool, so that one instance serves a multi-threaded milter):
   pgpKeyType), the WKD look-up names wkdAddressHash (`<z-base-32 hash>@<domain>`) and the
   provenance (wkdKeySource, wkdKeySourceActor, wkdKeyPublished) and wkdKeyDigest (SHA-256
   of the pgpKey value: a pgpKey whose digest does not match was not written by the system,
-  and is not served until it has been checked) - all in ONE LDAP transaction (RFC 5805,
-  slapd 2.5+ with back-mdb) together with the claims below, so a reader sees the old key
-  or the new one, never a mix, and a failure writes nothing;
+  and is not served until it has been checked) - all in ONE modify, asserting the entry is
+  as it was read, so a reader sees the old key or the new one, never a mix;
 - claims on key material: one entry `wkdFingerprint=<hex>,<claims_base>` per primary key
-  and subkey, naming the entry that holds it. An LDAP add of an existing name fails, so two
-  entries can never both hold the same material, even when two publications race. A claim
+  and subkey, naming the entry that holds it, made before the key is written. An LDAP add
+  of an existing name fails, so two entries can never both hold the same material, even
+  when two publications race (a claim not yet backed by its holder's key is a publication
+  under way for CLAIM_IN_FLIGHT seconds, a leftover after that). A claim
   proven by a signature of that key (a primary's self-signatures, a subkey's
   back-signature) takes precedence over an unproven one (an encryption subkey, which anyone
   can bind to their own key): the unproven holder loses that subkey, and an unproven subkey
@@ -40,14 +41,15 @@ user_filter; mail_attributes; pending_base; claims_base; timeout; pool_size).
 Failures: no answer within `timeout` seconds, a refused connection, a broken one (slapd
 restarted: an operation on a stale pooled connection is retried once on a fresh one;
 modifies are idempotent, and an add or delete whose first attempt did go through reports
-Conflict or NotFound on the retry; a publication's transaction that was cut off was never
-committed and is made again), a refused bind or a busy server raise
+Conflict or NotFound on the retry; a publication cut off after its claims leaves claims
+that its retry finds its own), a refused bind or a busy server raise
 `DirectoryUnavailable` (callers answer with a temporary failure), and so does a
-publication whose claims kept changing under it; an unknown user, key or request is
+publication whose claims kept changing under it or whose material someone else is
+publishing right now (`Changed`); an unknown user, key or request is
 `NotFound`; an address owned by two entries or key material whose claim another entry
 holds is `Conflict`; all slots of an address taken is `RateLimited`; a key the directory
-itself refuses (constraint overlay) is `KeyRefused`; any other LDAP error (a server
-without LDAP transactions among them) is `DirectoryError`.
+itself refuses (constraint overlay) is `KeyRefused`; any other LDAP error is
+`DirectoryError`.
 """
 
 from __future__ import annotations
@@ -70,13 +72,10 @@ from typing import Any, TypeVar
 from urllib.parse import quote, unquote
 
 import ldap
-from ldap.controls import RequestControl, SimplePagedResultsControl
+from ldap.controls import SimplePagedResultsControl
 from ldap.controls.libldap import AssertionControl
 from ldap.dn import escape_dn_chars
-from ldap.extop import ExtendedRequest
 from ldap.filter import escape_filter_chars
-from pyasn1.codec.ber.encoder import encode as ber_encode
-from pyasn1.type import namedtype, univ
 
 from milter_wkd.config import DirectoryConfig
 from milter_wkd.errors import (
@@ -126,8 +125,12 @@ DIGEST = "wkdKeyDigest"
 PROBLEM = "wkdKeyProblem"
 KEY_ATTRIBUTES = (*GNUPG_ATTRIBUTES, "wkdAddressHash", *PROVENANCE_ATTRIBUTES, DIGEST, PROBLEM)
 PREFER_ENCRYPT = "wkdPreferEncrypt"
-_CLAIM_ATTRIBUTES = ("wkdFingerprint", "wkdClaimHolder", "wkdClaimKind")
+_CLAIM_ATTRIBUTES = ("wkdFingerprint", "wkdClaimHolder", "wkdClaimKind", "wkdCreated")
 _CLAIM_ROUNDS = 3
+# A claim whose holder does not hold the material yet is a publication under way for this
+# long (it takes milliseconds; a stuck one is retried by Postfix within minutes), and a
+# leftover of a failed one after it: only a leftover may be taken over.
+CLAIM_IN_FLIGHT = 120
 
 # Errors that mean "the connection is gone or never came": retry once, then give up.
 CONNECTION_ERRORS = (ldap.SERVER_DOWN, ldap.TIMEOUT, ldap.CONNECT_ERROR, OSError)
@@ -169,6 +172,7 @@ class Claim:
     fingerprint: str  # hex
     holder: str  # DN
     kind: ClaimKind
+    created: int = 0
     recorded: bool = True
 
 
@@ -282,10 +286,12 @@ class ClaimPlan:
     drop: dict[str, str] = field(default_factory=dict)  # left out of the key, with a reason
     held_by: dict[str, str] = field(default_factory=dict)  # a dropped one's holder (DN)
     displace: list[tuple[str, str]] = field(default_factory=list)  # (DN, hex) to strip
-    conflict: str | None = None
+    conflict: str | None = None  # refuses the key for good
+    busy: str | None = None  # another publication of this material is under way: retry
 
 
-def plan_claims(dn: str, wanted: dict[str, ClaimKind], holdings: Holdings) -> ClaimPlan:
+def plan_claims(dn: str, wanted: dict[str, ClaimKind], holdings: Holdings,
+                now: int) -> ClaimPlan:
     """Decide, for each fingerprint of a key to publish on entry dn, whether it is claimed,
     taken over, kept, left out, or refuses the whole key.
 
@@ -295,10 +301,11 @@ def plan_claims(dn: str, wanted: dict[str, ClaimKind], holdings: Holdings) -> Cl
     existed). A proven claim (primary, back-signed subkey) beats an unproven one (a subkey
     bound by its primary only); an unproven subkey never displaces anything and is left
     out when another entry holds that material; two proven claims are a conflict. A claim
-    whose holder holds nothing of it is a leftover (a removal that could not release it)
-    and is taken over. Every claim change is a compare-and-swap on the claim entry, the
-    holder's own ones included when it does not hold the material yet, so a takeover and
-    a re-publication of the same material cannot both commit.
+    whose holder holds nothing of it is a publication under way while it is younger than
+    CLAIM_IN_FLIGHT (busy: try again) and a leftover after that (taken over). Every claim
+    change is a compare-and-swap on the claim entry, the holder's own ones included when
+    it does not hold the material yet, so a takeover and a re-publication of the same
+    material cannot both succeed.
     """
     plan = ClaimPlan()
     me = _dn_key(dn)
@@ -317,6 +324,9 @@ def plan_claims(dn: str, wanted: dict[str, ClaimKind], holdings: Holdings) -> Cl
         if other is None:
             if stored is None:
                 plan.add[fpr] = kind
+            elif _dn_key(stored.holder) != me and now - stored.created <= CLAIM_IN_FLIGHT:
+                plan.busy = (f"key material {fpr} is being published by another user right "
+                             "now; try again in a few minutes")
             elif _dn_key(stored.holder) != me:
                 plan.take[fpr] = (stored, kind)  # a leftover
             elif stored.kind is not kind or me not in holding:
@@ -556,7 +566,8 @@ def _holdings(asked: frozenset[str], claim_entries: list[dict[str, Any]],
         kind = _text(entry, "wkdClaimKind") or ""
         if fpr in asked and holder:
             claims[fpr] = Claim(
-                fpr, holder, ClaimKind(kind) if kind in set(ClaimKind) else ClaimKind.SUBKEY)
+                fpr, holder, ClaimKind(kind) if kind in set(ClaimKind) else ClaimKind.SUBKEY,
+                parse_gnupg_time(_text(entry, "wkdCreated") or "") or 0)
     attributes: dict[str, list[tuple[str, bool]]] = {}
     for entry in holder_entries:
         primaries = {v.upper() for v in _texts(entry, "gpgFingerprint")}
@@ -566,10 +577,7 @@ def _holdings(asked: frozenset[str], claim_entries: list[dict[str, Any]],
     return Holdings(asked, claims, {f: tuple(h) for f, h in attributes.items()})
 
 
-# RFC 5805 LDAP transactions: start (extended operation), the control every operation of
-# the transaction carries, end (commit or abort).
-TXN_START, _TXN_CONTROL, _TXN_END = "1.3.6.1.1.21.1", "1.3.6.1.1.21.2", "1.3.6.1.1.21.3"
-# How a transaction ends that lost a race to another writer (nothing of it was written).
+# How an operation ends that lost a race to another writer (it wrote nothing).
 _RACE_RESULTS = (ldap.ALREADY_EXISTS, ldap.NO_SUCH_ATTRIBUTE, ldap.NO_SUCH_OBJECT,
                  ldap.ASSERTION_FAILED)
 # A used-up pending request expires at the epoch (see Directory._consume_operation).
@@ -581,19 +589,6 @@ _ENTRY_STATE = ["objectClass", "entryCSN", "pgpKey", "pgpDisabled", PREFER_ENCRY
                 "gpgFingerprint", "gpgSubFingerprint", DIGEST]
 # (add | modify | delete, DN, addlist or modlist, assertion filter or None)
 Operation = tuple[str, str, Any, str | None]
-
-
-class _TxnEndRequest(univ.Sequence):
-    componentType = namedtype.NamedTypes(
-        namedtype.DefaultedNamedType("commit", univ.Boolean(True)),
-        namedtype.NamedType("identifier", univ.OctetString()))
-
-
-def _txn_end(identifier: bytes, *, commit: bool) -> bytes:
-    request = _TxnEndRequest()
-    request.setComponentByName("commit", commit)
-    request.setComponentByName("identifier", identifier)
-    return bytes(ber_encode(request))
 
 
 def _modlist(changes: Changes) -> list[tuple[int, str, list[bytes] | None]]:
@@ -902,20 +897,27 @@ class Directory:
     def publish_key(self, user: User, cleaned: CleanResult, provenance: Provenance, *,
                     consume: PendingRequest | None = None,
                     limits: Limits = DEFAULT_LIMITS) -> StoredKey:
-        """Store a cleaned key on the user's entry, replacing any key there, in ONE LDAP
-        transaction (RFC 5805) with the claims on its key material.
+        """Store a cleaned key on the user's entry, replacing any key there, after claiming
+        its key material.
 
         Every address of the key must be one of the user's. A primary or back-signed
         subkey that another entry holds is a Conflict, unless that entry holds it only as
-        an unproven subkey: then that entry loses the subkey in the same transaction. An
-        unproven subkey held elsewhere is left out (`StoredKey.withheld`). The transaction
-        asserts that nothing it read has changed; when another writer got there first it
-        is read again and re-planned, unless the entry's key itself changed meanwhile: then
-        DirectoryUnavailable (decide again on what is there now). Claims of the previous key
-        that the new one lacks are released afterwards.
+        an unproven subkey: then that entry loses the subkey. An unproven subkey held
+        elsewhere is left out (`StoredKey.withheld`). The writes go in a fixed order, each
+        atomic and asserting what was read: claims (an add, or a compare-and-swap), the
+        displaced holders' keys, this entry's key, then the used-up confirmation. When
+        another writer got there first, what this call claimed is given back and all is
+        read again and re-planned, unless the entry's key itself changed meanwhile: then
+        Changed (decide again on what is there now). Material whose claim is younger than
+        CLAIM_IN_FLIGHT but not yet held is being published by someone else: Changed too.
+        Claims of the previous key that the new one lacks are released afterwards.
 
-        consume: a pending WKS request deleted in the same transaction (single use, and a
-        publication that fails leaves it for the retry); NotFound when it is gone.
+        (Not one RFC 5805 transaction: slapd 2.5.13's transactions crash it when two
+        connections commit while a third searches; see the closing note of 2026-12-02.)
+
+        consume: a pending WKS request used up after the key is written (single use: of two
+        concurrent confirmations only one uses it, and a publication that fails leaves it
+        for the retry); NotFound when it is gone.
         limits: the cleaning policy for a displaced holder's key.
         """
         info = cleaned.info
@@ -935,23 +937,25 @@ class Directory:
             raise NotFound(f"no entry {user.dn}")
         planned = (_values(entry, "pgpKey"), _text(entry, DIGEST))
         for _round in range(_CLAIM_ROUNDS):
-            plan = plan_claims(user.dn, wanted, holdings)
+            plan = plan_claims(user.dn, wanted, holdings, provenance.published)
             if plan.conflict is not None:
                 raise Conflict(plan.conflict)
+            if plan.busy is not None:
+                raise Changed(plan.busy)
             final = without_subkeys(cleaned, {Fingerprint.parse(f): reason
                                               for f, reason in plan.drop.items()})
             changes, written = _key_changes(entry, final, provenance,
                                             _text(entry, "pgpDisabled") or "0")
-            operations = self._claim_operations(user.dn, plan)
-            operations.append(("modify", user.dn, _modlist(changes), _unchanged(entry)))
+            operations = self._claim_operations(user.dn, plan, provenance.published)
             displaced: dict[str, set[str]] = {}
             for holder, fpr in plan.displace:
                 displaced.setdefault(holder, set()).add(fpr)
             for holder, fprs in displaced.items():
                 operations += self._strip_operations(holder, fprs, limits)
+            operations.append(("modify", user.dn, _modlist(changes), _unchanged(entry)))
             if consume is not None:
                 operations.append(self._consume_operation(consume, provenance.published))
-            if self._transaction(operations):
+            if self._apply(user.dn, operations, consumes=consume is not None):
                 break
             holdings = self.holdings(fingerprints)
             entry = self._read_entry(user.dn, _ENTRY_STATE)
@@ -973,7 +977,7 @@ class Directory:
             # and an administrator decides (the provenance names who published what).
             log.warning("subkey %s left out of the key of %s: %s holds it already", fpr,
                         user.dn, holder)
-        if consume is not None:  # used up in the transaction; what is left is tidying
+        if consume is not None:  # used up; what is left is tidying
             with contextlib.suppress(MilterWkdError):
                 self._delete_pending_dn(self._request_dn(consume), _USED)
         previous = {v.upper() for v in (*_texts(entry, "gpgFingerprint"),
@@ -986,61 +990,60 @@ class Directory:
         return dataclasses.replace(stored, withheld=tuple(
             (Fingerprint.parse(f), reason) for f, reason in plan.drop.items()))
 
-    # -- transactions and claims on key material -----------------------------------------
+    # -- ordered writes and claims on key material ----------------------------------------
 
-    def _transaction(self, operations: Sequence[Operation]) -> bool:
-        """Apply operations all or none (RFC 5805 transaction; slapd 2.5 with back-mdb).
+    def _apply(self, dn: str, operations: Sequence[Operation], *, consumes: bool = False,
+               ) -> bool:
+        """Apply operations in order, each atomic (an add fails on an existing name, an
+        assertion on a changed entry). False when another writer got there first: the
+        claims this call added are given back (a later leftover is harmless, see
+        plan_claims), read again and re-plan. With consumes, the last operation uses up a
+        confirmation; if only it fails, another response used it after this key was
+        written (the same key for the same request): NotFound."""
+        added: list[str] = []
 
-        False when another writer got there first (an entry that exists, a value or an
-        assertion that no longer holds): nothing was written, read again and re-plan.
-        """
-        timeout = self.config.timeout
-
-        def send(conn: Any, kind: str, dn: str, data: Any, controls: list[Any]) -> int:
-            if kind == "add":
-                return int(conn.add_ext(dn, data, serverctrls=controls))
-            if kind == "modify":
-                return int(conn.modify_ext(dn, data, serverctrls=controls))
-            return int(conn.delete_ext(dn, serverctrls=controls))
-
-        def operation(conn: Any) -> None:
-            if len(operations) == 1:  # one operation is atomic by itself
-                kind, dn, data, assertion = operations[0]
-                controls = [AssertionControl(True, assertion)] if assertion else []
-                conn.result3(send(conn, kind, dn, data, controls), all=1, timeout=timeout)
-                return
-            _name, identifier = conn.extop_s(ExtendedRequest(TXN_START, None))
-            txn = RequestControl(_TXN_CONTROL, True, identifier)
-            ended = False
-            try:
-                # Queued by the server until the end: sent together, one round trip.
-                sent = [send(conn, kind, dn, data, [txn] + (
-                    [AssertionControl(True, assertion)] if assertion else []))
-                    for kind, dn, data, assertion in operations]
-                for msgid in sent:
-                    conn.result3(msgid, all=1, timeout=timeout)
-                ended = True  # a failed commit ends the transaction too
-                conn.extop_s(ExtendedRequest(_TXN_END, _txn_end(identifier, commit=True)))
-            finally:
-                if not ended:
-                    with contextlib.suppress(ldap.LDAPError):
-                        conn.extop_s(ExtendedRequest(_TXN_END, _txn_end(identifier,
-                                                                        commit=False)))
+        def operation(conn: Any) -> int:
+            for index, (kind, target, data, assertion) in enumerate(operations):
+                controls = [AssertionControl(True, assertion)] if assertion else None
+                try:
+                    if kind == "add":
+                        conn.add_ext_s(target, data, serverctrls=controls)
+                        added.append(target)
+                    elif kind == "modify":
+                        conn.modify_ext_s(target, data, serverctrls=controls)
+                    else:
+                        conn.delete_ext_s(target, serverctrls=controls)
+                except _RACE_RESULTS:
+                    return index
+            return len(operations)
 
         try:
-            self._call(operation)
-        except _RACE_RESULTS as exc:
-            log.info("a directory transaction lost a race (%s); reading again", ldap_reason(exc))
-            return False
+            done = self._call(operation)
         except ldap.LDAPError as exc:
-            raise DirectoryError(f"the directory transaction failed: {ldap_reason(exc)}"
+            self._give_back(dn, added)
+            raise DirectoryError(f"writing the key of {dn} failed: {ldap_reason(exc)}"
                                  ) from None
-        return True
+        except BaseException:
+            self._give_back(dn, added)
+            raise
+        if done == len(operations):
+            return True
+        if consumes and done == len(operations) - 1:
+            raise NotFound("this confirmation was used already")
+        log.info("writing the key of %s lost a race (step %d of %d); reading again", dn,
+                 done + 1, len(operations))
+        self._give_back(dn, added)
+        return False
+
+    def _give_back(self, dn: str, added: list[str]) -> None:
+        """Delete the claim entries this publication added (only while still ours)."""
+        self._release_claims(dn, {target.split(",", 1)[0].partition("=")[2].upper()
+                                  for target in added})
 
     def _claim_dn(self, fingerprint: str) -> str:
         return f"wkdFingerprint={escape_dn_chars(fingerprint)},{self.config.claims_base}"
 
-    def _claim_operations(self, dn: str, plan: ClaimPlan) -> list[Operation]:
+    def _claim_operations(self, dn: str, plan: ClaimPlan, now: int) -> list[Operation]:
         """The adds and compare-and-swaps that make plan's claims."""
         operations: list[Operation] = []
         for fpr, kind in (*plan.add.items(),
@@ -1048,15 +1051,16 @@ class Directory:
             # An add fails if the name exists: the atomic "nobody holds this yet".
             operations.append(("add", self._claim_dn(fpr), [
                 ("objectClass", [CLAIM_CLASS.encode()]), ("wkdFingerprint", [fpr.encode()]),
-                ("wkdClaimHolder", [dn.encode()]), ("wkdClaimKind", [kind.value.encode()])],
-                None))
+                ("wkdClaimHolder", [dn.encode()]), ("wkdClaimKind", [kind.value.encode()]),
+                ("wkdCreated", [gnupg_time(now).encode()])], None))
         for fpr, (claim, kind) in (*plan.own.items(),
                                    *((f, c) for f, c in plan.take.items() if c[0].recorded)):
             # Deleting the holder value read fails (noSuchAttribute) if it changed since.
             operations.append(("modify", self._claim_dn(fpr), [
                 (DELETE, "wkdClaimHolder", [claim.holder.encode()]),
                 (ADD, "wkdClaimHolder", [dn.encode()]),
-                (REPLACE, "wkdClaimKind", [kind.value.encode()])], None))
+                (REPLACE, "wkdClaimKind", [kind.value.encode()]),
+                (REPLACE, "wkdCreated", [gnupg_time(now).encode()])], None))
         return operations
 
     def _strip_operations(self, dn: str, fingerprints: set[str], limits: Limits,
@@ -1258,9 +1262,8 @@ class Directory:
 
     def _consume_operation(self, request: PendingRequest, now: int) -> Operation:
         """The modify that uses a pending request up: its expiry moved to the epoch, only
-        if it is still unused and unexpired (a delete inside a transaction makes slapd
-        2.5.13 fail some commits with `other`; the used request is deleted afterwards or
-        by `pending expire`)."""
+        if it is still unused and unexpired (an assertion: of two concurrent uses one
+        succeeds). The used request is deleted afterwards, or by `pending expire`."""
         nonce = escape_filter_chars(request.nonce)
         return ("modify", self._request_dn(request), [(REPLACE, "wkdExpires", [_EPOCH])],
                 f"(&(wkdNonce={nonce})(wkdExpires>={gnupg_time(now)}))")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -15,7 +16,7 @@ import pytest
 
 from milter_wkd import check, openpgp
 from milter_wkd.config import Config
-from milter_wkd.directory import Directory, KeySource, Provenance
+from milter_wkd.directory import Directory, KeySource, Provenance, key_fingerprints
 from milter_wkd.reconcile import Reconciler
 from milter_wkd.sandbox.slapd import Slapd
 from milter_wkd.values import Address
@@ -24,6 +25,7 @@ from milter_wkd.web.source import address_slot
 from tests.integration.conftest import UserKey, account_config
 from tests.support.gnupg import GnuPG
 from tests.support.ldapclient import answer, bind
+from tests.unit.test_openpgp_crafted import T0, Signer, Subkey, user_id
 
 pytestmark = pytest.mark.integration
 
@@ -246,3 +248,55 @@ def test_the_follower_never_writes_over_what_it_did_not_judge(
     assert reconciler.reconcile(judged) == "changed"
     assert store.get_key(store.user(ALICE)) is not None
     assert reconciler.run_once()[ALICE_DN] == "unchanged"  # the next pass: all is well
+
+
+def test_concurrent_publications_beside_the_follower_keep_slapd_up(private_slapd: Slapd) -> None:
+    """Two publishers and the follower at once. With RFC 5805 transactions, Debian 12's
+    slapd 2.5.13 crashed (SIGSEGV) in about half of such runs; the ordered single-entry
+    writes must leave it running, every key published once, every claim held once."""
+    slapd = private_slapd
+    count = 300
+    slapd.ldapmodify("\n".join(
+        f"dn: uid=u{i},{slapd.people_dn}\nobjectClass: inetOrgPerson\nuid: u{i}\ncn: u{i}\n"
+        f"sn: u{i}\nmail: u{i}@example.org\n" for i in range(count)), add=True)
+    follower_store = Directory(account_config(slapd, "milter"))
+    follower = Reconciler(follower_store, interval=0.05)
+    follower.start()
+    errors: list[str] = []
+
+    def publisher(first: int) -> None:
+        with Directory(account_config(slapd, "milter")) as store:
+            for i in range(first, count, 2):
+                address = Address.parse(f"u{i}@example.org")
+                signer, sub = Signer(), Subkey(T0 + 5)
+                uid = f"<{address}>"
+                key = (signer.packet + user_id(uid) + signer.certify(uid, T0 + 1)
+                       + sub.packet + signer.bind(sub, T0 + 6))
+                cleaned = openpgp.clean_key(key, [address])
+                try:
+                    user = store.find_user(address, with_key=True,
+                                           holders_of=key_fingerprints(cleaned.info))
+                    assert user is not None
+                    store.publish_key(user, cleaned, Provenance(
+                        KeySource.AUTH_SUBMIT, str(address), int(time.time())))
+                except Exception as exc:
+                    errors.append(repr(exc))
+
+    threads = [threading.Thread(target=publisher, args=(k,)) for k in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        follower.stop()
+        follower_store.close()
+    assert slapd.running
+    assert errors == []
+    with Directory(account_config(slapd, "milter")) as store:
+        keys = list(store.list_keys())
+        assert len(keys) == count
+        fprs = [k.fingerprint for k in keys]
+        claims = store.holdings(fprs).claims
+        assert {c.holder.split(",")[0] for c in claims.values()} == {
+            k.dn.split(",")[0] for k in keys}

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from milter_wkd.directory import Claim, ClaimKind, Holdings, plan_claims
+from milter_wkd.directory import CLAIM_IN_FLIGHT, Claim, ClaimKind, Holdings, plan_claims
 
 ALICE = "uid=alice,ou=people,dc=example,dc=org"
 BOB = "uid=bob,ou=people,dc=example,dc=org"
 F = "AB" * 20
+NOW = 1_800_000_000
+OLD = NOW - 10 * CLAIM_IN_FLIGHT
 
 
 def holdings(claim: Claim | None = None, held_by: tuple[tuple[str, bool], ...] = ()) -> Holdings:
@@ -16,16 +18,16 @@ def holdings(claim: Claim | None = None, held_by: tuple[tuple[str, bool], ...] =
 
 
 def test_unclaimed_material_is_claimed() -> None:
-    plan = plan_claims(ALICE, {F: ClaimKind.SUBKEY}, holdings())
+    plan = plan_claims(ALICE, {F: ClaimKind.SUBKEY}, holdings(), NOW)
     assert plan.add == {F: ClaimKind.SUBKEY}
     assert (plan.take, plan.drop, plan.conflict) == ({}, {}, None)
 
 
 def test_own_claim_changes_only_its_kind() -> None:
-    mine = Claim(F, ALICE.upper().replace(",", ", "), ClaimKind.SUBKEY)
-    same = plan_claims(ALICE, {F: ClaimKind.SUBKEY}, holdings(mine, ((ALICE, False),)))
+    mine = Claim(F, ALICE.upper().replace(",", ", "), ClaimKind.SUBKEY, OLD)
+    same = plan_claims(ALICE, {F: ClaimKind.SUBKEY}, holdings(mine, ((ALICE, False),)), NOW)
     assert (same.add, same.own, same.take) == ({}, {}, {})
-    proven = plan_claims(ALICE, {F: ClaimKind.PROVEN_SUBKEY}, holdings(mine))
+    proven = plan_claims(ALICE, {F: ClaimKind.PROVEN_SUBKEY}, holdings(mine), NOW)
     assert proven.own == {F: (mine, ClaimKind.PROVEN_SUBKEY)}
 
 
@@ -40,8 +42,9 @@ def test_own_claim_changes_only_its_kind() -> None:
     (ClaimKind.PRIMARY, ClaimKind.PROVEN_SUBKEY, "conflict"),
 ])
 def test_material_another_entry_holds(theirs: ClaimKind, mine: ClaimKind, outcome: str) -> None:
-    claim = Claim(F, BOB, theirs)
-    plan = plan_claims(ALICE, {F: mine}, holdings(claim, ((BOB, theirs is ClaimKind.PRIMARY),)))
+    claim = Claim(F, BOB, theirs, OLD)
+    held = ((BOB, theirs is ClaimKind.PRIMARY),)
+    plan = plan_claims(ALICE, {F: mine}, holdings(claim, held), NOW)
     assert plan.add == {}
     if outcome == "take":
         assert plan.take == {F: (claim, mine)}
@@ -55,17 +58,22 @@ def test_material_another_entry_holds(theirs: ClaimKind, mine: ClaimKind, outcom
         assert "published by another user" in plan.conflict
 
 
-def test_a_claim_whose_holder_does_not_hold_it_is_a_leftover() -> None:
-    leftover = Claim(F, BOB, ClaimKind.PRIMARY)
-    plan = plan_claims(ALICE, {F: ClaimKind.SUBKEY}, holdings(leftover))
+def test_a_claim_whose_holder_does_not_hold_it_is_in_flight_then_a_leftover() -> None:
+    fresh = Claim(F, BOB, ClaimKind.PRIMARY, NOW - 5)
+    busy = plan_claims(ALICE, {F: ClaimKind.PRIMARY}, holdings(fresh), NOW)
+    assert busy.busy is not None
+    assert "right now" in busy.busy
+    assert busy.conflict is None
+    leftover = Claim(F, BOB, ClaimKind.PRIMARY, NOW - CLAIM_IN_FLIGHT - 1)
+    plan = plan_claims(ALICE, {F: ClaimKind.SUBKEY}, holdings(leftover), NOW)
     assert plan.take == {F: (leftover, ClaimKind.SUBKEY)}
     assert plan.displace == []  # nobody holds it: nothing to strip
 
 
 def test_material_published_before_claims_existed_counts_as_held() -> None:
-    as_primary = plan_claims(ALICE, {F: ClaimKind.PRIMARY}, holdings(None, ((BOB, True),)))
+    as_primary = plan_claims(ALICE, {F: ClaimKind.PRIMARY}, holdings(None, ((BOB, True),)), NOW)
     assert as_primary.conflict is not None
-    as_subkey = plan_claims(ALICE, {F: ClaimKind.PRIMARY}, holdings(None, ((BOB, False),)))
+    as_subkey = plan_claims(ALICE, {F: ClaimKind.PRIMARY}, holdings(None, ((BOB, False),)), NOW)
     ((claim, kind),) = as_subkey.take.values()
     assert (claim.holder, claim.recorded, kind) == (BOB, False, ClaimKind.PRIMARY)
     assert as_subkey.displace == [(BOB, F)]
@@ -75,17 +83,17 @@ def test_a_claim_renamed_away_does_not_hide_the_real_holder() -> None:
     """The claim names an entry that holds nothing of it (renamed, say) while another entry
     does: that entry is the holder, and an unproven subkey cannot take its material."""
     carol = "uid=carol,ou=people,dc=example,dc=org"
-    stale = Claim(F, BOB, ClaimKind.PRIMARY)
-    plan = plan_claims(ALICE, {F: ClaimKind.SUBKEY}, holdings(stale, ((carol, True),)))
+    stale = Claim(F, BOB, ClaimKind.PRIMARY, OLD)
+    plan = plan_claims(ALICE, {F: ClaimKind.SUBKEY}, holdings(stale, ((carol, True),)), NOW)
     assert plan.take == {}
     assert list(plan.drop) == [F]
-    proven = plan_claims(ALICE, {F: ClaimKind.PRIMARY}, holdings(stale, ((carol, True),)))
+    proven = plan_claims(ALICE, {F: ClaimKind.PRIMARY}, holdings(stale, ((carol, True),)), NOW)
     assert proven.conflict is not None
 
 
 def test_an_own_claim_on_material_not_held_yet_is_swapped_not_assumed() -> None:
     """Re-publishing material whose claim is ours but that our entry does not hold: the
     claim is compare-and-swapped, so a concurrent takeover of the leftover cannot also win."""
-    mine = Claim(F, ALICE, ClaimKind.SUBKEY)
-    plan = plan_claims(ALICE, {F: ClaimKind.SUBKEY}, holdings(mine))
+    mine = Claim(F, ALICE, ClaimKind.SUBKEY, NOW - 5)
+    plan = plan_claims(ALICE, {F: ClaimKind.SUBKEY}, holdings(mine), NOW)
     assert plan.own == {F: (mine, ClaimKind.SUBKEY)}
