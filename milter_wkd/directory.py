@@ -1101,7 +1101,7 @@ class Directory:
         try:
             self._call(operation)
         except ldap.LDAPError as exc:
-            # A claim left behind is a leftover: the next publication of it takes it over.
+            # A claim left behind becomes a leftover after CLAIM_IN_FLIGHT; then it is taken over.
             log.warning("releasing claims of %s failed: %s", dn, ldap_reason(exc))
 
     def withhold_key(self, dn: str, reason: str, *, judged: str | None = None) -> None:

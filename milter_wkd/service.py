@@ -367,9 +367,9 @@ class MailService:
         if user is None:
             raise MessageRefused(f"{response.address} is no longer a user here")
         try:
-            # The request is deleted in the publication's own transaction: of two
-            # concurrent responses only one publishes, and a publication that fails (the
-            # directory down) leaves the request for the retried response.
+            # The request is used up only after the key is written: of two concurrent
+            # responses only one uses it, and a publication that fails (the directory
+            # down) leaves the request for the retried response.
             cleaned = self._merge_and_publish(user, pending.key, [response.address],
                                               KeySource.WKS_CONFIRMED, str(response.address),
                                               consume=pending)
