@@ -5,7 +5,7 @@ milter at all, every configuration in one run.
 
 Setup (not timed): a private slapd (the sandbox's: our schema, ACLs), --senders users
 user0..@example.org added with ldapadd, each with a gpg-made key published by the store
-(Directory.publish_key, as `milter-wkd keys` does); example.org's service keys made by
+(LdapStore.publish_key, as `milter-wkd keys` does); example.org's service keys made by
 init_domain: an Ed25519 DKIM key (selector wkd) and an RSA-2048 one (wkd-rsa), which
 OpenDKIM signs with too. One milter process per configuration, each on its own unix
 socket: ours (`python -m milter_wkd milter --config`, no -v) four times, with [milter]
@@ -65,7 +65,6 @@ from _common import KeyRing, address, clock, stop, users_ldif
 
 from milter_wkd import dkim
 from milter_wkd.config import load
-from milter_wkd.directory import Directory, KeySource, Provenance
 from milter_wkd.domains import init_domain
 from milter_wkd.openpgp import clean_key
 from milter_wkd.sandbox.daemons import (
@@ -78,6 +77,8 @@ from milter_wkd.sandbox.daemons import (
 )
 from milter_wkd.sandbox.postfix import BASE_MAIN_CF, BASE_MASTER_CF, HOSTNAME, Endpoint, Postfix
 from milter_wkd.sandbox.slapd import Slapd
+from milter_wkd.store.ldapstore import LdapStore
+from milter_wkd.store.model import KeyOrigin, Provenance
 from milter_wkd.values import Address
 
 RECIPIENT = "someone@example.net"
@@ -249,12 +250,12 @@ RequireSafeKeys false
 def publish_keys(config_path: Path, ring: KeyRing, senders: int) -> None:
     fprs = ring.generate([address(i) for i in range(senders)])
     cfg = load(config_path, environ={})
-    with Directory(cfg.directory) as store:
+    with LdapStore(cfg.directory) as store:
         for i in range(senders):
             user = store.user(Address.parse(address(i)))
             key = ring.run("--export", fprs[address(i)])
             store.publish_key(user, clean_key(key, list(user.addresses)),
-                              Provenance(KeySource.ADMIN_IMPORT, "benchmark", int(time.time())))
+                              Provenance(KeyOrigin.ADMIN_IMPORT, "benchmark", int(time.time())))
 
 
 def start_milter(work: Path, command: list[str], socket_path: Path,

@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from milter_wkd.openpgp import armor_key  # noqa: E402
 from milter_wkd.sandbox.slapd import Slapd  # noqa: E402
+from milter_wkd.store.schema import address_slot  # noqa: E402
 from milter_wkd.values import Address  # noqa: E402
-from milter_wkd.web.source import address_slot  # noqa: E402
 
 ED25519_OID = bytes.fromhex("2b06010401da470f01")
 CREATED = 1_700_000_000
@@ -127,13 +127,13 @@ def rss():
 started = time.monotonic()
 from milter_wkd.config import DirectoryConfig
 from milter_wkd.web.cache import KeyCache
-from milter_wkd.web.ldap_source import LdapKeySource
+from milter_wkd.store.ldapview import LdapKeyView
 from milter_wkd.values import Address
-from milter_wkd.web.source import address_slot
+from milter_wkd.store.schema import address_slot
 cfg = DirectoryConfig(**json.loads(sys.argv[1]))
 budget = int(sys.argv[2])
 before = rss()
-source = LdapKeySource(cfg)
+source = LdapKeyView(cfg)
 cache = KeyCache(source, budget=budget)
 t0 = time.monotonic()
 first = cache.get(address_slot(Address.parse("u1@example.org")))

@@ -64,6 +64,7 @@ earlier sessions did. gpg-wks-server signs nothing.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
 import shutil
 import smtplib
@@ -84,11 +85,11 @@ from _common import (
 )
 
 from milter_wkd.config import Config, load
-from milter_wkd.directory import Directory
 from milter_wkd.mailer import DirectoryMailer
 from milter_wkd.replies import Discard
 from milter_wkd.sandbox import Sandbox
 from milter_wkd.service import MailService
+from milter_wkd.store.ldapstore import LdapStore
 from milter_wkd.transaction import Transaction
 from milter_wkd.values import Address, Fingerprint
 
@@ -120,7 +121,7 @@ def transaction(index: int, raw: bytes, *, logged_in: bool = True) -> Transactio
 
 
 def check_published(cfg: Config, fprs: dict[str, str], indices: range) -> None:
-    with Directory(cfg.directory) as store:
+    with LdapStore(cfg.directory) as store:
         for i in indices:
             stored = store.key_for(Address.parse(address(i)))
             if stored is None or stored.fingerprint != Fingerprint.parse(fprs[address(i)]):
@@ -128,7 +129,7 @@ def check_published(cfg: Config, fprs: dict[str, str], indices: range) -> None:
 
 
 def remove_keys(cfg: Config, indices: range) -> None:
-    with Directory(cfg.directory) as store:
+    with LdapStore(cfg.directory) as store:
         for i in indices:
             store.remove_key(store.user(Address.parse(address(i))))
 
@@ -140,16 +141,23 @@ def decide(service: MailService, index: int, mail: bytes | Transaction) -> None:
         raise SystemExit(f"ours: {address(index)}: {reply}")
 
 
-def ours_in_process(cfg: Config, mails: list[bytes], outbox: Path) -> float:
+def ours_in_process(cfg: Config, mails: list[bytes], outbox: Path, profile: str = "",
+                    ) -> float:
     n = len(mails) - 1
-    with Directory(cfg.directory) as store:
+    with LdapStore(cfg.directory) as store:
         service = MailService(cfg, store, DirectoryMailer(outbox))
         decide(service, n, mails[n])  # userN warms up
         txs = [transaction(i, mails[i]) for i in range(n)]
+        profiler = cProfile.Profile() if profile else None
         started = clock()
+        if profiler:
+            profiler.enable()
         for i, tx in enumerate(txs):
             decide(service, i, tx)
         elapsed = clock() - started
+        if profiler:
+            profiler.disable()
+            profiler.dump_stats(profile)
     notices = len(list(outbox.glob("*.eml")))
     if notices != n + 1:
         raise SystemExit(f"ours: {notices} notices written, expected {n + 1}")
@@ -170,7 +178,7 @@ def ours_round_trip(cfg: Config, users: KeyRing, mails: list[bytes], work: Path,
     request (DirectoryMailer file) -> gpg-wks-client --receive (not timed) -> response."""
     n = len(mails) - 1
     requests, notices = work / "requests", work / "notices"
-    with Directory(cfg.directory) as store:
+    with LdapStore(cfg.directory) as store:
         service = MailService(cfg, store, DirectoryMailer(requests))
         decide(service, n, transaction(n, mails[n], logged_in=False))
         txs = [transaction(i, mails[i], logged_in=False) for i in range(n)]
@@ -266,6 +274,8 @@ def main() -> int:
                              "Ed25519 as the sandbox does (default), or Ed25519 only")
     parser.add_argument("--no-postfix", action="store_true",
                         help="skip the figure through Postfix and the milter")
+    parser.add_argument("--profile", metavar="FILE", default="",
+                        help="write a cProfile of our in-process auth-submit loop to FILE")
     args = parser.parse_args()
     n = args.n
     work = Path(tempfile.mkdtemp(prefix="milter-wkd-bench-wks-"))
@@ -291,7 +301,7 @@ def main() -> int:
             print(f"N = {n} submissions (gpg-wks-client {len(mails[0])}-octet mails), "
                   "one at a time unless said otherwise")
 
-            ours = ours_in_process(cfg, mails, work / "outbox")
+            ours = ours_in_process(cfg, mails, work / "outbox", args.profile)
             check_published(cfg, fprs, range(n + 1))
             remove_keys(cfg, range(n + 1))
             ours1, ours2 = ours_round_trip(cfg, users, mails, work / "round-trip")

@@ -4,7 +4,7 @@ says, one result per line, what works and what to fix.
 What it reads and tries (each group can be skipped by name):
 - directory: connects to [directory] uri and binds as the configured account (bind_dn and
   its password, or SASL EXTERNAL over ldapi://) with the store's own connection code
-  (milter_wkd.directory, python-ldap); Who am I?
+  (milter_wkd.store, python-ldap); Who am I?
 - schema: the subschema entry (rootDSE subschemaSubentry) lists our object classes
   wkdKeyHolder, wkdPendingRequest, wkdKeyClaim and the attribute types pgpKey,
   gpgFingerprint, wkdAddressHash, wkdNonce, wkdKeyDigest; pending_base and claims_base
@@ -78,19 +78,19 @@ from ldap.filter import escape_filter_chars
 
 from milter_wkd import dkim, openpgp, passwords
 from milter_wkd.config import Config, DirectoryConfig, DomainConfig
-from milter_wkd.directory import (
-    CONNECTION_ERRORS,
-    PENDING_CLASS,
-    RESULT_NAMES,
-    ConnectionPool,
-    Directory,
-    PendingRequest,
-    close_connection,
-    key_digest,
-)
-from milter_wkd.directory import ldap_reason as _ldap_why
 from milter_wkd.errors import MilterWkdError, Unavailable
 from milter_wkd.openpgp import messages
+from milter_wkd.store.connection import (
+    CONNECTION_ERRORS,
+    RESULT_NAMES,
+    ConnectionPool,
+    close_connection,
+)
+from milter_wkd.store.connection import ldap_reason as _ldap_why
+from milter_wkd.store.ldapstore import LdapStore
+from milter_wkd.store.model import PendingRequest
+from milter_wkd.store.schema import PENDING_CLASS, PROBLEM, checked
+from milter_wkd.store.schema import Entry as StoreEntry
 from milter_wkd.values import Address, Fingerprint
 from milter_wkd.wkd import address_hash
 
@@ -376,7 +376,7 @@ def _pending_write_probe(config: Config, who: str) -> Iterator[CheckResult]:
     request = PendingRequest(nonce, Address.parse(domain.submission_address),
                              Fingerprint.parse("0" * 40), b"milter-wkd check probe",
                              now, now + 60)
-    with Directory(cfg) as store:
+    with LdapStore(cfg) as store:
         try:
             # A generous limit: the probe is about rights, not about the rate limit.
             request = store.create_pending(request, limit=100)
@@ -958,27 +958,23 @@ def check_keys(config: Config) -> Iterator[CheckResult]:
     has no wkdKeyProblem (an LDAP edit the milter's follower withheld). Each other entry is
     a failure naming it: the responder does not serve it."""
     try:
-        with Directory(config.directory) as directory:
+        with LdapStore(config.directory) as directory:
             holders = directory.key_holders_since("")
     except MilterWkdError as exc:
         yield _skip("keys", f"cannot list the key holders: {exc.reason}")
         return
     published = 0
     for user, _csn in holders:
-        raw = user.snapshot or {}
-        values = {name.lower(): found for name, found in raw.items()}
-        keys = values.get("pgpkey", [])
-        if not keys:
+        entry = user.snapshot or StoreEntry(user.dn, {})
+        if not entry.values("pgpKey"):
             continue
-        problem = values.get("wkdkeyproblem", [])
-        digest = values.get("wkdkeydigest", [b""])[0].decode("ascii", "replace").lower()
-        if problem:
-            yield _fail("keys", f"the key of {user.dn} is not served: "
-                        f"{problem[0].decode('utf-8', 'replace')}",
+        problem = entry.text(PROBLEM)
+        if problem is not None:
+            yield _fail("keys", f"the key of {user.dn} is not served: {problem}",
                         "replace its pgpKey by a key with a user ID of the entry's own "
                         "addresses that no other entry holds (milter-wkd keys import ADDRESS "
                         "FILE), or delete the pgpKey")
-        elif digest != key_digest(keys[0]):
+        elif checked(entry) is not None:
             yield _fail("keys", f"the pgpKey of {user.dn} was not checked by the system "
                         "(wkdKeyDigest missing or stale): it is not served",
                         "keep `milter-wkd milter` running (its follower checks LDAP edits "
@@ -1128,7 +1124,7 @@ def _responder_pending_write(config: Config, cfg: DirectoryConfig) -> list[str]:
                              Address.parse(domain.submission_address),
                              Fingerprint.parse("0" * 40), b"milter-wkd check probe", now,
                              now + 60)
-    with Directory(cfg) as store:
+    with LdapStore(cfg) as store:
         try:
             request = store.create_pending(request, limit=100)
         except Unavailable:

@@ -30,9 +30,9 @@ from pathlib import Path
 
 from milter_wkd import autocrypt, openpgp
 from milter_wkd.config import load
-from milter_wkd.directory import Directory
 from milter_wkd.sandbox import Sandbox
 from milter_wkd.sandbox.flood import flood_key
+from milter_wkd.store.ldapstore import LdapStore
 from milter_wkd.values import Address
 
 WKS_CLIENT = "/usr/lib/gnupg/gpg-wks-client"
@@ -123,7 +123,7 @@ def subject(text: str) -> Callable[[email.message.Message], bool]:
 
 
 def published_line(sandbox: Sandbox, address: str) -> str:
-    with Directory(load(sandbox.config_path, environ={}).directory) as store:
+    with LdapStore(load(sandbox.config_path, environ={}).directory) as store:
         stored = store.key_for(Address.parse(address))
     if stored is None:
         raise DemoError(f"no key published for {address}")

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from milter_wkd.errors import DirectoryError, MilterWkdError
+from milter_wkd.errors import MilterWkdError
 
 ACCOUNTS = ("milter", "wkd", "dovecot")
 DOCUMENTED_PASSWORDS = ("milter-secret", "wkd-secret", "dovecot-secret")
@@ -70,27 +70,11 @@ def set_in_directory(uri: str, passwords: Mapping[str, str],
     """Replace each DN's userPassword with the hash of its password, bound as root over
     ldapi:// with SASL EXTERNAL (another URI: anonymous, which the ACLs refuse); `done(dn)`
     after each change that slapd took."""
-    import ldap  # noqa: PLC0415 (python-ldap only for the command that talks to slapd)
+    # python-ldap only for the command that talks to slapd.
+    from milter_wkd.store.accounts import set_passwords  # noqa: PLC0415
 
-    from milter_wkd.config import DirectoryConfig  # noqa: PLC0415
-    from milter_wkd.directory import (  # noqa: PLC0415
-        ConnectionPool,
-        close_connection,
-        ldap_reason,
-    )
-
-    conn = ConnectionPool(DirectoryConfig(uri=uri, timeout=timeout)).open()
-    try:
-        for dn, password in passwords.items():
-            try:
-                conn.modify_s(dn, [(ldap.MOD_REPLACE, "userPassword",
-                                    [ssha(password).encode("ascii")])])
-            except ldap.LDAPError as exc:
-                raise DirectoryError(f"setting the password of {dn} failed: "
-                                     f"{ldap_reason(exc)}") from None
-            done(dn)
-    finally:
-        close_connection(conn)
+    set_passwords(uri, {dn: ssha(password) for dn, password in passwords.items()}, done,
+                  timeout=timeout)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,10 +4,10 @@ Administrators (and LDAP tooling with their rights) may replace `pgpKey` on an e
 directly; users may not (ldap/config/30-access.ldif). The system then re-derives everything
 else from the new value with the rules of a submission, so that an LDAP edit can never put
 on an entry what a submission could not: the key is cleaned for the entry's own addresses
-(`openpgp.clean_key`) and published with `Directory.publish_key` (ownership, one entry per
+(`openpgp.clean_key`) and published with `LdapStore.publish_key` (ownership, one entry per
 piece of key material, `wkdKeyDigest`), provenance `admin-edit`. A key it cannot accept
 (unreadable, no user ID of the entry's addresses, material another entry holds) is withheld
-(`Directory.withhold_key`: derived attributes and claims removed, `pgpKey` kept for the
+(`LdapStore.withhold_key`: derived attributes and claims removed, `pgpKey` kept for the
 administrator to fix, the reason in `wkdKeyProblem`) and logged as a WARNING naming the
 entry; `milter-wkd check` lists such entries, and the WKD responder serves no entry whose
 `wkdKeyDigest` does not match its `pgpKey` or that has a `wkdKeyProblem`. An entry whose
@@ -19,7 +19,7 @@ before digests existed a digest or a problem); `start()` does that every `interv
 (0.25: as fresh as the responder) in a daemon thread. The milter process runs it
 (`milter-wkd milter`): only the milter's account may write keys.
 
-Reads the [directory] section through the `Directory` it is given (the milter's account)
+Reads the [directory] section through the `LdapStore` it is given (the milter's account)
 and [keys] max_input_bytes (the caller's `limits`).
 
 Failure: a directory that does not answer ends the pass; the next poll starts again from
@@ -40,17 +40,6 @@ from collections.abc import Callable
 from enum import StrEnum
 
 from milter_wkd import openpgp
-from milter_wkd.directory import (
-    DIGEST,
-    PROBLEM,
-    Directory,
-    KeySource,
-    Provenance,
-    User,
-    key_attributes,
-    key_digest,
-    parse_gnupg_time,
-)
 from milter_wkd.errors import (
     Changed,
     Conflict,
@@ -61,7 +50,17 @@ from milter_wkd.errors import (
     Unavailable,
 )
 from milter_wkd.openpgp import CleanResult
-from milter_wkd.web.source import changes_from
+from milter_wkd.store.ldapstore import LdapStore
+from milter_wkd.store.model import KeyOrigin, Provenance, User
+from milter_wkd.store.schema import (
+    DIGEST,
+    PROBLEM,
+    Entry,
+    key_attributes,
+    key_digest,
+    parse_gnupg_time,
+)
+from milter_wkd.store.view import changes_from
 
 log = logging.getLogger(__name__)
 
@@ -84,41 +83,26 @@ class Outcome(StrEnum):
     FAILED = "failed"
 
 
-def _values(snapshot: dict[str, list[bytes]], name: str) -> list[bytes]:
-    found = snapshot.get(name)
-    if found is not None:
-        return found
-    for key, values in snapshot.items():
-        if key.lower() == name.lower():
-            return values
-    return []
-
-
-def _text(snapshot: dict[str, list[bytes]], name: str) -> str | None:
-    values = _values(snapshot, name)
-    return values[0].decode("utf-8", "replace") if values else None
-
-
-def derived_differ(snapshot: dict[str, list[bytes]], cleaned: CleanResult) -> list[str]:
+def derived_differ(snapshot: Entry, cleaned: CleanResult) -> list[str]:
     """The derived attributes whose stored values are not what the cleaned key gives."""
     wanted = key_attributes(cleaned.info, openpgp.armor_key(cleaned.key))
     wanted.pop("pgpKey")
     return [name for name, values in wanted.items()
-            if {v.decode("utf-8", "replace") for v in _values(snapshot, name)} != set(values)]
+            if {v.decode("utf-8", "replace") for v in snapshot.values(name)} != set(values)]
 
 
-def _provenance(snapshot: dict[str, list[bytes]], now: int) -> Provenance:
+def _provenance(snapshot: Entry, now: int) -> Provenance:
     """The entry's own provenance when it has a valid one (an entry published before
     digests existed keeps it), else an administrator's LDAP edit now."""
-    source = _text(snapshot, "wkdKeySource")
-    if source in set(KeySource):
-        return Provenance(KeySource(source), _text(snapshot, "wkdKeySourceActor") or "",
-                          parse_gnupg_time(_text(snapshot, "wkdKeyPublished") or "") or now)
-    return Provenance(KeySource.ADMIN_EDIT, ACTOR, now)
+    source = snapshot.text("wkdKeySource")
+    if source in set(KeyOrigin):
+        return Provenance(KeyOrigin(source), snapshot.text("wkdKeySourceActor") or "",
+                          parse_gnupg_time(snapshot.text("wkdKeyPublished") or "") or now)
+    return Provenance(KeyOrigin.ADMIN_EDIT, ACTOR, now)
 
 
 class Reconciler:
-    def __init__(self, directory: Directory, *, interval: float = POLL_INTERVAL,
+    def __init__(self, directory: LdapStore, *, interval: float = POLL_INTERVAL,
                  limits: openpgp.Limits | Callable[[User], openpgp.Limits] = (
                      openpgp.DEFAULT_LIMITS),
                  clock: Callable[[], float] = time.time) -> None:
@@ -163,13 +147,13 @@ class Reconciler:
         """Make one entry (read with its key attributes: `User.snapshot`) consistent.
         trust_digest: an entry whose wkdKeyDigest matches its pgpKey and that has no
         problem is taken as the system wrote it, without cleaning the key again."""
-        snapshot = user.snapshot or {}
-        keys = _values(snapshot, "pgpKey")
+        snapshot = user.snapshot or Entry(user.dn, {})
+        keys = snapshot.values("pgpKey")
         try:
             if not keys:
                 return self._cleared(user, snapshot)
-            if (trust_digest and not _values(snapshot, PROBLEM)
-                    and _text(snapshot, DIGEST) == key_digest(keys[0])):
+            if (trust_digest and not snapshot.values(PROBLEM)
+                    and snapshot.text(DIGEST) == key_digest(keys[0])):
                 return Outcome.UNCHANGED
             return self._checked(user, snapshot, keys[0])
         except Changed:
@@ -182,8 +166,8 @@ class Reconciler:
             log.warning("cannot reconcile the key of %s: %s", user.dn, exc.reason)
             return Outcome.FAILED
 
-    def _cleared(self, user: User, snapshot: dict[str, list[bytes]]) -> Outcome:
-        leftovers = [n for n in (*_PUBLISHING, DIGEST, PROBLEM) if _values(snapshot, n)]
+    def _cleared(self, user: User, snapshot: Entry) -> Outcome:
+        leftovers = [n for n in (*_PUBLISHING, DIGEST, PROBLEM) if snapshot.values(n)]
         if not leftovers:
             return Outcome.UNCHANGED
         log.info("pgpKey of %s was removed: clearing %s", user.dn, ", ".join(leftovers))
@@ -191,22 +175,22 @@ class Reconciler:
             self.directory.remove_key(user)
         return Outcome.CLEARED
 
-    def _checked(self, user: User, snapshot: dict[str, list[bytes]], value: bytes,
+    def _checked(self, user: User, snapshot: Entry, value: bytes,
                  ) -> Outcome:
-        problem = _text(snapshot, PROBLEM)
+        problem = snapshot.text(PROBLEM)
         try:
             limits = self.limits_for(user)
             cleaned = openpgp.clean_key(value, user.addresses, limits=limits)
         except Refused as exc:
             return self._withheld(user, snapshot, problem, f"unusable key: {exc.reason}")
         consistent = not problem and not derived_differ(snapshot, cleaned)
-        if consistent and _text(snapshot, DIGEST) == key_digest(value):
+        if consistent and snapshot.text(DIGEST) == key_digest(value):
             return Outcome.UNCHANGED
         now = int(self.clock())
         # Derived attributes that match mean a publication by the system from before
         # digests existed: it keeps its provenance. Anything else is an LDAP edit.
         provenance = (_provenance(snapshot, now) if consistent
-                      else Provenance(KeySource.ADMIN_EDIT, ACTOR, now))
+                      else Provenance(KeyOrigin.ADMIN_EDIT, ACTOR, now))
         try:
             self.directory.publish_key(user, cleaned, provenance, limits=limits)
         except (KeyRefused, Conflict) as exc:
@@ -218,13 +202,13 @@ class Reconciler:
             log.info("re-derived the key attributes of %s from its pgpKey", user.dn)
         return Outcome.PUBLISHED
 
-    def _withheld(self, user: User, snapshot: dict[str, list[bytes]], problem: str | None,
+    def _withheld(self, user: User, snapshot: Entry, problem: str | None,
                   reason: str) -> Outcome:
         reason = reason[:MAX_PROBLEM]
-        if problem == reason and not any(_values(snapshot, n) for n in _PUBLISHING):
+        if problem == reason and not any(snapshot.values(n) for n in _PUBLISHING):
             return Outcome.UNCHANGED  # withheld for this very reason already
         # Only if the entry is still as judged; logs a warning naming the entry.
-        self.directory.withhold_key(user.dn, reason, judged=_text(snapshot, "entryCSN"))
+        self.directory.withhold_key(user.dn, reason, judged=snapshot.text("entryCSN"))
         return Outcome.WITHHELD
 
     # -- the thread ---------------------------------------------------------------------

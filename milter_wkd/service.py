@@ -34,16 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from milter_wkd import autocrypt, dkim, openpgp, wks
+from milter_wkd import autocrypt, dkim, openpgp, publication, wks
 from milter_wkd.config import Config, ConfigError, DomainConfig
-from milter_wkd.directory import (
-    Directory,
-    KeySource,
-    PendingRequest,
-    Provenance,
-    User,
-    key_fingerprints,
-)
 from milter_wkd.errors import (
     DirectoryUnavailable,
     MessageRefused,
@@ -53,7 +45,10 @@ from milter_wkd.errors import (
     Unavailable,
 )
 from milter_wkd.mailer import Mailer, MailerUnavailable
+from milter_wkd.publication import Policy
 from milter_wkd.replies import DIRECTORY_DOWN, Accept, Discard, HeaderEdit, Reject, Reply, TempFail
+from milter_wkd.store.model import KeyOrigin, PendingRequest, User, key_fingerprints
+from milter_wkd.store.protocol import KeyStore
 from milter_wkd.transaction import SpoolBudget, Transaction
 from milter_wkd.values import Address
 
@@ -75,7 +70,7 @@ class _CachedHint:
 class MailService:
     """Shared by all milter connections; every method is thread-safe."""
 
-    def __init__(self, config: Config, directory: Directory, mailer: Mailer, *,
+    def __init__(self, config: Config, directory: KeyStore, mailer: Mailer, *,
                  clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.directory = directory
@@ -237,32 +232,18 @@ class MailService:
             return Reject(550, "5.7.1", "Log in (SMTP AUTH) to publish keys")
         return self._unauthenticated(tx, domain, submission, addresses)
 
-    def _merge_and_publish(self, user: User, key: bytes, addresses: list[Address],
-                           source: KeySource, actor: str,
-                           cleaned_for_all: openpgp.CleanResult | None = None,
-                           consume: PendingRequest | None = None) -> openpgp.CleanResult:
+    def _publish(self, user: User, key: bytes, addresses: list[Address], origin: KeyOrigin,
+                 actor: str, cleaned: openpgp.CleanResult | None = None,
+                 consume: PendingRequest | None = None) -> openpgp.CleanResult:
         domain = self._domains.get(addresses[0].domain) if addresses else None
-        limits = self.config.keys.limits(mailbox_only=domain is not None and domain.mailbox_only)
-        wanted = {a.key for a in addresses}
-        if cleaned_for_all is not None and wanted == {
-                a.key for a in cleaned_for_all.info.addresses}:
-            # Cleaning is idempotent: for the same addresses a second pass changes nothing.
-            cleaned = cleaned_for_all
-        else:
-            cleaned = openpgp.clean_key(key, addresses, limits=limits)
-        stored = self.directory.current_key(user)
-        if stored is not None and stored.fingerprint == cleaned.info.fingerprint:
-            cleaned = openpgp.merge_keys(stored.key, key, list(user.addresses), limits=limits)
-        if len(cleaned.key) > self.config.keys.max_published_bytes:
-            raise MessageRefused(
-                f"the cleaned key has {len(cleaned.key)} octets, over the limit of "
-                f"{self.config.keys.max_published_bytes}")
-        now = int(self.clock())
-        stored = self.directory.publish_key(user, cleaned, Provenance(source, actor, now),
-                                            consume=consume, limits=limits)
+        policy = Policy.from_config(self.config.keys,
+                                    mailbox_only=domain is not None and domain.mailbox_only)
+        done = publication.publish(self.directory, user, key, origin=origin, actor=actor,
+                                   now=int(self.clock()), policy=policy, addresses=addresses,
+                                   cleaned=cleaned, consume=consume)
         self._forget_hints()
         # Subkeys whose material another entry holds were left out (stats name them).
-        return openpgp.without_subkeys(cleaned, dict(stored.withheld))
+        return done.cleaned
 
     def _authenticated(self, tx: Transaction, domain: DomainConfig,
                        submission: wks.Submission, everything: openpgp.CleanResult) -> Reply:
@@ -289,8 +270,8 @@ class MailService:
             if refused:
                 reason += " (" + "; ".join(refused) + ")"
             return Reject(550, "5.7.1", reason)
-        cleaned = self._merge_and_publish(user, submission.key, own, KeySource.AUTH_SUBMIT,
-                                          str(login), everything)
+        cleaned = self._publish(user, submission.key, own, KeyOrigin.AUTH_SUBMIT,
+                                str(login), everything)
         now = int(self.clock())
         submission_address = Address.parse(domain.submission_address)
         text_refused = "".join(f"\nNot published for {r}" for r in refused) + "".join(
@@ -370,9 +351,9 @@ class MailService:
             # The request is used up only after the key is written: of two concurrent
             # responses only one uses it, and a publication that fails (the directory
             # down) leaves the request for the retried response.
-            cleaned = self._merge_and_publish(user, pending.key, [response.address],
-                                              KeySource.WKS_CONFIRMED, str(response.address),
-                                              consume=pending)
+            cleaned = self._publish(user, pending.key, [response.address],
+                                    KeyOrigin.WKS_CONFIRMED, str(response.address),
+                                    consume=pending)
         except NotFound:
             raise MessageRefused("this confirmation was used already") from None
         notice = wks.build_published_notice(

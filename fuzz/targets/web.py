@@ -18,11 +18,11 @@ from typing import Any
 from fuzz.targets import fixtures
 from milter_wkd.config import DomainConfig
 from milter_wkd.errors import Refused
+from milter_wkd.store.view import Change, Published
 from milter_wkd.values import Address
 from milter_wkd.web.app import WkdApp
 from milter_wkd.web.cache import KeyCache
 from milter_wkd.web.routes import HttpError, Router
-from milter_wkd.web.source import Change, Published
 from milter_wkd.wkd import address_hash
 
 ALLOWED = (Refused,)
@@ -32,7 +32,7 @@ BOB = Address.parse("Bob@other.example")
 
 
 class _Source:
-    """A KeySource over two published entries; nothing ever changes."""
+    """A KeyView over two published entries; nothing ever changes."""
 
     entries = (Published("uid=alice", (ALICE,), b"KA", "1"),
                Published("uid=bob", (BOB,), b"KB", "1"))

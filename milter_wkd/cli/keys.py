@@ -6,9 +6,10 @@ show ADDR: the metadata of the published key as JSON. export ADDR: the key (armo
 unless --binary). disable/enable ADDR: pgpDisabled, which the WKD responder, the Autocrypt
 hints and dirmngr honour.
 
-import ADDR [FILE]: finds the user owning ADDR in the directory ([directory] of --config),
-cleans the key (file or stdin, binary or armored) for that user's addresses, and stores
-it on the user's entry with provenance admin-import (actor: the local login name).
+import ADDR [FILE]: finds the user owning ADDR in the directory ([directory] of --config)
+and publishes the key (file or stdin, binary or armored) for that user's addresses the way
+every path does (milter_wkd.publication: cleaned, merged with a published key of the same
+fingerprint, size-capped), with provenance admin-import (actor: the local login name).
 remove ADDR: removes the key of the user owning ADDR and everything derived from it.
 Refusals (unknown address, no key, a key without the user's addresses, a fingerprint
 published by someone else) exit 2 with `refused: <reason>`; an unreachable directory
@@ -25,10 +26,12 @@ import time
 from typing import Any
 
 from milter_wkd import config as config_module
-from milter_wkd import openpgp
+from milter_wkd import openpgp, publication
 from milter_wkd.cli.io import read_input, write_output
-from milter_wkd.directory import Directory, KeySource, Provenance, StoredKey
-from milter_wkd.errors import KeyRefused, NotFound
+from milter_wkd.errors import NotFound
+from milter_wkd.publication import Policy
+from milter_wkd.store.ldapstore import LdapStore
+from milter_wkd.store.model import KeyOrigin, StoredKey
 from milter_wkd.values import Address
 
 # Inputs larger than this (a flooded key) get progress lines on stderr.
@@ -73,7 +76,7 @@ def register(sub: Any) -> None:
     remove.set_defaults(func=_remove)
 
 
-def _stored(directory: Directory, address: Address) -> StoredKey:
+def _stored(directory: LdapStore, address: Address) -> StoredKey:
     stored = directory.get_key(directory.user(address))
     if stored is None:
         raise NotFound(f"no key is published for {address}")
@@ -82,7 +85,7 @@ def _stored(directory: Directory, address: Address) -> StoredKey:
 
 def _list(args: argparse.Namespace) -> int:
     cfg = config_module.load(args.config)
-    with Directory(cfg.directory) as directory:
+    with LdapStore(cfg.directory) as directory:
         for stored in directory.list_keys():
             flags = "".join(f for f, on in (("r", stored.revoked), ("d", stored.disabled)) if on)
             source = stored.provenance.source.value if stored.provenance else "-"
@@ -93,7 +96,7 @@ def _list(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     cfg = config_module.load(args.config)
-    with Directory(cfg.directory) as directory:
+    with LdapStore(cfg.directory) as directory:
         stored = _stored(directory, Address.parse(args.address))
     info = openpgp.inspect_key(stored.key).as_json()
     info["dn"] = stored.dn
@@ -108,7 +111,7 @@ def _show(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     cfg = config_module.load(args.config)
-    with Directory(cfg.directory) as directory:
+    with LdapStore(cfg.directory) as directory:
         stored = _stored(directory, Address.parse(args.address))
     write_output(args.output, stored.key if args.binary else openpgp.armor_key(stored.key))
     return 0
@@ -116,7 +119,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _toggle(args: argparse.Namespace) -> int:
     cfg = config_module.load(args.config)
-    with Directory(cfg.directory) as directory:
+    with LdapStore(cfg.directory) as directory:
         stored = directory.set_disabled(directory.user(Address.parse(args.address)),
                                         args.disabled)
     print(f"{'disabled' if stored.disabled else 'enabled'} {stored.fingerprint} on {stored.dn}")
@@ -134,21 +137,21 @@ def _import(args: argparse.Namespace) -> int:
     cfg = config_module.load(args.config)
     address = Address.parse(args.address)
     data = read_input(args.input, cfg.keys.max_input_bytes)
-    with Directory(cfg.directory) as directory:
+    with LdapStore(cfg.directory) as directory:
         user = directory.user(address)
         if len(data) > PROGRESS_ABOVE:
             print(f"cleaning {len(data) / 2**20:.1f} MiB ...", file=sys.stderr, flush=True)
         started = time.monotonic()
-        cleaned = openpgp.clean_key(data, user.addresses, limits=cfg.keys.limits())
+        policy = Policy.from_config(cfg.keys)
+        cleaned = openpgp.clean_key(data, user.addresses, limits=policy.limits)
         if len(data) > PROGRESS_ABOVE:
             dropped = sum(n for kind, n in cleaned.stats.items() if kind.startswith("dropped:"))
             print(f"cleaned in {time.monotonic() - started:.2f} s: {len(cleaned.key)} octets "
                   f"kept, {dropped} packets dropped", file=sys.stderr, flush=True)
-        if len(cleaned.key) > cfg.keys.max_published_bytes:
-            raise KeyRefused(f"the cleaned key has {len(cleaned.key)} octets, more than "
-                             f"max_published_bytes ({cfg.keys.max_published_bytes})")
-        stored = directory.publish_key(
-            user, cleaned, Provenance(KeySource.ADMIN_IMPORT, _actor(), int(time.time())))
+        done = publication.publish(directory, user, data, origin=KeyOrigin.ADMIN_IMPORT,
+                                   actor=_actor(), now=int(time.time()), policy=policy,
+                                   cleaned=cleaned)
+        stored = done.stored
     addresses = ", ".join(str(a) for a in stored.addresses)
     print(f"published {stored.fingerprint} for {addresses} on {stored.dn}")
     return 0
@@ -157,7 +160,7 @@ def _import(args: argparse.Namespace) -> int:
 def _remove(args: argparse.Namespace) -> int:
     cfg = config_module.load(args.config)
     address = Address.parse(args.address)
-    with Directory(cfg.directory) as directory:
+    with LdapStore(cfg.directory) as directory:
         removed = directory.remove_key(directory.user(address))
     print(f"removed {removed.fingerprint} from {removed.dn}")
     return 0

@@ -22,10 +22,11 @@ from typing import Any
 from milter_wkd import config as config_mod
 from milter_wkd import mailer, milter
 from milter_wkd.config import ConfigError
-from milter_wkd.directory import Directory, User
 from milter_wkd.openpgp import Limits
 from milter_wkd.reconcile import Reconciler
 from milter_wkd.service import MailService
+from milter_wkd.store.ldapstore import LdapStore
+from milter_wkd.store.model import User
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,11 @@ def _run(args: argparse.Namespace) -> int:
             path.unlink()
         threading.Thread(target=_fix_socket, args=(path, mode, cfg.milter.socket_group),
                          daemon=True).start()
-    directory = Directory(cfg.directory)
+    directory = LdapStore(cfg.directory)
     service = MailService(cfg, directory, mailer.from_config(cfg.mailer))
     # The key follower gets its own connection: its passes never wait for mail's slots.
     # At least two connections: its paged walk holds one while it writes with another.
-    follower_directory = Directory(dataclasses.replace(
+    follower_directory = LdapStore(dataclasses.replace(
         cfg.directory, pool_size=max(2, cfg.directory.pool_size)))
     mailbox_only = {d.name.lower() for d in cfg.domains if d.mailbox_only}
 

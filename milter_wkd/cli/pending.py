@@ -1,7 +1,7 @@
 """`milter-wkd pending expire|list`: pending WKS confirmation requests in the directory.
 
 expire is meant for cron or the systemd timer (systemd/milter-wkd-expire.timer): it deletes
-every request past its expiry and prints how many. Directory down exits 75.
+every request past its expiry and prints how many. LdapStore down exits 75.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from milter_wkd import config as config_mod
-from milter_wkd.directory import Directory
+from milter_wkd.store.ldapstore import LdapStore
 
 
 def register(sub: Any) -> None:
@@ -27,7 +27,7 @@ def register(sub: Any) -> None:
 
 def _expire(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config)
-    with Directory(cfg.directory) as directory:
+    with LdapStore(cfg.directory) as directory:
         removed = directory.expire_pending()
     print(f"expired {removed} pending request(s)")
     return 0
@@ -36,7 +36,7 @@ def _expire(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config)
     now = int(time.time())
-    with Directory(cfg.directory) as directory:
+    with LdapStore(cfg.directory) as directory:
         for request in directory.list_pending():
             state = "expired" if request.expires <= now else "pending"
             print(f"{request.address}\t{request.fingerprint}\t"

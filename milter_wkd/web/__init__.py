@@ -3,7 +3,7 @@
 Serves, for every configured domain, the advanced (`Host: openpgpkey.<domain>`) and direct
 (`Host: <domain>`) WKD forms: keys by hash, the policy and submission-address files.
 Keys come from memory (`cache.KeyCache`), kept fresh from the directory's change token;
-the directory is read through `ldap_source.LdapKeySource` (any `source.KeySource` will do).
+the directory is read through `store.ldapview.LdapKeyView` (any `store.view.KeyView` will do).
 
 Configuration: [directory], [web] and the [[domains]] tables of the config file; the
 directory is read as [web] bind_dn (the read-only cn=wkd account) when that is set, else as
@@ -20,10 +20,10 @@ import os
 from milter_wkd import config as config_module
 from milter_wkd import openpgp
 from milter_wkd.config import Config
+from milter_wkd.store.ldapview import LdapKeyView
 from milter_wkd.values import Address
 from milter_wkd.web.app import WkdApp
 from milter_wkd.web.cache import KeyCache
-from milter_wkd.web.ldap_source import LdapKeySource
 
 __all__ = ["CONFIG_ENV", "KeyCache", "WkdApp", "create_app", "wsgi_app"]
 
@@ -39,7 +39,7 @@ def create_app(config: Config, *, start: bool = True) -> WkdApp:
         # The [keys] policy of the submissions: what was published is what is served.
         return openpgp.clean_key(key, [address], limits=limits).key
 
-    cache = KeyCache(LdapKeySource(config.responder_directory()), budget=web.cache_bytes,
+    cache = KeyCache(LdapKeyView(config.responder_directory()), budget=web.cache_bytes,
                      refresh_interval=web.refresh_interval,
                      reconcile_interval=web.reconcile_interval, cleaner=cleaner)
     if start:

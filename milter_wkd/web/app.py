@@ -26,6 +26,8 @@ from urllib.parse import parse_qs
 
 from milter_wkd.config import DomainConfig
 from milter_wkd.errors import Refused
+from milter_wkd.store.schema import address_slot, slot
+from milter_wkd.store.view import SourceUnavailable
 from milter_wkd.values import Address
 from milter_wkd.web.cache import KeyCache, clean_for_address
 from milter_wkd.web.routes import (
@@ -34,7 +36,6 @@ from milter_wkd.web.routes import (
     policy_text,
     submission_address_text,
 )
-from milter_wkd.web.source import SourceUnavailable, address_slot, slot
 
 log = logging.getLogger(__name__)
 

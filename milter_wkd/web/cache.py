@@ -37,16 +37,16 @@ from dataclasses import dataclass
 
 from milter_wkd import openpgp
 from milter_wkd.errors import KeyRefused
-from milter_wkd.values import Address
-from milter_wkd.web.source import (
+from milter_wkd.store.schema import address_slot
+from milter_wkd.store.view import (
     ChangesUnknown,
-    KeySource,
+    KeyView,
     Published,
     SourceUnavailable,
-    address_slot,
     changes_from,
     explained,
 )
+from milter_wkd.values import Address
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ NOT_FOUND = Answer(None, ())
 
 
 class KeyCache:
-    def __init__(self, source: KeySource, *, budget: int, refresh_interval: float = 0.25,
+    def __init__(self, source: KeyView, *, budget: int, refresh_interval: float = 0.25,
                  reconcile_interval: float = 300.0, cleaner: Cleaner = clean_for_address,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.source = source

@@ -17,9 +17,11 @@ import pytest
 
 from milter_wkd import openpgp
 from milter_wkd.config import DirectoryConfig
-from milter_wkd.directory import KEY_ATTRIBUTES, Directory, KeySource, Provenance, StoredKey
 from milter_wkd.errors import NotFound
 from milter_wkd.sandbox.slapd import Slapd
+from milter_wkd.store.ldapstore import LdapStore
+from milter_wkd.store.model import KeyOrigin, Provenance, StoredKey
+from milter_wkd.store.schema import KEY_ATTRIBUTES
 from milter_wkd.values import Address
 from tests.support import ldapclient
 from tests.support.gnupg import GnuPG
@@ -71,9 +73,9 @@ def account_config(server: Slapd, account: str | None, **overrides: object) -> D
 
 
 @pytest.fixture
-def store(slapd: Slapd) -> Iterator[Directory]:
+def store(slapd: Slapd) -> Iterator[LdapStore]:
     """The store as the milter's account; the directory is put back in order afterwards."""
-    with Directory(account_config(slapd, "milter")) as directory:
+    with LdapStore(account_config(slapd, "milter")) as directory:
         yield directory
     reset_directory(slapd)
 
@@ -81,7 +83,7 @@ def store(slapd: Slapd) -> Iterator[Directory]:
 def reset_directory(server: Slapd) -> None:
     """Remove every published (or withheld) key, prefer-encrypt setting, claim and pending
     request (as root)."""
-    with Directory(account_config(server, None)) as root:
+    with LdapStore(account_config(server, None)) as root:
         for name in server.users:
             user = root.user(Address.parse(server.users[name]["address"]))
             with contextlib.suppress(NotFound):
@@ -136,14 +138,14 @@ def gpg_keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Use
 
 
 @pytest.fixture
-def publish(store: Directory) -> Callable[[str, bytes], StoredKey]:
+def publish(store: LdapStore) -> Callable[[str, bytes], StoredKey]:
     """publish(address, key) as an admin import through the store."""
 
     def run(address: str, data: bytes) -> StoredKey:
         user = store.user(Address.parse(address))
         cleaned = openpgp.clean_key(data, user.addresses)
         return store.publish_key(user, cleaned,
-                                 Provenance(KeySource.ADMIN_IMPORT, "test", int(time.time())))
+                                 Provenance(KeyOrigin.ADMIN_IMPORT, "test", int(time.time())))
 
     return run
 

@@ -9,8 +9,9 @@ from typing import Any
 import ldap
 import pytest
 
-from milter_wkd.directory import Directory, StoredKey
 from milter_wkd.sandbox.slapd import Slapd
+from milter_wkd.store.ldapstore import LdapStore
+from milter_wkd.store.model import StoredKey
 from milter_wkd.values import Address
 from tests.support.ldapclient import answer, bind, encode, outcome
 
@@ -244,7 +245,7 @@ def alice_key_text(connect: Connect, dn: str) -> str:
     return str(entry["pgpkey"][0].decode())
 
 
-def test_user_may_add_only_our_object_class(connect: Connect, store: Directory) -> None:
+def test_user_may_add_only_our_object_class(connect: Connect, store: LdapStore) -> None:
     carol = connect("carol")
     dn = "uid=carol,ou=people,dc=example,dc=org"
     more = ldap.MOD_ADD

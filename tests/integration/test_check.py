@@ -17,7 +17,6 @@ import pytest
 from milter_wkd import check, files, passwords
 from milter_wkd import config as config_module
 from milter_wkd.cli import main
-from milter_wkd.directory import ConnectionPool, Directory, PendingRequest, close_connection
 from milter_wkd.errors import MilterWkdError
 from milter_wkd.openpgp import armor_key
 from milter_wkd.openpgp.messages import generate_submission_key
@@ -25,9 +24,12 @@ from milter_wkd.sandbox import Sandbox
 from milter_wkd.sandbox.daemons import LOOPBACK, free_port
 from milter_wkd.sandbox.slapd import PEERCRED_ROOT, Slapd
 from milter_wkd.sandbox.wkd import WkdResponder
+from milter_wkd.store.connection import ConnectionPool, close_connection
+from milter_wkd.store.ldapstore import LdapStore
+from milter_wkd.store.ldapview import LdapKeyView
+from milter_wkd.store.model import PendingRequest
 from milter_wkd.values import Address, Fingerprint
 from milter_wkd.web import create_app
-from milter_wkd.web.ldap_source import LdapKeySource
 from tests.support.mail import sandbox_fixture  # noqa: F401 (the `sandbox` fixture)
 
 pytestmark = pytest.mark.integration
@@ -111,7 +113,7 @@ def test_everything_passes_on_the_sandbox(sandbox: Sandbox, wkd: Wkd) -> None:
     assert re.search(r"serves [0-9A-F]{40} for key-submission@example.org \(with CORS\)",
                      details)
     # The write probe left nothing behind.
-    with Directory(config_module.load(sandbox.config_path, environ={}).directory) as store:
+    with LdapStore(config_module.load(sandbox.config_path, environ={}).directory) as store:
         assert store.list_pending() == []
 
 
@@ -461,7 +463,7 @@ def test_a_responder_that_can_write_fails(own_slapd: Slapd, tmp_path: Path,
     assert "gpgMailbox" in failure.detail
     assert 'bind_dn = "cn=wkd,ou=services,...' in failure.fix
     # The probes wrote nothing: no pending request is left, alice has no key.
-    with Directory(config_module.load(tmp_path / "milter-wkd.toml",
+    with LdapStore(config_module.load(tmp_path / "milter-wkd.toml",
                                       environ={}).directory) as store:
         assert store.list_pending() == []
         assert store.key_for(Address.parse("alice@example.org")) is None
@@ -476,7 +478,7 @@ def test_the_responder_binds_as_cn_wkd_and_cannot_write(sandbox: Sandbox) -> Non
     for path in (sandbox.config_path, sandbox.wkd.config_path):
         cfg = config_module.load(path, environ={})
         source = create_app(cfg, start=False).cache.source
-        assert isinstance(source, LdapKeySource)
+        assert isinstance(source, LdapKeyView)
         conn = ConnectionPool(source.config).open()
         try:
             assert conn.whoami_s() == f"dn:{wkd_dn}", path
@@ -489,5 +491,5 @@ def test_the_responder_binds_as_cn_wkd_and_cannot_write(sandbox: Sandbox) -> Non
         request = PendingRequest("probe" + secrets.token_hex(8),
                                  Address.parse("alice@example.org"),
                                  Fingerprint.parse("0" * 40), b"key", now, now + 60)
-        with Directory(source.config) as store, pytest.raises(MilterWkdError):
+        with LdapStore(source.config) as store, pytest.raises(MilterWkdError):
             store.create_pending(request, limit=100)

@@ -15,20 +15,20 @@ from typing import Any
 import ldap
 import pytest
 
-from milter_wkd import directory as directory_module
 from milter_wkd import openpgp
 from milter_wkd.config import DirectoryConfig
-from milter_wkd.directory import (
+from milter_wkd.errors import Changed, Conflict, KeyRefused, NotFound, RateLimited, Refused
+from milter_wkd.sandbox.slapd import Slapd
+from milter_wkd.store import ldapstore as directory_module
+from milter_wkd.store.ldapstore import LdapStore
+from milter_wkd.store.model import (
     ClaimKind,
-    Directory,
-    KeySource,
+    KeyOrigin,
     PendingRequest,
     Provenance,
     StoredKey,
     key_fingerprints,
 )
-from milter_wkd.errors import Changed, Conflict, KeyRefused, NotFound, RateLimited, Refused
-from milter_wkd.sandbox.slapd import Slapd
 from milter_wkd.values import Address, Fingerprint
 from tests.support import ldapclient
 from tests.support.gnupg import WKS_CLIENT, GnuPG
@@ -62,7 +62,7 @@ def wkd_hash(gpg: GnuPG, address: str) -> str:
 # -- users ----------------------------------------------------------------------------
 
 
-def test_finds_users_by_mail_and_alias_in_any_case(store: Directory, slapd: Slapd) -> None:
+def test_finds_users_by_mail_and_alias_in_any_case(store: LdapStore, slapd: Slapd) -> None:
     alice_dn = slapd.users["alice"]["dn"]
     for text in ("alice@example.org", "ALICE@Example.ORG", "alice.liddell@example.org"):
         user = store.find_user(Address.parse(text))
@@ -75,7 +75,7 @@ def test_finds_users_by_mail_and_alias_in_any_case(store: Directory, slapd: Slap
     assert store.get_key(carol) is None
 
 
-def test_unknown_addresses_are_none_or_not_found(store: Directory) -> None:
+def test_unknown_addresses_are_none_or_not_found(store: LdapStore) -> None:
     assert store.find_user(Address.parse("nobody@example.org")) is None
     assert store.find_user(Address.parse("alice@example.net")) is None
     with pytest.raises(NotFound):
@@ -85,12 +85,12 @@ def test_unknown_addresses_are_none_or_not_found(store: Directory) -> None:
 
 @pytest.mark.parametrize("local", ["*", "a*)(mail=*", "alice*", "*)(uid=*", "alice)(|(mail=*",
                                    "\\2a", "ali\\63e"])
-def test_hostile_local_parts_match_nothing(store: Directory, local: str) -> None:
+def test_hostile_local_parts_match_nothing(store: LdapStore, local: str) -> None:
     # Address.parse refuses these; the store must be safe even when handed one directly.
     assert store.find_user(Address(local, "example.org")) is None
 
 
-def test_unicode_local_part_is_looked_up_not_an_error(store: Directory) -> None:
+def test_unicode_local_part_is_looked_up_not_an_error(store: LdapStore) -> None:
     # mail is IA5String: a UTF-8 assertion cannot match, but must not fail either.
     assert store.find_user(Address.parse("jörg@example.org")) is None
     assert store.find_user(Address.parse("ålice@example.org")) is None
@@ -100,7 +100,7 @@ def test_unicode_local_part_is_looked_up_not_an_error(store: Directory) -> None:
 
 
 def test_published_key_attributes_agree_with_gpg(
-        store: Directory, slapd: Slapd, publish: Publish, gpg_keys: dict[str, Any]) -> None:
+        store: LdapStore, slapd: Slapd, publish: Publish, gpg_keys: dict[str, Any]) -> None:
     key = gpg_keys["alice"]
     stored = publish("alice.liddell@example.org", key.data)
     entry = root_entry(slapd, slapd.users["alice"]["dn"])
@@ -136,13 +136,13 @@ def test_published_key_attributes_agree_with_gpg(
     assert stored.expires == int(pub[6])
     assert stored.created == int(pub[5])
     assert stored.provenance is not None
-    assert stored.provenance.source is KeySource.ADMIN_IMPORT
+    assert stored.provenance.source is KeyOrigin.ADMIN_IMPORT
     # publish_key answers with the values it wrote: exactly what a read-back gives.
     assert stored == store.get_key(store.user(Address.parse("alice@example.org")))
 
 
 def test_stored_key_imports_into_gpg(
-        tmp_path: Any, publish: Publish, store: Directory, gpg_keys: dict[str, Any]) -> None:
+        tmp_path: Any, publish: Publish, store: LdapStore, gpg_keys: dict[str, Any]) -> None:
     publish("alice@example.org", gpg_keys["alice"].data)
     stored = store.key_for(Address.parse("alice.liddell@example.org"))
     assert stored is not None
@@ -162,7 +162,7 @@ def test_rsa_key_type_and_size(slapd: Slapd, publish: Publish, gpg_keys: dict[st
 
 
 def test_replacing_a_key_leaves_nothing_of_the_old_one(
-        store: Directory, slapd: Slapd, publish: Publish, gpg_keys: dict[str, Any]) -> None:
+        store: LdapStore, slapd: Slapd, publish: Publish, gpg_keys: dict[str, Any]) -> None:
     old = publish("alice@example.org", gpg_keys["alice"].data)
     new = publish("alice@example.org", gpg_keys["alice2"].data)
     entry = root_entry(slapd, slapd.users["alice"]["dn"])
@@ -182,7 +182,7 @@ def test_replacing_a_key_leaves_nothing_of_the_old_one(
 
 
 def test_user_read_with_key_publishes_without_rereading(
-        store: Directory, slapd: Slapd, gpg_keys: dict[str, Any]) -> None:
+        store: LdapStore, slapd: Slapd, gpg_keys: dict[str, Any]) -> None:
     address = Address.parse("bob@example.org")
     bare = store.find_user(address, with_key=True)
     assert bare is not None
@@ -190,7 +190,7 @@ def test_user_read_with_key_publishes_without_rereading(
     assert store.current_key(bare) is None  # nothing published yet
     assert bare == store.user(address)  # the snapshot is not part of the identity
     cleaned = openpgp.clean_key(gpg_keys["bob"].data, [address])
-    first = store.publish_key(bare, cleaned, Provenance(KeySource.ADMIN_IMPORT, "t", 0))
+    first = store.publish_key(bare, cleaned, Provenance(KeyOrigin.ADMIN_IMPORT, "t", 0))
     # The snapshot said "no wkdKeyHolder class yet": the modify added it.
     entry = root_entry(slapd, slapd.users["bob"]["dn"])
     assert "wkdkeyholder" in [c.lower() for c in entry["objectclass"]]
@@ -203,13 +203,13 @@ def test_user_read_with_key_publishes_without_rereading(
     assert store.current_key(holder) == first
     fresh = store.find_user(address, with_key=True)
     assert fresh is not None
-    again = store.publish_key(fresh, cleaned, Provenance(KeySource.ADMIN_IMPORT, "t", 1))
+    again = store.publish_key(fresh, cleaned, Provenance(KeyOrigin.ADMIN_IMPORT, "t", 1))
     assert again.disabled
     assert again == store.get_key(fresh)
 
 
 def test_fingerprint_holders_read_with_the_user(
-        store: Directory, publish: Publish, gpg_keys: dict[str, Any]) -> None:
+        store: LdapStore, publish: Publish, gpg_keys: dict[str, Any]) -> None:
     alice_key = gpg_keys["alice"]
     publish("alice@example.org", alice_key.data)
     fpr = Fingerprint.parse(alice_key.fingerprint)
@@ -228,7 +228,7 @@ def test_fingerprint_holders_read_with_the_user(
         (store.config.base_dn, "(uid=carol)", ["uid"], ldap.SCOPE_SUBTREE),
         ("ou=missing," + store.config.base_dn, "(objectClass=*)", ["1.1"],
          ldap.SCOPE_SUBTREE)])
-    assert [e["dn"].split(",")[0] for e in first] == ["uid=carol"]
+    assert [e.dn.split(",")[0] for e in first] == ["uid=carol"]
     assert second == []
 
 
@@ -237,7 +237,7 @@ def root_fprs(stored: StoredKey) -> list[str]:
     return [s.fingerprint.hex for s in info.subkeys]
 
 
-def test_revoked_key_is_marked(store: Directory, slapd: Slapd, publish: Publish,
+def test_revoked_key_is_marked(store: LdapStore, slapd: Slapd, publish: Publish,
                                gpg_keys: dict[str, Any], tmp_path: Any) -> None:
     key = gpg_keys["alice2"]
     with GnuPG(tmp_path / "revoker") as gpg:
@@ -250,7 +250,7 @@ def test_revoked_key_is_marked(store: Directory, slapd: Slapd, publish: Publish,
     assert root_entry(slapd, slapd.users["alice"]["dn"])["pgprevoked"] == ["1"]
 
 
-def test_subkey_fingerprint_finds_the_key(store: Directory, publish: Publish,
+def test_subkey_fingerprint_finds_the_key(store: LdapStore, publish: Publish,
                                           gpg_keys: dict[str, Any]) -> None:
     stored = publish("bob@example.org", gpg_keys["bob"].data)
     (sub,) = root_fprs(stored)
@@ -260,18 +260,18 @@ def test_subkey_fingerprint_finds_the_key(store: Directory, publish: Publish,
 
 
 def test_key_with_someone_elses_address_is_refused(
-        store: Directory, gpg_keys: dict[str, Any]) -> None:
+        store: LdapStore, gpg_keys: dict[str, Any]) -> None:
     carol = store.user(Address.parse("carol@example.org"))
     alice = store.user(Address.parse("alice@example.org"))
     # Cleaned for alice's addresses, offered to carol's entry.
     cleaned = openpgp.clean_key(gpg_keys["alice"].data, alice.addresses)
     with pytest.raises(KeyRefused, match="someone else"):
-        store.publish_key(carol, cleaned, Provenance(KeySource.ADMIN_IMPORT, "t", 0))
+        store.publish_key(carol, cleaned, Provenance(KeyOrigin.ADMIN_IMPORT, "t", 0))
     assert store.get_key(carol) is None
 
 
 def test_same_fingerprint_on_two_users_is_a_conflict(
-        store: Directory, publish: Publish, tmp_path: Any) -> None:
+        store: LdapStore, publish: Publish, tmp_path: Any) -> None:
     with GnuPG(tmp_path / "g") as gpg:
         fpr = gpg.generate("Shared <alice@example.org>")
         gpg.run("--quick-add-uid", fpr, "Shared <bob@example.org>")
@@ -280,17 +280,17 @@ def test_same_fingerprint_on_two_users_is_a_conflict(
     bob = store.user(Address.parse("bob@example.org"))
     cleaned = openpgp.clean_key(shared, bob.addresses)
     with pytest.raises(Conflict):
-        store.publish_key(bob, cleaned, Provenance(KeySource.ADMIN_IMPORT, "t", 0))
+        store.publish_key(bob, cleaned, Provenance(KeyOrigin.ADMIN_IMPORT, "t", 0))
     # The same check when the holders were read with the user (the milter's way).
     read_with = store.find_user(Address.parse("bob@example.org"), with_key=True,
                                 holders_of=key_fingerprints(cleaned.info))
     assert read_with is not None
     with pytest.raises(Conflict):
-        store.publish_key(read_with, cleaned, Provenance(KeySource.ADMIN_IMPORT, "t", 0))
+        store.publish_key(read_with, cleaned, Provenance(KeyOrigin.ADMIN_IMPORT, "t", 0))
     assert store.get_key(bob) is None
 
 
-def test_remove_clears_every_key_attribute(store: Directory, slapd: Slapd, publish: Publish,
+def test_remove_clears_every_key_attribute(store: LdapStore, slapd: Slapd, publish: Publish,
                                            gpg_keys: dict[str, Any]) -> None:
     publish("alice@example.org", gpg_keys["alice"].data)
     alice = store.user(Address.parse("alice@example.org"))
@@ -304,7 +304,7 @@ def test_remove_clears_every_key_attribute(store: Directory, slapd: Slapd, publi
         store.remove_key(alice)
 
 
-def test_remove_keeps_prefer_encrypt(store: Directory, slapd: Slapd, publish: Publish,
+def test_remove_keeps_prefer_encrypt(store: LdapStore, slapd: Slapd, publish: Publish,
                                      gpg_keys: dict[str, Any]) -> None:
     alice = store.user(Address.parse("alice@example.org"))
     store.set_prefer_encrypt(alice, "mutual")
@@ -322,7 +322,7 @@ def test_remove_keeps_prefer_encrypt(store: Directory, slapd: Slapd, publish: Pu
         store.set_prefer_encrypt(alice, "always")
 
 
-def test_lookups_by_wkd_hash_and_listing(store: Directory, publish: Publish,
+def test_lookups_by_wkd_hash_and_listing(store: LdapStore, publish: Publish,
                                          gpg_keys: dict[str, Any]) -> None:
     publish("alice@example.org", gpg_keys["alice"].data)
     publish("bob@example.org", gpg_keys["bob"].data)
@@ -345,7 +345,7 @@ def pending(nonce: str = "n" * 32, address: str = "bob@example.org",
                           b"\x99\x00\x01binary\x00key", now, now + expires_in)
 
 
-def test_pending_request_lifecycle(store: Directory) -> None:
+def test_pending_request_lifecycle(store: LdapStore) -> None:
     request = pending()
     stored = store.create_pending(request, limit=3)
     assert stored == request
@@ -364,7 +364,7 @@ def test_pending_request_lifecycle(store: Directory) -> None:
         store.delete_pending(stored)
 
 
-def test_pending_requests_expire(store: Directory) -> None:
+def test_pending_requests_expire(store: LdapStore) -> None:
     first = store.create_pending(pending("a" * 32, expires_in=60), limit=3)
     store.create_pending(pending("b" * 32, expires_in=7200), limit=3)
     later = int(time.time()) + 600
@@ -376,7 +376,7 @@ def test_pending_requests_expire(store: Directory) -> None:
         store.delete_pending(first)
 
 
-def test_pending_requests_are_counted_per_address_and_listed(store: Directory) -> None:
+def test_pending_requests_are_counted_per_address_and_listed(store: LdapStore) -> None:
     bob = Address.parse("bob@example.org")
     assert store.count_pending(bob) == 0
     store.create_pending(pending("e" * 32, expires_in=60), limit=3)
@@ -391,12 +391,12 @@ def test_pending_requests_are_counted_per_address_and_listed(store: Directory) -
 
 
 @pytest.mark.parametrize("nonce", ["short", "a" * 16 + ",ou=x", "*" * 32, "a" * 65])
-def test_malformed_nonces_are_refused(store: Directory, nonce: str) -> None:
+def test_malformed_nonces_are_refused(store: LdapStore, nonce: str) -> None:
     with pytest.raises(Refused):
         store.get_pending(nonce, Address.parse("bob@example.org"))
 
 
-def test_only_one_of_two_concurrent_takers_gets_a_request(store: Directory) -> None:
+def test_only_one_of_two_concurrent_takers_gets_a_request(store: LdapStore) -> None:
     request = pending("c" * 32)
     store.create_pending(request, limit=3)
     results: list[object] = []
@@ -419,7 +419,7 @@ def test_only_one_of_two_concurrent_takers_gets_a_request(store: Directory) -> N
 # -- change token, access paths, threads ---------------------------------------------------
 
 
-def test_change_token_changes_on_every_write(store: Directory, publish: Publish,
+def test_change_token_changes_on_every_write(store: LdapStore, publish: Publish,
                                              gpg_keys: dict[str, Any]) -> None:
     tokens = [store.change_token()]
     publish("bob@example.org", gpg_keys["bob"].data)
@@ -437,7 +437,7 @@ def test_responder_account_reads_keys_and_change_token(
         config_for: Callable[..., DirectoryConfig], publish: Publish,
         gpg_keys: dict[str, Any]) -> None:
     publish("alice@example.org", gpg_keys["alice"].data)
-    with Directory(config_for("wkd")) as responder:
+    with LdapStore(config_for("wkd")) as responder:
         assert responder.change_token()
         hash_ = wkd_hash(gpg_keys["alice"].gpg, "alice@example.org")
         (found,) = responder.find_by_hash(hash_, "example.org")
@@ -445,7 +445,7 @@ def test_responder_account_reads_keys_and_change_token(
 
 
 def test_sasl_external_over_ldapi(config_for: Callable[..., DirectoryConfig]) -> None:
-    with Directory(config_for(None)) as root:
+    with LdapStore(config_for(None)) as root:
         user = root.user(Address.parse("bob@example.org"))
         assert user.dn.startswith("uid=bob,")
         assert root.change_token()
@@ -455,11 +455,11 @@ def test_password_file_and_wrong_password(
         slapd: Slapd, config_for: Callable[..., DirectoryConfig], tmp_path: Any) -> None:
     secret = tmp_path / "secret"
     secret.write_text(slapd.service_accounts["milter"]["password"] + "\n")
-    with Directory(config_for("milter", bind_password="", bind_password_file=str(secret))) as d:
+    with LdapStore(config_for("milter", bind_password="", bind_password_file=str(secret))) as d:
         assert d.find_user(Address.parse("bob@example.org")) is not None
     from milter_wkd.errors import DirectoryUnavailable
 
-    with Directory(config_for("milter", bind_password="wrong")) as d, \
+    with LdapStore(config_for("milter", bind_password="wrong")) as d, \
             pytest.raises(DirectoryUnavailable, match="bind"):
         d.find_user(Address.parse("bob@example.org"))
 
@@ -467,7 +467,7 @@ def test_password_file_and_wrong_password(
 def test_many_threads_share_a_small_pool(config_for: Callable[..., DirectoryConfig]) -> None:
     names = ["alice", "bob", "carol", "alice.liddell"] * 10
     errors: list[BaseException] = []
-    with Directory(config_for("milter", pool_size=2)) as directory:
+    with LdapStore(config_for("milter", pool_size=2)) as directory:
         def look(name: str) -> None:
             try:
                 user = directory.user(Address.parse(f"{name}@example.org"))
@@ -485,8 +485,8 @@ def test_many_threads_share_a_small_pool(config_for: Callable[..., DirectoryConf
 
 
 def test_gnupg_time_format() -> None:
-    from milter_wkd.directory import gnupg_time as fmt
-    from milter_wkd.directory import parse_gnupg_time
+    from milter_wkd.store.schema import gnupg_time as fmt
+    from milter_wkd.store.schema import parse_gnupg_time
 
     epoch = calendar.timegm((2020, 12, 31, 12, 0, 0))
     assert fmt(epoch) == "20201231120000Z"
@@ -508,7 +508,7 @@ def holders_as_dirmngr_sees_them(slapd: Slapd, fpr: str) -> list[str]:
 
 
 def test_subkey_squatting_before_the_owner_published_cannot_block_him(
-        store: Directory, slapd: Slapd, publish: Publish, gpg_keys: dict[str, Any],
+        store: LdapStore, slapd: Slapd, publish: Publish, gpg_keys: dict[str, Any],
         tmp_path: Any) -> None:
     bob = gpg_keys["bob"]
     squat = squatting_key(bob.data, "Alice <alice@example.org>")
@@ -532,7 +532,7 @@ def test_subkey_squatting_before_the_owner_published_cannot_block_him(
 
 
 def test_subkey_squatting_after_the_owner_published_leaves_the_subkey_out(
-        store: Directory, slapd: Slapd, publish: Publish, gpg_keys: dict[str, Any]) -> None:
+        store: LdapStore, slapd: Slapd, publish: Publish, gpg_keys: dict[str, Any]) -> None:
     bob = gpg_keys["bob"]
     publish("bob@example.org", bob.data)
     squat = squatting_key(bob.data, "Alice <alice@example.org>")
@@ -546,7 +546,7 @@ def test_subkey_squatting_after_the_owner_published_leaves_the_subkey_out(
 
 
 def test_two_entries_never_both_publish_one_key_even_at_the_same_instant(
-        store: Directory, slapd: Slapd) -> None:
+        store: LdapStore, slapd: Slapd) -> None:
     users = [store.user(Address.parse(a)) for a in ("alice@example.org", "bob@example.org")]
     for attempt in range(12):
         # One key with an address of each (one person with two mailboxes, or a mistake).
@@ -562,7 +562,7 @@ def test_two_entries_never_both_publish_one_key_even_at_the_same_instant(
                 outcome: list[str] = outcome) -> None:
             barrier.wait()
             try:
-                store.publish_key(user, clean, Provenance(KeySource.ADMIN_IMPORT, "t",
+                store.publish_key(user, clean, Provenance(KeyOrigin.ADMIN_IMPORT, "t",
                                                           int(time.time())))
                 outcome.append("published")
             except Conflict:
@@ -584,7 +584,7 @@ def test_two_entries_never_both_publish_one_key_even_at_the_same_instant(
 
 
 def test_a_leftover_claim_is_taken_over(
-        store: Directory, slapd: Slapd, publish: Publish, gpg_keys: dict[str, Any]) -> None:
+        store: LdapStore, slapd: Slapd, publish: Publish, gpg_keys: dict[str, Any]) -> None:
     fpr = gpg_keys["alice"].fingerprint
     claim_dn = f"wkdFingerprint={fpr},{slapd.claims_dn}"
     # A removal that could not release its claim: bob's entry does not hold the material.
@@ -596,7 +596,7 @@ def test_a_leftover_claim_is_taken_over(
     assert holder.split(",")[0] == "uid=alice"
 
 
-def test_removing_a_key_releases_its_claims(store: Directory, publish: Publish,
+def test_removing_a_key_releases_its_claims(store: LdapStore, publish: Publish,
                                             gpg_keys: dict[str, Any]) -> None:
     stored = publish("bob@example.org", gpg_keys["bob"].data)
     fprs = [stored.fingerprint, *(Fingerprint.parse(f) for f in root_fprs(stored))]
@@ -607,7 +607,7 @@ def test_removing_a_key_releases_its_claims(store: Directory, publish: Publish,
     assert store.holdings(fprs).claims == {}
 
 
-def test_pending_cap_holds_under_concurrency(store: Directory) -> None:
+def test_pending_cap_holds_under_concurrency(store: LdapStore) -> None:
     barrier = threading.Barrier(12)
     outcome: list[str] = []
 
@@ -628,7 +628,7 @@ def test_pending_cap_holds_under_concurrency(store: Directory) -> None:
     assert store.count_pending(Address.parse("bob@example.org")) == 3
 
 
-def test_an_expired_request_gives_its_slot_to_a_new_one(store: Directory) -> None:
+def test_an_expired_request_gives_its_slot_to_a_new_one(store: LdapStore) -> None:
     old = store.create_pending(pending("o" * 32, expires_in=1), limit=1)
     with pytest.raises(RateLimited):
         store.create_pending(pending("p" * 32), limit=1)
@@ -640,7 +640,7 @@ def test_an_expired_request_gives_its_slot_to_a_new_one(store: Directory) -> Non
         store.get_pending("o" * 32, later.address, now=0)
 
 
-def test_the_nonce_is_compared_with_the_stored_one(store: Directory) -> None:
+def test_the_nonce_is_compared_with_the_stored_one(store: LdapStore) -> None:
     store.create_pending(pending("s" * 32), limit=3)
     # Same address, a nonce one character off: the compare itself must say no.
     with pytest.raises(NotFound):
@@ -649,7 +649,7 @@ def test_the_nonce_is_compared_with_the_stored_one(store: Directory) -> None:
 
 
 def test_a_confirmation_is_used_up_only_by_a_publication_that_commits(
-        store: Directory, publish: Publish, gpg_keys: dict[str, Any]) -> None:
+        store: LdapStore, publish: Publish, gpg_keys: dict[str, Any]) -> None:
     bob = Address.parse("bob@example.org")
     alice_key = openpgp.clean_key(gpg_keys["alice"].data, None)
     now = int(time.time())
@@ -661,7 +661,7 @@ def test_a_confirmation_is_used_up_only_by_a_publication_that_commits(
     user = store.find_user(bob, with_key=True)
     assert user is not None
     with pytest.raises(KeyRefused):  # the key names alice's addresses, not bob's
-        store.publish_key(user, shared, Provenance(KeySource.WKS_CONFIRMED, "t", now),
+        store.publish_key(user, shared, Provenance(KeyOrigin.WKS_CONFIRMED, "t", now),
                           consume=request)
     assert store.get_pending("u" * 32, bob).nonce == "u" * 32
     # Two responses at once: exactly one publication uses the request up.
@@ -674,7 +674,7 @@ def test_a_confirmation_is_used_up_only_by_a_publication_that_commits(
         assert user is not None
         barrier.wait()
         try:
-            store.publish_key(user, cleaned, Provenance(KeySource.WKS_CONFIRMED, "t", now),
+            store.publish_key(user, cleaned, Provenance(KeyOrigin.WKS_CONFIRMED, "t", now),
                               consume=request)
             outcome.append("published")
         except NotFound:
@@ -693,9 +693,9 @@ def test_a_confirmation_is_used_up_only_by_a_publication_that_commits(
 
 
 def test_key_holders_are_walked_one_page_at_a_time(
-        store: Directory, publish: Publish, gpg_keys: dict[str, Any],
+        store: LdapStore, publish: Publish, gpg_keys: dict[str, Any],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(directory_module, "_PAGE_SIZE", 1)  # three users, three pages
+    monkeypatch.setattr(directory_module, "PAGE_SIZE", 1)  # three users, three pages
     publish("alice@example.org", gpg_keys["alice"].data)
     publish("bob@example.org", gpg_keys["bob"].data)
     store.set_prefer_encrypt(store.user(Address.parse("carol@example.org")), "mutual")

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from milter_wkd.config import DirectoryConfig
-from milter_wkd.directory import Directory
 from milter_wkd.errors import DirectoryUnavailable
 from milter_wkd.sandbox.slapd import Slapd
+from milter_wkd.store.ldapstore import LdapStore
 from milter_wkd.values import Address
 
 pytestmark = pytest.mark.integration
@@ -29,7 +29,7 @@ def config(server: Slapd, uri: str | None = None) -> DirectoryConfig:
                            mail_attributes=["mail", "mailLocalAddress"], timeout=1.0)
 
 
-def timed_failure(directory: Directory) -> float:
+def timed_failure(directory: LdapStore) -> float:
     started = time.monotonic()
     with pytest.raises(DirectoryUnavailable):
         directory.find_user(ALICE)
@@ -38,7 +38,7 @@ def timed_failure(directory: Directory) -> float:
 
 def test_stopped_slapd_is_reported_quickly_and_restarted_one_is_used_again(
         private_slapd: Slapd) -> None:
-    with Directory(config(private_slapd)) as directory:
+    with LdapStore(config(private_slapd)) as directory:
         assert directory.find_user(ALICE) is not None  # leaves a pooled connection
         token = directory.change_token()
         private_slapd.stop()
@@ -52,7 +52,7 @@ def test_stopped_slapd_is_reported_quickly_and_restarted_one_is_used_again(
 
 def test_restart_between_calls_is_invisible(private_slapd: Slapd) -> None:
     # The pooled connection is dead after the restart; the store reconnects once.
-    with Directory(config(private_slapd)) as directory:
+    with LdapStore(config(private_slapd)) as directory:
         assert directory.find_user(ALICE) is not None
         private_slapd.stop()
         private_slapd.start()
@@ -79,7 +79,7 @@ def stop_and_wait(pid: int) -> None:
 
 
 def test_hung_slapd_is_reported_within_the_timeout(private_slapd: Slapd) -> None:
-    with Directory(config(private_slapd)) as directory:
+    with LdapStore(config(private_slapd)) as directory:
         assert directory.find_user(ALICE) is not None
         pid = private_slapd.pid
         assert pid is not None
@@ -93,5 +93,5 @@ def test_hung_slapd_is_reported_within_the_timeout(private_slapd: Slapd) -> None
 
 def test_unreachable_ldapi_socket(private_slapd: Slapd) -> None:
     missing = private_slapd.workdir / "no-such-socket"
-    with Directory(config(private_slapd, uri=f"ldapi://{str(missing).replace('/', '%2F')}")) as d:
+    with LdapStore(config(private_slapd, uri=f"ldapi://{str(missing).replace('/', '%2F')}")) as d:
         assert timed_failure(d) < BOUND

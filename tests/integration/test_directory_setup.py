@@ -19,9 +19,10 @@ import pytest
 from milter_wkd import files, openpgp
 from milter_wkd.cli import main
 from milter_wkd.config import DirectoryConfig
-from milter_wkd.directory import Directory, KeySource, Provenance
 from milter_wkd.errors import KeyRefused
 from milter_wkd.sandbox.slapd import SETUP_STEPS, Slapd
+from milter_wkd.store.ldapstore import LdapStore
+from milter_wkd.store.model import KeyOrigin, Provenance
 from milter_wkd.values import Address
 from tests.support import ldapclient
 
@@ -70,26 +71,26 @@ def test_setup_on_a_running_server(existing_server: Slapd, gpg_keys: dict[str, A
     finally:
         anonymous.unbind_ext_s()
 
-    with Directory(account(existing_server, "milter")) as milter:
+    with LdapStore(account(existing_server, "milter")) as milter:
         user = milter.user(Address.parse("alice.liddell@example.org"))
         cleaned = openpgp.clean_key(gpg_keys["alice"].data, user.addresses)
-        stored = milter.publish_key(user, cleaned, Provenance(KeySource.WKS_CONFIRMED,
+        stored = milter.publish_key(user, cleaned, Provenance(KeyOrigin.WKS_CONFIRMED,
                                                               "alice@example.org",
                                                               int(time.time())))
         assert stored.fingerprint.hex == gpg_keys["alice"].fingerprint
         token = milter.change_token()
         assert token
-    with Directory(account(existing_server, "wkd")) as responder:
+    with LdapStore(account(existing_server, "wkd")) as responder:
         (found,) = responder.find_by_hash(stored.address_hashes[0].split("@")[0],
                                           "example.org")
         assert found.fingerprint == stored.fingerprint
         assert responder.change_token() == token
-    with Directory(account(existing_server, "milter")) as milter:
+    with LdapStore(account(existing_server, "milter")) as milter:
         huge = openpgp.clean_key(gpg_keys["bob"].data, None)
         bob = milter.user(Address.parse("bob@example.org"))
         big = type(huge)(huge.key * 200, huge.info, huge.stats, huge.clean)
         with pytest.raises(KeyRefused, match="directory refused"):
-            milter.publish_key(bob, big, Provenance(KeySource.ADMIN_IMPORT, "t", 0))
+            milter.publish_key(bob, big, Provenance(KeyOrigin.ADMIN_IMPORT, "t", 0))
 
 
 def _definitions(text: str, ldif: bool) -> list[str]:

@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from milter_wkd.directory import Directory, StoredKey
 from milter_wkd.sandbox.slapd import Slapd
+from milter_wkd.store.ldapstore import LdapStore
+from milter_wkd.store.model import StoredKey
 from milter_wkd.values import Address
 from tests.support.gnupg import GnuPG
 from tests.support.peers import require_binary
@@ -71,7 +72,7 @@ def test_locate_finds_nothing_for_users_without_key(client: GnuPG, slapd: Slapd,
 
 
 def test_disabled_key_is_not_located(client: GnuPG, slapd: Slapd, publish: Publish,
-                                     store: Directory, gpg_keys: dict[str, Any]) -> None:
+                                     store: LdapStore, gpg_keys: dict[str, Any]) -> None:
     key = gpg_keys["alice"]
     publish("alice@example.org", key.data)
     assert locate(client, slapd, "alice@example.org").returncode == 0

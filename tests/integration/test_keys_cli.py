@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 
 from milter_wkd.cli import main
-from milter_wkd.directory import Directory, KeySource
 from milter_wkd.sandbox.flood import flood_key
 from milter_wkd.sandbox.slapd import Slapd, _free_port
+from milter_wkd.store.ldapstore import LdapStore
+from milter_wkd.store.model import KeyOrigin
 from milter_wkd.values import Address
 from tests.support.gnupg import GnuPG
 
@@ -57,7 +58,7 @@ def cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[s
                           capture_output=True, text=True, timeout=60, check=False)
 
 
-def test_import_then_remove(store: Directory, config_file: Path, tmp_path: Path,
+def test_import_then_remove(store: LdapStore, config_file: Path, tmp_path: Path,
                             gpg_keys: dict[str, Any]) -> None:
     key = gpg_keys["alice"]
     key_file = tmp_path / "alice.asc"
@@ -70,7 +71,7 @@ def test_import_then_remove(store: Directory, config_file: Path, tmp_path: Path,
     assert stored is not None
     assert stored.fingerprint.hex == key.fingerprint
     assert stored.provenance is not None
-    assert stored.provenance.source is KeySource.ADMIN_IMPORT
+    assert stored.provenance.source is KeyOrigin.ADMIN_IMPORT
     assert stored.provenance.actor.startswith("admin")
 
     proc = cli("keys", "remove", "alice@example.org", "--config", str(config_file))
@@ -81,7 +82,7 @@ def test_import_then_remove(store: Directory, config_file: Path, tmp_path: Path,
     assert proc.stderr.startswith("refused: ")
 
 
-def test_import_from_stdin(store: Directory, config_file: Path,
+def test_import_from_stdin(store: LdapStore, config_file: Path,
                            gpg_keys: dict[str, Any]) -> None:
     proc = cli("keys", "import", "bob@example.org", "--config", str(config_file),
                stdin=gpg_keys["bob"].gpg.export(gpg_keys["bob"].fingerprint, "--armor"))
@@ -89,7 +90,7 @@ def test_import_from_stdin(store: Directory, config_file: Path,
     assert store.key_for(Address.parse("bob@example.org")) is not None
 
 
-def test_refusals_exit_2(store: Directory, config_file: Path, tmp_path: Path,
+def test_refusals_exit_2(store: LdapStore, config_file: Path, tmp_path: Path,
                          gpg_keys: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     alices = tmp_path / "alice.pgp"
     alices.write_bytes(gpg_keys["alice"].data)
@@ -124,7 +125,7 @@ def test_directory_down_exits_75(tmp_path: Path, slapd: Slapd, gpg_keys: dict[st
     assert "unreachable" in err
 
 
-def test_reader_sees_imported_key(store: Directory, config_file: Path, tmp_path: Path,
+def test_reader_sees_imported_key(store: LdapStore, config_file: Path, tmp_path: Path,
                                   gpg_keys: dict[str, Any],
                                   capsys: pytest.CaptureFixture[str]) -> None:
     key = gpg_keys["bob"]
@@ -140,7 +141,7 @@ def test_reader_sees_imported_key(store: Directory, config_file: Path, tmp_path:
         assert reader.fingerprint("bob@example.org") == key.fingerprint
 
 
-def test_list_show_export_disable(store: Directory, config_file: Path,
+def test_list_show_export_disable(store: LdapStore, config_file: Path,
                                   gpg_keys: dict[str, Any]) -> None:
     key = gpg_keys["alice"]
     config = ("--config", str(config_file))
@@ -176,7 +177,7 @@ def test_list_show_export_disable(store: Directory, config_file: Path,
     assert cli("keys", "remove", "alice@example.org", *config).returncode == 0
 
 
-def test_import_of_a_flooded_key_shows_progress(store: Directory, config_file: Path,
+def test_import_of_a_flooded_key_shows_progress(store: LdapStore, config_file: Path,
                                                 tmp_path: Path,
                                                 gpg_keys: dict[str, Any]) -> None:
     key = gpg_keys["bob"]

@@ -17,12 +17,13 @@ import pytest
 
 from milter_wkd import autocrypt, dkim
 from milter_wkd.config import load
-from milter_wkd.directory import Directory, KeySource, Provenance
 from milter_wkd.mailer import DirectoryMailer
 from milter_wkd.openpgp import autocrypt_keydata, clean_key, packets
 from milter_wkd.replies import Accept, HeaderEdit
 from milter_wkd.sandbox import Sandbox
 from milter_wkd.service import MailService
+from milter_wkd.store.ldapstore import LdapStore
+from milter_wkd.store.model import KeyOrigin, Provenance
 from milter_wkd.transaction import Transaction
 from milter_wkd.values import Address
 from tests.support.gnupg import GnuPG
@@ -44,7 +45,7 @@ def alice_key(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Ite
     with directory(sandbox) as store:
         user = store.user(Address.parse(ALICE))
         cleaned = clean_key(key, list(user.addresses))
-        store.publish_key(user, cleaned, Provenance(KeySource.ADMIN_IMPORT, "test", 0))
+        store.publish_key(user, cleaned, Provenance(KeyOrigin.ADMIN_IMPORT, "test", 0))
     return key
 
 
@@ -199,7 +200,7 @@ def test_inbound_autocrypt_claiming_our_domain_can_be_stripped(sandbox: Sandbox)
     headers = [("From", ALICE), ("Autocrypt", "addr=alice@example.org; keydata=AAAA"),
                ("Autocrypt", "addr=alice@example.org; keydata=BBBB")]
     outside = Transaction(client_ip="192.0.2.7", headers=headers)
-    with Directory(cfg.directory) as store:
+    with LdapStore(cfg.directory) as store:
         default = MailService(cfg, store, DirectoryMailer(sandbox.dir / "mail"))
         assert default.decide(outside) == Accept()
         strict_cfg = dataclasses.replace(

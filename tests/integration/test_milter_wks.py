@@ -16,10 +16,10 @@ import pytest
 
 from milter_wkd import wks
 from milter_wkd.config import load
-from milter_wkd.directory import KeySource, PendingRequest
 from milter_wkd.openpgp import messages, packets
 from milter_wkd.sandbox import Sandbox
 from milter_wkd.sandbox.flood import flood_key
+from milter_wkd.store.model import KeyOrigin, PendingRequest
 from milter_wkd.values import Address, Fingerprint
 from tests.support.mail import sandbox_fixture  # noqa: F401 (the `sandbox` fixture)
 from tests.support.wksmail import (
@@ -71,7 +71,7 @@ def test_authenticated_submission_is_published_at_once(sandbox: Sandbox,
     assert stored is not None
     assert stored.fingerprint == Fingerprint.parse(alice.fpr)
     assert stored.provenance is not None
-    assert stored.provenance.source == KeySource.AUTH_SUBMIT
+    assert stored.provenance.source == KeyOrigin.AUTH_SUBMIT
     assert stored.provenance.actor == "alice@example.org"
     assert [str(a) for a in stored.addresses] == ["alice@example.org"]
 
@@ -89,7 +89,7 @@ def test_unauthenticated_submission_goes_through_confirmation(sandbox: Sandbox,
     assert stored is not None
     assert stored.fingerprint == Fingerprint.parse(bob.fpr)
     assert stored.provenance is not None
-    assert stored.provenance.source == KeySource.WKS_CONFIRMED
+    assert stored.provenance.source == KeyOrigin.WKS_CONFIRMED
     # The same response again is a replay: refused, nothing changes.
     with pytest.raises(smtplib.SMTPDataError) as refused:
         submit(sandbox, response, "bob@example.org")

@@ -16,12 +16,13 @@ import pytest
 
 from milter_wkd import check, openpgp
 from milter_wkd.config import Config
-from milter_wkd.directory import Directory, KeySource, Provenance, key_fingerprints
 from milter_wkd.reconcile import Reconciler
 from milter_wkd.sandbox.slapd import Slapd
+from milter_wkd.store.ldapstore import LdapStore
+from milter_wkd.store.ldapview import LdapKeyView
+from milter_wkd.store.model import KeyOrigin, Provenance, key_fingerprints
+from milter_wkd.store.schema import address_slot
 from milter_wkd.values import Address
-from milter_wkd.web.ldap_source import LdapKeySource
-from milter_wkd.web.source import address_slot
 from tests.integration.conftest import UserKey, account_config
 from tests.support.gnupg import GnuPG
 from tests.support.ldapclient import answer, bind
@@ -59,13 +60,13 @@ def slapd(private_slapd: Slapd) -> Slapd:
 
 
 @pytest.fixture
-def store(slapd: Slapd) -> Iterator[Directory]:
-    with Directory(account_config(slapd, "milter")) as directory:
+def store(slapd: Slapd) -> Iterator[LdapStore]:
+    with LdapStore(account_config(slapd, "milter")) as directory:
         yield directory
 
 
 @pytest.fixture
-def follower(store: Directory) -> Iterator[Reconciler]:
+def follower(store: LdapStore) -> Iterator[Reconciler]:
     reconciler = Reconciler(store)
     reconciler.start()
     yield reconciler
@@ -73,16 +74,16 @@ def follower(store: Directory) -> Iterator[Reconciler]:
 
 
 @pytest.fixture
-def source(slapd: Slapd) -> Iterator[LdapKeySource]:
-    ldap = LdapKeySource(account_config(slapd, "wkd", base_dn=slapd.suffix))
+def source(slapd: Slapd) -> Iterator[LdapKeyView]:
+    ldap = LdapKeyView(account_config(slapd, "wkd", base_dn=slapd.suffix))
     yield ldap
     ldap.close()
 
 
-def publish(store: Directory, address: str, data: bytes) -> None:
+def publish(store: LdapStore, address: str, data: bytes) -> None:
     user = store.user(Address.parse(address))
     store.publish_key(user, openpgp.clean_key(data, user.addresses),
-                      Provenance(KeySource.AUTH_SUBMIT, address, int(time.time())))
+                      Provenance(KeyOrigin.AUTH_SUBMIT, address, int(time.time())))
 
 
 def admin_sets_pgpkey(slapd: Slapd, dn: str, value: bytes | None) -> None:
@@ -91,7 +92,7 @@ def admin_sets_pgpkey(slapd: Slapd, dn: str, value: bytes | None) -> None:
     slapd.ldapmodify(f"dn: {dn}\nchangetype: modify\nreplace: pgpKey\n{body}-\n")
 
 
-def entry(store: Directory, dn: str, *names: str) -> dict[str, list[bytes]]:
+def entry(store: LdapStore, dn: str, *names: str) -> dict[str, list[bytes]]:
     """The entry's attributes (names lowercased) as the milter's account reads them."""
     conn = bind(store.config.uri, store.config.bind_dn, store.config.bind_password)
     try:
@@ -102,7 +103,7 @@ def entry(store: Directory, dn: str, *names: str) -> dict[str, list[bytes]]:
     return {k.lower(): v for k, v in found[0][1].items() if v}
 
 
-def served(source: LdapKeySource, address: Address) -> list[str]:
+def served(source: LdapKeyView, address: Address) -> list[str]:
     return [p.dn for p in source.lookup(address_slot(address))]
 
 
@@ -112,7 +113,7 @@ def check_failures(slapd: Slapd) -> list[str]:
 
 
 def test_an_admins_new_key_of_alice_is_derived_and_served(
-        slapd: Slapd, store: Directory, follower: Reconciler, source: LdapKeySource,
+        slapd: Slapd, store: LdapStore, follower: Reconciler, source: LdapKeyView,
         gpg_keys: dict[str, UserKey]) -> None:
     publish(store, "alice@example.org", gpg_keys["alice"].data)
     admin_sets_pgpkey(slapd, ALICE_DN, openpgp.armor_key(gpg_keys["alice2"].data))
@@ -122,7 +123,7 @@ def test_an_admins_new_key_of_alice_is_derived_and_served(
     stored = store.get_key(user)
     assert stored is not None
     assert stored.provenance is not None
-    assert stored.provenance.source == KeySource.ADMIN_EDIT
+    assert stored.provenance.source == KeyOrigin.ADMIN_EDIT
     values = entry(store, ALICE_DN, "gpgFingerprint", "wkdKeyProblem")
     assert values["gpgfingerprint"] == [gpg_keys["alice2"].fingerprint.encode()]
     assert "wkdkeyproblem" not in values
@@ -132,7 +133,7 @@ def test_an_admins_new_key_of_alice_is_derived_and_served(
 
 @pytest.mark.parametrize("case", ["someone-elses-key", "held-elsewhere", "garbage"])
 def test_a_bad_admin_edit_is_withheld_reported_and_logged(
-        slapd: Slapd, store: Directory, follower: Reconciler, source: LdapKeySource,
+        slapd: Slapd, store: LdapStore, follower: Reconciler, source: LdapKeyView,
         gpg_keys: dict[str, UserKey], shared_key: bytes, caplog: pytest.LogCaptureFixture,
         case: str) -> None:
     caplog.set_level(logging.WARNING, logger="milter_wkd")  # the store logs it
@@ -167,7 +168,7 @@ def test_a_bad_admin_edit_is_withheld_reported_and_logged(
 
 
 def test_a_deleted_pgpkey_takes_its_derived_attributes(
-        slapd: Slapd, store: Directory, follower: Reconciler,
+        slapd: Slapd, store: LdapStore, follower: Reconciler,
         gpg_keys: dict[str, UserKey]) -> None:
     publish(store, "alice@example.org", gpg_keys["alice"].data)
     admin_sets_pgpkey(slapd, ALICE_DN, None)
@@ -179,7 +180,7 @@ def test_a_deleted_pgpkey_takes_its_derived_attributes(
 
 
 def test_the_first_pass_checks_keys_written_before_digests(
-        slapd: Slapd, store: Directory, gpg_keys: dict[str, UserKey]) -> None:
+        slapd: Slapd, store: LdapStore, gpg_keys: dict[str, UserKey]) -> None:
     publish(store, "alice@example.org", gpg_keys["alice"].data)
     publish(store, "bob@example.org", gpg_keys["bob"].data)
     bob_dn = "uid=bob,ou=people,dc=example,dc=org"
@@ -194,14 +195,14 @@ def test_the_first_pass_checks_keys_written_before_digests(
     alice = store.get_key(store.user(ALICE))
     assert alice is not None
     assert alice.provenance is not None
-    assert alice.provenance.source == KeySource.AUTH_SUBMIT  # not an edit: kept
+    assert alice.provenance.source == KeyOrigin.AUTH_SUBMIT  # not an edit: kept
     failures = check_failures(slapd)
     assert len(failures) == 1
     assert bob_dn in failures[0]
 
 
 def test_a_consistent_directory_is_left_alone(
-        slapd: Slapd, store: Directory, gpg_keys: dict[str, UserKey]) -> None:
+        slapd: Slapd, store: LdapStore, gpg_keys: dict[str, UserKey]) -> None:
     publish(store, "alice@example.org", gpg_keys["alice"].data)
     follower = Reconciler(store)
     assert set(follower.run_once().values()) == {"unchanged"}
@@ -211,7 +212,7 @@ def test_a_consistent_directory_is_left_alone(
 
 
 def test_a_withheld_key_is_published_once_what_blocked_it_is_gone(
-        slapd: Slapd, store: Directory, source: LdapKeySource, shared_key: bytes,
+        slapd: Slapd, store: LdapStore, source: LdapKeyView, shared_key: bytes,
         gpg_keys: dict[str, UserKey]) -> None:
     reconciler = Reconciler(store)  # passes driven by hand: no thread
     publish(store, "alice@example.org", gpg_keys["alice"].data)
@@ -227,7 +228,7 @@ def test_a_withheld_key_is_published_once_what_blocked_it_is_gone(
 
 
 def test_the_follower_never_writes_over_what_it_did_not_judge(
-        slapd: Slapd, store: Directory, gpg_keys: dict[str, UserKey]) -> None:
+        slapd: Slapd, store: LdapStore, gpg_keys: dict[str, UserKey]) -> None:
     """Its snapshot says an admin put alice2's key on the entry; before it acts, the milter
     publishes alice's own key again. Neither the re-derivation nor a withholding may undo
     that publication: the follower leaves the entry for its next pass."""
@@ -259,13 +260,13 @@ def test_concurrent_publications_beside_the_follower_keep_slapd_up(private_slapd
     slapd.ldapmodify("\n".join(
         f"dn: uid=u{i},{slapd.people_dn}\nobjectClass: inetOrgPerson\nuid: u{i}\ncn: u{i}\n"
         f"sn: u{i}\nmail: u{i}@example.org\n" for i in range(count)), add=True)
-    follower_store = Directory(account_config(slapd, "milter"))
+    follower_store = LdapStore(account_config(slapd, "milter"))
     follower = Reconciler(follower_store, interval=0.05)
     follower.start()
     errors: list[str] = []
 
     def publisher(first: int) -> None:
-        with Directory(account_config(slapd, "milter")) as store:
+        with LdapStore(account_config(slapd, "milter")) as store:
             for i in range(first, count, 2):
                 address = Address.parse(f"u{i}@example.org")
                 signer, sub = Signer(), Subkey(T0 + 5)
@@ -278,7 +279,7 @@ def test_concurrent_publications_beside_the_follower_keep_slapd_up(private_slapd
                                            holders_of=key_fingerprints(cleaned.info))
                     assert user is not None
                     store.publish_key(user, cleaned, Provenance(
-                        KeySource.AUTH_SUBMIT, str(address), int(time.time())))
+                        KeyOrigin.AUTH_SUBMIT, str(address), int(time.time())))
                 except Exception as exc:
                     errors.append(repr(exc))
 
@@ -293,7 +294,7 @@ def test_concurrent_publications_beside_the_follower_keep_slapd_up(private_slapd
         follower_store.close()
     assert slapd.running
     assert errors == []
-    with Directory(account_config(slapd, "milter")) as store:
+    with LdapStore(account_config(slapd, "milter")) as store:
         keys = list(store.list_keys())
         assert len(keys) == count
         fprs = [k.fingerprint for k in keys]

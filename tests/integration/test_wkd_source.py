@@ -14,10 +14,11 @@ import pytest
 from milter_wkd import openpgp
 from milter_wkd.config import DirectoryConfig
 from milter_wkd.sandbox.slapd import Slapd
+from milter_wkd.store.ldapview import LdapKeyView
+from milter_wkd.store.schema import address_slot
+from milter_wkd.store.view import SourceUnavailable, explained
 from milter_wkd.values import Address
 from milter_wkd.web.cache import KeyCache
-from milter_wkd.web.ldap_source import LdapKeySource
-from milter_wkd.web.source import SourceUnavailable, address_slot, explained
 from tests.support.gnupg import GnuPG
 from tests.support.wkd import write_key
 
@@ -46,16 +47,16 @@ def slapd(private_slapd: Slapd) -> Slapd:
 
 
 @pytest.fixture
-def source(slapd: Slapd) -> Iterator[LdapKeySource]:
+def source(slapd: Slapd) -> Iterator[LdapKeyView]:
     account = slapd.service_accounts["wkd"]
-    ldap = LdapKeySource(DirectoryConfig(uri=slapd.uri, bind_dn=account["dn"],
+    ldap = LdapKeyView(DirectoryConfig(uri=slapd.uri, bind_dn=account["dn"],
                                          bind_password=account["password"],
                                          base_dn=slapd.suffix))
     yield ldap
     ldap.close()
 
 
-def test_token_changes_and_changes_name_the_entry(slapd: Slapd, source: LdapKeySource,
+def test_token_changes_and_changes_name_the_entry(slapd: Slapd, source: LdapKeyView,
                                                   keys: dict[str, bytes]) -> None:
     before = source.change_token()
     write_key(slapd, ALICE_DN, keys["alice"], [str(ALICE), str(ALIAS)])
@@ -67,7 +68,7 @@ def test_token_changes_and_changes_name_the_entry(slapd: Slapd, source: LdapKeyS
     assert explained(after, changes)
 
 
-def test_lookup_by_hash_and_by_hint(slapd: Slapd, source: LdapKeySource,
+def test_lookup_by_hash_and_by_hint(slapd: Slapd, source: LdapKeyView,
                                     keys: dict[str, bytes]) -> None:
     write_key(slapd, ALICE_DN, keys["alice"], [str(ALICE), str(ALIAS)])
     found = source.lookup(address_slot(ALIAS))
@@ -81,7 +82,7 @@ def test_lookup_by_hash_and_by_hint(slapd: Slapd, source: LdapKeySource,
     assert [p.dn for p in source.lookup(address_slot(BOB), "BOB")] == [BOB_DN]
 
 
-def test_mirror_listing_and_disabled_keys(slapd: Slapd, source: LdapKeySource,
+def test_mirror_listing_and_disabled_keys(slapd: Slapd, source: LdapKeyView,
                                           keys: dict[str, bytes]) -> None:
     write_key(slapd, ALICE_DN, keys["alice"], [str(ALICE), str(ALIAS)])
     write_key(slapd, BOB_DN, keys["bob"], [str(BOB)])
@@ -93,7 +94,7 @@ def test_mirror_listing_and_disabled_keys(slapd: Slapd, source: LdapKeySource,
     assert source.lookup(address_slot(BOB)) == []
 
 
-def test_the_cache_follows_modify_and_delete(slapd: Slapd, source: LdapKeySource,
+def test_the_cache_follows_modify_and_delete(slapd: Slapd, source: LdapKeyView,
                                              keys: dict[str, bytes]) -> None:
     write_key(slapd, ALICE_DN, keys["alice"], [str(ALICE), str(ALIAS)])
     write_key(slapd, BOB_DN, keys["bob"], [str(BOB)])
@@ -113,7 +114,7 @@ def test_the_cache_follows_modify_and_delete(slapd: Slapd, source: LdapKeySource
 
 
 def test_a_mirrored_key_without_the_hash_attribute_survives_its_changes(
-        slapd: Slapd, source: LdapKeySource, keys: dict[str, bytes]) -> None:
+        slapd: Slapd, source: LdapKeyView, keys: dict[str, bytes]) -> None:
     no_hash = f"dn: {BOB_DN}\nchangetype: modify\nreplace: wkdAddressHash\n-\n"
     write_key(slapd, BOB_DN, keys["bob"], [str(BOB)])
     slapd.ldapmodify(no_hash)
@@ -130,7 +131,7 @@ def test_a_mirrored_key_without_the_hash_attribute_survives_its_changes(
     assert cache.get(address_slot(BOB)) == openpgp.clean_key(keys["bob"], [BOB]).key
 
 
-def test_a_stopped_directory_is_unavailable_then_back(slapd: Slapd, source: LdapKeySource,
+def test_a_stopped_directory_is_unavailable_then_back(slapd: Slapd, source: LdapKeyView,
                                                       keys: dict[str, bytes]) -> None:
     write_key(slapd, BOB_DN, keys["bob"], [str(BOB)])
     token = source.change_token()
@@ -142,7 +143,7 @@ def test_a_stopped_directory_is_unavailable_then_back(slapd: Slapd, source: Ldap
 
 
 def test_a_key_the_system_did_not_check_or_withheld_is_not_served(
-        slapd: Slapd, source: LdapKeySource, keys: dict[str, bytes]) -> None:
+        slapd: Slapd, source: LdapKeyView, keys: dict[str, bytes]) -> None:
     """#11 item 2: a pgpKey written with LDAP tools is served only once the system has
     checked it (wkdKeyDigest of the value) and found no problem (wkdKeyProblem)."""
     write_key(slapd, ALICE_DN, keys["alice"], [str(ALICE), str(ALIAS)], checked=False)

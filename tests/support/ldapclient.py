@@ -1,6 +1,6 @@
 """A plain LDAP client for the tests (python-ldap straight, not the store's connection code):
 binds as anyone, and tells what slapd answered by its RFC 4511 result name, so that the ACL
-and setup tests check slapd's configuration independently of milter_wkd.directory.
+and setup tests check slapd's configuration independently of milter_wkd.store.
 """
 
 from __future__ import annotations

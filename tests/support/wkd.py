@@ -24,11 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from milter_wkd.directory import key_digest
 from milter_wkd.openpgp import armor_key
 from milter_wkd.sandbox.slapd import Slapd, SlapdError
+from milter_wkd.store.schema import address_slot, key_digest
 from milter_wkd.values import Address
-from milter_wkd.web.source import address_slot
 from tests.support.peers import ON_CI, require_binary
 
 _SCRIPT = """\

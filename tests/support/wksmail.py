@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from milter_wkd.config import load
-from milter_wkd.directory import Directory, StoredKey
 from milter_wkd.sandbox import Sandbox
+from milter_wkd.store.ldapstore import LdapStore
+from milter_wkd.store.model import StoredKey
 from milter_wkd.values import Address
 from tests.support.gnupg import WKS_CLIENT, GnuPG
 from tests.support.mail import imap_login
@@ -93,8 +94,8 @@ def send_raw(endpoint_host: str, port: int, sender: str, recipients: list[str], 
         smtp.sendmail(sender, recipients, raw)
 
 
-def directory(sandbox: Sandbox) -> Directory:
-    return Directory(load(sandbox.config_path, environ={}).directory)
+def directory(sandbox: Sandbox) -> LdapStore:
+    return LdapStore(load(sandbox.config_path, environ={}).directory)
 
 
 def published(sandbox: Sandbox, address: str) -> StoredKey | None:

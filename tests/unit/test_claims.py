@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from milter_wkd.directory import CLAIM_IN_FLIGHT, Claim, ClaimKind, Holdings, plan_claims
+from milter_wkd.store.model import CLAIM_IN_FLIGHT, Claim, ClaimKind, Holdings, plan_claims
 
 ALICE = "uid=alice,ou=people,dc=example,dc=org"
 BOB = "uid=bob,ou=people,dc=example,dc=org"

@@ -1,6 +1,6 @@
 """Key cache bookkeeping: mirroring, budget, invalidation by change token, refusals.
 
-The directory here is a table in memory with the KeySource contract (the LDAP source is
+The directory here is a table in memory with the KeyView contract (the LDAP view is
 tested against real slapd in tests/integration/test_wkd_responder.py); the "cleaner" tags
 bytes with the address so answers can be told apart without OpenPGP.
 """
@@ -13,16 +13,10 @@ from collections.abc import Iterator
 import pytest
 
 from milter_wkd.errors import KeyRefused
+from milter_wkd.store.schema import address_slot
+from milter_wkd.store.view import Change, ChangesUnknown, Published, SourceUnavailable, explained
 from milter_wkd.values import Address
 from milter_wkd.web.cache import ENTRY_OVERHEAD, Answer, KeyCache
-from milter_wkd.web.source import (
-    Change,
-    ChangesUnknown,
-    Published,
-    SourceUnavailable,
-    address_slot,
-    explained,
-)
 
 ALICE = Address.parse("alice@example.org")
 ALIAS = Address.parse("alice.liddell@example.org")
@@ -37,7 +31,7 @@ def cleaner(key: bytes, address: Address) -> bytes:
 
 
 class TableSource:
-    """A KeySource over a dict; every write gets the next CSN, like slapd's contextCSN."""
+    """A KeyView over a dict, with faults on demand; every write gets the next CSN."""
 
     def __init__(self) -> None:
         self.entries: dict[str, Published] = {}
@@ -257,7 +251,7 @@ def test_delete_checks_are_rate_limited_but_never_dropped(source: TableSource) -
 
 
 def test_changes_are_searched_from_the_oldest_provider_that_wrote() -> None:
-    from milter_wkd.web.source import changes_from
+    from milter_wkd.store.view import changes_from
 
     a1, a2 = "20261129100000.000000Z#000000#001#000000", "20261129120000.000000Z#000000#001#000000"
     b1, b2 = "20261129110000.000000Z#000000#002#000000", "20261129113000.000000Z#000000#002#000000"

@@ -1,75 +1,51 @@
-"""The LDAP store: users by address, their published keys, pending WKS requests, changes.
+"""The write store over LDAP: users by address, their published keys, claims on key
+material, pending WKS requests, changes - what the milter, the CLI and the follower use.
 
-`Directory` implements, over python-ldap (OpenLDAP's own libldap: an operation costs about
-a tenth of what pure-Python ldap3 spends encoding it; synchronous connections from a small
-pool, so that one instance serves a multi-threaded milter):
+`LdapStore` (thread-safe, connections from `store.connection.ConnectionPool`):
 - users: `find_user(address)` searches `base_dn` for `(&<user_filter>(|(mail=a)(alias=a)))`
   over the configured `mail_attributes` (every value escaped); a user's addresses are the
   values of those attributes;
 - keys, stored ON the user's entry (object class wkdKeyHolder, ldap/schema): the armored
-  key in pgpKey and every GnuPG keyserver attribute derived from it (pgpCertID, pgpKeyID,
-  gpgFingerprint, gpgSubFingerprint, pgpSubKeyID, pgpUserID, gpgMailbox, pgpRevoked,
-  pgpDisabled, pgpKeyCreateTime/pgpKeyExpireTime as YYYYMMDDHHMMSSZ, pgpKeySize,
-  pgpKeyType), the WKD look-up names wkdAddressHash (`<z-base-32 hash>@<domain>`) and the
-  provenance (wkdKeySource, wkdKeySourceActor, wkdKeyPublished) and wkdKeyDigest (SHA-256
-  of the pgpKey value: a pgpKey whose digest does not match was not written by the system,
-  and is not served until it has been checked) - all in ONE modify, asserting the entry is
-  as it was read, so a reader sees the old key or the new one, never a mix;
+  key in pgpKey and every attribute derived from it (`store.schema.key_attributes`), the
+  provenance and wkdKeyDigest - all in ONE modify, asserting the entry is as it was read,
+  so a reader sees the old key or the new one, never a mix; what an entry publishes is
+  `store.schema.stored_key`, the rule every reader shares;
 - claims on key material: one entry `wkdFingerprint=<hex>,<claims_base>` per primary key
   and subkey, naming the entry that holds it, made before the key is written. An LDAP add
   of an existing name fails, so two entries can never both hold the same material, even
-  when two publications race (a claim not yet backed by its holder's key is a publication
-  under way for CLAIM_IN_FLIGHT seconds, a leftover after that). A claim
-  proven by a signature of that key (a primary's self-signatures, a subkey's
-  back-signature) takes precedence over an unproven one (an encryption subkey, which anyone
-  can bind to their own key): the unproven holder loses that subkey, and an unproven subkey
-  whose material is held elsewhere is left out of the publication (`StoredKey.withheld`);
+  when two publications race. What is claimed, taken over, kept or refused is decided by
+  `store.model.plan_claims` (proven beats unproven; a claim not yet backed by its
+  holder's key is a publication under way for CLAIM_IN_FLIGHT seconds, a leftover after);
 - pending WKS requests: entries `cn=<slot>.<hash>@<domain>,<pending_base>`, at most
   `limit` slots per address, so the per-address cap holds under any concurrency (create
   in a free slot, fetch by address with the nonce compared in constant time against the
-  stored one, take once, delete, expire);
+  stored one, use up once, delete, expire);
 - `change_token()`: contextCSN of the suffix (syncprov), which changes on every write.
 
-`ConnectionPool`, `close_connection`, `ldap_reason`, `CONNECTION_ERRORS` and
-`RESULT_NAMES` are shared with the WKD responder's source (`web.ldap_source`) and `check`,
-so every LDAP connection of the project is opened and reported the same way.
+Configuration: the [directory] section (see `store.connection`; base_dn, user_filter,
+mail_attributes, pending_base, claims_base).
 
-Configuration: the [directory] section (uri ldap://, ldaps:// or ldapi://; bind_dn and
-bind_password(_file) for a simple bind, else SASL EXTERNAL on ldapi://; ca_file; base_dn;
-user_filter; mail_attributes; pending_base; claims_base; timeout; pool_size).
-
-Failures: no answer within `timeout` seconds, a refused connection, a broken one (slapd
-restarted: an operation on a stale pooled connection is retried once on a fresh one;
-modifies are idempotent, and an add or delete whose first attempt did go through reports
+Failures: no answer, a broken connection that a retry on a fresh one does not mend, a
+refused bind or a busy server raise `DirectoryUnavailable` (callers answer with a
+temporary failure), and so does a publication whose claims kept changing under it or whose
+material someone else is publishing right now (`Changed`); an unknown user, key or request
+is `NotFound`; an address owned by two entries or key material another entry holds is
+`Conflict`; all slots of an address taken is `RateLimited`; a key the directory itself
+refuses (constraint overlay) is `KeyRefused`; any other LDAP error is `DirectoryError`.
+Modifies are idempotent; an add or delete whose first attempt did go through reports
 Conflict or NotFound on the retry; a publication cut off after its claims leaves claims
-that its retry finds its own), a refused bind or a busy server raise
-`DirectoryUnavailable` (callers answer with a temporary failure), and so does a
-publication whose claims kept changing under it or whose material someone else is
-publishing right now (`Changed`); an unknown user, key or request is
-`NotFound`; an address owned by two entries or key material whose claim another entry
-holds is `Conflict`; all slots of an address taken is `RateLimited`; a key the directory
-itself refuses (constraint overlay) is `KeyRefused`; any other LDAP error is
-`DirectoryError`.
+that its retry finds its own.
 """
 
 from __future__ import annotations
 
-import calendar
 import contextlib
 import dataclasses
-import hashlib
 import hmac
 import logging
-import queue
-import re
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
-from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote, unquote
 
 import ldap
 from ldap.controls import SimplePagedResultsControl
@@ -79,7 +55,6 @@ from ldap.filter import escape_filter_chars
 
 from milter_wkd.config import DirectoryConfig
 from milter_wkd.errors import (
-    BadAddress,
     Changed,
     Conflict,
     DirectoryError,
@@ -93,491 +68,65 @@ from milter_wkd.errors import (
 from milter_wkd.openpgp import (
     DEFAULT_LIMITS,
     CleanResult,
-    KeyInfo,
     Limits,
-    armor_key,
     clean_key,
     without_subkeys,
 )
-from milter_wkd.openpgp.packets import dearmor
+from milter_wkd.store.connection import (
+    BUSY_RESULTS,
+    PAGE_SIZE,
+    ConnectionPool,
+    Query,
+    change_token,
+    encode,
+    find_suffix,
+    ldap_reason,
+    searches,
+)
+from milter_wkd.store.model import (
+    ClaimPlan,
+    Holdings,
+    KeyOrigin,
+    PendingRequest,
+    Provenance,
+    StoredKey,
+    User,
+    dn_key,
+    key_fingerprints,
+    plan_claims,
+    valid_nonce,
+    wanted_claims,
+)
+from milter_wkd.store.schema import (
+    CLAIM_ATTRIBUTES,
+    CLAIM_CLASS,
+    DIGEST,
+    KEY_ATTRIBUTES,
+    KEY_CLASS,
+    PENDING_CLASS,
+    PREFER_ENCRYPT,
+    PROBLEM,
+    Entry,
+    address_slot,
+    gnupg_time,
+    holdings_of,
+    parse_addresses,
+    parse_gnupg_time,
+    published_values,
+    stored_key,
+)
 from milter_wkd.values import Address, Fingerprint
-from milter_wkd.wkd import address_hash
 
 log = logging.getLogger(__name__)
-
 T = TypeVar("T")
 
-KEY_CLASS = "wkdKeyHolder"
-PENDING_CLASS = "wkdPendingRequest"
-CLAIM_CLASS = "wkdKeyClaim"
-DEFAULT_LDAPI_SOCKET = "/var/run/slapd/ldapi"
-_PAGE_SIZE = 200
-_NONCE = re.compile(r"^[A-Za-z0-9]{16,64}$")
 
-# Every attribute a published key writes. Removing a key empties all of them.
-GNUPG_ATTRIBUTES = (
-    "pgpKey", "pgpCertID", "pgpKeyID", "gpgFingerprint", "gpgSubFingerprint", "pgpSubKeyID",
-    "pgpUserID", "gpgMailbox", "pgpRevoked", "pgpDisabled", "pgpKeyCreateTime",
-    "pgpKeyExpireTime", "pgpKeySize", "pgpKeyType",
-)
-PROVENANCE_ATTRIBUTES = ("wkdKeySource", "wkdKeySourceActor", "wkdKeyPublished")
-DIGEST = "wkdKeyDigest"
-PROBLEM = "wkdKeyProblem"
-KEY_ATTRIBUTES = (*GNUPG_ATTRIBUTES, "wkdAddressHash", *PROVENANCE_ATTRIBUTES, DIGEST, PROBLEM)
-PREFER_ENCRYPT = "wkdPreferEncrypt"
-_CLAIM_ATTRIBUTES = ("wkdFingerprint", "wkdClaimHolder", "wkdClaimKind", "wkdCreated")
 _CLAIM_ROUNDS = 3
-# A claim whose holder does not hold the material yet is a publication under way for this
-# long (it takes milliseconds; a stuck one is retried by Postfix within minutes), and a
-# leftover of a failed one after it: only a leftover may be taken over.
-CLAIM_IN_FLIGHT = 120
-
-# Errors that mean "the connection is gone or never came": retry once, then give up.
-CONNECTION_ERRORS = (ldap.SERVER_DOWN, ldap.TIMEOUT, ldap.CONNECT_ERROR, OSError)
-# Server answers that mean "not now".
-_BUSY_RESULTS = (ldap.BUSY, ldap.UNAVAILABLE, ldap.TIMELIMIT_EXCEEDED, ldap.OTHER,
-                 ldap.LOOP_DETECT, ldap.ADMINLIMIT_EXCEEDED)
-# Modification kinds (python-ldap's, under shorter names).
 REPLACE, ADD, DELETE = ldap.MOD_REPLACE, ldap.MOD_ADD, ldap.MOD_DELETE
 BASE, SUBTREE = ldap.SCOPE_BASE, ldap.SCOPE_SUBTREE
 Changes = dict[str, tuple[int, Sequence[str | bytes]]]
 
 
-class KeySource(StrEnum):
-    """How a key came to be published."""
-
-    AUTH_SUBMIT = "auth-submit"
-    WKS_CONFIRMED = "wks-confirmed"
-    ADMIN_IMPORT = "admin-import"
-    ADMIN_EDIT = "admin-edit"  # pgpKey written with LDAP tools, checked by the system
-
-
-class ClaimKind(StrEnum):
-    """How an entry's key proves it holds a piece of key material."""
-
-    PRIMARY = "primary"  # self-signatures are made by it
-    PROVEN_SUBKEY = "proven-subkey"  # it made a back-signature (RFC 9580 5.2.1, 0x19)
-    SUBKEY = "subkey"  # bound by the primary only: anyone can bind anyone's public key
-
-    @property
-    def proven(self) -> bool:
-        return self is not ClaimKind.SUBKEY
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """Who holds a fingerprint: a claim entry, or (recorded=False) the key attributes of
-    an entry published before claims existed."""
-
-    fingerprint: str  # hex
-    holder: str  # DN
-    kind: ClaimKind
-    created: int = 0
-    recorded: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class Holdings:
-    """The claims on some fingerprints and the entries whose key attributes hold them."""
-
-    asked: frozenset[str]
-    claims: dict[str, Claim]
-    attributes: dict[str, tuple[tuple[str, bool], ...]]  # hex -> (DN, held as primary)
-
-
-@dataclass(frozen=True, slots=True)
-class Provenance:
-    source: KeySource
-    actor: str
-    published: int  # seconds since the epoch
-
-
-@dataclass(frozen=True, slots=True)
-class User:
-    """A person entry and the addresses its mail attributes hold."""
-
-    dn: str
-    addresses: tuple[Address, ...]
-    # The entry's key attributes as read together with the addresses (find_user with
-    # with_key=True): publishing right after the look-up needs no second read.
-    snapshot: dict[str, list[bytes]] | None = field(default=None, compare=False, repr=False)
-    # Who holds some fingerprints, read with the user (find_user with holders_of):
-    # publishing that key needs no search of its own.
-    holders: Holdings | None = field(default=None, compare=False, repr=False)
-
-    def owns(self, address: Address) -> bool:
-        return any(a.key == address.key for a in self.addresses)
-
-
-@dataclass(frozen=True, slots=True)
-class StoredKey:
-    """A published key as the directory has it."""
-
-    dn: str
-    key: bytes  # binary OpenPGP
-    fingerprint: Fingerprint
-    addresses: tuple[Address, ...]  # gpgMailbox
-    address_hashes: tuple[str, ...]  # wkdAddressHash
-    user_ids: tuple[str, ...]
-    created: int | None
-    expires: int | None
-    revoked: bool
-    disabled: bool
-    provenance: Provenance | None
-    prefer_encrypt: str | None
-    # Set by publish_key only: subkeys left out because another entry holds them, and why.
-    withheld: tuple[tuple[Fingerprint, str], ...] = field(default=(), compare=False)
-
-
-@dataclass(frozen=True, slots=True)
-class PendingRequest:
-    nonce: str
-    address: Address
-    fingerprint: Fingerprint
-    key: bytes  # binary OpenPGP, as cleaned at submission
-    created: int
-    expires: int
-    dn: str = field(default="", compare=False)  # where it is stored (set by the store)
-
-
-# -- value formats ---------------------------------------------------------------------
-
-
-def gnupg_time(epoch: int) -> str:
-    """GnuPG's LDAP time format (also a valid GeneralizedTime): YYYYMMDDHHMMSSZ in UTC."""
-    return time.strftime("%Y%m%d%H%M%SZ", time.gmtime(epoch))
-
-
-def parse_gnupg_time(text: str) -> int | None:
-    match = re.fullmatch(r"(\d{14})(?:\.\d+)?Z", text.strip())
-    if not match:
-        return None
-    return calendar.timegm(time.strptime(match.group(1), "%Y%m%d%H%M%S"))
-
-
-def key_digest(value: bytes) -> str:
-    """wkdKeyDigest of a pgpKey value: SHA-256 of its octets as stored, in hex."""
-    return hashlib.sha256(value).hexdigest()
-
-
-def key_fingerprints(info: KeyInfo) -> list[Fingerprint]:
-    """The primary's and every subkey's fingerprint: the material a key claims."""
-    return [info.fingerprint, *(s.fingerprint for s in info.subkeys)]
-
-
-def wanted_claims(info: KeyInfo) -> dict[str, ClaimKind]:
-    wanted = {s.fingerprint.hex: ClaimKind.PROVEN_SUBKEY if s.cross_certified
-              else ClaimKind.SUBKEY for s in info.subkeys}
-    wanted[info.fingerprint.hex] = ClaimKind.PRIMARY
-    return wanted
-
-
-def _dn_key(dn: str) -> str:
-    return ",".join(part.strip() for part in dn.lower().split(","))
-
-
-@dataclass(slots=True)
-class ClaimPlan:
-    """What publishing a key on an entry does to the claims (see `plan_claims`)."""
-
-    add: dict[str, ClaimKind] = field(default_factory=dict)  # no claim yet
-    take: dict[str, tuple[Claim, ClaimKind]] = field(default_factory=dict)  # from another
-    own: dict[str, tuple[Claim, ClaimKind]] = field(default_factory=dict)  # ours, kind changes
-    drop: dict[str, str] = field(default_factory=dict)  # left out of the key, with a reason
-    held_by: dict[str, str] = field(default_factory=dict)  # a dropped one's holder (DN)
-    displace: list[tuple[str, str]] = field(default_factory=list)  # (DN, hex) to strip
-    conflict: str | None = None  # refuses the key for good
-    busy: str | None = None  # another publication of this material is under way: retry
-
-
-def plan_claims(dn: str, wanted: dict[str, ClaimKind], holdings: Holdings,
-                now: int) -> ClaimPlan:
-    """Decide, for each fingerprint of a key to publish on entry dn, whether it is claimed,
-    taken over, kept, left out, or refuses the whole key.
-
-    Who holds a piece of material is decided by the entries' key attributes, the claim
-    saying how it was proven: the claim's holder when it holds it, else any other entry
-    that does (a claim whose holder was renamed, or material published before claims
-    existed). A proven claim (primary, back-signed subkey) beats an unproven one (a subkey
-    bound by its primary only); an unproven subkey never displaces anything and is left
-    out when another entry holds that material; two proven claims are a conflict. A claim
-    whose holder holds nothing of it is a publication under way while it is younger than
-    CLAIM_IN_FLIGHT (busy: try again) and a leftover after that (taken over). Every claim
-    change is a compare-and-swap on the claim entry, the holder's own ones included when
-    it does not hold the material yet, so a takeover and a re-publication of the same
-    material cannot both succeed.
-    """
-    plan = ClaimPlan()
-    me = _dn_key(dn)
-    for fpr, kind in wanted.items():
-        held_by = holdings.attributes.get(fpr, ())
-        holding = {_dn_key(h) for h, _ in held_by}
-        stored = holdings.claims.get(fpr)
-        other: tuple[str, ClaimKind] | None = None
-        if stored is not None and _dn_key(stored.holder) != me and _dn_key(
-                stored.holder) in holding:
-            other = (stored.holder, stored.kind)
-        else:
-            found = next(((h, primary) for h, primary in held_by if _dn_key(h) != me), None)
-            if found is not None:
-                other = (found[0], ClaimKind.PRIMARY if found[1] else ClaimKind.SUBKEY)
-        if other is None:
-            if stored is None:
-                plan.add[fpr] = kind
-            elif _dn_key(stored.holder) != me and now - stored.created <= CLAIM_IN_FLIGHT:
-                plan.busy = (f"key material {fpr} is being published by another user right "
-                             "now; try again in a few minutes")
-            elif _dn_key(stored.holder) != me:
-                plan.take[fpr] = (stored, kind)  # a leftover
-            elif stored.kind is not kind or me not in holding:
-                plan.own[fpr] = (stored, kind)
-            continue
-        holder, their_kind = other
-        if kind.proven and not their_kind.proven:
-            plan.take[fpr] = (stored or Claim(fpr, holder, their_kind, recorded=False), kind)
-            plan.displace.append((holder, fpr))
-        elif not kind.proven:
-            plan.drop[fpr] = (f"subkey {fpr} is published by another user, so it was left "
-                              "out (if it is yours, ask your provider)")
-            plan.held_by[fpr] = holder
-        else:
-            plan.conflict = f"key {fpr} is published by another user already"
-    return plan
-
-
-def address_slot(address: Address) -> str:
-    """The wkdAddressHash value of an address: `<z-base-32 hash>@<domain>`."""
-    return f"{address_hash(address)}@{address.domain}"
-
-
-def _key_type(algorithm: str) -> str:
-    # dirmngr knows two names (RSA -> 1, DSS/DH -> 17); other algorithms keep their name.
-    if algorithm.startswith("RSA"):
-        return "RSA"
-    if algorithm in ("DSA", "ElGamal", "ElGamal-old"):
-        return "DSS/DH"
-    return algorithm
-
-
-def key_attributes(info: KeyInfo, armored: bytes) -> dict[str, list[str]]:
-    """Every GnuPG keyserver attribute of a key, as the directory stores it."""
-    return {
-        "pgpKey": [armored.decode("ascii")],
-        "pgpCertID": [info.key_id],
-        "pgpKeyID": [info.short_key_id],
-        "gpgFingerprint": [info.fingerprint.hex],
-        "gpgSubFingerprint": [s.fingerprint.hex for s in info.subkeys],
-        "pgpSubKeyID": [s.key_id for s in info.subkeys],
-        "pgpUserID": list(dict.fromkeys(info.user_ids)),
-        "gpgMailbox": list(dict.fromkeys(str(a) for a in info.addresses)),
-        "pgpRevoked": ["1" if info.revoked else "0"],
-        "pgpKeyCreateTime": [gnupg_time(info.created)],
-        "pgpKeyExpireTime": [gnupg_time(info.expires)] if info.expires else [],
-        "pgpKeySize": [f"{info.bits:05d}"],
-        "pgpKeyType": [_key_type(info.algorithm)],
-        "wkdAddressHash": list(dict.fromkeys(address_slot(a) for a in info.addresses)),
-    }
-
-
-# -- connections -----------------------------------------------------------------------
-
-
-def _uri(config: DirectoryConfig) -> tuple[str, str]:
-    """The scheme and the URI as libldap wants it (an ldapi path percent-encoded)."""
-    uri = config.uri.strip()
-    scheme, sep, rest = uri.partition("://")
-    scheme = scheme.lower()
-    if not sep or scheme not in ("ldap", "ldaps", "ldapi"):
-        raise DirectoryError(f"unsupported directory URI {uri!r} (ldap://, ldaps://, ldapi://)")
-    rest = rest.rstrip("/")
-    if scheme == "ldapi":
-        return scheme, "ldapi://" + quote(unquote(rest) or DEFAULT_LDAPI_SOCKET, safe="")
-    return scheme, f"{scheme}://{rest}"
-
-
-def _password(config: DirectoryConfig) -> str:
-    if config.bind_password_file:
-        try:
-            lines = Path(config.bind_password_file).read_text(encoding="utf-8").splitlines()
-        except OSError as exc:
-            raise DirectoryError(f"cannot read bind_password_file: {exc.strerror}") from None
-        return lines[0] if lines else ""
-    return config.bind_password
-
-
-class ConnectionPool:
-    """Bound connections, each used by one thread at a time."""
-
-    def __init__(self, config: DirectoryConfig) -> None:
-        self.config = config
-        self.scheme, self.uri = _uri(config)  # validates the URI once, early
-        self.password = _password(config) if config.bind_dn else ""
-        self.idle: queue.LifoQueue[Any] = queue.LifoQueue()
-        self.slots = threading.BoundedSemaphore(max(1, config.pool_size))
-
-    def open(self) -> Any:
-        cfg = self.config
-        conn = ldap.initialize(self.uri)
-        try:
-            conn.set_option(ldap.OPT_PROTOCOL_VERSION, 3)
-            conn.set_option(ldap.OPT_REFERRALS, 0)
-            # Connecting, and every synchronous operation, give up after `timeout`.
-            conn.set_option(ldap.OPT_NETWORK_TIMEOUT, cfg.timeout)
-            conn.set_option(ldap.OPT_TIMEOUT, cfg.timeout)
-            if self.scheme == "ldaps":
-                conn.set_option(ldap.OPT_X_TLS_REQUIRE_CERT, ldap.OPT_X_TLS_DEMAND)
-                if cfg.ca_file:
-                    conn.set_option(ldap.OPT_X_TLS_CACERTFILE, cfg.ca_file)
-                conn.set_option(ldap.OPT_X_TLS_NEWCTX, 0)  # after the TLS options
-            if cfg.bind_dn:
-                conn.simple_bind_s(cfg.bind_dn, self.password)
-            elif self.scheme == "ldapi":
-                conn.sasl_external_bind_s()
-            else:
-                conn.simple_bind_s("", "")
-        except CONNECTION_ERRORS as exc:
-            close_connection(conn)
-            raise DirectoryUnavailable(
-                f"directory {cfg.uri} unreachable: {ldap_reason(exc)}") from None
-        except ldap.LDAPError as exc:
-            close_connection(conn)
-            raise DirectoryUnavailable(
-                f"bind to {cfg.uri} as {cfg.bind_dn or 'default identity'} refused: "
-                f"{ldap_reason(exc)}") from None
-        return conn
-
-    def run(self, operation: Callable[[Any], T]) -> T:
-        wait = max(self.config.timeout * 2, 1.0)
-        if not self.slots.acquire(timeout=wait):
-            raise DirectoryUnavailable("all directory connections are busy")
-        try:
-            try:
-                conn, reused = self.idle.get_nowait(), True
-            except queue.Empty:
-                conn, reused = self.open(), False
-            for attempt in (1, 2):
-                try:
-                    result = operation(conn)
-                except CONNECTION_ERRORS as exc:
-                    close_connection(conn)
-                    # A pooled connection may have died with a restarted slapd: one retry on
-                    # a fresh one. Not after a timeout: a hung slapd would cost twice.
-                    if attempt == 1 and reused and not isinstance(exc, ldap.TIMEOUT):
-                        log.info("directory connection broke (%s); reconnecting", ldap_reason(exc))
-                        conn = self.open()
-                        continue
-                    raise DirectoryUnavailable(
-                        f"directory {self.config.uri} did not answer: {ldap_reason(exc)}") from None
-                except BaseException:
-                    self.idle.put(conn)
-                    raise
-                self.idle.put(conn)
-                return result
-            raise AssertionError("unreachable")
-        finally:
-            self.slots.release()
-
-    def close(self) -> None:
-        while True:
-            try:
-                close_connection(self.idle.get_nowait())
-            except queue.Empty:
-                return
-
-
-def close_connection(conn: Any) -> None:
-    with contextlib.suppress(Exception):
-        conn.unbind_ext_s()
-
-
-# RFC 4511 section 4.1.9 names of result codes: what admins find in slapd's logs and docs.
-RESULT_NAMES = {
-    1: "operationsError", 2: "protocolError", 3: "timeLimitExceeded", 4: "sizeLimitExceeded",
-    7: "authMethodNotSupported", 8: "strongerAuthRequired", 11: "adminLimitExceeded",
-    12: "unavailableCriticalExtension", 13: "confidentialityRequired",
-    16: "noSuchAttribute", 17: "undefinedAttributeType", 18: "inappropriateMatching",
-    19: "constraintViolation", 20: "attributeOrValueExists", 21: "invalidAttributeSyntax",
-    32: "noSuchObject", 34: "invalidDNSyntax", 48: "inappropriateAuthentication",
-    49: "invalidCredentials", 50: "insufficientAccessRights", 51: "busy", 52: "unavailable",
-    53: "unwillingToPerform", 54: "loopDetect", 64: "namingViolation",
-    65: "objectClassViolation", 66: "notAllowedOnNonLeaf", 67: "notAllowedOnRDN",
-    68: "entryAlreadyExists", 69: "objectClassModsProhibited", 80: "other",
-}
-
-
-def ldap_reason(exc: BaseException) -> str:
-    detail = exc.args[0] if exc.args else None
-    if isinstance(detail, dict):
-        # python-ldap: {"result": 50, "desc": "Insufficient access", "info": "...", ...}
-        text = RESULT_NAMES.get(detail.get("result", -1)) or str(
-            detail.get("desc") or type(exc).__name__)
-        if detail.get("info"):
-            text += f" ({detail['info']})"
-    else:
-        text = str(exc) or type(exc).__name__
-    return text.splitlines()[0][:200]
-
-
-def _encode(values: Sequence[str | bytes]) -> list[bytes]:
-    return [v if isinstance(v, bytes) else v.encode("utf-8") for v in values]
-
-
-# -- entries ----------------------------------------------------------------------------
-
-
-def _values(entry: dict[str, Any], name: str) -> list[bytes]:
-    raw = entry.get("raw_attributes", {})
-    found = raw.get(name)  # the server answers with the names asked for, mostly
-    if found is not None:
-        return list(found)
-    lowered = name.lower()
-    for key, values in raw.items():
-        if key.lower() == lowered:
-            return list(values)
-    return []
-
-
-def _texts(entry: dict[str, Any], name: str) -> list[str]:
-    return [v.decode("utf-8", "replace") for v in _values(entry, name)]
-
-
-def _text(entry: dict[str, Any], name: str) -> str | None:
-    texts = _texts(entry, name)
-    return texts[0] if texts else None
-
-
-def _addresses(values: Sequence[str], dn: str) -> tuple[Address, ...]:
-    found: dict[str, Address] = {}
-    for value in values:
-        try:
-            address = Address.parse(value)
-        except BadAddress:
-            log.warning("ignoring unusable address %r of %s", value[:80], dn)
-            continue
-        found.setdefault(address.key, address)
-    return tuple(found.values())
-
-
-def _holdings(asked: frozenset[str], claim_entries: list[dict[str, Any]],
-              holder_entries: list[dict[str, Any]]) -> Holdings:
-    claims: dict[str, Claim] = {}
-    for entry in claim_entries:
-        fpr, holder = (_text(entry, "wkdFingerprint") or "").upper(), _text(entry, "wkdClaimHolder")
-        kind = _text(entry, "wkdClaimKind") or ""
-        if fpr in asked and holder:
-            claims[fpr] = Claim(
-                fpr, holder, ClaimKind(kind) if kind in set(ClaimKind) else ClaimKind.SUBKEY,
-                parse_gnupg_time(_text(entry, "wkdCreated") or "") or 0)
-    attributes: dict[str, list[tuple[str, bool]]] = {}
-    for entry in holder_entries:
-        primaries = {v.upper() for v in _texts(entry, "gpgFingerprint")}
-        for fpr in primaries | {v.upper() for v in _texts(entry, "gpgSubFingerprint")}:
-            if fpr in asked:
-                attributes.setdefault(fpr, []).append((entry["dn"], fpr in primaries))
-    return Holdings(asked, claims, {f: tuple(h) for f, h in attributes.items()})
-
-
-# How an operation ends that lost a race to another writer (it wrote nothing).
 _RACE_RESULTS = (ldap.ALREADY_EXISTS, ldap.NO_SUCH_ATTRIBUTE, ldap.NO_SUCH_OBJECT,
                  ldap.ASSERTION_FAILED)
 # A used-up pending request expires at the epoch (see Directory._consume_operation).
@@ -592,51 +141,44 @@ Operation = tuple[str, str, Any, str | None]
 
 
 def _modlist(changes: Changes) -> list[tuple[int, str, list[bytes] | None]]:
-    return [(kind, name, _encode(values) or None) for name, (kind, values) in changes.items()]
+    return [(kind, name, encode(values) or None) for name, (kind, values) in changes.items()]
 
 
-def _unchanged(entry: dict[str, Any]) -> str:
+def _unchanged(entry: Entry) -> str:
     """An assertion that an entry is still as read: its entryCSN changes with every write
     (its digest, when the entryCSN was not read)."""
-    csn = _text(entry, "entryCSN")
+    csn = entry.text("entryCSN")
     if csn:
         return f"(entryCSN={escape_filter_chars(csn)})"
-    digest = _text(entry, DIGEST)
+    digest = entry.text(DIGEST)
     return f"({DIGEST}={escape_filter_chars(digest)})" if digest else f"(!({DIGEST}=*))"
 
 
-def _key_changes(entry: dict[str, Any], cleaned: CleanResult, provenance: Provenance,
+def _key_changes(entry: Entry, cleaned: CleanResult, provenance: Provenance,
                  disabled: str) -> tuple[Changes, dict[str, list[bytes]]]:
     """The modify that writes a key and everything derived from it on an entry, and the
     values it writes (what a read-back would return, without the round trip)."""
-    armored = armor_key(cleaned.key)
-    values: dict[str, list[str]] = key_attributes(cleaned.info, armored)
-    values["pgpDisabled"] = [disabled]
-    values["wkdKeySource"] = [provenance.source.value]
-    values["wkdKeySourceActor"] = [provenance.actor] if provenance.actor else []
-    values["wkdKeyPublished"] = [gnupg_time(provenance.published)]
-    values[DIGEST] = [key_digest(armored)]
-    values[PROBLEM] = []
+    values = published_values(cleaned, provenance, disabled=disabled == "1")
     changes: Changes = {name: (REPLACE, vals) for name, vals in values.items()}
-    classes = {c.lower() for c in _texts(entry, "objectClass")}
+    classes = {c.lower() for c in entry.texts("objectClass")}
     if classes and KEY_CLASS.lower() not in classes:
         changes["objectClass"] = (ADD, [KEY_CLASS])
-    return changes, {name: _encode(vals) for name, vals in values.items()}
+    return changes, {name: encode(vals) for name, vals in values.items()}
 
 
-def _withhold_changes(entry: dict[str, Any], reason: str) -> Changes:
+def _withhold_changes(entry: Entry, reason: str) -> Changes:
     """Remove what was derived from the key (pgpKey stays for the administrator to fix,
     pgpDisabled as their decision) and say why in wkdKeyProblem."""
     changes: Changes = {name: (REPLACE, []) for name in KEY_ATTRIBUTES
                         if name not in ("pgpKey", "pgpDisabled", PROBLEM)
-                        and _values(entry, name)}
+                        and entry.values(name)}
     changes[PROBLEM] = (REPLACE, [reason[:1000]])
-    if KEY_CLASS.lower() not in {c.lower() for c in _texts(entry, "objectClass")}:
+    if KEY_CLASS.lower() not in {c.lower() for c in entry.texts("objectClass")}:
         changes["objectClass"] = (ADD, [KEY_CLASS])
     return changes
 
 
-class Directory:
+class LdapStore:
     """The directory store. Thread-safe; every method may raise DirectoryUnavailable."""
 
     def __init__(self, config: DirectoryConfig) -> None:
@@ -650,7 +192,7 @@ class Directory:
     def close(self) -> None:
         self._pool.close()
 
-    def __enter__(self) -> Directory:
+    def __enter__(self) -> LdapStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -661,7 +203,7 @@ class Directory:
     def _call(self, operation: Callable[[Any], T]) -> T:
         try:
             return self._pool.run(operation)
-        except _BUSY_RESULTS as exc:
+        except BUSY_RESULTS as exc:
             raise DirectoryUnavailable(f"directory busy: {ldap_reason(exc)}") from None
         except ldap.CONSTRAINT_VIOLATION as exc:
             raise KeyRefused(f"the directory refused the data: {ldap_reason(exc)}") from None
@@ -669,51 +211,15 @@ class Directory:
             raise DirectoryError(f"the directory denied access: {ldap_reason(exc)}") from None
 
     def _search(self, base: str, filt: str, attributes: Sequence[str], *,
-                scope: int = SUBTREE) -> list[dict[str, Any]]:
+                scope: int = SUBTREE) -> list[Entry]:
         return self._searches([(base, filt, attributes, scope)])[0]
 
-    def _searches(self, queries: Sequence[tuple[str, str, Sequence[str], int]],
-                  ) -> list[list[dict[str, Any]]]:
+    def _searches(self, queries: Sequence[Query]) -> list[list[Entry]]:
         """Entries of several searches, sent together: one round trip, not one each."""
         timeout = self.config.timeout
 
-        def operation(conn: Any) -> list[list[dict[str, Any]]]:
-            found: list[list[dict[str, Any]]] = [[] for _ in queries]
-            paging = [SimplePagedResultsControl(True, size=_PAGE_SIZE, cookie=b"")
-                      for _ in queries]
-            pending = list(range(len(queries)))
-            while pending:
-                sent: dict[int, int] = {}
-                try:
-                    for i in pending:
-                        base, filt, attributes, scope = queries[i]
-                        sent[i] = conn.search_ext(
-                            base, scope, filt, list(attributes),
-                            serverctrls=[paging[i]] if scope != BASE else None,
-                            timeout=timeout)
-                    more = []
-                    for i in pending:
-                        try:
-                            _type, data, _id, controls = conn.result3(sent.pop(i), all=1,
-                                                                      timeout=timeout)
-                        except ldap.NO_SUCH_OBJECT:
-                            continue
-                        # Search references come as (None, [urls]): not entries.
-                        found[i] += [{"dn": dn, "raw_attributes": attrs} for dn, attrs in data
-                                     if dn is not None]
-                        cookie = next((c.cookie for c in controls or ()
-                                       if c.controlType == SimplePagedResultsControl.controlType),
-                                      None)
-                        if cookie:
-                            paging[i].cookie = cookie
-                            more.append(i)
-                except BaseException:
-                    for msgid in sent.values():  # answers nobody would read
-                        with contextlib.suppress(Exception):
-                            conn.abandon_ext(msgid)
-                    raise
-                pending = more
-            return found
+        def operation(conn: Any) -> list[list[Entry]]:
+            return searches(conn, queries, timeout)
 
         try:
             return self._call(operation)
@@ -754,7 +260,7 @@ class Directory:
         attributes = list(self.config.mail_attributes)
         if with_key:
             attributes += ["objectClass", "entryCSN", *KEY_ATTRIBUTES, PREFER_ENCRYPT]
-        queries: list[tuple[str, str, Sequence[str], int]] = [
+        queries: list[Query] = [
             (self.config.base_dn, self._address_filter(address), attributes, SUBTREE)]
         asked = frozenset(f.hex for f in holders_of)
         if asked:
@@ -765,9 +271,9 @@ class Directory:
         if not entries:
             return None
         entry = entries[0]
-        values = [v for name in self.config.mail_attributes for v in _texts(entry, name)]
-        return User(entry["dn"], _addresses(values, entry["dn"]),
-                    entry["raw_attributes"] if with_key else None,
+        values = [v for name in self.config.mail_attributes for v in entry.texts(name)]
+        return User(entry.dn, parse_addresses(values, entry.dn),
+                    entry if with_key else None,
                     self._split_holdings(asked, holdings[0]) if asked else None)
 
     def user(self, address: Address) -> User:
@@ -779,54 +285,20 @@ class Directory:
 
     # -- keys -------------------------------------------------------------------------
 
-    def _read_entry(self, dn: str, attributes: Sequence[str]) -> dict[str, Any] | None:
+    def _read_entry(self, dn: str, attributes: Sequence[str]) -> Entry | None:
         entries = self._search(dn, "(objectClass=*)", attributes, scope=BASE)
         return entries[0] if entries else None
-
-    def _stored(self, entry: dict[str, Any]) -> StoredKey | None:
-        """The key an entry publishes; None when it has none, or one the system has not
-        checked (no or another wkdKeyDigest: edited with LDAP tools) or withheld."""
-        armored = _values(entry, "pgpKey")
-        fingerprint = _text(entry, "gpgFingerprint")
-        if not armored or not fingerprint or _values(entry, PROBLEM):
-            return None
-        if _text(entry, DIGEST) != key_digest(armored[0]):
-            return None
-        try:
-            _label, binary = dearmor(armored[0])
-            fpr = Fingerprint.parse(fingerprint)
-        except Refused as exc:
-            log.warning("ignoring unreadable key of %s: %s", entry["dn"], exc.reason)
-            return None
-        source = _text(entry, "wkdKeySource")
-        published = parse_gnupg_time(_text(entry, "wkdKeyPublished") or "")
-        provenance = None
-        if source in set(KeySource):
-            provenance = Provenance(KeySource(source), _text(entry, "wkdKeySourceActor") or "",
-                                    published or 0)
-        return StoredKey(
-            dn=entry["dn"], key=binary, fingerprint=fpr,
-            addresses=_addresses(_texts(entry, "gpgMailbox"), entry["dn"]),
-            address_hashes=tuple(v.lower() for v in _texts(entry, "wkdAddressHash")),
-            user_ids=tuple(_texts(entry, "pgpUserID")),
-            created=parse_gnupg_time(_text(entry, "pgpKeyCreateTime") or ""),
-            expires=parse_gnupg_time(_text(entry, "pgpKeyExpireTime") or ""),
-            revoked=_text(entry, "pgpRevoked") == "1",
-            disabled=_text(entry, "pgpDisabled") == "1",
-            provenance=provenance,
-            prefer_encrypt=_text(entry, PREFER_ENCRYPT),
-        )
 
     def get_key(self, user: User) -> StoredKey | None:
         """The key published on a user's entry, if any (read now)."""
         entry = self._read_entry(user.dn, [*KEY_ATTRIBUTES, PREFER_ENCRYPT])
-        return self._stored(entry) if entry is not None else None
+        return stored_key(entry) if entry is not None else None
 
     def current_key(self, user: User) -> StoredKey | None:
         """The key as read with the user (find_user with_key=True), else read now."""
         if user.snapshot is None:
             return self.get_key(user)
-        return self._stored({"dn": user.dn, "raw_attributes": user.snapshot})
+        return stored_key(user.snapshot)
 
     def key_for(self, address: Address) -> StoredKey | None:
         """The key published by the user who owns address (None: no user or no key)."""
@@ -834,7 +306,7 @@ class Directory:
         return self.current_key(found) if found is not None else None
 
     def _holdings_queries(self, fingerprints: frozenset[str],
-                          ) -> list[tuple[str, str, Sequence[str], int]]:
+                          ) -> list[Query]:
         """ONE search (below the nearest entry above both base_dn and claims_base) for the
         claims on fingerprints and the entries whose key attributes hold them: every term
         is an indexed equality (20-indexes.ldif)."""
@@ -842,7 +314,7 @@ class Directory:
         held = "".join(f"(gpgFingerprint={v})(gpgSubFingerprint={v})" for v in values)
         claims = "".join(f"(wkdFingerprint={v})" for v in values)
         return [(self._holdings_base(), f"(|(&(objectClass={CLAIM_CLASS})(|{claims})){held})",
-                 ["gpgFingerprint", "gpgSubFingerprint", *_CLAIM_ATTRIBUTES], SUBTREE)]
+                 ["gpgFingerprint", "gpgSubFingerprint", *CLAIM_ATTRIBUTES], SUBTREE)]
 
     def _holdings_base(self) -> str:
         if self._common_base is None:
@@ -856,12 +328,12 @@ class Directory:
             self._common_base = ",".join(common)
         return self._common_base
 
-    def _split_holdings(self, asked: frozenset[str], found: list[dict[str, Any]]) -> Holdings:
-        people = _dn_key(self.config.base_dn)
-        claims = [e for e in found if _values(e, "wkdClaimHolder")]
-        held = [e for e in found if not _values(e, "wkdClaimHolder")
-                and (_dn_key(e["dn"]) == people or _dn_key(e["dn"]).endswith("," + people))]
-        return _holdings(asked, claims, held)
+    def _split_holdings(self, asked: frozenset[str], found: list[Entry]) -> Holdings:
+        people = dn_key(self.config.base_dn)
+        claims = [e for e in found if e.values("wkdClaimHolder")]
+        held = [e for e in found if not e.values("wkdClaimHolder")
+                and (dn_key(e.dn) == people or dn_key(e.dn).endswith("," + people))]
+        return holdings_of(asked, claims, held)
 
     def holdings(self, fingerprints: Sequence[Fingerprint]) -> Holdings:
         """The claims on fingerprints and the entries whose key attributes hold them."""
@@ -875,7 +347,7 @@ class Directory:
         entries = self._search(
             self.config.base_dn, f"(|(gpgFingerprint={value})(gpgSubFingerprint={value}))",
             [*KEY_ATTRIBUTES, PREFER_ENCRYPT])
-        keys = [k for k in (self._stored(e) for e in entries) if k is not None]
+        keys = [k for k in (stored_key(e) for e in entries) if k is not None]
         return keys[0] if keys else None
 
     def find_by_hash(self, hash_: str, domain: str) -> list[StoredKey]:
@@ -883,14 +355,14 @@ class Directory:
         value = escape_filter_chars(f"{hash_}@{domain}".lower())
         entries = self._search(self.config.base_dn, f"(wkdAddressHash={value})",
                                [*KEY_ATTRIBUTES, PREFER_ENCRYPT])
-        return [k for k in (self._stored(e) for e in entries) if k is not None]
+        return [k for k in (stored_key(e) for e in entries) if k is not None]
 
     def list_keys(self) -> Iterator[StoredKey]:
         """Every published key below base_dn."""
         entries = self._search(self.config.base_dn, "(&(objectClass=wkdKeyHolder)(pgpKey=*))",
                                [*KEY_ATTRIBUTES, PREFER_ENCRYPT])
         for entry in entries:
-            stored = self._stored(entry)
+            stored = stored_key(entry)
             if stored is not None:
                 yield stored
 
@@ -931,11 +403,11 @@ class Directory:
         holdings = user.holders
         if holdings is None or not holdings.asked >= set(wanted):
             holdings = self.holdings(fingerprints)
-        entry = ({"dn": user.dn, "raw_attributes": user.snapshot} if user.snapshot is not None
+        entry = (user.snapshot if user.snapshot is not None
                  else self._read_entry(user.dn, _ENTRY_STATE))
         if entry is None:
             raise NotFound(f"no entry {user.dn}")
-        planned = (_values(entry, "pgpKey"), _text(entry, DIGEST))
+        planned = (entry.values("pgpKey"), entry.text(DIGEST))
         for _round in range(_CLAIM_ROUNDS):
             plan = plan_claims(user.dn, wanted, holdings, provenance.published)
             if plan.conflict is not None:
@@ -945,7 +417,7 @@ class Directory:
             final = without_subkeys(cleaned, {Fingerprint.parse(f): reason
                                               for f, reason in plan.drop.items()})
             changes, written = _key_changes(entry, final, provenance,
-                                            _text(entry, "pgpDisabled") or "0")
+                                            entry.text("pgpDisabled") or "0")
             operations = self._claim_operations(user.dn, plan, provenance.published)
             displaced: dict[str, set[str]] = {}
             for holder, fpr in plan.displace:
@@ -961,7 +433,7 @@ class Directory:
             entry = self._read_entry(user.dn, _ENTRY_STATE)
             if entry is None:
                 raise NotFound(f"no entry {user.dn}")
-            if (_values(entry, "pgpKey"), _text(entry, DIGEST)) != planned:
+            if (entry.values("pgpKey"), entry.text(DIGEST)) != planned:
                 raise Changed(
                     f"the key of {user.dn} changed while another was being published")
             if consume is not None and not self._search(self._request_dn(consume), _UNUSED,
@@ -980,11 +452,11 @@ class Directory:
         if consume is not None:  # used up; what is left is tidying
             with contextlib.suppress(MilterWkdError):
                 self._delete_pending_dn(self._request_dn(consume), _USED)
-        previous = {v.upper() for v in (*_texts(entry, "gpgFingerprint"),
-                                        *_texts(entry, "gpgSubFingerprint"))}
+        previous = {v.upper() for v in (*entry.texts("gpgFingerprint"),
+                                        *entry.texts("gpgSubFingerprint"))}
         self._release_claims(user.dn, previous - set(wanted))
-        written[PREFER_ENCRYPT] = _values(entry, PREFER_ENCRYPT)
-        stored = self._stored({"dn": user.dn, "raw_attributes": written})
+        written[PREFER_ENCRYPT] = entry.values(PREFER_ENCRYPT)
+        stored = stored_key(Entry(user.dn, written))
         if stored is None:
             raise DirectoryError(f"the key written to {user.dn} cannot be parsed back")
         return dataclasses.replace(stored, withheld=tuple(
@@ -1069,7 +541,7 @@ class Directory:
         from dn's key (withholds the key if it no longer passes), asserting the key read."""
         entry = self._read_entry(dn, ["objectClass", "entryCSN", *KEY_ATTRIBUTES,
                                       PREFER_ENCRYPT])
-        stored = self._stored(entry) if entry is not None else None
+        stored = stored_key(entry) if entry is not None else None
         if entry is None or stored is None:
             return []
         try:
@@ -1082,7 +554,7 @@ class Directory:
         except Refused as exc:
             changes = _withhold_changes(entry, f"the key no longer passes: {exc.reason}")
         else:
-            provenance = stored.provenance or Provenance(KeySource.ADMIN_EDIT, "", 0)
+            provenance = stored.provenance or Provenance(KeyOrigin.ADMIN_EDIT, "", 0)
             changes, _written = _key_changes(entry, cleaned, provenance,
                                              "1" if stored.disabled else "0")
         return [("modify", dn, _modlist(changes), _unchanged(entry))]
@@ -1113,11 +585,11 @@ class Directory:
         entry = self._read_entry(dn, ["objectClass", "entryCSN", *KEY_ATTRIBUTES])
         if entry is None:
             raise NotFound(f"no entry {dn}")
-        if judged is not None and _text(entry, "entryCSN") != judged:
+        if judged is not None and entry.text("entryCSN") != judged:
             raise Changed(f"{dn} changed meanwhile")
         self._modify(dn, _withhold_changes(entry, reason), assertion=_unchanged(entry))
-        self._release_claims(dn, {v.upper() for v in (*_texts(entry, "gpgFingerprint"),
-                                                      *_texts(entry, "gpgSubFingerprint"))})
+        self._release_claims(dn, {v.upper() for v in (*entry.texts("gpgFingerprint"),
+                                                      *entry.texts("gpgSubFingerprint"))})
         log.warning("key of %s withheld: %s", dn, reason)
 
     def remove_key(self, user: User) -> StoredKey:
@@ -1127,29 +599,29 @@ class Directory:
         been written since (else DirectoryUnavailable: decide again)."""
         entry = self._read_entry(user.dn, ["objectClass", "entryCSN", *KEY_ATTRIBUTES,
                                            PREFER_ENCRYPT])
-        judged = _text({"raw_attributes": user.snapshot}, "entryCSN") if user.snapshot else None
-        if entry is not None and judged is not None and _text(entry, "entryCSN") != judged:
+        judged = user.snapshot.text("entryCSN") if user.snapshot else None
+        if entry is not None and judged is not None and entry.text("entryCSN") != judged:
             raise Changed(f"{user.dn} changed meanwhile")
-        stored = self._stored(entry) if entry is not None else None
+        stored = stored_key(entry) if entry is not None else None
         if entry is not None:
             self._clear_key(entry)
         if stored is None:
             raise NotFound(f"{user.dn} has no published key")
         return stored
 
-    def _clear_key(self, entry: dict[str, Any]) -> None:
+    def _clear_key(self, entry: Entry) -> None:
         """One modify that empties every key attribute present; then release the claims.
         The object class goes too unless prefer-encrypt keeps it."""
-        dn = entry["dn"]
+        dn = entry.dn
         changes: Changes = {name: (REPLACE, []) for name in KEY_ATTRIBUTES
-                            if _values(entry, name)}
-        if not _values(entry, PREFER_ENCRYPT) and KEY_CLASS.lower() in {
-                c.lower() for c in _texts(entry, "objectClass")}:
+                            if entry.values(name)}
+        if not entry.values(PREFER_ENCRYPT) and KEY_CLASS.lower() in {
+                c.lower() for c in entry.texts("objectClass")}:
             changes["objectClass"] = (DELETE, [KEY_CLASS])
         if changes:
             self._modify(dn, changes, assertion=_unchanged(entry))
         self._release_claims(dn, {v.upper() for v in (
-            *_texts(entry, "gpgFingerprint"), *_texts(entry, "gpgSubFingerprint"))})
+            *entry.texts("gpgFingerprint"), *entry.texts("gpgSubFingerprint"))})
 
     def set_disabled(self, user: User, disabled: bool) -> StoredKey:
         """Disable (not served, not in Autocrypt, dirmngr skips it) or re-enable a key."""
@@ -1163,7 +635,7 @@ class Directory:
 
     def get_prefer_encrypt(self, user: User) -> str | None:
         entry = self._read_entry(user.dn, [PREFER_ENCRYPT])
-        return _text(entry, PREFER_ENCRYPT) if entry is not None else None
+        return entry.text(PREFER_ENCRYPT) if entry is not None else None
 
     def set_prefer_encrypt(self, user: User, value: str | None) -> None:
         """Set (mutual or nopreference) or clear the user's Autocrypt prefer-encrypt."""
@@ -1172,13 +644,13 @@ class Directory:
         entry = self._read_entry(user.dn, ["objectClass", "pgpKey", PREFER_ENCRYPT])
         if entry is None:
             raise NotFound(f"no entry {user.dn}")
-        has_class = KEY_CLASS.lower() in {c.lower() for c in _texts(entry, "objectClass")}
+        has_class = KEY_CLASS.lower() in {c.lower() for c in entry.texts("objectClass")}
         changes: Changes = {}
-        if value or _values(entry, PREFER_ENCRYPT):
+        if value or entry.values(PREFER_ENCRYPT):
             changes[PREFER_ENCRYPT] = (REPLACE, [value] if value else [])
         if value and not has_class:
             changes["objectClass"] = (ADD, [KEY_CLASS])
-        elif not value and has_class and not _values(entry, "pgpKey"):
+        elif not value and has_class and not entry.values("pgpKey"):
             changes["objectClass"] = (DELETE, [KEY_CLASS])
         if changes:
             self._modify(user.dn, changes)
@@ -1195,11 +667,11 @@ class Directory:
         requests can never exceed the limit. An expired request in a slot is replaced.
         RateLimited when every slot holds an unexpired request.
         """
-        if not _NONCE.match(request.nonce):
+        if not valid_nonce(request.nonce):
             raise Refused("malformed nonce")
         now = request.created
         value = escape_filter_chars(str(request.address))
-        existing = {_dn_key(r.dn): r for r in self._pending_entries(f"(wkdAddress={value})")}
+        existing = {dn_key(r.dn): r for r in self._pending_entries(f"(wkdAddress={value})")}
         # Requests stored by earlier versions (named by nonce) count against the limit too.
         older = sum(1 for dn, r in existing.items()
                     if not dn.startswith("cn=") and r.expires > now)
@@ -1211,7 +683,7 @@ class Directory:
         }
         for slot in range(1, limit - older + 1):
             dn = self._slot_dn(request.address, slot)
-            current = existing.get(_dn_key(dn))
+            current = existing.get(dn_key(dn))
             if current is not None and current.expires > now:
                 continue
             if current is not None:
@@ -1221,7 +693,7 @@ class Directory:
         raise RateLimited(f"{request.address} has {limit} unconfirmed requests already")
 
     def _add_pending(self, dn: str, attributes: dict[str, list[str | bytes]]) -> bool:
-        addlist = [(name, _encode(values)) for name, values in attributes.items()]
+        addlist = [(name, encode(values)) for name, values in attributes.items()]
         try:
             self._call(lambda conn: conn.add_ext_s(dn, addlist))
         except ldap.ALREADY_EXISTS:
@@ -1236,7 +708,7 @@ class Directory:
         """The unexpired request for this address whose stored nonce equals `nonce`,
         compared in constant time with every stored one; else NotFound."""
         now = int(time.time()) if now is None else now
-        if not _NONCE.match(nonce):
+        if not valid_nonce(nonce):
             raise Refused("malformed nonce")
         value = escape_filter_chars(str(address))
         found = None
@@ -1292,17 +764,17 @@ class Directory:
                                [*attributes, "wkdSubmittedKey"] if with_key else attributes)
         found = []
         for entry in entries:
-            keys = _values(entry, "wkdSubmittedKey")
+            keys = entry.values("wkdSubmittedKey")
             try:
                 found.append(PendingRequest(
-                    _text(entry, "wkdNonce") or "",
-                    Address.parse(_text(entry, "wkdAddress") or ""),
-                    Fingerprint.parse(_text(entry, "wkdFingerprint") or ""),
+                    entry.text("wkdNonce") or "",
+                    Address.parse(entry.text("wkdAddress") or ""),
+                    Fingerprint.parse(entry.text("wkdFingerprint") or ""),
                     keys[0] if keys else b"",
-                    parse_gnupg_time(_text(entry, "wkdCreated") or "") or 0,
-                    parse_gnupg_time(_text(entry, "wkdExpires") or "") or 0, entry["dn"]))
+                    parse_gnupg_time(entry.text("wkdCreated") or "") or 0,
+                    parse_gnupg_time(entry.text("wkdExpires") or "") or 0, entry.dn))
             except Refused:
-                log.warning("ignoring malformed pending request %s", entry["dn"])
+                log.warning("ignoring malformed pending request %s", entry.dn)
         return found
 
     def count_pending(self, address: Address, now: int | None = None) -> int:
@@ -1323,29 +795,23 @@ class Directory:
         entries = self._search(self.config.pending_base,
                                f"(&(objectClass={PENDING_CLASS}){expired})", ["1.1"])
         # The assertion keeps a slot that was given to a new request meanwhile.
-        return sum(self._delete_pending_dn(entry["dn"], expired) for entry in entries)
+        return sum(self._delete_pending_dn(entry.dn, expired) for entry in entries)
 
     # -- changes ----------------------------------------------------------------------
 
     def _suffix_dn(self) -> str:
         if self._suffix is None:
-            dn = self.config.base_dn
-            while dn:
-                entry = self._read_entry(dn, ["contextCSN"])
-                if entry is not None and _values(entry, "contextCSN"):
-                    self._suffix = dn
-                    break
-                dn = dn.partition(",")[2]
-            else:
+            suffix = find_suffix(lambda dn: self._read_entry(dn, ["contextCSN"]),
+                                 self.config.base_dn)
+            if suffix is None:
                 raise DirectoryError(f"no readable contextCSN at or above {self.config.base_dn}"
                                      " (syncprov overlay missing, or no read access)")
+            self._suffix = suffix
         return self._suffix
 
     def change_token(self) -> str:
         """An opaque string that changes whenever anything in the database is written."""
-        entry = self._read_entry(self._suffix_dn(), ["contextCSN"])
-        values = sorted(_texts(entry, "contextCSN")) if entry is not None else []
-        return "|".join(values)
+        return change_token(self._read_entry(self._suffix_dn(), ["contextCSN"]))
 
     # -- following key entries (milter_wkd.reconcile) ---------------------------------
 
@@ -1376,7 +842,7 @@ class Directory:
         timeout = self.config.timeout
 
         def operation(conn: Any) -> int:
-            paging = SimplePagedResultsControl(True, size=_PAGE_SIZE, cookie=b"")
+            paging = SimplePagedResultsControl(True, size=PAGE_SIZE, cookie=b"")
             visited = 0
             while True:
                 msgid = conn.search_ext(self.config.base_dn, SUBTREE, f"(&{filt})",
@@ -1385,11 +851,11 @@ class Directory:
                 for dn, raw in data:
                     if dn is None:
                         continue
-                    entry = {"dn": dn, "raw_attributes": raw}
+                    entry = Entry(dn, raw)
                     values = [v for name in self.config.mail_attributes
-                              for v in _texts(entry, name)]
-                    visit(User(dn, _addresses(values, dn), raw),
-                          max(_texts(entry, "entryCSN"), default=""))
+                              for v in entry.texts(name)]
+                    visit(User(dn, parse_addresses(values, dn), entry),
+                          max(entry.texts("entryCSN"), default=""))
                     visited += 1
                 cookie = next((c.cookie for c in controls or ()
                                if c.controlType == SimplePagedResultsControl.controlType), None)

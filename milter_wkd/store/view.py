@@ -1,4 +1,4 @@
-"""What the WKD cache needs from a key store: the `KeySource` protocol and its plain types.
+"""What the WKD responder needs from the key store: the `KeyView` protocol and its plain types.
 
 A published key is identified by its "slot", `<hash>@<domain>` (the WKD hash of an
 address's local part and the domain), the same string the directory keeps in its
@@ -7,24 +7,15 @@ WKD-hash attribute so that one indexed look-up answers a miss.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from milter_wkd.store.schema import address_slot, slot
 from milter_wkd.values import Address
-from milter_wkd.wkd import address_hash
 
-
-def slot(hash_: str, domain: str) -> str:
-    return f"{hash_}@{domain}"
-
-
-@functools.lru_cache(maxsize=4096)
-def address_slot(address: Address) -> str:
-    """`<hash>@<domain>` of an address (cached: a cold load asks for each one thrice in
-    a row)."""
-    return slot(address_hash(address), address.domain)
+__all__ = ["Change", "ChangesUnknown", "KeyView", "Published", "SourceUnavailable",
+           "address_slot", "changes_from", "explained", "newest_csn", "slot"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +51,10 @@ class ChangesUnknown(Exception):
     """The store cannot say what changed (e.g. entryCSN is not readable): start over."""
 
 
-class KeySource(Protocol):
+class KeyView(Protocol):
+    """The read-only view of published keys the WKD cache (milter_wkd.web.cache) follows;
+    `LdapKeyView` (store.ldapview) over LDAP, `MemoryKeyView` (store.memory) in memory."""
+
     def change_token(self) -> str:
         """An opaque value that changes on every write (contextCSN)."""
         ...
