@@ -473,9 +473,43 @@ class LdapStore:
         confirmation; if only it fails, another response used it after this key was
         written (the same key for the same request): NotFound."""
         added: list[str] = []
+        timeout = self.config.timeout
+
+        def adds(conn: Any, first: int, end: int) -> int | None:
+            """Claim adds are independent of each other: sent together, one round trip
+            (and slapd commits them while the next is on the wire). Every answer is read,
+            so that `added` knows all that went through; the first that lost a race is
+            returned, the first other error raised."""
+            sent = [(i, conn.add_ext(operations[i][1], operations[i][2]))
+                    for i in range(first, end)]
+            lost: int | None = None
+            error: BaseException | None = None
+            for index, msgid in sent:
+                try:
+                    conn.result3(msgid, all=1, timeout=timeout)
+                    added.append(operations[index][1])
+                except _RACE_RESULTS:
+                    lost = index if lost is None else lost
+                except ldap.LDAPError as exc:
+                    error = error or exc
+            if error is not None:
+                raise error
+            return lost
 
         def operation(conn: Any) -> int:
-            for index, (kind, target, data, assertion) in enumerate(operations):
+            index = 0
+            while index < len(operations):
+                kind, target, data, assertion = operations[index]
+                if kind == "add" and assertion is None:
+                    end = index
+                    while end < len(operations) and operations[end][0] == "add" and (
+                            operations[end][3] is None):
+                        end += 1
+                    lost = adds(conn, index, end)
+                    if lost is not None:
+                        return lost
+                    index = end
+                    continue
                 controls = [AssertionControl(True, assertion)] if assertion else None
                 try:
                     if kind == "add":
@@ -487,6 +521,7 @@ class LdapStore:
                         conn.delete_ext_s(target, serverctrls=controls)
                 except _RACE_RESULTS:
                     return index
+                index += 1
             return len(operations)
 
         try:

@@ -7,8 +7,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from milter_wkd.store.ldapstore import LdapStore
+from milter_wkd.store.ldapview import LdapKeyView
 from milter_wkd.store.memory import MemoryStore
 from milter_wkd.store.protocol import KeyStore
+from milter_wkd.store.view import KeyView
 from tests.integration.conftest import account_config, reset_directory, slapd  # noqa: F401
 
 PEOPLE = "ou=people,dc=example,dc=org"
@@ -20,13 +23,27 @@ USERS = {
 
 
 @pytest.fixture(params=["memory", "ldap"])
-def store(request: pytest.FixtureRequest) -> Iterator[KeyStore]:
+def stores(request: pytest.FixtureRequest) -> Iterator[tuple[KeyStore, KeyView]]:
+    """The write store and the responder's view of the same keys."""
     if request.param == "memory":
-        yield MemoryStore(USERS)
+        memory = MemoryStore(USERS)
+        yield memory, memory
         return
-    from milter_wkd.store.ldapstore import LdapStore
-
     server = request.getfixturevalue("slapd")
-    with LdapStore(account_config(server, "milter")) as ldap_store:
-        yield ldap_store
-    reset_directory(server)
+    view = LdapKeyView(account_config(server, "wkd"))
+    try:
+        with LdapStore(account_config(server, "milter")) as ldap_store:
+            yield ldap_store, view
+    finally:
+        view.close()
+        reset_directory(server)
+
+
+@pytest.fixture
+def store(stores: tuple[KeyStore, KeyView]) -> KeyStore:
+    return stores[0]
+
+
+@pytest.fixture
+def view(stores: tuple[KeyStore, KeyView]) -> KeyView:
+    return stores[1]

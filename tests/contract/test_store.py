@@ -13,6 +13,8 @@ from milter_wkd import openpgp
 from milter_wkd.errors import Conflict, KeyRefused, NotFound, RateLimited, Refused
 from milter_wkd.store.model import KeyOrigin, PendingRequest, Provenance
 from milter_wkd.store.protocol import KeyStore
+from milter_wkd.store.schema import address_slot
+from milter_wkd.store.view import KeyView, changes_from
 from milter_wkd.values import Address, Fingerprint
 from tests.support.squat import squatting_key
 from tests.unit.test_openpgp_crafted import T0, Signer, Subkey, user_id
@@ -228,3 +230,39 @@ def test_every_write_moves_the_change_token(store: KeyStore) -> None:
     assert after != before
     store.remove_key(store.user(ALICE))
     assert store.change_token() != after
+
+
+# -- the responder's view of the same keys (one rule for what an entry publishes) --------
+
+def test_the_view_serves_what_the_store_published(store: KeyStore, view: KeyView) -> None:
+    token = view.change_token()
+    key, _primary, _sub = make_key("Alice <alice@example.org>",
+                                   "Alice L. <alice.liddell@example.org>")
+    stored = publish(store, ALICE, key)
+    (found,) = view.lookup(address_slot(ALIAS))
+    assert found.dn == stored.dn
+    assert {a.key for a in found.addresses} == {ALICE.key, ALIAS.key}
+    assert [p.dn for p in view.iter_published()] == [stored.dn]
+    assert stored.dn in view.published_dns()
+    assert view.change_token() != token
+    (change,) = [c for c in view.changes_since(changes_from(token, view.change_token()))
+                 if c.dn == stored.dn]
+    assert change.slots == {address_slot(ALICE), address_slot(ALIAS)}
+    assert view.lookup(address_slot(BOB)) == []
+
+
+def test_the_view_never_serves_a_disabled_or_removed_key(store: KeyStore,
+                                                          view: KeyView) -> None:
+    key, _primary, _sub = make_key("Alice <alice@example.org>")
+    publish(store, ALICE, key)
+    store.set_disabled(store.user(ALICE), True)
+    assert view.lookup(address_slot(ALICE)) == []
+    assert list(view.iter_published()) == []
+    store.set_disabled(store.user(ALICE), False)
+    assert len(view.lookup(address_slot(ALICE))) == 1
+    token = view.change_token()
+    store.remove_key(store.user(ALICE))
+    assert view.lookup(address_slot(ALICE)) == []
+    changed = [c for c in view.changes_since(changes_from(token, view.change_token()))
+               if c.dn.startswith("uid=alice,")]
+    assert all(c.slots == frozenset() and c.entry is None for c in changed)
