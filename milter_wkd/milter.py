@@ -7,10 +7,15 @@ only when needed (mail to a submission address, or DKIM signing in the milter), 
 [milter] max_submission_bytes, in memory up to [milter] body_memory_bytes and beyond that in
 an unnamed temporary file (closed, hence gone, at end of message, abort or disconnect).
 
+The queue id (macro `i`: Postfix sends it at end of header and of message, at MAIL FROM
+only when smtpd opens its queue file that early) is the log context of everything logged
+while the message is handled (milter_wkd.logcontext); it is cleared at end of message,
+abort and close.
+
 Reads [milter] socket and timeout. Failure: no exception ever reaches libmilter; an
 unexpected error while handling mail to a submission address answers 451 4.3.0 (Postfix
-keeps the mail), elsewhere the mail passes unchanged (a hint must never stop mail flow).
-Postfix's own milter_default_action (tempfail in the shipped snippet) covers a dead milter.
+keeps the mail), elsewhere the mail passes unchanged (Autocrypt and signing never stop
+mail). Postfix's own milter_default_action (tempfail in the shipped snippet) covers a dead milter.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any, TypeVar, cast
 
 import Milter
 
+from milter_wkd import logcontext
 from milter_wkd.replies import (
     INTERNAL_ERROR,
     Accept,
@@ -45,6 +51,12 @@ ACCEPT: int = Milter.ACCEPT
 REJECT: int = Milter.REJECT
 TEMPFAIL: int = Milter.TEMPFAIL
 DISCARD: int = Milter.DISCARD
+
+
+# Headers kept per message: more than real mail has (Postfix's hopcount_limit refuses mail
+# with over 50 Received headers), few enough that a flood of headers cannot grow a
+# connection's memory without bound. Those beyond are not looked at.
+MAX_HEADERS = 2000
 
 
 _Callback = TypeVar("_Callback", bound=Callable[..., int])
@@ -80,8 +92,9 @@ class WkdMilter(Milter.Base):  # type: ignore[misc]
         self.tx.close()
         self.tx = Transaction(client_ip=self.client_ip,
                               sasl_login=self.getsymval("{auth_authen}") or None,
-                              queue_id=self.getsymval("i") or "-",
+                              queue_id=self.getsymval("i") or logcontext.NO_QUEUE_ID,
                               mail_from=mail_from.strip("<>"))
+        logcontext.set_queue_id(self.tx.queue_id)
         return CONTINUE
 
     @_noreply
@@ -92,16 +105,17 @@ class WkdMilter(Milter.Base):  # type: ignore[misc]
 
     @_noreply
     def header(self, name: str, value: str) -> int:
-        if len(self.tx.headers) < 2000:
+        if len(self.tx.headers) < MAX_HEADERS:
             self.tx.headers.append((name, value))
         return CONTINUE
 
     @_noreply
     def eoh(self) -> int:
+        self._learn_queue_id()
         try:
             self.tx.collect_body = self.service.wants_body(self.tx)
         except Exception:
-            log.exception("%s: deciding whether to read the body failed", self.tx.queue_id)
+            log.exception("deciding whether to read the body failed")
             self.tx.collect_body = False
         return CONTINUE
 
@@ -117,39 +131,47 @@ class WkdMilter(Milter.Base):  # type: ignore[misc]
                     tx.add_body(chunk, self.service.body_memory, self.service.spool)
                 except OSError as exc:
                     # No exception may reach libmilter; the service answers 451 for it.
-                    log.warning("%s: body not kept (%s)", tx.queue_id, exc)
+                    log.warning("body not kept (%s)", exc)
         return CONTINUE
 
     def eom(self) -> int:
         tx = self.tx
-        if not tx.queue_id or tx.queue_id == "-":
-            tx.queue_id = self.getsymval("i") or "-"
+        self._learn_queue_id()
         started = time.perf_counter()
         try:
             reply = self.service.decide(tx)
             log.log(logging.INFO if self.service.is_submission(tx) else logging.DEBUG,
-                    "%s: %s after %.3f s of milter time", tx.queue_id, type(reply).__name__,
+                    "%s after %.3f s of milter time", type(reply).__name__,
                     time.perf_counter() - started)
         except Exception:
-            log.exception("%s: unexpected error", tx.queue_id)
+            log.exception("unexpected error")
             reply = INTERNAL_ERROR if self.service.is_submission(tx) else Accept()
         try:
             return self._apply(reply)
         except Exception:
-            log.exception("%s: applying %s failed", tx.queue_id, type(reply).__name__)
+            log.exception("applying %s failed", type(reply).__name__)
             return TEMPFAIL if self.service.is_submission(tx) else CONTINUE
         finally:
             tx.close()
             self.tx = Transaction(client_ip=self.client_ip)
+            logcontext.clear()
 
     def abort(self) -> int:
         self.tx.close()
         self.tx = Transaction(client_ip=self.client_ip)
+        logcontext.clear()
         return CONTINUE
 
     def close(self) -> int:
         self.tx.close()
+        logcontext.clear()
         return CONTINUE
+
+    def _learn_queue_id(self) -> None:
+        """Ask for the queue id until Postfix names it (it has by end of header)."""
+        if self.tx.queue_id == logcontext.NO_QUEUE_ID:
+            self.tx.queue_id = self.getsymval("i") or logcontext.NO_QUEUE_ID
+            logcontext.set_queue_id(self.tx.queue_id)
 
     # --- replies ------------------------------------------------------------------------
 

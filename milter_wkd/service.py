@@ -130,7 +130,7 @@ class MailService:
         if tx.body_lost:
             # Mail whose body we needed (a submission, or mail to sign) and could not keep:
             # the sender tries again; nothing is decided on a partial body.
-            log.warning("%s: body not kept (spool full or disk refused): 451", tx.queue_id)
+            log.warning("body not kept (spool full or disk refused): 451")
             return LARGE_BODIES_BUSY
         if tx.spill is None:
             return self._decide(tx)
@@ -138,8 +138,8 @@ class MailService:
         # anonymous submissions can never hold up (or unsign) users' mail.
         slots = self._large_bodies if self.is_submission(tx) else self._large_outgoing
         if not slots.acquire(timeout=self.config.milter.large_body_wait):
-            log.warning("%s: %d large bodies in work already; this one waits (%d octets)",
-                        tx.queue_id, self.config.milter.max_large_bodies, tx.body_size)
+            log.warning("%d large bodies in work already; this one waits (%d octets)",
+                        self.config.milter.max_large_bodies, tx.body_size)
             return LARGE_BODIES_BUSY
         try:
             return self._decide(tx)
@@ -154,19 +154,19 @@ class MailService:
         try:
             reply = self._submission_mail(tx, domain)
         except DirectoryUnavailable as exc:
-            log.warning("%s: directory unavailable: %s", tx.queue_id, exc.reason)
+            log.warning("directory unavailable: %s", exc.reason)
             return DIRECTORY_DOWN
         except MailerUnavailable as exc:
-            log.warning("%s: mailer unavailable: %s", tx.queue_id, exc.reason)
+            log.warning("mailer unavailable: %s", exc.reason)
             return MAILER_DOWN
         except ConfigError as exc:
-            log.error("%s: configuration: %s", tx.queue_id, exc.reason)  # noqa: TRY400
+            log.error("configuration: %s", exc.reason)  # noqa: TRY400
             return CONFIG_BROKEN
         except Unavailable as exc:
-            log.warning("%s: unavailable: %s", tx.queue_id, exc.reason)
+            log.warning("unavailable: %s", exc.reason)
             return DIRECTORY_DOWN
         except Refused as exc:
-            log.info("%s: refused from %s: %s", tx.queue_id, tx.mail_from, exc.reason)
+            log.info("refused from %s: %s", tx.mail_from, exc.reason)
             return Reject(550, "5.7.1", f"Key submission refused: {exc.reason}")
         if isinstance(reply, Discard) and others:
             # Mail that also goes elsewhere is delivered there; only our copy is consumed.
@@ -285,7 +285,7 @@ class MailService:
                   + f"\n\nAnyone can now find it, e.g. with: gpg --locate-keys {login}\n"),
             now=now, in_reply_to=_message_id(tx))
         self._send(domain, login, notice)
-        log.info("%s: published %s for %s (auth-submit by %s)%s", tx.queue_id,
+        log.info("published %s for %s (auth-submit by %s)%s",
                  cleaned.info.fingerprint, ", ".join(map(str, cleaned.info.addresses)), login,
                  f"; refused {len(refused)} address(es)" if refused else "")
         return Discard("published")
@@ -315,7 +315,7 @@ class MailService:
                     limit=self.config.milter.max_pending_per_address)
             except RateLimited:
                 reasons.append(f"{address}: too many pending requests")
-                log.warning("%s: rate limit for %s", tx.queue_id, address)
+                log.warning("rate limit for %s", address)
                 continue
             request = wks.build_confirmation_request(
                 submission_address=submission_address, address=address,
@@ -327,7 +327,7 @@ class MailService:
                 self.directory.delete_pending(pending)
                 raise
             sent += 1
-            log.info("%s: confirmation request for %s (%s) sent", tx.queue_id, address,
+            log.info("confirmation request for %s (%s) sent", address,
                      cleaned.info.fingerprint)
         if not sent:
             raise MessageRefused("nothing to confirm: " + ("; ".join(reasons) or "no address"))
@@ -361,7 +361,7 @@ class MailService:
             address=response.address, fingerprint=cleaned.info.fingerprint, now=now,
             in_reply_to=_message_id(tx))
         self._send(domain, response.address, notice)
-        log.info("%s: published %s for %s (WKS confirmed)", tx.queue_id,
+        log.info("published %s for %s (WKS confirmed)",
                  cleaned.info.fingerprint, response.address)
         return Discard("confirmed")
 
@@ -418,8 +418,7 @@ class MailService:
         except (Unavailable, ConfigError, Refused) as exc:
             # The mail flows, without Autocrypt header and without our DKIM signature: the
             # directory decides who owns the From, and a hint never stops mail.
-            log.warning("%s: no Autocrypt header, not DKIM-signed: %s", tx.queue_id,
-                        exc.reason)
+            log.warning("no Autocrypt header, not DKIM-signed: %s", exc.reason)
             return Accept()
 
     def _outgoing_edits(self, tx: Transaction) -> Reply:
@@ -429,8 +428,7 @@ class MailService:
         if not self._is_ours(tx):
             if (cfg.strip_inbound_autocrypt and existing and sender is not None
                     and sender.domain in self._domains):
-                log.info("%s: removing %d Autocrypt header(s) claiming %s", tx.queue_id,
-                         existing, sender)
+                log.info("removing %d Autocrypt header(s) claiming %s", existing, sender)
                 return Accept(edits=tuple(HeaderEdit(autocrypt.HEADER, None, index)
                                           for index in range(existing, 0, -1)))
             return Accept()
@@ -465,8 +463,8 @@ class MailService:
         owner = self._hint(sender)
         if self._sender_may_use(tx, owner):
             return True
-        log.warning("%s: not DKIM-signed: %s logged in, From %s is not theirs",
-                    tx.queue_id, tx.sasl_login, sender)
+        log.warning("not DKIM-signed: %s logged in, From %s is not theirs",
+                    tx.sasl_login, sender)
         return False
 
     def _sender_may_use(self, tx: Transaction, hint: _CachedHint) -> bool:

@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from milter_wkd import __version__
+from milter_wkd import __version__, logcontext
 from milter_wkd.errors import MilterWkdError, Refused
 
 EX_REFUSED = 2
@@ -65,9 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(arguments)
     args = parser.parse_args(arguments)
-    logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose, 2),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
+                        format=logcontext.FORMAT)
+    for handler in logging.getLogger().handlers:
+        # Lines logged while the milter handles a message start with its queue id.
+        logcontext.install(handler)
     try:
         result: int = args.func(args)
     except Refused as exc:

@@ -60,10 +60,27 @@ def login_of(sandbox: Sandbox, user: str) -> tuple[str, str]:
     return account["address"], account["password"]
 
 
+def submit_logged_in(sandbox: Sandbox, raw: bytes, sender: str, login: tuple[str, str],
+                     ) -> str:
+    """Submit as `login`; Postfix's queue id for the mail (from its reply to DATA)."""
+    endpoint = sandbox.postfix.submission
+    with smtplib.SMTP(endpoint.host, endpoint.port, timeout=60) as smtp:
+        smtp.ehlo("client.test.example.net")
+        smtp.login(*login)
+        smtp.mail(sender)
+        smtp.rcpt(SUBMISSION)
+        code, reply = smtp.data(raw)
+    assert code == 250, reply
+    # "2.0.0 Ok: queued as 4dQz1w0Xk7z9sKx" (a discarded mail is queued as far as smtpd knows)
+    return reply.decode("ascii").rsplit(" ", 1)[-1]
+
+
 def test_authenticated_submission_is_published_at_once(sandbox: Sandbox,
                                                        alice: WksClient) -> None:
-    submit(sandbox, alice.create("alice@example.org"), "alice@example.org",
-           login=login_of(sandbox, "alice"))
+    assert sandbox.milter is not None
+    logged = sandbox.milter.log.stat().st_size
+    queue_id = submit_logged_in(sandbox, alice.create("alice@example.org"),
+                                "alice@example.org", login_of(sandbox, "alice"))
     notice = wait_for_mail(sandbox, "alice", subject_is(PUBLISHED))
     assert str(notice["From"]) == SUBMISSION
     assert alice.fpr in notice.get_content()
@@ -74,6 +91,14 @@ def test_authenticated_submission_is_published_at_once(sandbox: Sandbox,
     assert stored.provenance.source == KeyOrigin.AUTH_SUBMIT
     assert stored.provenance.actor == "alice@example.org"
     assert [str(a) for a in stored.addresses] == ["alice@example.org"]
+    # Every line the milter logged about the submission names Postfix's queue id for it.
+    lines = sandbox.milter.log.read_bytes()[logged:].decode(errors="replace").splitlines()
+    ours = [line for line in lines if f" {queue_id}: " in line]
+    assert any(f"{queue_id}: published {alice.fpr} for alice@example.org" in line
+               for line in ours), lines
+    assert any(f"milter_wkd.milter INFO {queue_id}: Discard after" in line
+               for line in ours), lines
+    assert not [line for line in lines if alice.fpr in line and line not in ours]
 
 
 def test_unauthenticated_submission_goes_through_confirmation(sandbox: Sandbox,
