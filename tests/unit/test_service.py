@@ -4,11 +4,12 @@ Postfix or gpg. The same flows run through the real peers in tests/integration."
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
-from milter_wkd import wks
+from milter_wkd import logcontext, wks
 from milter_wkd.config import Config, load
 from milter_wkd.openpgp import messages
 from milter_wkd.replies import Accept, Discard, Reject, TempFail
@@ -198,3 +199,43 @@ def test_outgoing_mail_of_a_user_with_a_key_carries_it(
     reply = service.decide(tx)
     assert isinstance(reply, Accept)
     assert not [e for e in reply.edits if e.name == "Autocrypt"]
+
+
+def test_other_recipients_keep_the_mail_and_only_our_copy_is_consumed(
+        service: MailService, service_key: messages.GeneratedKey) -> None:
+    key, _primary, _sub = make_key("Alice <alice@example.org>")
+    tx = transaction(submission(key, service_key), login="alice@example.org")
+    tx.recipients.append("archive@example.net")
+    assert service.decide(tx) == Accept(remove_recipients=(str(SUBMISSION),))
+
+
+def test_the_service_mails_through_the_mailer_it_is_given_last(
+        service: MailService, outbox: Outbox, service_key: messages.GeneratedKey) -> None:
+    """benchmarks/wks.py swaps the mailer between the two halves of a round trip."""
+    assert service.mailer is outbox
+    other = Outbox()
+    service.mailer = other
+    key, _primary, _sub = make_key("Alice <alice@example.org>")
+    service.decide(transaction(submission(key, service_key), login="alice@example.org"))
+    assert outbox.sent == []
+    assert [recipient for _sender, recipient, _mail in other.sent] == ["alice@example.org"]
+
+
+def test_the_lines_logged_for_a_message_name_its_queue_id(
+        service: MailService, service_key: messages.GeneratedKey,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """No flow passes the queue id: the log context (set by the milter adapter) adds it."""
+    key, primary, _sub = make_key("Alice <alice@example.org>")
+    logcontext.install(caplog.handler)
+    caplog.handler.setFormatter(logging.Formatter("%(name)s %(queue_prefix)s%(message)s"))
+    caplog.set_level(logging.INFO, logger="milter_wkd")
+    with logcontext.message("4QUNIT1"):
+        service.decide(transaction(submission(key, service_key), login="alice@example.org"))
+    service.decide(transaction(submission(key, service_key), login="alice@example.org"))
+    fingerprint = primary.fingerprint.hex().upper()
+    assert caplog.text.splitlines() == [
+        f"milter_wkd.submissions 4QUNIT1: published {fingerprint} for alice@example.org "
+        "(auth-submit by alice@example.org)",
+        f"milter_wkd.submissions published {fingerprint} for alice@example.org "
+        "(auth-submit by alice@example.org)",
+    ]
