@@ -266,6 +266,56 @@ class WebConfig:
             raise ConfigError("[web] bind_dn needs bind_password_file")
 
 
+# The probe groups of `milter-wkd check`, in the order it runs them ([check] skip).
+CHECK_GROUPS = ("directory", "schema", "acl", "keys", "passwords", "responder",
+                "submission-key", "dkim", "wkd", "postfix", "milter", "dovecot")
+DEFAULT_WKD_URL = "https://openpgpkey.{domain}/.well-known/openpgpkey/{domain}/"
+
+
+def parse_host_port(text: str) -> tuple[str, int] | None:
+    """`HOST:PORT` (`[::1]:443` for IPv6) as (host, port); None when it is not one."""
+    host, sep, port = text.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckConfig:
+    """Where `milter-wkd check` finds the peers that the other sections do not name; its
+    command-line options override these."""
+
+    postfix_config_dir: str = field(default="/etc/postfix", metadata=_doc(
+        "Postfix's config directory, read with `postconf -c`."))
+    dovecot_auth_socket: str = field(default="", metadata=_doc(
+        "Dovecot's SASL socket for Postfix. Empty: Postfix's smtpd_sasl_path (with "
+        "smtpd_sasl_type = dovecot), else /var/spool/postfix/private/auth."))
+    wkd_url: str = field(default=DEFAULT_WKD_URL, metadata=_doc(
+        "Base URL of the WKD folder to fetch; {domain} stands for each domain."))
+    wkd_connect: str = field(default="", metadata=_doc(
+        "HOST:PORT to connect to instead of looking up the URL's host in DNS (the "
+        "certificate is still checked for the URL's host): a responder not yet in DNS, a "
+        "test. Empty: DNS, as WKD clients do."))
+    ca_file: str = field(default="", metadata=_doc(
+        "CA bundle for the WKD certificate. Empty: the system store, as WKD clients use."))
+    dns: bool = field(default=False, metadata=_doc(
+        "Look up the DKIM TXT records (off: no resolver needed)."))
+    skip: list[str] = field(default_factory=list, metadata=_doc(
+        "Probe groups left out, of: " + ", ".join(CHECK_GROUPS) + "."))
+    timeout: float = field(default=5.0, metadata=_doc("Seconds each probe may take."))
+
+    def __post_init__(self) -> None:
+        if self.wkd_connect and parse_host_port(self.wkd_connect) is None:
+            raise ConfigError(f"[check] wkd_connect: HOST:PORT, not {self.wkd_connect!r}")
+        unknown = [name for name in self.skip if name not in CHECK_GROUPS]
+        if unknown:
+            raise ConfigError(f"[check] skip: unknown group(s) {', '.join(unknown)} "
+                              f"(groups: {', '.join(CHECK_GROUPS)})")
+        if self.timeout <= 0:
+            raise ConfigError("[check] timeout: must be positive")
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
@@ -273,6 +323,7 @@ class Config:
     web: WebConfig = field(default_factory=WebConfig)
     milter: MilterConfig = field(default_factory=MilterConfig)
     mailer: MailerConfig = field(default_factory=MailerConfig)
+    check: CheckConfig = field(default_factory=CheckConfig)
     domains: list[DomainConfig] = field(default_factory=lambda: [DomainConfig()])
 
     def domain(self, name: str) -> DomainConfig | None:
