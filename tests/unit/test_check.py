@@ -1,5 +1,6 @@
 """The pure parts of `milter-wkd check`: postconf output, milter lists, the policy file,
-the Dovecot handshake, the submission key pair on disk, and that a probe never raises."""
+the Dovecot handshake, the submission key pair on disk, that a probe never raises, and
+the DN and filter helpers."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from milter_wkd.cli import main
 from milter_wkd.config import Config, DomainConfig
 from milter_wkd.openpgp import armor_key
 from milter_wkd.openpgp.messages import generate_submission_key
+from milter_wkd.store import probe
 from milter_wkd.values import Address
 
 SOCKET = "unix:/run/milter-wkd/milter.sock"
@@ -222,7 +224,7 @@ def test_a_probe_that_raises_becomes_a_fail_line() -> None:
         yield check.CheckResult("x", True, "first")
         raise KeyError("surprise")
 
-    results = list(check._guarded("x", broken))
+    results = list(check.guarded("x", broken))
     assert [r.label for r in results] == ["ok", "FAIL"]
     assert "KeyError" in results[1].detail
 
@@ -241,3 +243,16 @@ def test_wkd_connect_must_be_host_and_port(tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "--config", str(tmp_path / "x.toml"), "--wkd-connect", "x"]) == 2
     assert "HOST:PORT" in capsys.readouterr().err
+
+
+# -- the directory helpers the doctor uses (milter_wkd.store.probe) ---------------------------
+
+
+def test_parent_dn_and_filter_escaping() -> None:
+    assert probe.parent_dn("cn=milter,ou=services,dc=example,dc=org") == \
+        "ou=services,dc=example,dc=org"
+    assert probe.parent_dn("cn=a\\,b,dc=org") == "dc=org"
+    assert probe.parent_dn("dc=org") is None
+    assert probe.parent_dn("no DN at all") is None
+    assert probe.escape_filter("a*(b)\\") == "a\\2a\\28b\\29\\5c"
+    assert probe.describe(KeyError("x")) is None
