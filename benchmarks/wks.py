@@ -8,7 +8,7 @@ one key per user (ed25519 + cv25519, one gpg run); one submission mail per user 
 encrypted to the sandbox's submission key. userN's mail warms each side up, untimed.
 
 Ours, in-process (the headline figure): one MailService, built from the sandbox's
-milter-wkd.toml with the real slapd as the directory and a DirectoryMailer (each notice
+milter-wkd.toml with the real slapd as the directory and a FolderMailer (each notice
 written to a file, as gpg-wks-server writes its mail with -o), decides each mail as a
 Transaction with sasl_login = the user's address (an authenticated submission, auth-submit):
 decrypt, clean the key, check the addresses against the directory, publish on the user's
@@ -85,7 +85,7 @@ from _common import (
 )
 
 from milter_wkd.config import Config, load
-from milter_wkd.mailer import DirectoryMailer
+from milter_wkd.mailer import FolderMailer
 from milter_wkd.replies import Discard
 from milter_wkd.sandbox import Sandbox
 from milter_wkd.service import MailService
@@ -145,7 +145,7 @@ def ours_in_process(cfg: Config, mails: list[bytes], outbox: Path, profile: str 
                     ) -> float:
     n = len(mails) - 1
     with LdapStore(cfg.directory) as store:
-        service = MailService(cfg, store, DirectoryMailer(outbox))
+        service = MailService(cfg, store, FolderMailer(outbox))
         decide(service, n, mails[n])  # userN warms up
         txs = [transaction(i, mails[i]) for i in range(n)]
         profiler = cProfile.Profile() if profile else None
@@ -165,7 +165,7 @@ def ours_in_process(cfg: Config, mails: list[bytes], outbox: Path, profile: str 
 
 
 def recipient_of(generated: Path) -> int:
-    """The user index a DirectoryMailer file is for (its X-Envelope-To line)."""
+    """The user index a FolderMailer file is for (its X-Envelope-To line)."""
     for line in generated.read_bytes().split(b"\r\n", 4)[:4]:
         if line.startswith(b"X-Envelope-To: user"):
             return int(line.split(b"user", 1)[1].split(b"@", 1)[0])
@@ -175,11 +175,11 @@ def recipient_of(generated: Path) -> int:
 def ours_round_trip(cfg: Config, users: KeyRing, mails: list[bytes], work: Path,
                     ) -> tuple[float, float]:
     """The same protocol as gpg-wks-server: submission without login -> confirmation
-    request (DirectoryMailer file) -> gpg-wks-client --receive (not timed) -> response."""
+    request (FolderMailer file) -> gpg-wks-client --receive (not timed) -> response."""
     n = len(mails) - 1
     requests, notices = work / "requests", work / "notices"
     with LdapStore(cfg.directory) as store:
-        service = MailService(cfg, store, DirectoryMailer(requests))
+        service = MailService(cfg, store, FolderMailer(requests))
         decide(service, n, transaction(n, mails[n], logged_in=False))
         txs = [transaction(i, mails[i], logged_in=False) for i in range(n)]
         started = clock()
@@ -192,7 +192,7 @@ def ours_round_trip(cfg: Config, users: KeyRing, mails: list[bytes], work: Path,
                 *FAKE, "--receive", input=request.read_bytes(), binary=WKS_CLIENT)
         if sorted(responses) != list(range(n + 1)):
             raise SystemExit(f"ours: {len(responses)} confirmation requests, expected {n + 1}")
-        service.mailer = DirectoryMailer(notices)
+        service.mailer = FolderMailer(notices)
         decide(service, n, transaction(n, responses[n], logged_in=False))
         txs = [transaction(i, responses[i], logged_in=False) for i in range(n)]
         started = clock()

@@ -209,14 +209,15 @@ class MilterConfig:
 class MailerConfig:
     method: str = field(default="smtp", metadata=_doc(
         "How generated mail leaves: smtp (to a reinjection port without milters), "
-        "sendmail (the binary below) or directory (files, for tests)."))
+        "sendmail (the binary below) or folder (files in the folder below, for tests; "
+        "\"directory\", its earlier name, is accepted too)."))
     smtp_host: str = field(default="127.0.0.1", metadata=_doc("Reinjection SMTP host."))
     smtp_port: int = field(default=10026, metadata=_doc(
         "Reinjection SMTP port: a Postfix smtpd WITHOUT milters, so nothing loops."))
     sendmail: str = field(default="/usr/sbin/sendmail", metadata=_doc(
         "sendmail binary for method sendmail."))
     directory: str = field(default="", metadata=_doc(
-        "Folder for method directory (one .eml file per message)."))
+        "Folder for method folder (one .eml file per message)."))
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,11 +3,15 @@
 Reads [mailer] of the config. Methods:
 - smtp: to a reinjection smtpd on loopback that runs NO milters, so our own mail cannot loop
   back through us (postfix/master.cf.snippet shows it);
-- sendmail: the sendmail binary with -i -f (Postfix's non_smtpd_milters would see it, so the
-  milter ignores mail whose envelope sender is a submission address);
-- directory: one .eml file per message, for tests and dry runs.
-Errors: every failure to hand the message over raises `MailerUnavailable` (temporary: the
-caller answers 451 so the submitting client retries and nothing is lost).
+- sendmail: the sendmail binary with -i -f. Postfix's non_smtpd_milters show that mail to
+  the milter again, which treats it like any mail not for a submission address (nothing
+  checks its envelope sender); it cannot loop, because the milter answers only mail to a
+  submission address and sends only to users' addresses;
+- folder: one .eml file per message in the folder `directory` names, for tests and dry
+  runs ("directory", the method's earlier name, is accepted too).
+Errors: every failure to hand the message over raises `MailerUnavailable`, an `Unavailable`
+(temporary: the milter answers 451 so the submitting client retries and nothing is lost; a
+command exits 75). A [mailer] section that names no usable method raises `ConfigError`.
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ import uuid
 from pathlib import Path
 from typing import Protocol
 
-from milter_wkd.config import MailerConfig
-from milter_wkd.errors import MilterWkdError
+from milter_wkd.config import ConfigError, MailerConfig
+from milter_wkd.errors import Unavailable
+
+# [mailer] method values of FolderMailer: its name, and the name it had before.
+FOLDER_METHODS = ("folder", "directory")
 
 
-class MailerUnavailable(MilterWkdError):
+class MailerUnavailable(Unavailable):
     """The generated message could not be handed to the MTA (temporary)."""
 
 
@@ -60,7 +67,10 @@ class SendmailMailer:
                 f"{proc.stderr.decode(errors='replace').strip()[:200]}")
 
 
-class DirectoryMailer:
+class FolderMailer:
+    """Writes each message to <folder>/<random>.eml, the envelope in X-Envelope-From and
+    X-Envelope-To lines on top (written to a .tmp file first, then renamed)."""
+
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
@@ -81,9 +91,8 @@ def from_config(cfg: MailerConfig) -> Mailer:
         return SmtpMailer(cfg.smtp_host, cfg.smtp_port)
     if cfg.method == "sendmail":
         return SendmailMailer(cfg.sendmail)
-    if cfg.method == "directory":
+    if cfg.method in FOLDER_METHODS:
         if not cfg.directory:
-            raise MailerUnavailable("[mailer] method directory needs directory = <folder>")
-        return DirectoryMailer(Path(cfg.directory))
-    raise MailerUnavailable(f"[mailer] method must be smtp, sendmail or directory, "
-                            f"not {cfg.method!r}")
+            raise ConfigError(f"[mailer] method {cfg.method} needs directory = <folder>")
+        return FolderMailer(Path(cfg.directory))
+    raise ConfigError(f"[mailer] method must be smtp, sendmail or folder, not {cfg.method!r}")

@@ -17,7 +17,7 @@ import pytest
 
 from milter_wkd import autocrypt, dkim
 from milter_wkd.config import load
-from milter_wkd.mailer import DirectoryMailer
+from milter_wkd.mailer import FolderMailer
 from milter_wkd.openpgp import autocrypt_keydata, clean_key, packets
 from milter_wkd.replies import Accept, HeaderEdit
 from milter_wkd.sandbox import Sandbox
@@ -201,11 +201,11 @@ def test_inbound_autocrypt_claiming_our_domain_can_be_stripped(sandbox: Sandbox)
                ("Autocrypt", "addr=alice@example.org; keydata=BBBB")]
     outside = Transaction(client_ip="192.0.2.7", headers=headers)
     with LdapStore(cfg.directory) as store:
-        default = MailService(cfg, store, DirectoryMailer(sandbox.dir / "mail"))
+        default = MailService(cfg, store, FolderMailer(sandbox.dir / "mail"))
         assert default.decide(outside) == Accept()
         strict_cfg = dataclasses.replace(
             cfg, milter=dataclasses.replace(cfg.milter, strip_inbound_autocrypt=True))
-        strict = MailService(strict_cfg, store, DirectoryMailer(sandbox.dir / "mail"))
+        strict = MailService(strict_cfg, store, FolderMailer(sandbox.dir / "mail"))
         reply = strict.decide(outside)
         assert reply == Accept(edits=(HeaderEdit("Autocrypt", None, 2),
                                       HeaderEdit("Autocrypt", None, 1)))
