@@ -1,5 +1,9 @@
 """`milter-wkd check --config FILE`: the admin's doctor (milter_wkd.check does the probing).
 
+Where this host's Postfix and Dovecot are and how to reach the WKD site come from the
+config file's [check] section; an option given here overrides its key (--skip adds to
+[check] skip).
+
 Prints one line per check as it completes, `ok   group: detail`, `warn group: ...`,
 `skip group: ...` or `FAIL group: ...` followed by an indented `fix: ...` line, and a
 summary. Exit 0 when nothing failed (warnings and skips do not count), 1 otherwise; a
@@ -9,48 +13,47 @@ config file that does not load is a FAIL line too (exit 1).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any
 
 from milter_wkd import check
 from milter_wkd import config as config_module
-from milter_wkd.config import ConfigError
+from milter_wkd.config import Config, ConfigError, parse_host_port
 
 
 def register(sub: Any) -> None:
     parser = sub.add_parser(
         "check", help="check the directory, keys, WKD, Postfix and Dovecot; say what to fix",
         description="Probe everything milter-wkd depends on, one line per check. "
-                    f"Groups (for --skip): {', '.join(check.GROUPS)}.")
+                    f"Groups (for --skip): {', '.join(check.GROUPS)}. Each option overrides "
+                    "the key of the same name in the config file's [check] section.")
     parser.add_argument("--config", metavar="FILE", help="configuration file")
-    parser.add_argument("--postfix-config-dir", metavar="DIR", default="/etc/postfix",
+    parser.add_argument("--postfix-config-dir", metavar="DIR",
                         help="Postfix's config directory, for `postconf -c` "
-                             "(default: %(default)s)")
+                             "(default: [check] postfix_config_dir, else /etc/postfix)")
     parser.add_argument("--dovecot-auth-socket", metavar="PATH",
-                        help="Dovecot's SASL socket for Postfix (default: Postfix's "
-                             f"smtpd_sasl_path, else {check.DEFAULT_DOVECOT_SOCKET})")
-    parser.add_argument("--wkd-url", metavar="URL", default=check.DEFAULT_WKD_URL,
+                        help="Dovecot's SASL socket for Postfix (default: [check] "
+                             "dovecot_auth_socket, else Postfix's smtpd_sasl_path, else "
+                             f"{check.DEFAULT_DOVECOT_SOCKET})")
+    parser.add_argument("--wkd-url", metavar="URL",
                         help="base URL of the WKD folder; {domain} stands for each domain "
-                             "(default: %(default)s)")
+                             f"(default: [check] wkd_url, else {check.DEFAULT_WKD_URL})")
     parser.add_argument("--wkd-connect", metavar="HOST:PORT",
                         help="connect here instead of resolving the URL's host (the "
                              "certificate is still checked for the URL's host)")
     parser.add_argument("--ca-file", metavar="FILE",
-                        help="CA bundle for the WKD certificate (default: the system store)")
-    parser.add_argument("--dns", action="store_true",
-                        help="look up the DKIM TXT records (off: no resolver needed)")
-    parser.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
-                        help="per probe (default: %(default)s)")
+                        help="CA bundle for the WKD certificate (default: [check] ca_file, "
+                             "else the system store)")
+    parser.add_argument("--dns", action=argparse.BooleanOptionalAction, default=None,
+                        help="look up the DKIM TXT records (default: [check] dns, else off: "
+                             "no resolver needed)")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help="per probe (default: [check] timeout, else 5)")
     parser.add_argument("--skip", action="append", default=[], metavar="NAME",
-                        choices=check.GROUPS, help="leave a group out (repeatable)")
+                        choices=check.GROUPS, help="leave a group out (repeatable; adds to "
+                                                   "[check] skip)")
     parser.set_defaults(func=_check)
-
-
-def _address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"--wkd-connect wants HOST:PORT, not {text!r}")
-    return host.strip("[]"), int(port)
 
 
 def _print(result: check.CheckResult) -> None:
@@ -59,11 +62,25 @@ def _print(result: check.CheckResult) -> None:
         print(f"     fix: {result.fix}", flush=True)
 
 
+def _options(args: argparse.Namespace, cfg: Config) -> check.Options:
+    """[check] of the config file, overridden by the options given."""
+    options = check.Options.from_config(cfg.check)
+    given: dict[str, Any] = {
+        "postfix_config_dir": args.postfix_config_dir,
+        "dovecot_auth_socket": args.dovecot_auth_socket, "wkd_url": args.wkd_url,
+        "ca_file": args.ca_file, "dns": args.dns,
+        "timeout": None if args.timeout is None else max(0.5, args.timeout)}
+    if args.wkd_connect:
+        given["wkd_connect"] = parse_host_port(args.wkd_connect)
+    return dataclasses.replace(
+        options, skip=options.skip | frozenset(args.skip),
+        **{name: value for name, value in given.items() if value is not None})
+
+
 def _check(args: argparse.Namespace) -> int:
-    try:
-        connect = _address(args.wkd_connect) if args.wkd_connect else None
-    except argparse.ArgumentTypeError as exc:
-        print(f"refused: {exc}", file=sys.stderr)
+    if args.wkd_connect and parse_host_port(args.wkd_connect) is None:
+        print(f"refused: --wkd-connect wants HOST:PORT, not {args.wkd_connect!r}",
+              file=sys.stderr)
         return 2
     try:
         cfg = config_module.load(args.config)
@@ -71,13 +88,8 @@ def _check(args: argparse.Namespace) -> int:
         _print(check.CheckResult("config", False, exc.reason,
                                  "correct the file (milter-wkd config example shows every key)"))
         return 1
-    options = check.Options(
-        postfix_config_dir=args.postfix_config_dir,
-        dovecot_auth_socket=args.dovecot_auth_socket,
-        wkd_url=args.wkd_url, wkd_connect=connect, ca_file=args.ca_file,
-        skip=frozenset(args.skip), dns=args.dns, timeout=max(0.5, args.timeout))
     counts = {"ok": 0, "warn": 0, "skip": 0, "FAIL": 0}
-    for result in check.run(cfg, options):
+    for result in check.run(cfg, _options(args, cfg)):
         _print(result)
         counts[result.label] += 1
     print(f"{counts['ok']} ok, {counts['warn']} warnings, {counts['FAIL']} failed, "

@@ -1,6 +1,6 @@
 """The pure parts of `milter-wkd check`: postconf output, milter lists, the policy file,
-the Dovecot handshake, the submission key pair on disk, that a probe never raises, and
-the DN and filter helpers."""
+the Dovecot handshake, the submission key pair on disk, that a probe never raises, the
+[check] section and the options that override it, and the DN and filter helpers."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from milter_wkd import check
+from milter_wkd import check, config
 from milter_wkd.cli import main
-from milter_wkd.config import Config, DomainConfig
+from milter_wkd.config import Config, ConfigError, DomainConfig
 from milter_wkd.openpgp import armor_key
 from milter_wkd.openpgp.messages import generate_submission_key
 from milter_wkd.store import probe
@@ -243,6 +243,62 @@ def test_wkd_connect_must_be_host_and_port(tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "--config", str(tmp_path / "x.toml"), "--wkd-connect", "x"]) == 2
     assert "HOST:PORT" in capsys.readouterr().err
+
+
+# -- [check] and the command line -----------------------------------------------------------
+
+
+def test_options_from_the_check_section() -> None:
+    cfg = config.build({"check": {
+        "postfix_config_dir": "/srv/postfix/etc", "dovecot_auth_socket": "/run/auth",
+        "wkd_url": "https://wkd.test:8443/.well-known/openpgpkey/{domain}/",
+        "wkd_connect": "[::1]:8443", "ca_file": "/srv/ca.pem", "dns": True,
+        "skip": ["milter"], "timeout": 2}}, environ={})
+    assert check.Options.from_config(cfg.check) == check.Options(
+        postfix_config_dir="/srv/postfix/etc", dovecot_auth_socket="/run/auth",
+        wkd_url="https://wkd.test:8443/.well-known/openpgpkey/{domain}/",
+        wkd_connect=("::1", 8443), ca_file="/srv/ca.pem", dns=True,
+        skip=frozenset({"milter"}), timeout=2.0)
+    # No [check]: what the options always defaulted to.
+    assert check.Options.from_config(Config().check) == check.Options()
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ({"skip": ["dsn"]}, "[check] skip: unknown group(s) dsn (groups: directory, "),
+    ({"wkd_connect": "localhost"}, "[check] wkd_connect: HOST:PORT, not 'localhost'"),
+    ({"wkd_connect": "h:99999"}, "[check] wkd_connect: HOST:PORT, not 'h:99999'"),
+    ({"timeout": 0}, "[check] timeout: must be positive"),
+    ({"postfix_dir": "/x"}, "[check] unknown key 'postfix_dir'"),
+])
+def test_check_section_mistakes_name_the_key(section: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.build({"check": section}, environ={})
+    assert caught.value.reason.startswith(message), caught.value.reason
+
+
+def test_options_given_override_the_check_section(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "milter-wkd.toml"
+    path.write_text('[check]\npostfix_config_dir = "/srv/postfix"\nwkd_connect = '
+                    '"127.0.0.1:8443"\ndns = true\nskip = ["dovecot"]\ntimeout = 3\n')
+    seen: list[check.Options] = []
+
+    def run(_config: Config, options: check.Options) -> Iterator[check.CheckResult]:
+        seen.append(options)
+        yield check.CheckResult("x", True, "ran")
+
+    monkeypatch.setattr(check, "run", run)
+    assert main(["check", "--config", str(path)]) == 0
+    assert main(["check", "--config", str(path), "--postfix-config-dir", "/etc/postfix",
+                 "--wkd-connect", "[::1]:443", "--no-dns", "--skip", "wkd",
+                 "--timeout", "0.1"]) == 0
+    from_file, overridden = seen
+    assert from_file == check.Options(postfix_config_dir="/srv/postfix",
+                                      wkd_connect=("127.0.0.1", 8443), dns=True,
+                                      skip=frozenset({"dovecot"}), timeout=3.0)
+    assert overridden == check.Options(postfix_config_dir="/etc/postfix",
+                                       wkd_connect=("::1", 443), dns=False,
+                                       skip=frozenset({"dovecot", "wkd"}), timeout=0.5)
 
 
 # -- the directory helpers the doctor uses (milter_wkd.store.probe) ---------------------------
