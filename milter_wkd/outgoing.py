@@ -1,6 +1,6 @@
-"""Mail that is not for a submission address (DESIGN.md flow 4): our users' outgoing mail
-gets an Autocrypt header and, optionally, our DKIM signature; other mail may lose Autocrypt
-headers that claim one of our domains.
+"""Mail that is not for a submission address: our users' outgoing mail gets an Autocrypt
+header and, optionally, our DKIM signature; other mail may lose Autocrypt headers that
+claim one of our domains.
 
 - Autocrypt ([milter] autocrypt): when the single From address is on one of our domains,
   has a published, valid key, the mail carries no Autocrypt header yet and is no report

@@ -1,4 +1,4 @@
-"""The WKS flows (DESIGN.md flows 1-3): what mail to a domain's submission address does.
+"""The WKS flows: what mail to a domain's submission address does.
 
 - From a logged-in user (SASL login = one of the user's addresses) and `auth_submit`:
   decrypt, clean the key for the addresses that user owns (addresses of others are refused

@@ -10,12 +10,14 @@ so the documentation is what runs.
 
 It writes two files there: `milter-wkd.toml`, a complete milter-wkd configuration for
 this sandbox (the directory as the milter's service account, the responder's as cn=wkd,
-the reinjection port as the mailer; their random passwords in milter.password and
-wkd.password, 0600), and `sandbox.json`, the state that `down(directory)` (`milter-wkd sandbox
-down`) uses to stop by pid everything that was started, also from another process and
-also when some of it has died already. As a context manager it always tears down,
-also when starting failed half-way or the body raised; `start_detached` starts a
-sandbox that outlives the calling process (`milter-wkd sandbox up`).
+the reinjection port as the mailer, and a [check] section naming its Postfix, Dovecot and
+WKD responder, so that `milter-wkd check --config` that file passes as it is; their random
+passwords in milter.password and wkd.password, 0600), and `sandbox.json`, the state that
+`down(directory)` (`milter-wkd sandbox down`) uses to stop by pid everything that was
+started, also from another process and also when some of it has died already. As a
+context manager it always tears down, also when starting failed half-way or the body
+raised; `start_detached` starts a sandbox that outlives the calling process
+(`milter-wkd sandbox up`).
 
 Failures raise SandboxError (or SlapdError from slapd) naming the daemon, with its log tail.
 """
@@ -35,7 +37,7 @@ from typing import Any
 from milter_wkd import config
 from milter_wkd.domains import init_domain
 from milter_wkd.errors import MilterWkdError
-from milter_wkd.sandbox.daemons import SandboxError, read_pid, terminate
+from milter_wkd.sandbox.daemons import LOOPBACK, SandboxError, read_pid, terminate
 from milter_wkd.sandbox.dovecot import Dovecot, LdapAccess
 from milter_wkd.sandbox.milterd import PROCESS_NAME as MILTER_PROCESS
 from milter_wkd.sandbox.milterd import MilterDaemon
@@ -154,6 +156,8 @@ class Sandbox:
             "wkd_url": self.wkd.wkd_url,
             "wkd_port": self.wkd.port,
             "ca_file": str(self.wkd.ca_file),
+            # Passes against this sandbox as it is: the config's [check] names its peers.
+            "check_command": f"milter-wkd check --config {self.config_path}",
         }
 
     # -- files ------------------------------------------------------------------------
@@ -191,6 +195,15 @@ max_submission_bytes = 41943040
 trusted_networks = ["127.0.0.2/32"]
 # The sandbox has no external DKIM signer: the milter signs our users' mail itself.
 dkim_sign_outgoing = true
+
+[check]
+# Where `milter-wkd check --config` finds this sandbox's peers: its own Postfix and Dovecot,
+# its WKD responder on loopback (openpgpkey.example.org is not ours in DNS) under a test CA.
+postfix_config_dir = {_toml(str(self.postfix.config_dir))}
+dovecot_auth_socket = {_toml(str(self.dovecot.auth_socket))}
+wkd_url = {_toml(self.wkd.wkd_url)}
+wkd_connect = {_toml(f"{LOOPBACK}:{self.wkd.port}")}
+ca_file = {_toml(str(self.wkd.ca_file))}
 
 [[domains]]
 name = {_toml(DOMAINS[0])}
