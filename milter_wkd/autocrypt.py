@@ -1,5 +1,6 @@
 """Autocrypt Level 1 headers (https://autocrypt.org/level1.html §2.1): build, fold, parse,
-and the policy that decides whether outgoing mail gets one.
+and two tests on outgoing mail (its one From address, whether it is a report). The policy
+that decides whether a mail gets a header is the milter's, not this module's.
 
 Pure functions. `build` returns the header value folded to at most 78 columns (with the
 header name) because Postfix's smtp client breaks lines over 998 characters, which would

@@ -20,9 +20,9 @@ upgrading dkimpy). The body is canonicalised and hashed once for all keys.
 XXX the upstream form of this would be a dkimpy `DKIM.sign` that accepts a parsed key
 object with a `sign(digest) -> bytes` method; until then we use its building blocks.
 
-Errors: an unreadable or malformed key raises `ConfigError` naming the file; a message
-without a From header raises ValueError (RFC 6376 §5.4: From must be signed); signing
-cannot fail otherwise.
+Errors: an unreadable or malformed key raises `ConfigError` naming the file (a key file
+that cannot be created, `generate_key`, an OSError); a message without a From header
+raises ValueError (RFC 6376 §5.4: From must be signed); signing cannot fail otherwise.
 """
 
 from __future__ import annotations
@@ -98,7 +98,9 @@ class DkimKey:
 
 def generate_key(path: Path, domain: str, selector: str, algorithm: Algorithm = "ed25519",
                  ) -> DkimKey:
-    """Create a new key file (mode 0600); refuses to overwrite an existing one."""
+    """Create a new key file, mode 0600 (less if the umask says so). An existing file is
+    never overwritten: FileExistsError, like every other failure to write it (an
+    OSError, not a ConfigError: callers check for the file first)."""
     private: ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
     if algorithm == "ed25519":
         private = ed25519.Ed25519PrivateKey.generate()
@@ -141,7 +143,7 @@ def load_key(path: Path, domain: str, selector: str,
 def domain_keys(domain: DomainConfig) -> tuple[DkimKey, ...]:
     """The keys a domain signs with, in the order of their signatures: dkim_rsa_key first
     (verifiers that check only the topmost signature, dkimpy's `verify` among them, all
-    know RSA), then dkim_key. None when neither is set."""
+    know RSA), then dkim_key. Empty when neither is set."""
     keys = []
     if domain.dkim_rsa_key:
         keys.append(load_key(Path(domain.dkim_rsa_key), domain.name, domain.dkim_rsa_selector,

@@ -2,7 +2,10 @@
 
 Each carries a human reason that is safe to show to the person who caused it (a refusal
 line on stderr, an SMTP reply text, a log line). Callers turn `Unavailable` into a temporary
-failure and everything else into a permanent refusal.
+failure (451; a command exits 75) and `Refused` into a permanent refusal (5xx; exit 2).
+The rest (`DirectoryError`, `config.ConfigError`) are faults of the service, not of the
+sender: the milter answers a submission they stop with a temporary failure too, so nothing
+is lost while an administrator fixes them, and lets other mail pass; a command exits 1.
 """
 
 from __future__ import annotations
