@@ -375,12 +375,9 @@ def _subpackets(area: bytes) -> list[tuple[int, bytes]]:
     return items
 
 
-def signature_version(body: bytes) -> int:
-    return body[0] if body else 0
-
-
 def parse_signature(body: bytes) -> Signature:
-    """Parse a v4 signature packet body (callers check the version first)."""
+    """Parse a v4 signature packet body; another version, like malformed bytes, raises
+    KeyRefused."""
     reader = _Reader(body, "signature packet")
     if reader.byte() != 4:
         raise KeyRefused("not a v4 signature")
