@@ -341,22 +341,6 @@ class LdapStore:
         (found,) = self._searches(self._holdings_queries(asked))
         return self._split_holdings(asked, found)
 
-    def find_by_fingerprint(self, fingerprint: Fingerprint) -> StoredKey | None:
-        """The entry whose key has this primary or subkey fingerprint."""
-        value = escape_filter_chars(fingerprint.hex)
-        entries = self._search(
-            self.config.base_dn, f"(|(gpgFingerprint={value})(gpgSubFingerprint={value}))",
-            [*KEY_ATTRIBUTES, PREFER_ENCRYPT])
-        keys = [k for k in (stored_key(e) for e in entries) if k is not None]
-        return keys[0] if keys else None
-
-    def find_by_hash(self, hash_: str, domain: str) -> list[StoredKey]:
-        """Keys published for the WKD name <hash>@<domain> (the responder's cache miss)."""
-        value = escape_filter_chars(f"{hash_}@{domain}".lower())
-        entries = self._search(self.config.base_dn, f"(wkdAddressHash={value})",
-                               [*KEY_ATTRIBUTES, PREFER_ENCRYPT])
-        return [k for k in (stored_key(e) for e in entries) if k is not None]
-
     def list_keys(self) -> Iterator[StoredKey]:
         """Every published key below base_dn."""
         entries = self._search(self.config.base_dn, "(&(objectClass=wkdKeyHolder)(pgpKey=*))",
@@ -785,13 +769,6 @@ class LdapStore:
         if not self._delete_pending_dn(self._request_dn(request),
                                        f"(wkdNonce={escape_filter_chars(request.nonce)})"):
             raise NotFound("no pending request for this nonce")
-
-    def take_pending(self, nonce: str, address: Address, now: int | None = None,
-                     ) -> PendingRequest:
-        """Fetch and delete a request: of two concurrent takers only one gets it."""
-        request = self.get_pending(nonce, address, now)
-        self.delete_pending(request)
-        return request
 
     def _pending_entries(self, filt: str, *, with_key: bool = False) -> list[PendingRequest]:
         attributes = ["wkdNonce", "wkdAddress", "wkdFingerprint", "wkdCreated", "wkdExpires"]

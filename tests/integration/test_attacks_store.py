@@ -71,9 +71,10 @@ def test_subkey_squatting_cannot_block_the_owner_through_postfix(
     alice = published(sandbox, "alice@example.org")
     assert alice is not None
     with directory(sandbox) as store:
-        holder = store.find_by_fingerprint(Fingerprint.parse(bob.fpr))
-        assert holder is not None
-        assert holder.dn == stored.dn
+        fpr = Fingerprint.parse(bob.fpr)
+        held = store.holdings([fpr])
+        assert held.claims[fpr.hex].holder == stored.dn
+        assert held.attributes[fpr.hex] == ((stored.dn, True),)
         assert bob.fpr not in {s.fingerprint.hex for s in store.holdings(
             [Fingerprint.parse(bob.fpr)]).claims.values() if s.holder != stored.dn}
     # A correspondent looking Bob up by fingerprint finds exactly his key.

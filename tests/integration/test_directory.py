@@ -21,6 +21,7 @@ from milter_wkd.errors import Changed, Conflict, KeyRefused, NotFound, RateLimit
 from milter_wkd.sandbox.slapd import Slapd
 from milter_wkd.store import ldapstore as directory_module
 from milter_wkd.store.ldapstore import LdapStore
+from milter_wkd.store.ldapview import LdapKeyView
 from milter_wkd.store.model import (
     ClaimKind,
     KeyOrigin,
@@ -175,10 +176,15 @@ def test_replacing_a_key_leaves_nothing_of_the_old_one(
     # The new key has no alias user ID: the alias is no longer published.
     assert entry["gpgmailbox"] == ["alice@example.org"]
     assert len(entry["wkdaddresshash"]) == 1
-    assert store.find_by_fingerprint(old.fingerprint) is None
-    found = store.find_by_fingerprint(new.fingerprint)
-    assert found is not None
-    assert found.dn == slapd.users["alice"]["dn"]
+    # Nothing holds or claims the old material any more; the new key is alice's.
+    old_fprs = [old.fingerprint, *(Fingerprint.parse(f) for f in root_fprs(old))]
+    gone = store.holdings(old_fprs)
+    assert (gone.claims, gone.attributes) == ({}, {})
+    held = store.holdings([new.fingerprint])
+    alice_dn = slapd.users["alice"]["dn"]
+    assert held.claims[new.fingerprint.hex].holder == alice_dn
+    assert held.attributes[new.fingerprint.hex] == ((alice_dn, True),)
+    assert store.get_key(store.user(Address.parse("alice@example.org"))) == new
 
 
 def test_user_read_with_key_publishes_without_rereading(
@@ -254,7 +260,13 @@ def test_subkey_fingerprint_finds_the_key(store: LdapStore, publish: Publish,
                                           gpg_keys: dict[str, Any]) -> None:
     stored = publish("bob@example.org", gpg_keys["bob"].data)
     (sub,) = root_fprs(stored)
-    found = store.find_by_fingerprint(Fingerprint.parse(sub))
+    held = store.holdings([Fingerprint.parse(sub)])
+    assert held.claims[sub].holder == stored.dn
+    assert held.attributes[sub] == ((stored.dn, False),)  # held as a subkey
+    holder = store.find_user(Address.parse("bob@example.org"))
+    assert holder is not None
+    assert holder.dn == stored.dn
+    found = store.get_key(holder)
     assert found is not None
     assert found.fingerprint == stored.fingerprint
 
@@ -322,15 +334,22 @@ def test_remove_keeps_prefer_encrypt(store: LdapStore, slapd: Slapd, publish: Pu
         store.set_prefer_encrypt(alice, "always")
 
 
-def test_lookups_by_wkd_hash_and_listing(store: LdapStore, publish: Publish,
-                                         gpg_keys: dict[str, Any]) -> None:
-    publish("alice@example.org", gpg_keys["alice"].data)
+def test_lookups_by_wkd_hash_and_listing(
+        store: LdapStore, publish: Publish, gpg_keys: dict[str, Any],
+        config_for: Callable[..., DirectoryConfig]) -> None:
+    alice = publish("alice@example.org", gpg_keys["alice"].data)
     publish("bob@example.org", gpg_keys["bob"].data)
     alias_hash = wkd_hash(gpg_keys["alice"].gpg, "alice.liddell@example.org")
-    (found,) = store.find_by_hash(alias_hash, "example.org")
-    assert found.fingerprint.hex == gpg_keys["alice"].fingerprint
-    assert store.find_by_hash(alias_hash, "example.net") == []
-    assert store.find_by_hash("*", "example.org") == []
+    # The responder's view (a cache miss), as its own account.
+    view = LdapKeyView(config_for("wkd"))
+    try:
+        (found,) = view.lookup(f"{alias_hash}@example.org")
+        assert found.dn == alice.dn
+        assert openpgp.inspect_key(found.key).fingerprint.hex == gpg_keys["alice"].fingerprint
+        assert view.lookup(f"{alias_hash}@example.net") == []
+        assert view.lookup("*@example.org") == []
+    finally:
+        view.close()
     listed = {k.fingerprint.hex for k in store.list_keys()}
     assert listed == {gpg_keys["alice"].fingerprint, gpg_keys["bob"].fingerprint}
 
@@ -357,9 +376,9 @@ def test_pending_request_lifecycle(store: LdapStore) -> None:
         store.get_pending(request.nonce, Address.parse("alice@example.org"))
     with pytest.raises(NotFound):
         store.get_pending("m" * 32, Address.parse("bob@example.org"))
-    assert store.take_pending(request.nonce, request.address) == request
+    store.delete_pending(got)  # as the milter does when the request could not be sent
     with pytest.raises(NotFound):
-        store.take_pending(request.nonce, request.address)
+        store.get_pending(request.nonce, request.address)
     with pytest.raises(NotFound):
         store.delete_pending(stored)
 
@@ -396,24 +415,39 @@ def test_malformed_nonces_are_refused(store: LdapStore, nonce: str) -> None:
         store.get_pending(nonce, Address.parse("bob@example.org"))
 
 
-def test_only_one_of_two_concurrent_takers_gets_a_request(store: LdapStore) -> None:
-    request = pending("c" * 32)
-    store.create_pending(request, limit=3)
-    results: list[object] = []
+def test_only_one_of_four_concurrent_confirmations_uses_a_request(
+        store: LdapStore, gpg_keys: dict[str, Any]) -> None:
+    bob = Address.parse("bob@example.org")
+    cleaned = openpgp.clean_key(gpg_keys["bob"].data, [bob])
+    request = store.create_pending(
+        dataclasses.replace(pending("c" * 32), fingerprint=cleaned.info.fingerprint), limit=3)
+    barrier = threading.Barrier(4)
+    outcome: list[str] = []
 
-    def take() -> None:
+    def confirm() -> None:
+        found = store.get_pending(request.nonce, bob)  # the milter's way: look up, then use
+        user = store.find_user(bob, with_key=True)
+        assert user is not None
+        barrier.wait()
         try:
-            results.append(store.take_pending(request.nonce, request.address))
-        except NotFound as exc:
-            results.append(exc)
+            store.publish_key(user, cleaned,
+                              Provenance(KeyOrigin.WKS_CONFIRMED, "t", int(time.time())),
+                              consume=found)
+            outcome.append("published")
+        except NotFound:
+            outcome.append("used already")
+        except Changed:
+            outcome.append("retry")  # another one changed bob's entry first: 451, retried
 
-    threads = [threading.Thread(target=take) for _ in range(4)]
+    threads = [threading.Thread(target=confirm) for _ in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert results.count(request) == 1
-    assert sum(isinstance(r, NotFound) for r in results) == 3
+    assert outcome.count("published") == 1, outcome
+    # Every retry finds the request used up.
+    with pytest.raises(NotFound):
+        store.get_pending(request.nonce, bob)
 
 
 # -- change token, access paths, threads ---------------------------------------------------
@@ -437,11 +471,14 @@ def test_responder_account_reads_keys_and_change_token(
         config_for: Callable[..., DirectoryConfig], publish: Publish,
         gpg_keys: dict[str, Any]) -> None:
     publish("alice@example.org", gpg_keys["alice"].data)
-    with LdapStore(config_for("wkd")) as responder:
+    responder = LdapKeyView(config_for("wkd"))
+    try:
         assert responder.change_token()
         hash_ = wkd_hash(gpg_keys["alice"].gpg, "alice@example.org")
-        (found,) = responder.find_by_hash(hash_, "example.org")
-        assert found.fingerprint.hex == gpg_keys["alice"].fingerprint
+        (found,) = responder.lookup(f"{hash_}@example.org")
+        assert openpgp.inspect_key(found.key).fingerprint.hex == gpg_keys["alice"].fingerprint
+    finally:
+        responder.close()
 
 
 def test_sasl_external_over_ldapi(config_for: Callable[..., DirectoryConfig]) -> None:

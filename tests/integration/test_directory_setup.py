@@ -22,6 +22,7 @@ from milter_wkd.config import DirectoryConfig
 from milter_wkd.errors import KeyRefused
 from milter_wkd.sandbox.slapd import SETUP_STEPS, Slapd
 from milter_wkd.store.ldapstore import LdapStore
+from milter_wkd.store.ldapview import LdapKeyView
 from milter_wkd.store.model import KeyOrigin, Provenance
 from milter_wkd.values import Address
 from tests.support import ldapclient
@@ -80,11 +81,14 @@ def test_setup_on_a_running_server(existing_server: Slapd, gpg_keys: dict[str, A
         assert stored.fingerprint.hex == gpg_keys["alice"].fingerprint
         token = milter.change_token()
         assert token
-    with LdapStore(account(existing_server, "wkd")) as responder:
-        (found,) = responder.find_by_hash(stored.address_hashes[0].split("@")[0],
-                                          "example.org")
-        assert found.fingerprint == stored.fingerprint
+    responder = LdapKeyView(account(existing_server, "wkd"))
+    try:
+        (found,) = responder.lookup(stored.address_hashes[0])
+        assert found.dn == stored.dn
+        assert openpgp.inspect_key(found.key).fingerprint == stored.fingerprint
         assert responder.change_token() == token
+    finally:
+        responder.close()
     with LdapStore(account(existing_server, "milter")) as milter:
         huge = openpgp.clean_key(gpg_keys["bob"].data, None)
         bob = milter.user(Address.parse("bob@example.org"))
