@@ -67,11 +67,11 @@ def clean_for_address(key: bytes, address: Address) -> bytes:
 @dataclass(frozen=True, slots=True)
 class Answer:
     body: bytes | None  # None: nothing is published for the slot
-    dns: tuple[str, ...]
+    holders: tuple[str, ...]  # DNs of the entries whose keys make up body
 
     @property
     def cost(self) -> int:
-        return ENTRY_OVERHEAD + len(self.body or b"") + sum(len(d) for d in self.dns)
+        return ENTRY_OVERHEAD + len(self.body or b"") + sum(len(d) for d in self.holders)
 
 
 NOT_FOUND = Answer(None, ())
@@ -146,13 +146,13 @@ class KeyCache:
 
     def _build(self, slot: str, entries: Iterable[Published]) -> Answer:
         bodies: list[bytes] = []
-        dns: list[str] = []
+        holders: list[str] = []
         for entry in entries:
             body = self._clean(slot, entry)
             if body is not None:
                 bodies.append(body)
-                dns.append(entry.dn)
-        return Answer(b"".join(bodies), tuple(dns)) if bodies else NOT_FOUND
+                holders.append(entry.dn)
+        return Answer(b"".join(bodies), tuple(holders)) if bodies else NOT_FOUND
 
     def _clean(self, slot: str, entry: Published) -> bytes | None:
         address = next((a for a in entry.addresses if address_slot(a) == slot), None)
@@ -182,7 +182,7 @@ class KeyCache:
         self._answers[slot] = answer
         self.version += 1
         self._bytes += answer.cost
-        for dn in answer.dns:
+        for dn in answer.holders:
             slots = self._by_dn.get(dn, ())
             if slot not in slots:
                 self._by_dn[dn] = (*slots, slot)
@@ -201,7 +201,7 @@ class KeyCache:
             return
         self.version += 1
         self._bytes -= old.cost
-        for dn in old.dns:
+        for dn in old.holders:
             remaining = tuple(s for s in self._by_dn.get(dn, ()) if s != slot)
             if remaining:
                 self._by_dn[dn] = remaining
@@ -214,8 +214,8 @@ class KeyCache:
             return
         with self._lock:
             old = self._answers.get(slot)
-            if old is not None and old.body is not None and entry.dn not in old.dns:
-                self._put(slot, Answer(old.body + body, (*old.dns, entry.dn)))
+            if old is not None and old.body is not None and entry.dn not in old.holders:
+                self._put(slot, Answer(old.body + body, (*old.holders, entry.dn)))
             else:
                 self._put(slot, Answer(body, (entry.dn,)))
 
