@@ -2,9 +2,10 @@
 administration.
 
 list: one line per published key (fingerprint, addresses, provenance, flags).
-show ADDR: the metadata of the published key as JSON. export ADDR: the key (armored
-unless --binary). disable/enable ADDR: pgpDisabled, which the WKD responder, the Autocrypt
-hints and dirmngr honour.
+show ADDR: the metadata of the published key as JSON, with the URLs WKD clients fetch it
+from for each of its addresses ("wkd": advanced and direct form). export ADDR: the key
+(armored unless --binary). disable/enable ADDR: pgpDisabled, which the WKD responder, the
+Autocrypt hints and dirmngr honour.
 
 import ADDR [FILE]: finds the user owning ADDR in the directory ([directory] of --config)
 and publishes the key (file or stdin, binary or armored) for that user's addresses the way
@@ -26,7 +27,7 @@ import time
 from typing import Any
 
 from milter_wkd import config as config_module
-from milter_wkd import openpgp, publication
+from milter_wkd import openpgp, publication, wkd
 from milter_wkd.cli.io import read_input, write_output
 from milter_wkd.errors import NotFound
 from milter_wkd.publication import Policy
@@ -101,6 +102,9 @@ def _show(args: argparse.Namespace) -> int:
     info = openpgp.inspect_key(stored.key).as_json()
     info["dn"] = stored.dn
     info["disabled"] = stored.disabled
+    info["wkd"] = {str(address): {"advanced": wkd.advanced_url(address),
+                                  "direct": wkd.direct_url(address)}
+                   for address in stored.addresses}
     if stored.provenance is not None:
         info["provenance"] = {"source": stored.provenance.source.value,
                               "actor": stored.provenance.actor,

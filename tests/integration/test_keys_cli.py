@@ -17,7 +17,7 @@ from milter_wkd.sandbox.slapd import Slapd, _free_port
 from milter_wkd.store.ldapstore import LdapStore
 from milter_wkd.store.model import KeyOrigin
 from milter_wkd.values import Address
-from tests.support.gnupg import GnuPG
+from tests.support.gnupg import WKS_CLIENT, GnuPG
 
 pytestmark = pytest.mark.integration
 
@@ -158,6 +158,13 @@ def test_list_show_export_disable(store: LdapStore, config_file: Path,
     assert info["fingerprint"] == key.fingerprint
     assert info["provenance"]["source"] == "admin-import"
     assert info["disabled"] is False
+    # Where WKD clients fetch it, for each address; gpg-wks-client is the oracle.
+    assert set(info["wkd"]) == {"alice@example.org", "alice.liddell@example.org"}
+    for address, urls in info["wkd"].items():
+        advanced = key.gpg.run("--print-wkd-url", address, binary=WKS_CLIENT).stdout.decode()
+        assert urls["advanced"] == advanced.strip()
+        path = advanced.strip().split("/.well-known/openpgpkey/example.org/", 1)[1]
+        assert urls["direct"] == f"https://example.org/.well-known/openpgpkey/{path}"
     exported = cli("keys", "export", "alice@example.org", *config)
     assert exported.returncode == 0
     assert exported.stdout.startswith("-----BEGIN PGP PUBLIC KEY BLOCK-----")
