@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from milter_wkd.errors import MilterWkdError
-from milter_wkd.openpgp.cleaning import DEFAULT_CURVES, Limits, Policy
+from milter_wkd.openpgp.cleaning import DEFAULT_CURVES, MAX_INPUT_BYTES, Limits, Policy
 
 DEFAULT_PATH = Path("/etc/milter-wkd/milter-wkd.toml")
 ENV_PREFIX = "MILTER_WKD_"
@@ -72,7 +72,7 @@ _KNOWN_CURVES = DEFAULT_CURVES | {"brainpoolP256r1", "brainpoolP384r1", "brainpo
 
 @dataclass(frozen=True, slots=True)
 class KeysConfig:
-    max_input_bytes: int = field(default=90 * 1024 * 1024, metadata=_doc(
+    max_input_bytes: int = field(default=MAX_INPUT_BYTES, metadata=_doc(
         "Largest key (as given, armored or binary) that is read at all. The default takes a "
         "64 MiB flooded key, which is cleaned in a single linear pass."))
     max_published_bytes: int = field(default=64 * 1024, metadata=_doc(

@@ -167,11 +167,16 @@ def _problem_text(problem: str, sig_hash: int) -> str:
     return f"uses {name}, which GnuPG 2.2 or Sequoia rejects"
 
 
+# The largest key (armored or binary, as given) that is read at all: it takes a 64 MiB
+# flooded key. [keys] max_input_bytes defaults to it.
+MAX_INPUT_BYTES = 90 * 1024 * 1024
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Hard bounds on what a key may cost us. Defaults take a 64 MiB flooded key."""
 
-    max_input: int = 90 * 1024 * 1024
+    max_input: int = MAX_INPUT_BYTES
     max_signature_packet: int = 16 * 1024
     max_user_id: int = 2048
     max_candidates: int = 8
