@@ -5,9 +5,10 @@ Sections are dataclasses; each field's `doc` metadata is the documentation that
 overridden by the environment variable `MILTER_WKD_<SECTION>_<KEY>` (upper case), parsed
 as a TOML value when it is one and as a plain string otherwise.
 
-Default file: /etc/milter-wkd/milter-wkd.toml. Unknown sections or keys and values of the
-wrong type are errors (`ConfigError`) naming the key: a typo must not silently fall back
-to a default.
+Default file: /etc/milter-wkd/milter-wkd.toml (`--config FILE` names another); a missing
+file is an error (`ConfigMissing`), never a silent fall-back to the built-in defaults.
+Unknown sections or keys and values of the wrong type are errors (`ConfigError`) naming
+the key: a typo must not silently fall back to a default.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from milter_wkd.errors import MilterWkdError
+from milter_wkd.errors import MilterWkdError, Refused
 from milter_wkd.openpgp.cleaning import DEFAULT_CURVES, MAX_INPUT_BYTES, Limits, Policy
 
 DEFAULT_PATH = Path("/etc/milter-wkd/milter-wkd.toml")
@@ -31,6 +32,11 @@ ENV_PREFIX = "MILTER_WKD_"
 
 class ConfigError(MilterWkdError):
     """The configuration file or an override is wrong; the reason names the key."""
+
+
+class ConfigMissing(ConfigError, Refused):
+    """The configuration file does not exist: a usage error, refused (the command exits 2
+    with `refused: <reason>`)."""
 
 
 def _doc(text: str) -> dict[str, str]:
@@ -421,15 +427,15 @@ def build(data: dict[str, Any], environ: typing.Mapping[str, str] | None = None)
 
 def load(path: Path | str | None = None, environ: typing.Mapping[str, str] | None = None,
          ) -> Config:
-    """Read the config file (default DEFAULT_PATH; a missing default file means defaults)."""
-    explicit = path is not None
+    """Read the config file: path, or DEFAULT_PATH for None. A missing file is
+    `ConfigMissing` either way: built-in defaults (dc=example,dc=org) would let a command
+    act on a directory nobody chose."""
     file_path = Path(path) if path is not None else DEFAULT_PATH
     try:
         text = file_path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        if explicit:
-            raise ConfigError(f"config file {file_path} does not exist") from None
-        text = ""
+        given = "" if path is not None else " (the default; give another with --config FILE)"
+        raise ConfigMissing(f"config file {file_path} does not exist{given}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {file_path}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:

@@ -1,11 +1,21 @@
-"""Reading inputs and writing outputs for the command line, with size caps."""
+"""Reading inputs and writing outputs for the command line, with size caps; the
+`--config FILE` option as every command that reads the config file takes it."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
+from milter_wkd.config import DEFAULT_PATH
 from milter_wkd.errors import Refused
+
+
+def add_config_option(parser: argparse.ArgumentParser) -> None:
+    """--config FILE, default None: `config.load` then reads DEFAULT_PATH. A missing file,
+    given or default, ends the command: `config.ConfigMissing`, exit 2."""
+    parser.add_argument("--config", metavar="FILE",
+                        help=f"configuration file (default: {DEFAULT_PATH})")
 
 
 def read_input(path: str | None, limit: int) -> bytes:

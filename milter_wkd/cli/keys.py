@@ -14,7 +14,8 @@ fingerprint, size-capped), with provenance admin-import (actor: the local login 
 remove ADDR: removes the key of the user owning ADDR and everything derived from it.
 Refusals (unknown address, no key, a key without the user's addresses, a fingerprint
 published by someone else) exit 2 with `refused: <reason>`; an unreachable directory
-exits 75.
+exits 75. Every command reads --config FILE (default /etc/milter-wkd/milter-wkd.toml); a
+missing file exits 2.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 
 from milter_wkd import config as config_module
 from milter_wkd import openpgp, publication, wkd
-from milter_wkd.cli.io import read_input, write_output
+from milter_wkd.cli.io import add_config_option, read_input, write_output
 from milter_wkd.errors import NotFound
 from milter_wkd.publication import Policy
 from milter_wkd.store.ldapstore import LdapStore
@@ -46,34 +47,34 @@ def register(sub: Any) -> None:
     imp = commands.add_parser("import", help="publish a key for the user owning ADDR")
     imp.add_argument("address", metavar="ADDR", help="an address of the user")
     imp.add_argument("input", nargs="?", metavar="FILE", help="key file (default: stdin)")
-    imp.add_argument("--config", metavar="FILE", help="configuration file")
+    add_config_option(imp)
     imp.set_defaults(func=_import)
 
     listing = commands.add_parser("list", help="list published keys")
-    listing.add_argument("--config", metavar="FILE", help="configuration file")
+    add_config_option(listing)
     listing.set_defaults(func=_list)
 
     show = commands.add_parser("show", help="metadata of the key of the user owning ADDR")
     show.add_argument("address", metavar="ADDR")
-    show.add_argument("--config", metavar="FILE", help="configuration file")
+    add_config_option(show)
     show.set_defaults(func=_show)
 
     export = commands.add_parser("export", help="write the key of the user owning ADDR")
     export.add_argument("address", metavar="ADDR")
     export.add_argument("--binary", action="store_true", help="binary instead of armored")
     export.add_argument("-o", "--output", metavar="OUT", help="output file (default: stdout)")
-    export.add_argument("--config", metavar="FILE", help="configuration file")
+    add_config_option(export)
     export.set_defaults(func=_export)
 
     for name, disabled in (("disable", True), ("enable", False)):
         toggle = commands.add_parser(name, help=f"{name} the key of the user owning ADDR")
         toggle.add_argument("address", metavar="ADDR")
-        toggle.add_argument("--config", metavar="FILE", help="configuration file")
+        add_config_option(toggle)
         toggle.set_defaults(func=_toggle, disabled=disabled)
 
     remove = commands.add_parser("remove", help="remove the key of the user owning ADDR")
     remove.add_argument("address", metavar="ADDR", help="an address of the user")
-    remove.add_argument("--config", metavar="FILE", help="configuration file")
+    add_config_option(remove)
     remove.set_defaults(func=_remove)
 
 

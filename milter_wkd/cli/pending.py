@@ -1,7 +1,8 @@
 """`milter-wkd pending expire|list`: pending WKS confirmation requests in the directory.
 
 expire is meant for cron or the systemd timer (systemd/milter-wkd-expire.timer): it deletes
-every request past its expiry and prints how many. LdapStore down exits 75.
+every request past its expiry and prints how many. Both read --config FILE (default
+/etc/milter-wkd/milter-wkd.toml); a missing file exits 2, the directory down 75.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import time
 from typing import Any
 
 from milter_wkd import config as config_mod
+from milter_wkd.cli.io import add_config_option
 from milter_wkd.store.ldapstore import LdapStore
 
 
@@ -18,10 +20,10 @@ def register(sub: Any) -> None:
     group = sub.add_parser("pending", help="pending WKS confirmation requests")
     commands = group.add_subparsers(dest="pending_command", required=True, metavar="ACTION")
     expire = commands.add_parser("expire", help="delete expired requests")
-    expire.add_argument("--config", default=str(config_mod.DEFAULT_PATH), metavar="FILE")
+    add_config_option(expire)
     expire.set_defaults(func=_expire)
     listing = commands.add_parser("list", help="list pending requests")
-    listing.add_argument("--config", default=str(config_mod.DEFAULT_PATH), metavar="FILE")
+    add_config_option(listing)
     listing.set_defaults(func=_list)
 
 

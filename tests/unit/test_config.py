@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from milter_wkd import config
+from milter_wkd.cli import main
 from milter_wkd.config import ConfigError
 
 
@@ -55,6 +56,33 @@ def test_domains_tables(tmp_path: Path) -> None:
 def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         config.load(tmp_path / "nope.toml", environ={})
+
+
+def test_missing_default_file_is_an_error_too(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not a silent fall-back to dc=example,dc=org.
+    monkeypatch.setattr(config, "DEFAULT_PATH", tmp_path / "milter-wkd.toml")
+    with pytest.raises(config.ConfigMissing, match=r"milter-wkd\.toml does not exist "
+                       r"\(the default; give another with --config FILE\)"):
+        config.load(None, environ={})
+    (tmp_path / "milter-wkd.toml").write_text('[directory]\nbase_dn = "dc=mine"\n')
+    assert config.load(None, environ={}).directory.base_dn == "dc=mine"
+
+
+@pytest.mark.parametrize("command", [["keys", "list"], ["keys", "show", "a@example.org"],
+                                     ["pending", "list"], ["pending", "expire"]])
+def test_commands_on_the_directory_refuse_a_missing_config(
+        command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """One --config behaviour: a missing file, named or the default, exits 2 (before any
+    directory is asked)."""
+    missing = tmp_path / "nope.toml"
+    assert main([*command, "--config", str(missing)]) == 2
+    assert capsys.readouterr().err == f"refused: config file {missing} does not exist\n"
+    monkeypatch.setattr(config, "DEFAULT_PATH", tmp_path / "default.toml")
+    assert main(command) == 2
+    assert capsys.readouterr().err.startswith(
+        f"refused: config file {tmp_path / 'default.toml'} does not exist (the default")
 
 
 def test_the_responder_binds_as_its_own_account() -> None:
