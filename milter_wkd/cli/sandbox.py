@@ -45,6 +45,8 @@ def _up(args: argparse.Namespace) -> int:
         print(f"  {label:<16} {info[key]['host']}:{info[key]['port']}")
     for name, user in info["users"].items():
         print(f"  user {name:<11} {user['address']} / {user['password']}")
+    if info.get("check_command"):
+        print(f"check it with: {info['check_command']}")
     print(f"stop it with: milter-wkd sandbox down --dir {info['dir']}")
     return 0
 
