@@ -15,9 +15,9 @@ tools/gpg-wks-server.c and gpg-wks-client.c as the reference) as data in, decisi
   the decrypt callback the parsers take from the submission key's secret key.
 
 Reads only the bytes it is given; no sockets, no directory, no clock (`now` is passed in).
-Mail is parsed with the standard `email` package under caps (whole mail, header block,
-every header value it parses, number and nesting of parts). Generated mail is bytes with
-CRLF line ends, ready for SMTP and DKIM; UTF-8 addresses need SMTPUTF8 from the mailer.
+Mail is read by `milter_wkd.mime`, under its caps (whole mail, header block, every header
+value it reads, number and nesting of parts). Generated mail is bytes with CRLF line ends,
+ready for SMTP and DKIM; UTF-8 addresses need SMTPUTF8 from the mailer.
 
 Errors: anything we will not process raises `MessageRefused` (or `BadAddress`, `KeyRefused`:
 all `Refused`) with a reason fit for an SMTP reply or a log line; no other exception
@@ -29,31 +29,23 @@ from __future__ import annotations
 
 import binascii
 import email.header
-import email.parser
-import email.policy
-import functools
 import hmac
 import re
 import secrets
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.headerregistry import AddressHeader, BaseHeader, HeaderRegistry
-from email.message import EmailMessage, Message
 from email.utils import format_datetime
-from typing import Any, cast
 
-from milter_wkd.errors import MessageRefused, Refused
+from milter_wkd import mime
+from milter_wkd.errors import MessageRefused
+from milter_wkd.mime import Entity
 from milter_wkd.openpgp import messages
 from milter_wkd.values import Address, Fingerprint
 from milter_wkd.wkd import zbase32
 
 WKS_DRAFT_VERSION = 3
 DEFAULT_MAX_MAIL = 2 * 1024 * 1024
-MAX_HEADER_BLOCK = 64 * 1024
-MAX_PARTS = 16
-MAX_DEPTH = 3
 # A WKS name-value body is five short lines; gpg-wks-server reads a few hundred octets.
 MAX_WKS_BODY = 4096
 
@@ -68,54 +60,6 @@ Decrypt = Callable[[bytes], bytes]
 
 _NONCE = re.compile(r"^[a-z0-9]{16,64}$")
 _NAME_VALUE = re.compile(r"^([A-Za-z][A-Za-z0-9-]*):[ \t]*(.*?)[ \t]*$")
-# The stdlib's structured header parser is quadratic or worse on some hostile values (a
-# 60 KB From of escaped quotes takes minutes). It runs only when a header is looked at, so
-# every header we look at (From, Content-Type, Content-Transfer-Encoding, ...) is capped.
-MAX_PARSED_HEADER = 512
-
-
-class _ClassCachingRegistry(HeaderRegistry):
-    """The stdlib's header registry, minus its habit of building a new class with type()
-    on every header it parses (a third of the cost of reading a short header)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._classes: dict[str, type[BaseHeader]] = {}
-
-    def __getitem__(self, name: str) -> type[BaseHeader]:
-        key = name.lower()
-        cls = self._classes.get(key)
-        if cls is None:
-            cls = super().__getitem__(key)
-            # Bounded: header names come from mail, and each class stays for good.
-            if len(self._classes) < 256:
-                self._classes[key] = cls
-        return cls
-
-
-class _BoundedPolicy(email.policy.EmailPolicy):
-    """policy.default, refusing to parse any header value longer than MAX_PARSED_HEADER.
-    A header value is parsed once per mail, however often it is looked at (the parsers
-    ask an entity for its Content-Type many times)."""
-
-    def header_fetch_parse(self, name: str, value: str) -> str:
-        if len(value) > MAX_PARSED_HEADER:
-            raise MessageRefused(
-                f"the {name[:40]} header is longer than {MAX_PARSED_HEADER} characters")
-        if type(value) is str:
-            return _parsed_header(self, name, value)
-        parsed: str = super().header_fetch_parse(name, value)
-        return parsed
-
-
-@functools.lru_cache(maxsize=64)
-def _parsed_header(policy: _BoundedPolicy, name: str, value: str) -> str:
-    """The parsed header; the header objects are read, never changed, so they are shared."""
-    parsed: str = email.policy.EmailPolicy.header_fetch_parse(policy, name, value)
-    return parsed
-
-
-_POLICY = _BoundedPolicy(header_factory=_ClassCachingRegistry())
 
 
 def decrypter(secret_key: bytes, *, max_plaintext: int = messages.DEFAULT_MAX_PLAINTEXT,
@@ -133,151 +77,24 @@ def decrypter(secret_key: bytes, *, max_plaintext: int = messages.DEFAULT_MAX_PL
 
 # --- parsing ----------------------------------------------------------------------------
 
-@contextmanager
-def _mail_errors(what: str) -> Iterator[None]:
-    """Turn the email package's surprises into refusals."""
-    try:
-        yield
-    except Refused:
-        raise
-    # The stdlib header parser has raised IndexError, AttributeError, TypeError, ValueError
-    # and RecursionError on hostile headers over the years; none may escape.
-    except Exception as exc:  # noqa: BLE001
-        raise MessageRefused(f"malformed {what}: {type(exc).__name__}") from None
-
-
-def _parse_entity(raw: bytes, what: str, max_size: int) -> Message:
-    if len(raw) > max_size:
-        raise MessageRefused(f"{what} is larger than {max_size} octets")
-    with _mail_errors(what):
-        return _entity(raw, what, 0, [0])
-
-
-def _split_head(raw: bytes) -> tuple[bytes, bytes]:
-    """(header block with its blank line, body). A mail without a body is all header.
-    Only the first MAX_HEADER_BLOCK octets are searched: a longer header is refused anyway,
-    and a search through a 30 MB body for a blank line it does not have costs time."""
-    if raw.startswith((b"\r\n", b"\n")):
-        return b"\n", raw[2 if raw.startswith(b"\r\n") else 1 :]
-    window = MAX_HEADER_BLOCK + 4
-    ends = [(pos, size) for pos, size in ((raw.find(b"\r\n\r\n", 0, window), 4),
-                                          (raw.find(b"\n\n", 0, window), 2)) if pos >= 0]
-    if not ends:
-        if len(raw) > MAX_HEADER_BLOCK:
-            raise MessageRefused(f"more than {MAX_HEADER_BLOCK} octets of header")
-        return raw + b"\n\n", b""
-    pos, size = min(ends)
-    return raw[: pos + size], raw[pos + size :]
-
-
-def _entity(raw: bytes, what: str, depth: int, count: list[int]) -> Message:
-    """A MIME entity as a stdlib Message tree, the headers parsed by the stdlib and the
-    bodies split here. The stdlib's feed parser walks a body line by line (seconds for the
-    30 MB submission of a flooded key); multipart bodies are split at their boundaries
-    with bytes.find instead, and leaf bodies are kept as they are (decoded on request)."""
-    count[0] += 1
-    if count[0] > MAX_PARTS:
-        raise MessageRefused(f"{what} has more than {MAX_PARTS} MIME parts")
-    if depth > MAX_DEPTH:
-        raise MessageRefused(f"{what} nests MIME parts deeper than {MAX_DEPTH}")
-    head, body = _split_head(raw)
-    if len(head) > MAX_HEADER_BLOCK:
-        raise MessageRefused(f"{what} has more than {MAX_HEADER_BLOCK} octets of header")
-    entity = email.parser.BytesParser(_class=_Entity, policy=_POLICY).parsebytes(
-        head, headersonly=True)
-    if entity.get_content_maintype() == "multipart":
-        boundary = entity.get_boundary()
-        if not boundary or len(boundary) > 70:
-            raise MessageRefused(f"{what}: a multipart part without parts (no usable boundary)")
-        children = [_entity(part, what, depth + 1, count)
-                    for part in _split_multipart(body, boundary.encode("ascii", "replace"))]
-        if not children:
-            raise MessageRefused(f"{what}: a multipart part without parts")
-        entity.set_payload(cast(Any, children))
-    elif isinstance(entity, _Entity):
-        # The str payload the stdlib wants is made only if a transfer encoding needs it
-        # (`_payload`): decoding a 30 MB body that is used as octets costs a tenth of a
-        # second and as much memory again.
-        entity.raw_body = body
-    else:  # pragma: no cover - the parser always makes _Entity
-        entity.set_payload(body.decode("ascii", "surrogateescape"))
-    return entity
-
-
-def _find_delimiter(body: bytes, delimiter: bytes, start: int) -> int:
-    """The next line that starts with delimiter and is a delimiter line (RFC 2046 §5.1.1:
-    nothing but white space or the closing "--" after the boundary)."""
-    while True:
-        found = body.find(delimiter, start)
-        if found < 0:
-            return -1
-        if found == 0 or body[found - 1 : found] == b"\n":
-            rest = body.find(b"\n", found)
-            tail = body[found + len(delimiter) : rest if rest >= 0 else len(body)]
-            if tail.startswith(b"--") or not tail.strip():
-                return found
-        start = found + 1
-
-
-def _split_multipart(body: bytes, boundary: bytes) -> list[bytes]:
-    delimiter = b"--" + boundary
-    position = _find_delimiter(body, delimiter, 0)
-    if position < 0:
-        raise MessageRefused("a multipart body without its first boundary")
-    parts: list[bytes] = []
-    while True:
-        if body[position + len(delimiter) : position + len(delimiter) + 2] == b"--":
-            return parts
-        line_end = body.find(b"\n", position)
-        if line_end < 0:
-            return parts
-        start = line_end + 1
-        following = _find_delimiter(body, delimiter, start)
-        if following < 0:
-            # No closing delimiter: the last part runs to the end (the stdlib does the same).
-            parts.append(body[start:])
-            return parts
-        end = following
-        # The line break before a delimiter belongs to the delimiter.
-        if body[end - 2 : end] == b"\r\n":
-            end -= 2
-        elif body[end - 1 : end] == b"\n":
-            end -= 1
-        parts.append(body[start:max(start, end)])
-        if len(parts) > MAX_PARTS:
-            raise MessageRefused(f"more than {MAX_PARTS} MIME parts")
-        position = following
-
-
-def _children(part: Message) -> list[Message]:
-    children = part.get_payload()
-    if not part.is_multipart() or not isinstance(children, list):
-        raise MessageRefused("a multipart part without parts")
-    return [child for child in children if isinstance(child, Message)]
-
-
-def _single_header(entity: Message, name: str) -> str | None:
-    with _mail_errors(f"{name} header"):
-        values = entity.get_all(name) or []
+def _single_header(entity: Entity, name: str) -> str | None:
+    values = entity.headers(name)
     if len(values) > 1:
         raise MessageRefused(f"more than one {name} header")
-    return str(values[0]) if values else None
+    return values[0] if values else None
 
 
-def _from_address(entity: Message) -> Address:
-    if _single_header(entity, "From") is None:
+def _from_address(entity: Entity) -> Address:
+    value = _single_header(entity, "From")
+    if value is None:
         raise MessageRefused("no From header")
-    with _mail_errors("From header"):
-        header = entity["From"]
-        if not isinstance(header, AddressHeader):
-            raise MessageRefused("unreadable From header")
-        specs = [a.addr_spec for a in header.addresses]
+    specs = mime.address_list(value, "From")
     if len(specs) != 1:
         raise MessageRefused("From must hold exactly one address")
     return Address.parse(specs[0])
 
 
-def _draft_version(entity: Message) -> int | None:
+def _draft_version(entity: Entity) -> int | None:
     value = _single_header(entity, "Wks-Draft-Version")
     if value is None:
         return None
@@ -287,86 +104,58 @@ def _draft_version(entity: Message) -> int | None:
     return int(value)
 
 
-_IDENTITY_ENCODINGS = frozenset({"", "7bit", "8bit", "binary"})
-
-
-class _Entity(EmailMessage):
-    """A parsed entity that keeps its body's octets as they came: for bodies without a
-    transfer encoding, decoding 30 MB to str and encoding it back costs a tenth of a second."""
-
-    raw_body: bytes | None = None
-
-
-def _payload(part: Message) -> bytes:
-    if isinstance(part, _Entity) and part.raw_body is not None:
-        with _mail_errors("MIME part"):
-            encoding = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
-        if encoding in _IDENTITY_ENCODINGS:
-            return part.raw_body
-        # As the stdlib's BytesParser keeps a body: ASCII with surrogate escapes.
-        part.set_payload(part.raw_body.decode("ascii", "surrogateescape"))
-    with _mail_errors("MIME part"):
-        data = part.get_payload(decode=True)
-    if not isinstance(data, bytes):
-        raise MessageRefused("a MIME part has no body")
-    return data
-
-
-def _pgp_mime_ciphertext(entity: Message) -> bytes:
+def _pgp_mime_ciphertext(entity: Entity) -> bytes:
     """The encrypted body of an RFC 3156 §4 multipart/encrypted entity."""
-    protocol = str(entity.get_param("protocol", "") or "").strip().lower()
+    protocol = (entity.param("protocol") or "").strip().lower()
     if protocol != "application/pgp-encrypted":
         raise MessageRefused("multipart/encrypted without protocol=application/pgp-encrypted")
-    parts = _children(entity)
+    parts = entity.parts()
     if len(parts) != 2:
         raise MessageRefused("multipart/encrypted must have exactly two parts")
     control, body = parts
-    if control.get_content_type() != "application/pgp-encrypted":
+    if control.content_type != "application/pgp-encrypted":
         raise MessageRefused("first part of multipart/encrypted is not application/pgp-encrypted")
-    lines = [line.strip() for line in _payload(control).splitlines() if line.strip()]
+    lines = [line.strip() for line in control.payload().splitlines() if line.strip()]
     if lines != [b"Version: 1"]:
         raise MessageRefused("the application/pgp-encrypted part must say 'Version: 1'")
-    if body.get_content_type() != "application/octet-stream":
+    if body.content_type != "application/octet-stream":
         raise MessageRefused("second part of multipart/encrypted is not application/octet-stream")
-    return _payload(body)
+    return body.payload()
 
 
-def _find_part(entity: Message, wanted: str) -> Message:
+def _find_part(entity: Entity, wanted: str) -> Entity:
     """The entity itself when it has the wanted type, or the one such child of a
     multipart/mixed (some clients wrap the key in one, gpg's posteo form does)."""
-    if entity.get_content_type() == wanted:
+    if entity.content_type == wanted:
         return entity
-    if entity.get_content_type() == "multipart/mixed":
-        children = _children(entity)
-        found = [c for c in children if c.get_content_type() == wanted]
-        others = [c for c in children
-                  if c.get_content_type() != wanted and c.get_content_maintype() != "text"]
+    if entity.content_type == "multipart/mixed":
+        children = entity.parts()
+        found = [c for c in children if c.content_type == wanted]
+        others = [c for c in children if c.content_type != wanted and c.maintype != "text"]
         if len(found) == 1 and not others:
             return found[0]
         if len(found) > 1:
             raise MessageRefused(f"more than one {wanted} part")
-    raise MessageRefused(f"expected a {wanted} part, found {entity.get_content_type()}")
+    raise MessageRefused(f"expected a {wanted} part, found {entity.content_type}")
 
 
 def _plaintext_body(plaintext: bytes, wanted: str, max_size: int) -> bytes:
     """The body of the wanted type from a decrypted MIME entity. A plaintext without any
     MIME header is taken as that body itself (bare armored keys, bare WKS data)."""
-    entity = _parse_entity(plaintext, "decrypted message", max_size)
-    with _mail_errors("decrypted message"):
-        if entity.get("Content-Type") is None:
-            return plaintext
-        return _payload(_find_part(entity, wanted))
+    entity = mime.parse(plaintext, "decrypted message", max_size)
+    if not entity.has("Content-Type"):
+        return plaintext
+    return _find_part(entity, wanted).payload()
 
 
 def _unwrap(raw: bytes, wanted: str, decrypt: Decrypt, max_mail: int,
-            ) -> tuple[Message, bytes, bool]:
+            ) -> tuple[Entity, bytes, bool]:
     """(the mail, the body of the wanted type, was it encrypted?)"""
-    mail = _parse_entity(raw, "mail", max_mail)
-    with _mail_errors("mail"):
-        if mail.get_content_type() == "multipart/encrypted":
-            ciphertext = _pgp_mime_ciphertext(mail)
-            return mail, _plaintext_body(decrypt(ciphertext), wanted, max_mail), True
-        return mail, _payload(_find_part(mail, wanted)), False
+    mail = mime.parse(raw, "mail", max_mail)
+    if mail.content_type == "multipart/encrypted":
+        ciphertext = _pgp_mime_ciphertext(mail)
+        return mail, _plaintext_body(decrypt(ciphertext), wanted, max_mail), True
+    return mail, _find_part(mail, wanted).payload(), False
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,7 +173,7 @@ def parse_submission(raw: bytes, decrypt: Decrypt, *,
                      max_mail: int = DEFAULT_MAX_MAIL) -> Submission:
     """Parse a WKS submission mail; `decrypt` opens the PGP/MIME body."""
     # Header values are parsed lazily, on first access: every access is guarded.
-    with _mail_errors("mail"):
+    with mime.refusing("mail"):
         mail, key, encrypted = _unwrap(raw, TYPE_PGP_KEYS, decrypt, max_mail)
         sender = _from_address(mail)
         if not key.strip():
@@ -438,7 +227,7 @@ def _field(fields: dict[str, str], name: str) -> str:
 def parse_confirmation_response(raw: bytes, decrypt: Decrypt, *,
                                 max_mail: int = DEFAULT_MAX_MAIL) -> ConfirmationResponse:
     """Parse a WKS confirmation response mail; `decrypt` opens the PGP/MIME body."""
-    with _mail_errors("mail"):
+    with mime.refusing("mail"):
         mail, body, encrypted = _unwrap(raw, TYPE_WKS, decrypt, max_mail)
         sender = _from_address(mail)
     return _response(sender, body, encrypted)
@@ -460,20 +249,18 @@ def _response(sender: Address, body: bytes, encrypted: bool) -> ConfirmationResp
     return ConfirmationResponse(address, submission_address, nonce, encrypted)
 
 
-def _kind_of(entity: Message) -> tuple[str, Message]:
+def _kind_of(entity: Entity) -> tuple[str, Entity]:
     """(TYPE_PGP_KEYS or TYPE_WKS, the part) as `_find_part` finds either."""
-    for wanted in (TYPE_PGP_KEYS, TYPE_WKS):
-        if entity.get_content_type() == wanted:
-            return wanted, entity
-    if entity.get_content_type() == "multipart/mixed":
-        children = _children(entity)
-        found = [c for c in children if c.get_content_type() in (TYPE_PGP_KEYS, TYPE_WKS)]
+    if entity.content_type in (TYPE_PGP_KEYS, TYPE_WKS):
+        return entity.content_type, entity
+    if entity.content_type == "multipart/mixed":
+        found = [c for c in entity.parts() if c.content_type in (TYPE_PGP_KEYS, TYPE_WKS)]
         if len(found) == 1:
-            return found[0].get_content_type(), _find_part(entity, found[0].get_content_type())
+            return found[0].content_type, _find_part(entity, found[0].content_type)
         if len(found) > 1:
             raise MessageRefused(f"more than one {TYPE_PGP_KEYS} or {TYPE_WKS} part")
     raise MessageRefused(f"expected a {TYPE_PGP_KEYS} or {TYPE_WKS} part, found "
-                         f"{entity.get_content_type()}")
+                         f"{entity.content_type}")
 
 
 def _bare_kind(plaintext: bytes) -> str:
@@ -487,20 +274,20 @@ def parse_message(raw: bytes, decrypt: Decrypt, *, max_mail: int = DEFAULT_MAX_M
     """A mail to the submission address: a key publishing request or a confirmation
     response, told apart by the type of the (decrypted) part, so that a refusal names
     what is wrong with the message it is (decrypted once, not once per guess)."""
-    with _mail_errors("mail"):
-        mail = _parse_entity(raw, "mail", max_mail)
-        encrypted = mail.get_content_type() == "multipart/encrypted"
+    with mime.refusing("mail"):
+        mail = mime.parse(raw, "mail", max_mail)
+        encrypted = mail.content_type == "multipart/encrypted"
         if encrypted:
             plaintext = decrypt(_pgp_mime_ciphertext(mail))
-            entity = _parse_entity(plaintext, "decrypted message", max_mail)
-            if entity.get("Content-Type") is None:
+            entity = mime.parse(plaintext, "decrypted message", max_mail)
+            if not entity.has("Content-Type"):
                 kind, body = _bare_kind(plaintext), plaintext
             else:
                 kind, part = _kind_of(entity)
-                body = _payload(part)
+                body = part.payload()
         else:
             kind, part = _kind_of(mail)
-            body = _payload(part)
+            body = part.payload()
         sender = _from_address(mail)
         if kind == TYPE_PGP_KEYS:
             if not body.strip():
@@ -664,7 +451,7 @@ def build_notice(*, submission_address: Address, address: Address, subject: str,
     ]
     if in_reply_to and re.fullmatch(r"<[\x21-\x3d\x3f-\x7e]{1,250}>", in_reply_to.strip()):
         after.append(("In-Reply-To", in_reply_to.strip()))
-    with _mail_errors("notice"):
+    with mime.refusing("notice"):
         encoding, body = _text_body(_clean_text(text, 16 * 1024))
         subject_line = _subject(one_line, utf8).encode("utf-8") + CRLF
     return b"".join([
