@@ -9,7 +9,9 @@ Content-Transfer-Encoding) and RFC 2046 §5.1 (multipart bodies) that the struct
   leaf bodies kept as octets;
 - `Entity.header`, `.param`, `.boundary`, `.parts`, `.payload` (transfer-decoded: identity,
   base64 or quoted-printable; any other encoding is refused);
-- `address_list`: the addresses of a From header, read by the stdlib's RFC 5322 parser.
+- `address_list`: the addresses of a From header. The plain forms (an addr-spec, alone or
+  after a display name of words or simple quoted strings) are read by a regular
+  expression; everything else by the stdlib's RFC 5322 parser.
 
 Fields are split as the stdlib's feed parser splits them (compat32: a line that is neither
 a field nor a continuation ends the block) and parameters are read as
@@ -62,6 +64,16 @@ _FIELD = re.compile(
 _SKIPPED = re.compile(rf"(?:From |[ \t])[^\r\n]*(?:{_BREAK}[ \t][^\r\n]*)*{_BREAK}?")
 # The structured parser for From; the registry makes a new class on every look-up.
 _ADDRESS_HEADER = HeaderRegistry()["from"]
+# The forms nearly every From takes, an addr-spec alone or after a display name of plain
+# words or simple quoted strings, read without that parser (it costs more than the rest of
+# a submission's MIME together); anything else goes to it. Left out on purpose: "=" and
+# "?" (encoded words, which the parser decodes and may refuse), backslashes, comments,
+# groups, domain literals, anything not ASCII.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/^_`{|}~-]"
+_ADDR_SPEC = rf"{_ATEXT}+(?:\.{_ATEXT}+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_WORD = rf'(?:{_ATEXT}+|"[ !#-<>@-\[\]-~]*")'
+_PLAIN_ADDRESS = re.compile(
+    rf"[ \t]*(?:(?:{_WORD}(?:[ \t]+{_WORD})*[ \t]*)?<({_ADDR_SPEC})>|({_ADDR_SPEC}))[ \t]*")
 
 
 @contextmanager
@@ -231,6 +243,9 @@ def address_list(value: str, name: str = "From") -> list[str]:
     """The addr-specs of an RFC 5322 address-list header value (display names and groups
     dropped), read by the stdlib's structured parser; the value is one of `Entity.header`
     (capped)."""
+    plain = _PLAIN_ADDRESS.fullmatch(value)
+    if plain is not None:
+        return [plain.group(1) or plain.group(2)]
     with refusing(f"{name} header"):
         header = cast(AddressHeader, _ADDRESS_HEADER(name, value))
         return [address.addr_spec for address in header.addresses]

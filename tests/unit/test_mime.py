@@ -1,13 +1,16 @@
 """The bounded MIME reader (milter_wkd.mime): it splits fields and reads parameters as the
-stdlib does (compared with the stdlib on random input), bodies decode or are refused, and
-every cap holds. Whole WKS mails are in test_wks.py."""
+stdlib does (compared with the stdlib on random input), its From shortcut agrees with the
+stdlib's RFC 5322 parser wherever it applies, bodies decode or are refused, and every cap
+holds. Whole WKS mails are in test_wks.py."""
 
 from __future__ import annotations
 
 import base64
 import email.parser
 import quopri
+import string
 import time
+from email.headerregistry import HeaderRegistry
 from email.message import Message
 from email.policy import Compat32
 
@@ -140,8 +143,65 @@ def test_encoded_words_are_not_decoded_in_the_fields_we_read() -> None:
 
 # --- From -------------------------------------------------------------------------------
 
+ATEXT = string.ascii_letters + string.digits + "!#$%&'*+/=?^_`{|}~-"
+QTEXT = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in '"\\')
+ATOM = st.text(alphabet=ATEXT, min_size=1, max_size=6)
+LABEL = st.text(alphabet=string.ascii_letters + string.digits + "-", min_size=1, max_size=6)
+ADDR_SPEC = st.builds("{}@{}".format, st.lists(ATOM, min_size=1, max_size=3).map(".".join),
+                      st.lists(LABEL, min_size=1, max_size=3).map(".".join))
+WORD = ATOM | st.text(alphabet=QTEXT, max_size=8).map('"{}"'.format)
+BLANK = st.sampled_from(["", " ", "\t", "  "])
+PLAINISH = st.one_of(
+    st.builds("{}{}{}".format, BLANK, ADDR_SPEC, BLANK),
+    st.builds("{}{}{}<{}>{}".format, BLANK, st.lists(WORD, max_size=3).map(" ".join), BLANK,
+              ADDR_SPEC, BLANK))
+
+
+@st.composite
+def from_values(draw: st.DrawFn) -> str:
+    """Plain From values, some with a character inserted where it may or may not belong."""
+    value = draw(PLAINISH)
+    if draw(st.booleans()):
+        at = draw(st.integers(0, len(value)))
+        extra = draw(st.sampled_from([*'"\\()<>@,;:.[]=? \t', "=?", "\udcc3", "é"]))
+        value = value[:at] + extra + value[at:]
+    return value
+
+
+def stdlib_addresses(value: str) -> list[str] | None:
+    try:
+        header = HeaderRegistry()("From", value)
+        return [a.addr_spec for a in getattr(header, "addresses", ())]
+    except Exception:
+        return None
+
+
+@settings(max_examples=1500, deadline=None)
+@given(from_values())
+def test_the_plain_address_shortcut_agrees_with_the_stdlib(value: str) -> None:
+    plain = mime._PLAIN_ADDRESS.fullmatch(value)
+    if plain is not None:
+        assert [plain.group(1) or plain.group(2)] == stdlib_addresses(value)
+    theirs = stdlib_addresses(value)
+    if theirs is None:
+        with pytest.raises(MessageRefused, match="malformed From header"):
+            mime.address_list(value)
+    else:
+        assert mime.address_list(value) == theirs
+
+
+@pytest.mark.parametrize(("value", "plain"), [
+    ("user@example.org", True), ("User <user@example.org>", True),
+    ('"Doe, John" <j.doe@example.org>', True), ("<user@example.org>", True),
+    ("=?utf-8?q?J=C3=B6rg?= <user@example.org>", False), ("user@example.org (me)", False),
+    ("John Q. Public <jqp@example.org>", False), ("a@example.org, b@example.org", False),
+])
+def test_which_from_values_take_the_shortcut(value: str, plain: bool) -> None:
+    assert (mime._PLAIN_ADDRESS.fullmatch(value) is not None) == plain
+    assert mime.address_list(value) == stdlib_addresses(value)
+
+
 def test_from_values_the_stdlib_cannot_take_are_refused() -> None:
-    assert mime.address_list('"Doe, John" <j.doe@example.org>') == ["j.doe@example.org"]
     with pytest.raises(MessageRefused, match="malformed From header: ValueError"):
         mime.address_list("=?utf-8?q?a=0D=0ABcc=3A_x?= <user@localhost>")
 
