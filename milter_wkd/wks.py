@@ -327,9 +327,14 @@ explains how you can process this message anyway in a few manual steps.
 """
 
 
+_CONTROL = re.compile(r"[\x00-\x1f]")
+# Control characters but the line break and the tab.
+_CONTROL_IN_TEXT = re.compile(r"[\x00-\x08\x0b-\x1f]")
+
+
 def _headers(pairs: list[tuple[str, str]]) -> bytes:
     for name, value in pairs:
-        if any(ord(ch) < 0x20 for ch in value):
+        if _CONTROL.search(value):
             raise MessageRefused(f"control character in the {name} header")
     return b"".join(f"{name}: {value}".encode() + CRLF for name, value in pairs)
 
@@ -399,7 +404,7 @@ def build_confirmation_request(*, submission_address: Address, address: Address,
 
 def _clean_text(text: str, limit: int) -> str:
     """Drop control characters (keep newlines and tabs) from text that may quote input."""
-    return "".join(ch for ch in text[:limit] if ch in "\n\t" or ord(ch) >= 0x20)
+    return _CONTROL_IN_TEXT.sub("", text[:limit])
 
 
 # RFC 5322 §2.1.1: lines SHOULD stay within 78 characters; longer text lines are sent
