@@ -172,7 +172,7 @@ class Submission:
 def parse_submission(raw: bytes, decrypt: Decrypt, *,
                      max_mail: int = DEFAULT_MAX_MAIL) -> Submission:
     """Parse a WKS submission mail; `decrypt` opens the PGP/MIME body."""
-    # Header values are parsed lazily, on first access: every access is guarded.
+    # The decrypt callback may fail in ways of its own: those are refusals too.
     with mime.refusing("mail"):
         mail, key, encrypted = _unwrap(raw, TYPE_PGP_KEYS, decrypt, max_mail)
         sender = _from_address(mail)
