@@ -26,6 +26,7 @@ import base64
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,10 +39,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from wkd_memory import loaded_slapd, synthetic_key  # noqa: E402
 
+from milter_wkd.config import DirectoryConfig  # noqa: E402
 from milter_wkd.openpgp import armor_key, clean_key  # noqa: E402
+from milter_wkd.reconcile import Reconciler  # noqa: E402
 from milter_wkd.sandbox.daemons import free_port, terminate, wait_until  # noqa: E402
 from milter_wkd.sandbox.slapd import Slapd  # noqa: E402
 from milter_wkd.sandbox.wkd import WkdResponder  # noqa: E402
+from milter_wkd.store.ldapstore import LdapStore  # noqa: E402
 from milter_wkd.values import Address  # noqa: E402
 from milter_wkd.web.routes import policy_text  # noqa: E402
 from milter_wkd.wkd import address_hash  # noqa: E402
@@ -168,20 +172,34 @@ def check_same_answers(wkd: WkdResponder, nginx_port: int, keys: dict[str, bytes
 
 
 def freshness(slapd: Slapd, wkd: WkdResponder, rounds: int = 5) -> list[float]:
-    """Seconds from an ldapmodify that replaces u0's key until the responder serves it."""
+    """Seconds from an administrator's ldapmodify that replaces u0's pgpKey until the
+    responder serves it: the milter's key follower (milter_wkd.reconcile, run here as
+    `milter-wkd milter` runs it, bound as cn=milter) checks the edit and writes what is
+    derived from it; only then does the responder serve it."""
     address = Address.parse("u0@example.org")
     path = f"/.well-known/openpgpkey/example.org/hu/{address_hash(address)}"
+    milter = slapd.service_accounts["milter"]
+    store = LdapStore(DirectoryConfig(
+        uri=slapd.uri, bind_dn=milter["dn"], bind_password=milter["password"],
+        base_dn=slapd.people_dn, pending_base=slapd.pending_dn, claims_base=slapd.claims_dn,
+        mail_attributes=list(slapd.mail_attributes), pool_size=2))
+    follower = Reconciler(store)
+    follower.start()
     delays = []
-    for n in range(rounds):
-        key = synthetic_key(f"User 0 renewed {n} <u0@example.org>")
-        wanted = clean_key(key, [address]).key
-        ldif = (f"dn: uid=u0,{slapd.people_dn}\n"
-                "changetype: modify\nreplace: pgpKey\n"
-                f"pgpKey:: {base64.b64encode(armor_key(key)).decode()}\n-\n")
-        started = time.monotonic()
-        slapd.ldapmodify(ldif)
-        wait_until(lambda wanted=wanted: wkd.get(path)[2] == wanted, "the new key", 30)
-        delays.append(time.monotonic() - started)
+    try:
+        for n in range(rounds):
+            key = synthetic_key(f"User 0 renewed {n} <u0@example.org>")
+            wanted = clean_key(key, [address]).key
+            ldif = (f"dn: uid=u0,{slapd.people_dn}\n"
+                    "changetype: modify\nreplace: pgpKey\n"
+                    f"pgpKey:: {base64.b64encode(armor_key(key)).decode()}\n-\n")
+            started = time.monotonic()
+            slapd.ldapmodify(ldif)
+            wait_until(lambda wanted=wanted: wkd.get(path)[2] == wanted, "the new key", 30)
+            delays.append(time.monotonic() - started)
+    finally:
+        follower.stop()
+        store.close()
     return delays
 
 
@@ -283,7 +301,10 @@ def main() -> int:
                     print(f"round {round_ + 1}: {name:16} {run[0]:10.0f} req/s   "
                           f"p99 {run[1]:7.2f} ms   non-2xx {non_2xx.group(1) if non_2xx else 0}"
                           + per_request)
-            results = {name: sorted(r[:2] for r in found)[len(found) // 2]
+            # Median requests/s and, separately, median p99 (one hiccup in one round does
+            # not decide the latency figure).
+            results = {name: (statistics.median(r[0] for r in found),
+                              statistics.median(r[1] for r in found))
                        for name, found in runs.items()}
             for name, (rps, p99_ms) in results.items():
                 median_cpu = sorted(cpu[name])[len(cpu[name]) // 2] if cpu[name] else 0.0
@@ -301,7 +322,7 @@ def main() -> int:
                   f"milter-wkd p99 {p99:.2f} ms (target < 5 ms: "
                   f"{'met' if p99 < 5 else 'NOT met'})")
             delays = freshness(slapd, wkd)
-            print("freshness (ldapmodify -> new key served): "
+            print("freshness (an admin's ldapmodify -> checked by the follower -> served): "
                   + ", ".join(f"{d * 1000:.0f} ms" for d in delays))
             print(f"users {args.users}, {len(paths)} paths (90 % hits), wrk -t{args.threads} "
                   f"-c{args.connections} -d{args.duration}s x {args.rounds} rounds, "

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from milter_wkd.openpgp import armor_key  # noqa: E402
 from milter_wkd.sandbox.slapd import Slapd  # noqa: E402
-from milter_wkd.store.schema import address_slot  # noqa: E402
+from milter_wkd.store.schema import address_slot, key_digest  # noqa: E402
 from milter_wkd.values import Address  # noqa: E402
 
 ED25519_OID = bytes.fromhex("2b06010401da470f01")
@@ -93,7 +93,9 @@ def user_entries(count: int, people_dn: str,
                f"objectClass: wkdKeyHolder\nuid: u{n}\ncn: User {n}\nsn: {n}\n"
                f"mail: {address}\ngpgMailbox: {address}\n"
                f"wkdAddressHash: {address_slot(Address.parse(address))}\n"
-               f"pgpKey:: {base64.b64encode(armored).decode()}\n")
+               f"pgpKey:: {base64.b64encode(armored).decode()}\n"
+               # Written as the system writes it: a pgpKey without its digest is not served.
+               f"wkdKeyDigest: {key_digest(armored)}\n")
 
 
 def loaded_slapd(workdir: Path, users: int, keep: dict[str, bytes] | None = None) -> Slapd:
@@ -111,6 +113,8 @@ def loaded_slapd(workdir: Path, users: int, keep: dict[str, bytes] | None = None
     print(f"made {users} keys in {made:.1f} s, slapadd in "
           f"{time.monotonic() - started - made:.1f} s", file=sys.stderr)
     slapd.start()
+    # start() gives the service accounts their passwords only when it built slapd itself.
+    slapd.set_service_passwords()
     # A first write makes syncprov set contextCSN on the suffix.
     slapd.ldapmodify(f"dn: {slapd.people_dn}\nchangetype: modify\nreplace: description\n"
                      "description: loaded\n-\n")
