@@ -9,7 +9,7 @@ tools/gpg-wks-server.c and gpg-wks-client.c as the reference) as data in, decisi
 - `parse_confirmation_response`: the client's answer (encrypted to the submission key, or
   in the clear when the client found no key for us) carrying the nonce back;
 - `parse_message`: either of the two, told apart by the type of the (decrypted) part;
-- `build_notice` (`build_published_notice`, `build_refusal_notice`): a plain text mail from
+- `build_notice` (`build_published_notice`): a plain text mail from
   the submission address;
 - `new_nonce`, `nonces_equal`; `parse_wks_data` for the name-value lines; `decrypter` makes
   the decrypt callback the parsers take from the submission key's secret key.
@@ -477,12 +477,3 @@ def build_published_notice(*, submission_address: Address, address: Address,
     return build_notice(submission_address=submission_address, address=address,
                         subject="Your key has been published", text=text, now=now,
                         in_reply_to=in_reply_to)
-
-
-def build_refusal_notice(*, submission_address: Address, address: Address, reason: str,
-                         now: int, in_reply_to: str | None = None) -> bytes:
-    text = ("Your request to publish an OpenPGP key was refused:\n\n"
-            f"  {reason}\n\nNothing has been published or changed.\n")
-    return build_notice(submission_address=submission_address, address=address,
-                        subject="Your key publication request was refused", text=text,
-                        now=now, in_reply_to=in_reply_to)

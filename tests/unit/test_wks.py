@@ -434,10 +434,13 @@ def test_published_notice() -> None:
     assert fingerprint.hex in mail.get_content()
 
 
-def test_refusal_notice_neutralises_hostile_text() -> None:
-    raw = wks.build_refusal_notice(
+def test_a_notice_neutralises_hostile_text() -> None:
+    # What a notice repeats of the submission (a refused address, a reason) is text from
+    # outside.
+    raw = wks.build_notice(
         submission_address=SUBMISSION, address=USER, now=NOW,
-        reason="bad user ID 'x\r\nBcc: victim@example.net\x1b[2J' Jörg",
+        subject="Your key has been published",
+        text="refused: bad user ID 'x\r\nBcc: victim@example.net\x1b[2J' Jörg\n",
         in_reply_to="<x>\r\nBcc: victim@example.net")
     mail = email.message_from_bytes(raw, policy=email.policy.default)
     assert mail["Bcc"] is None
