@@ -46,7 +46,8 @@ def _doc(text: str) -> dict[str, str]:
 @dataclass(frozen=True, slots=True)
 class DirectoryConfig:
     uri: str = field(default="ldapi:///", metadata=_doc(
-        "LDAP URI of the directory: ldap://, ldaps:// or ldapi:// (a unix socket)."))
+        "LDAP URI of the directory: ldap://, ldaps:// or ldapi:// (a unix socket); several, "
+        "separated by spaces, are tried in order (failover to the next provider)."))
     bind_dn: str = field(default="", metadata=_doc(
         "DN to bind as. Empty: SASL EXTERNAL over ldapi://, anonymous otherwise."))
     bind_password: str = field(default="", metadata=_doc(

@@ -52,9 +52,7 @@ CONNECTION_ERRORS = (ldap.SERVER_DOWN, ldap.TIMEOUT, ldap.CONNECT_ERROR, OSError
 BUSY_RESULTS = (ldap.BUSY, ldap.UNAVAILABLE, ldap.TIMELIMIT_EXCEEDED, ldap.OTHER,
                  ldap.LOOP_DETECT, ldap.ADMINLIMIT_EXCEEDED)
 
-def _uri(config: DirectoryConfig) -> tuple[str, str]:
-    """The scheme and the URI as libldap wants it (an ldapi path percent-encoded)."""
-    uri = config.uri.strip()
+def _one_uri(uri: str) -> tuple[str, str]:
     scheme, sep, rest = uri.partition("://")
     scheme = scheme.lower()
     if not sep or scheme not in ("ldap", "ldaps", "ldapi"):
@@ -63,6 +61,27 @@ def _uri(config: DirectoryConfig) -> tuple[str, str]:
     if scheme == "ldapi":
         return scheme, "ldapi://" + quote(unquote(rest) or DEFAULT_LDAPI_SOCKET, safe="")
     return scheme, f"{scheme}://{rest}"
+
+
+def _uri(config: DirectoryConfig) -> tuple[str, str]:
+    """The scheme and the URI (list) as libldap wants it (ldapi paths percent-encoded).
+
+    `uri` may list several servers, separated by spaces or commas (providers in order of
+    preference, e.g. two OpenLDAP multi-provider peers): libldap tries them in that order
+    on every new connection, each within `timeout`, so a connection that broke (its server
+    died) is opened again on the next one that answers. The scheme that decides the bind
+    is "ldaps" when any is ldaps:// (certificates are checked), "ldapi" when all are."""
+    parts = [p for p in config.uri.replace(",", " ").split() if p]
+    if not parts:
+        raise DirectoryError("[directory] uri is empty")
+    found = [_one_uri(p) for p in parts]
+    schemes = {scheme for scheme, _ in found}
+    if len(schemes) > 1 and "ldapi" in schemes and not config.bind_dn:
+        raise DirectoryError("a list of directory URIs that mixes ldapi:// with others needs "
+                             "bind_dn (SASL EXTERNAL works over ldapi:// only)")
+    scheme = ("ldaps" if "ldaps" in schemes else "ldapi" if schemes == {"ldapi"}
+              else "ldap")
+    return scheme, " ".join(u for _, u in found)
 
 
 def _password(config: DirectoryConfig) -> str:

@@ -95,3 +95,37 @@ def test_unreachable_ldapi_socket(private_slapd: Slapd) -> None:
     missing = private_slapd.workdir / "no-such-socket"
     with LdapStore(config(private_slapd, uri=f"ldapi://{str(missing).replace('/', '%2F')}")) as d:
         assert timed_failure(d) < BOUND
+
+
+def test_a_list_of_servers_fails_over_to_the_next_that_answers(
+        private_slapd: Slapd, tmp_path: Path) -> None:
+    # Two providers as a URI list (replication is not the point here: both hold the
+    # example directory, and the second is given the same service passwords).
+    second = Slapd(tmp_path / "second")
+    second.service_accounts = private_slapd.service_accounts
+    second.start()
+    try:
+        dead = f"ldap://127.0.0.1:{_closed_port()}"
+        with LdapStore(config(private_slapd, f"{dead} {private_slapd.uri}")) as directory:
+            assert directory.find_user(ALICE) is not None  # the dead first one is skipped
+        both = f"{private_slapd.uri}, {second.uri}"
+        with LdapStore(config(private_slapd, both)) as directory:
+            assert directory.find_user(ALICE) is not None  # leaves a pooled connection
+            private_slapd.stop()
+            started = time.monotonic()
+            assert directory.find_user(ALICE) is not None  # reconnected to the second
+            assert time.monotonic() - started < BOUND
+            second.stop()
+            assert timed_failure(directory) < BOUND  # nobody answers: a temporary failure
+            private_slapd.start()
+            assert directory.find_user(ALICE) is not None  # the first is back
+    finally:
+        second.close()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
