@@ -1,6 +1,7 @@
 """Autocrypt Level 1 headers (https://autocrypt.org/level1.html §2.1): build, fold, parse,
-and two tests on outgoing mail (its one From address, whether it is a report). The policy
-that decides whether a mail gets a header is the milter's, not this module's.
+and three tests on outgoing mail (its one From address, whether it is a report, whether the
+sender's client does OpenPGP itself). The policy that decides whether a mail gets a header
+is the milter's, not this module's.
 
 Pure functions. `build` returns the header value folded to at most 78 columns (with the
 header name) because Postfix's smtp client breaks lines over 998 characters, which would
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from email.utils import getaddresses
 
@@ -24,6 +27,11 @@ from milter_wkd.values import Address
 HEADER = "Autocrypt"
 MAX_HEADER_BYTES = 10 * 1024
 MAX_COLUMNS = 78
+# How much of a text/plain body `client_does_openpgp` reads for inline PGP armor. Clients
+# that encrypt or sign inline put the armor first (gpg --clearsign, Enigmail, Mailvelope),
+# at most after a line or two; armor further down is quoted or pasted text, not what the
+# client did. 8 KiB holds any such preface and costs nothing next to DKIM's body hash.
+BODY_LOOK_BYTES = 8 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,3 +110,58 @@ def single_from_address(from_values: list[str]) -> Address | None:
 def is_multipart_report(content_type: str | None) -> bool:
     return content_type is not None and content_type.strip().lower().startswith(
         "multipart/report")
+
+
+_ARMOR = re.compile(rb"^-----BEGIN PGP (SIGNED )?MESSAGE-----", re.MULTILINE)
+_COMMENT = re.compile(r"\([^()]*\)")
+
+
+def client_does_openpgp(headers: Iterable[tuple[str, str]], body_start: bytes | None,
+                        ) -> str | None:
+    """Why the sender's client speaks OpenPGP itself (so an Autocrypt header of ours could
+    contradict the key it uses), or None. `headers`: the top-level header fields as sent;
+    `body_start`: the first BODY_LOOK_BYTES of the body, or None when it was not collected
+    (then the headers decide alone). A header field repeated counts if any instance says
+    so: receivers differ in which one they read, and staying out is the safe side."""
+    content_types: list[str] = []
+    transfer_encodings: list[str] = []
+    for raw_name, value in headers:
+        name = raw_name.strip().lower()
+        if name == "autocrypt":
+            return "the mail has an Autocrypt header of its own"
+        if name == "chat-version":
+            return "Chat-Version header (a chat-over-email client, e.g. Delta Chat)"
+        if name == "content-type":
+            content_types.append(_mime_type(value))
+        elif name == "content-transfer-encoding":
+            transfer_encodings.append(_mime_type(value))
+    for mime_type in content_types:
+        if mime_type in ("multipart/encrypted", "multipart/signed"):
+            return f"the client sent {mime_type} (PGP/MIME)"
+    plain = not content_types or "text/plain" in content_types
+    if body_start is None or not plain:
+        return None
+    text = body_start[:BODY_LOOK_BYTES]
+    if "base64" in transfer_encodings:
+        text = _decode_base64_start(text)
+    armor = _ARMOR.search(text)
+    if armor is None:
+        return None
+    return "inline PGP signed message" if armor.group(1) else "inline PGP message"
+
+
+def _mime_type(value: str) -> str:
+    """"type/subtype" of a Content-Type value (or a Content-Transfer-Encoding's token),
+    lowered, without parameters, comments, folding or white space."""
+    for _ in range(4):  # nested comments, innermost first; deeper nesting is not real mail
+        value = _COMMENT.sub("", value)
+    return "".join(value.split(";", 1)[0].split()).lower()
+
+
+def _decode_base64_start(data: bytes) -> bytes:
+    encoded = b"".join(data.split())
+    encoded = encoded[: len(encoded) - len(encoded) % 4]
+    try:
+        return binascii.a2b_base64(encoded)
+    except binascii.Error:
+        return b""

@@ -1,4 +1,7 @@
-"""Autocrypt header building, folding and parsing (Level 1 §2.1)."""
+"""Autocrypt header building, folding and parsing (Level 1 §2.1), and the test for mail
+whose client does OpenPGP itself (issue #14)."""
+
+import base64
 
 import pytest
 from hypothesis import given
@@ -65,3 +68,80 @@ def test_multipart_report() -> None:
     assert autocrypt.is_multipart_report("multipart/report; report-type=delivery-status")
     assert not autocrypt.is_multipart_report("multipart/mixed")
     assert not autocrypt.is_multipart_report(None)
+
+
+# --- client_does_openpgp: mail whose client does OpenPGP itself gets no header of ours ---
+
+PLAIN = [("From", "alice@example.org"), ("To", "bob@example.org"), ("Subject", "hi")]
+ENCRYPTED = 'multipart/encrypted; protocol="application/pgp-encrypted"; boundary="b"'
+
+
+@pytest.mark.parametrize(("extra", "body", "reason"), [
+    ([("Content-Type", ENCRYPTED)], None, "multipart/encrypted"),
+    ([("Content-Type", 'multipart/signed; micalg=pgp-sha256; protocol="application/'
+                       'pgp-signature"; boundary="b"')], None, "multipart/signed"),
+    ([("Content-Type", "multipart/Encrypted;\n\tprotocol=\"application/pgp-encrypted\"")],
+     None, "multipart/encrypted"),  # case, folded
+    ([("content-type", "MULTIPART/SIGNED")], None, "multipart/signed"),
+    ([("Content-Type", " multipart (PGP/MIME) / encrypted (really) ;boundary=x")], None,
+     "multipart/encrypted"),  # comments and white space around the slash
+    ([("Content-Type", "multipart/encrypted")], b"", "multipart/encrypted"),
+    # Repeated: readers differ in which one counts, so any one is enough.
+    ([("Content-Type", "text/plain"), ("Content-Type", ENCRYPTED)], None, "multipart/enc"),
+    ([("Content-Type", ENCRYPTED), ("Content-Type", "text/plain")], None, "multipart/enc"),
+    ([("Chat-Version", "1.0")], None, "Chat-Version"),
+    ([("CHAT-VERSION ", "")], None, "Chat-Version"),
+    ([("Autocrypt", "addr=alice@example.org; keydata=AAAA")], None, "Autocrypt header"),
+    ([("autocrypt", "nonsense")], None, "Autocrypt header"),
+    ([], b"-----BEGIN PGP MESSAGE-----\r\n\r\nhQEMA\r\n-----END PGP MESSAGE-----\r\n",
+     "inline PGP message"),
+    ([("Content-Type", "text/plain; charset=utf-8")],
+     b"-----BEGIN PGP SIGNED MESSAGE-----\r\nHash: SHA256\r\n\r\nHello\r\n",
+     "inline PGP signed message"),
+    ([("Content-Type", "Text/Plain")], b"Hello Bob,\r\n\r\n-----BEGIN PGP MESSAGE-----\r\n",
+     "inline PGP message"),  # a line of preface
+    ([("Content-Type", "text/plain"), ("Content-Transfer-Encoding", "Base64")],
+     base64.encodebytes(b"-----BEGIN PGP MESSAGE-----\r\n\r\nhQEMA\r\n"),
+     "inline PGP message"),
+])
+def test_a_client_that_does_openpgp_is_recognised(
+        extra: list[tuple[str, str]], body: bytes | None, reason: str) -> None:
+    found = autocrypt.client_does_openpgp(PLAIN + extra, body)
+    assert found is not None
+    assert reason in found
+
+
+@pytest.mark.parametrize(("extra", "body"), [
+    ([], None),
+    ([], b"Hello Bob.\r\n"),
+    ([("Content-Type", "text/plain; charset=utf-8")], b"Hello Bob.\r\n"),
+    ([("Content-Type", "multipart/mixed; boundary=\"multipart/encrypted\"")], None),
+    ([("Content-Type", "text/plain; x=\"multipart/signed\"")], None),
+    ([("Autocrypt-Gossip", "addr=bob@example.org; keydata=AAAA")], None),  # inner only
+    ([("X-Chat-Version", "1.0"), ("Chat-Versions", "1")], None),
+    ([], b"> -----BEGIN PGP MESSAGE-----\r\n"),  # quoted, not at a line start
+    ([], b"see -----BEGIN PGP SIGNED MESSAGE----- here\r\n"),
+    ([], b"-----BEGIN PGP PUBLIC KEY BLOCK-----\r\n"),  # a key attached, not a message
+    ([], b"x" * autocrypt.BODY_LOOK_BYTES + b"\r\n-----BEGIN PGP MESSAGE-----\r\n"),
+    # Armor in a part of a multipart mail is not the top-level body.
+    ([("Content-Type", "multipart/mixed; boundary=b")],
+     b"--b\r\n\r\n-----BEGIN PGP MESSAGE-----\r\n--b--\r\n"),
+    ([("Content-Type", "text/html")], b"-----BEGIN PGP MESSAGE-----\r\n"),
+])
+def test_a_client_without_openpgp_gets_none(extra: list[tuple[str, str]],
+                                            body: bytes | None) -> None:
+    assert autocrypt.client_does_openpgp(PLAIN + extra, body) is None
+
+
+def test_without_the_body_the_headers_decide_alone() -> None:
+    body = b"-----BEGIN PGP MESSAGE-----\r\n"
+    assert autocrypt.client_does_openpgp(PLAIN, body) is not None
+    assert autocrypt.client_does_openpgp(PLAIN, None) is None
+
+
+@given(st.lists(st.tuples(st.text(max_size=20), st.text(max_size=200)), max_size=8),
+       st.binary(max_size=300) | st.none())
+def test_any_headers_and_body_give_a_reason_or_none(headers: list[tuple[str, str]],
+                                                     body: bytes | None) -> None:
+    found = autocrypt.client_does_openpgp(headers, body)
+    assert found is None or isinstance(found, str)
