@@ -3,9 +3,15 @@ header and, optionally, our DKIM signature; other mail may lose Autocrypt header
 claim one of our domains.
 
 - Autocrypt ([milter] autocrypt): when the single From address is on one of our domains,
-  has a published, valid key, the mail carries no Autocrypt header yet and is no report
-  (multipart/report), the header with that key's minimal form is added. A logged-in sender
-  gets it only for a From address of their own.
+  has a published, valid key, the mail is no report (multipart/report) and the client does
+  no OpenPGP itself, the header with that key's minimal form is added. A logged-in sender
+  gets it only for a From address of their own. Our header is a fallback for clients without
+  OpenPGP and must never contradict the key a client uses (issue #14), so a mail gets none
+  when it has an Autocrypt or Chat-Version (Delta Chat) header, a top-level Content-Type
+  multipart/encrypted or multipart/signed (any instance, if repeated), or a text/plain body
+  with inline PGP armor at a line start in its first 8 KiB (autocrypt.client_does_openpgp;
+  logged at INFO with the reason). The body is looked at only when the milter collected it,
+  i.e. with dkim_sign_outgoing; without, headers decide alone and inline PGP gets a header.
 - DKIM ([milter] dkim_sign_outgoing): signed with the From domain's keys only when the
   provider vouches for the From: the logged-in user owns it (mail or alias), or the mail
   comes from trusted_networks (webmail, which checks its users itself).
@@ -147,18 +153,28 @@ class OutgoingMail:
                                           for index in range(existing, 0, -1)))
             return Accept()
         edits: list[HeaderEdit] = []
-        if (cfg.autocrypt and sender is not None and not existing
-                and sender.domain in self._domains
+        if (cfg.autocrypt and sender is not None and sender.domain in self._domains
                 and not autocrypt.is_multipart_report(_last(tx.header_values("Content-Type")))):
-            entry = self.autocrypt.entry(sender)
-            if entry.keydata is not None and self._sender_may_use(tx, entry):
-                mutual = cfg.prefer_encrypt_mutual if entry.prefer_mutual is None \
-                    else entry.prefer_mutual
-                value = autocrypt.build(sender, entry.keydata, prefer_encrypt_mutual=mutual)
-                edits.append(HeaderEdit(autocrypt.HEADER, value))
+            edits.extend(self._autocrypt(tx, sender))
         if cfg.dkim_sign_outgoing and sender is not None:
             edits.extend(self._signatures(tx, sender, edits))
         return Accept(edits=tuple(edits))
+
+    def _autocrypt(self, tx: Transaction, sender: Address) -> list[HeaderEdit]:
+        """Our Autocrypt header for `sender`'s mail, unless the client does OpenPGP itself
+        or the sender has no key (or the From is not the logged-in user's)."""
+        reason = autocrypt.client_does_openpgp(tx.headers, _body_start(tx))
+        if reason is not None:
+            log.info("no Autocrypt header for %s: %s", sender, reason)
+            return []
+        entry = self.autocrypt.entry(sender)
+        if entry.keydata is None or not self._sender_may_use(tx, entry):
+            return []
+        cfg = self.config.milter
+        mutual = cfg.prefer_encrypt_mutual if entry.prefer_mutual is None \
+            else entry.prefer_mutual
+        value = autocrypt.build(sender, entry.keydata, prefer_encrypt_mutual=mutual)
+        return [HeaderEdit(autocrypt.HEADER, value)]
 
     def _signatures(self, tx: Transaction, sender: Address, edits: list[HeaderEdit],
                     ) -> list[HeaderEdit]:
@@ -202,3 +218,15 @@ class OutgoingMail:
 
 def _last(values: list[str]) -> str | None:
     return values[-1] if values else None
+
+
+def _body_start(tx: Transaction) -> bytes | None:
+    """The body's first autocrypt.BODY_LOOK_BYTES, or None when the milter did not collect
+    the body (it does for mail it DKIM-signs) or dropped it (oversize)."""
+    if not tx.collect_body or tx.oversize or tx.body_lost:
+        return None
+    start = bytes(tx.body[:autocrypt.BODY_LOOK_BYTES])
+    if tx.spill is not None and len(start) < autocrypt.BODY_LOOK_BYTES:
+        tx.spill.seek(0)
+        start += tx.spill.read(autocrypt.BODY_LOOK_BYTES - len(start))
+    return start
