@@ -1,5 +1,6 @@
 """Autocrypt headers on outgoing mail, end to end: real Postfix calls our milter, Dovecot
-delivers, IMAP reads the result; sq decodes the header; dkimpy verifies the signature.
+delivers, IMAP reads the result; sq decodes the header; dkimpy verifies the signature. Mail
+whose client does OpenPGP itself (PGP/MIME, inline, Delta Chat) gets no header (#14).
 """
 
 from __future__ import annotations
@@ -243,3 +244,36 @@ def test_dkim_only_for_a_from_the_login_owns(sandbox: Sandbox, alice_key: bytes,
         assert _verifies(sandbox, message)
     else:
         assert message.get_all("DKIM-Signature") is None
+
+
+PGP_MIME = ('multipart/encrypted; protocol="application/pgp-encrypted";\r\n'
+            ' boundary="enc"')
+PGP_MIME_BODY = ("--enc\r\nContent-Type: application/pgp-encrypted\r\n\r\nVersion: 1\r\n\r\n"
+                 "--enc\r\nContent-Type: application/octet-stream\r\n\r\n"
+                 "-----BEGIN PGP MESSAGE-----\r\n\r\nhQEMA1234\r\n-----END PGP MESSAGE-----\r\n"
+                 "--enc--\r\n")
+INLINE_BODY = "-----BEGIN PGP MESSAGE-----\r\n\r\nhQEMA1234\r\n-----END PGP MESSAGE-----\r\n"
+
+
+@pytest.mark.parametrize(("extra", "content_type", "body", "reason"), [
+    ("", PGP_MIME, PGP_MIME_BODY, "the client sent multipart/encrypted"),
+    ("Chat-Version: 1.0\r\n", "text/plain; charset=utf-8", "Hello Bob.\r\n",
+     "Chat-Version header"),
+    ("", "text/plain", INLINE_BODY, "inline PGP message"),
+    ("", "text/plain", "Hello Bob.\r\n", None),
+], ids=["pgp-mime", "delta-chat", "inline-pgp", "plain"])
+def test_no_header_on_mail_whose_client_does_openpgp_but_signed(
+        sandbox: Sandbox, alice_key: bytes, extra: str, content_type: str, body: str,
+        reason: str | None) -> None:
+    """#14: an outer header of ours must not contradict the key a client (Delta Chat,
+    PGP/MIME, inline PGP) uses itself; the mail is DKIM-signed all the same."""
+    message_id, raw = mail(f"Alice <{ALICE}>", extra=extra, content_type=content_type)
+    raw = raw.replace(b"Hello Bob.\r\n", body.encode())
+    send(sandbox, raw, ALICE, ["bob@example.org"], login="alice")
+    message = delivered(sandbox, message_id)
+    values = message.get_all(autocrypt.HEADER) or []
+    assert len(values) == (0 if reason else 1)
+    assert _verifies(sandbox, message)
+    if reason:
+        log = Path(sandbox.milter.log if sandbox.milter else "").read_text(errors="replace")
+        assert f"no Autocrypt header for alice@example.org: {reason}" in log
