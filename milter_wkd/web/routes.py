@@ -9,6 +9,9 @@ domains only:
                                /.well-known/openpgpkey[/<domain>]/submission-address
 
 The `?l=` query is ignored: keys are found by hash (gpg lowercases `l`, sq keeps its case).
+The domain in the path is case-insensitive like the Host (OpenPGP.js sends it as typed:
+`…/openpgpkey/Example.ORG/hu/…`); ASCII letters only, so no Unicode case folding
+(U+212A KELVIN SIGN is not k) lets a name past the checks.
 Anything else is refused before any look-up: a path that is not one of these shapes, a hash
 that is not 32 z-base-32 characters, percent-encoding, dots, an overlong path or Host (400
 or 414), a Host or path domain we do not serve (404: nothing of ours lives there), a path
@@ -29,7 +32,7 @@ _PREFIX = "/.well-known/openpgpkey/"
 _HASH = re.compile(r"[ybndrfg8ejkmcpqxot1uwisza345h769]{32}")
 # Host: a DNS name, optionally with a port and a trailing dot.
 _HOST = re.compile(r"(?P<name>[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)\.?(?::[0-9]{1,5})?")
-_DOMAIN_SEGMENT = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?")
+_DOMAIN_SEGMENT = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
 ADVANCED_LABEL = "openpgpkey."
 
 Kind = Literal["key", "policy", "submission-address"]
@@ -79,12 +82,22 @@ class Router:
         None (then `route` decides, carefully). The hot path: one dict look-up, no regex."""
         suffix = self._key_heads.get((host, path[:-32]))
         if suffix is None:
-            return None
+            suffix = self._folded_key_head(host, path[:-32])
+            if suffix is None:
+                return None
         hash_ = path[-32:]
         # strip() removes every z-base-32 character: nothing may be left of a valid hash.
         if hash_.strip(_ZBASE32):
             return None
         return hash_ + suffix
+
+    def _folded_key_head(self, host: str | None, head: str) -> str | None:
+        """`_key_heads` for a Host or path domain in mixed ASCII case (as `route` folds)."""
+        if not head.isascii() or (host is not None and not host.isascii()):
+            return None
+        if head.startswith(_PREFIX) and head.endswith("/hu/") and len(head) > len(_PREFIX) + 3:
+            head = _PREFIX + head[len(_PREFIX):-4].lower() + "/hu/"
+        return self._key_heads.get((host.lower() if host is not None else None, head))
 
     def route(self, method: str, host: str | None, path: str) -> Route:
         if method not in ("GET", "HEAD"):
@@ -100,6 +113,7 @@ class Router:
             path_domain = parts.pop(0)
             if not _DOMAIN_SEGMENT.fullmatch(path_domain) or ".." in path_domain:
                 raise HttpError(400, "malformed domain in path")
+            path_domain = path_domain.lower()
             if path_domain not in self.domains:
                 raise HttpError(404, "domain not served here")
         domain = self._domain(host_domain, advanced, path_domain)

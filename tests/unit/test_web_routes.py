@@ -84,6 +84,28 @@ def test_unknown_things_are_404() -> None:
     assert refused(f"/.well-known/openpgpkey/hu/{HASH}") == 404
 
 
+def test_the_domain_in_the_path_is_case_insensitive_like_the_host() -> None:
+    """@openpgp/wkd-client (OpenPGP.js) sends `…/openpgpkey/Example.ORG/hu/…` for
+    ALICE@Example.ORG."""
+    for host in ("openpgpkey.example.org", "OpenPGPKey.Example.ORG", "example.org", None):
+        assert route(f"/.well-known/openpgpkey/Example.ORG/hu/{HASH}", host=host) == Route(
+            "key", "example.org", HASH)
+    assert route("/.well-known/openpgpkey/EXAMPLE.org/policy") == Route("policy", "example.org")
+    assert refused(f"/.well-known/openpgpkey/Example.NET/hu/{HASH}") == 400  # not the Host's
+    assert refused(f"/.well-known/openpgpkey/Evil.ORG/hu/{HASH}", host=None) == 404
+
+
+@pytest.mark.parametrize("domain", [
+    "Ex%41mple.org", "Example..ORG", ".Example.ORG", "Example.ORG.", "-Example.ORG",
+    "Example.ORG%2f..", "E\\xample.ORG", "Example\u212a.org", "\u0130xample.org",
+    "Example.ORG" + "A" * 250,
+])
+def test_a_mixed_case_domain_keeps_every_other_refusal(domain: str) -> None:
+    # U+212A KELVIN SIGN and U+0130 fold to ASCII in str.lower(): never accepted.
+    assert refused(f"/.well-known/openpgpkey/{domain}/hu/{HASH}", host=None) in (400, 404, 414)
+    assert ROUTER.fast_slot(None, f"/.well-known/openpgpkey/{domain}/hu/{HASH}") is None
+
+
 def test_domain_in_path_must_match_the_host() -> None:
     assert refused(f"/.well-known/openpgpkey/example.net/hu/{HASH}") == 400
 
@@ -136,6 +158,15 @@ def test_policy_file_byte_for_byte() -> None:
     ("example.org", f"/.well-known/openpgpkey/hu//{HASH[1:]}"),
     ("example.org", f"/.well-known/openpgpkey/hu/{HASH[:16]}/{HASH[17:]}"),
     ("", HASH),
+    ("openpgpkey.example.org", f"/.well-known/openpgpkey/Example.ORG/hu/{HASH}"),
+    ("OpenPGPKey.Example.ORG:443", f"/.well-known/openpgpkey/example.ORG/hu/{HASH}"),
+    ("EXAMPLE.ORG", f"/.well-known/openpgpkey/hu/{HASH}"),
+    ("example.org", f"/.WELL-KNOWN/openpgpkey/example.org/hu/{HASH}"),
+    ("example.org", f"/.well-known/openpgpkey/example.org/HU/{HASH}"),
+    ("example.org", f"/.well-known/OpenPGPKey/hu/{HASH}"),
+    ("openpgp\u212aey.example.org", f"/.well-known/openpgpkey/example.org/hu/{HASH}"),
+    ("openpgpkey.example.org", f"/.well-known/openpgpkey/example.or\u212a/hu/{HASH}"),
+    ("openpgpkey.example.org", f"/.well-known/openpgpkey/\u0130example.org/hu/{HASH}"),
 ])
 def test_the_fast_path_agrees_with_the_careful_one(host: str | None, path: str) -> None:
     fast = ROUTER.fast_slot(host, path)
@@ -160,3 +191,31 @@ def test_the_fast_path_agrees_with_the_careful_one(host: str | None, path: str) 
 def test_the_fast_path_never_disagrees(host: str | None, head: str, middle: str,
                                        hash_: str) -> None:
     test_the_fast_path_agrees_with_the_careful_one(host, head + middle + hash_)
+
+
+def case_variants(text: str) -> st.SearchStrategy[str]:
+    """`text` with each letter in either case, or swapped for a non-ASCII letter that
+    str.lower() folds to ASCII (KELVIN SIGN -> k, LATIN CAPITAL I WITH DOT -> i + dot)."""
+    def variants(c: str) -> st.SearchStrategy[str]:
+        extra = {"k": ["\u212a"], "i": ["\u0130"]}.get(c, [])
+        return st.sampled_from([c, c.upper(), *extra])
+    return st.tuples(*(variants(c) for c in text)).map("".join)
+
+
+@settings(max_examples=500)
+@given(host=st.one_of(st.none(), case_variants("openpgpkey.example.org"),
+                      case_variants("example.net:443"), case_variants("openpgpkey.evil.org")),
+       prefix=st.sampled_from(["/.well-known/openpgpkey/", "/.well-known/OpenPGPKey/"]),
+       domain=st.one_of(case_variants("example.org"), case_variants("example.net"),
+                        st.sampled_from(["", "hu", "Example..ORG", "Ex%41mple.org"])),
+       middle=st.sampled_from(["/hu/", "/HU/", "/hu//", "hu/"]),
+       hash_=st.sampled_from([HASH, HASH.upper(), HASH[:-1] + "\u212a"]))
+def test_the_fast_path_and_the_router_agree_on_mixed_case(
+        host: str | None, prefix: str, domain: str, middle: str, hash_: str) -> None:
+    path = prefix + domain + middle + hash_
+    test_the_fast_path_agrees_with_the_careful_one(host, path)
+    # And a well-formed request with a Host in any ASCII case takes the fast path.
+    if (prefix.islower() and middle == "/hu/" and hash_ == HASH and host is not None
+            and host.isascii() and domain.isascii() and domain.lower() in ROUTER.domains
+            and host.lower() in (f"openpgpkey.{domain.lower()}", f"{domain.lower()}:443")):
+        assert ROUTER.fast_slot(host, path) == f"{HASH}@{domain.lower()}"
