@@ -20,6 +20,10 @@ Checking. Every key is cleaned (`openpgp.clean_key`) for the asked address befor
 cached: corrupt values, secret key material or a key without a user ID for the address are
 not served, and logged once per entry, key and address with the entry's DN.
 
+One key per address. Two entries publishing for one address (the store's claims forbid it,
+LDAP tools do not) are a conflict: nothing is served for the address (a client would take
+two concatenated keys as one answer), and an error names both DNs (`_conflict`).
+
 Failure. A directory that does not answer leaves the cache as it is; `get` raises
 `SourceUnavailable` only for a slot it has nothing about (the app answers 503).
 """
@@ -67,7 +71,7 @@ def clean_for_address(key: bytes, address: Address) -> bytes:
 @dataclass(frozen=True, slots=True)
 class Answer:
     body: bytes | None  # None: nothing is published for the slot
-    holders: tuple[str, ...]  # DNs of the entries whose keys make up body
+    holders: tuple[str, ...]  # DNs of the entries publishing for the slot (2+: a conflict)
 
     @property
     def cost(self) -> int:
@@ -75,6 +79,14 @@ class Answer:
 
 
 NOT_FOUND = Answer(None, ())
+
+
+def _conflict(slot: str, holders: tuple[str, ...]) -> Answer:
+    """Nothing for a slot that several entries publish for; the holders stay recorded so
+    that a change of any of them rebuilds the slot."""
+    log.error("entries %s all publish a key for %s: serving none until only one does",
+              ", ".join(holders), slot)
+    return Answer(None, holders)
 
 
 class KeyCache:
@@ -152,7 +164,9 @@ class KeyCache:
             if body is not None:
                 bodies.append(body)
                 holders.append(entry.dn)
-        return Answer(b"".join(bodies), tuple(holders)) if bodies else NOT_FOUND
+        if len(bodies) > 1:
+            return _conflict(slot, tuple(holders))
+        return Answer(bodies[0], tuple(holders)) if bodies else NOT_FOUND
 
     def _clean(self, slot: str, entry: Published) -> bytes | None:
         address = next((a for a in entry.addresses if address_slot(a) == slot), None)
@@ -214,8 +228,8 @@ class KeyCache:
             return
         with self._lock:
             old = self._answers.get(slot)
-            if old is not None and old.body is not None and entry.dn not in old.holders:
-                self._put(slot, Answer(old.body + body, (*old.holders, entry.dn)))
+            if old is not None and old.holders and entry.dn not in old.holders:
+                self._put(slot, _conflict(slot, (*old.holders, entry.dn)))
             else:
                 self._put(slot, Answer(body, (entry.dn,)))
 
@@ -237,7 +251,8 @@ class KeyCache:
         with self._lock:
             self._generation += 1
             # Negative answers learnt while loading are implied by completeness now.
-            for slot in [s for s, a in self._answers.items() if a.body is None]:
+            for slot in [s for s, a in self._answers.items()
+                         if a.body is None and not a.holders]:
                 self._remove(slot)
             self.complete = True
             self.token = token if self.token is None else self.token
@@ -321,7 +336,7 @@ class KeyCache:
                     found.setdefault(dn, entry)
             answer = self._build(slot, found.values())
             with self._lock:
-                if answer.body is None:
+                if not answer.holders:
                     self._remove(slot)
                 else:
                     self._put(slot, answer)
