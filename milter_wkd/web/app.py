@@ -11,6 +11,15 @@ Answers (all with Content-Length, `Access-Control-Allow-Origin: *` and Cache-Con
 HEAD answers carry the same headers and no body. Any unexpected exception becomes a 500
 with a logged traceback.
 
+Client rules (their bug trackers): dirmngr speaks HTTP/1.0 and needs Content-Length on
+every answer; gpg marks a host dead on 502, so our failures are 500 or 503, never 502;
+Thunderbird sends `Authorization: Basic …` (ignored) and lowercases the whole address (the
+hash decides), and wants no `text/html` 404; keys are always `application/octet-stream`.
+
+Validators: a 200 carries a strong `ETag` (a digest of the body), and a GET or HEAD whose
+`If-None-Match` names it gets `304 Not Modified` with no body and no Content-Length (RFC
+9110 §15.4.5), but with ETag, CORS and Cache-Control, so a CDN or nginx cache revalidates.
+
 Speed: a GET key answer from a complete mirror is remembered per (Host, path) until the
 cache's `version` moves (any change of its answers), at most MEMO_ENTRIES of them; a
 repeated request is then one dict look-up (benchmarks/wkd.py).
@@ -18,6 +27,7 @@ repeated request is then one dict look-up (benchmarks/wkd.py).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -42,6 +52,7 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 3
 StartResponse = Callable[..., Any]
 Headers = list[tuple[str, str]]
+Memo = tuple[str, Headers, bytes, str | None, Headers]
 
 _NOT_FOUND = b"no key published\n"
 # Entries of the answer memo (about 500 bytes each beyond the shared key bytes: ~8 MiB).
@@ -69,9 +80,9 @@ class WkdApp:
         self.static_keys = submission_keys(domains)
         self._fast_slot = self.router.fast_slot
         self._peek = cache.peek
-        # (Host, path) of GET requests answered from the mirror -> (status, headers, body),
-        # valid while the cache's version stays the same.
-        self._memo: dict[tuple[str | None, str], tuple[str, Headers, bytes]] = {}
+        # (Host, path) of GET requests answered from the mirror -> (status, headers, body,
+        # ETag or None, the headers of a 304), valid while the cache's version stays the same.
+        self._memo: dict[tuple[str | None, str], Memo] = {}
         self._memo_version = -1
         self._key_headers = [("Access-Control-Allow-Origin", "*"),
                              ("Cache-Control", self._cache_control),
@@ -84,41 +95,57 @@ class WkdApp:
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse,
                  ) -> Iterable[bytes]:
-        cache = self.cache
-        version = cache.version  # read before any answer (see KeyCache.version)
-        if version != self._memo_version:
-            self._memo, self._memo_version = {}, version
-        memo = self._memo
-        host, path = environ.get("HTTP_HOST"), environ.get("PATH_INFO", "")
         method = environ.get("REQUEST_METHOD", "GET")
-        if method == "GET" and cache.complete:
-            # The hottest path: this exact request was answered before, from this version
-            # of the mirror. It costs what granian's own per-request work costs.
-            known = memo.get((host, path))
-            if known is not None:
-                start_response(known[0], known[1])
-                return [known[2]]
-        # The hot path: a well-formed key request answered from the mirror.
-        key_slot = self._fast_slot(host, path)
-        if key_slot is not None and (method == "GET" or method == "HEAD") and (  # noqa: PLR1714
-                cache.complete):
-            body = self.static_keys.get(key_slot) or self._peek(key_slot)
-            if body is not None:
-                status, headers = "200 OK", [
-                    ("Content-Type", "application/octet-stream"),
-                    ("Content-Length", str(len(body))), *self._key_headers]
-            elif cache.complete:
-                status, headers, body = "404 Not Found", self._not_found_headers, _NOT_FOUND
-            else:
-                return self._respond(method, environ, start_response)
-            if method == "HEAD":
+        try:  # free in Python >= 3.11 until something raises
+            cache = self.cache
+            version = cache.version  # read before any answer (see KeyCache.version)
+            if version != self._memo_version:
+                self._memo, self._memo_version = {}, version
+            memo = self._memo
+            host, path = environ.get("HTTP_HOST"), environ.get("PATH_INFO", "")
+            if method == "GET" and cache.complete:
+                # The hottest path: this exact request was answered before, from this
+                # version of the mirror. It costs what granian's own per-request work costs.
+                known = memo.get((host, path))
+                if known is not None:
+                    if "HTTP_IF_NONE_MATCH" in environ and known[3] is not None and (
+                            _none_match(environ["HTTP_IF_NONE_MATCH"], known[3])):
+                        start_response("304 Not Modified", known[4])
+                        return [b""]
+                    start_response(known[0], known[1])
+                    return [known[2]]
+            # The hot path: a well-formed key request answered from the mirror.
+            key_slot = self._fast_slot(host, path)
+            if key_slot is not None and (method == "GET" or method == "HEAD") and (  # noqa: PLR1714
+                    cache.complete):
+                body = self.static_keys.get(key_slot) or self._peek(key_slot)
+                etag: str | None = None
+                if body is not None:
+                    etag = _etag(body)
+                    status, headers = "200 OK", [
+                        ("Content-Type", "application/octet-stream"),
+                        ("Content-Length", str(len(body))), ("ETag", etag),
+                        *self._key_headers]
+                elif cache.complete:
+                    status, headers, body = ("404 Not Found", self._not_found_headers,
+                                             _NOT_FOUND)
+                else:
+                    return self._respond(method, environ, start_response)
+                known = (status, headers, body, etag,
+                         [("ETag", etag), *self._key_headers] if etag else [])
+                if method == "GET":
+                    if len(memo) >= MEMO_ENTRIES:
+                        memo.clear()  # bounded; what is asked again comes back
+                    memo[host, path] = known
+                if etag is not None and _none_match(environ.get("HTTP_IF_NONE_MATCH"), etag):
+                    start_response("304 Not Modified", [*known[4]])
+                    return [b""]
                 start_response(status, [*headers])
-                return [b""]
-            if len(memo) >= MEMO_ENTRIES:
-                memo.clear()  # bounded; what is asked again comes back
-            memo[host, path] = (status, headers, body)
-            start_response(status, [*headers])
-            return [body]
+                return [b""] if method == "HEAD" else [body]
+        except Exception:
+            log.exception("unexpected failure answering %r", environ.get("PATH_INFO", "")[:300])
+            return self._plain(method, 500, "text/plain; charset=utf-8", b"internal error\n",
+                               start_response)
         return self._respond(method, environ, start_response)
 
     def _respond(self, method: str, environ: dict[str, Any], start_response: StartResponse,
@@ -127,10 +154,28 @@ class WkdApp:
             status, content_type, body = self._answer(method, environ)
         except Exception:
             log.exception("unexpected failure answering %r", environ.get("PATH_INFO", "")[:300])
-            status, content_type, body = 500, "text/plain", b"internal error\n"
+            status, content_type, body = 500, "text/plain; charset=utf-8", b"internal error\n"
+        return self._plain(method, status, content_type, body, start_response,
+                           environ.get("HTTP_IF_NONE_MATCH"))
+
+    def _plain(self, method: str, status: int, content_type: str, body: bytes,
+               start_response: StartResponse, if_none_match: str | None = None,
+               ) -> Iterable[bytes]:
+        """An answer off the hot path: every header of the module docstring, computed."""
+        validator: Headers = []
+        if status == 200:
+            etag = _etag(body)
+            validator.append(("ETag", etag))
+            if _none_match(if_none_match, etag):
+                start_response("304 Not Modified", [
+                    *validator, ("Access-Control-Allow-Origin", "*"),
+                    ("Cache-Control", self._cache_control),
+                    ("X-Content-Type-Options", "nosniff")])
+                return [b""]
         headers: Headers = [
             ("Content-Type", content_type),
             ("Content-Length", str(len(body))),
+            *validator,
             ("Access-Control-Allow-Origin", "*"),
             ("Cache-Control", self._cache_control if status == 200
              else self._miss_cache_control if status == 404 else "no-store"),
@@ -183,6 +228,20 @@ def submission_keys(domains: Sequence[DomainConfig]) -> dict[str, bytes]:
             log.warning("submission key of %s in %s not served: %s", domain.name, path,
                         exc.reason)
     return keys
+
+
+def _etag(body: bytes) -> str:
+    """A strong validator of the body: the same bytes give the same tag in every worker."""
+    return '"' + hashlib.blake2b(body, digest_size=16).hexdigest() + '"'
+
+
+def _none_match(header: str | None, etag: str) -> bool:
+    """Whether an If-None-Match value names `etag` (RFC 9110 §13.1.2: weak comparison)."""
+    if header is None:
+        return False
+    if header == etag or header.strip() == "*":
+        return True
+    return any(tag.strip().removeprefix("W/") == etag for tag in header.split(","))
 
 
 def _local_hint(query: str) -> str | None:
