@@ -9,6 +9,7 @@ for up to FRESH_WITHIN seconds and assert the final state (no timing assertions)
 
 from __future__ import annotations
 
+import http.client
 import socket
 import ssl
 import time
@@ -269,6 +270,74 @@ def test_http_1_0_without_host_gets_the_advanced_path(site: Site) -> None:
     assert raw_request(site, b"GET " + path + b" HTTP/1.0\r\n\r\n") == 200
     direct = site.path("alice@example.org", advanced=False).encode()
     assert raw_request(site, b"GET " + direct + b" HTTP/1.0\r\n\r\n") == 400
+
+
+def https_request(site: Site, path: str, *, host: str, http_10: bool = False,
+                  headers: dict[str, str] | None = None,
+                  ) -> tuple[int, str, dict[str, str], bytes]:
+    """One request with python's http.client over real HTTPS (HTTP/1.0 as dirmngr speaks
+    it, or 1.1): status, the response's HTTP version, headers (lower-case names), body."""
+    context = ssl.create_default_context(cafile=str(site.wkd.ca_file))
+    conn = http.client.HTTPSConnection("127.0.0.1", site.wkd.port, timeout=10,
+                                       context=context)
+    if http_10:
+        conn._http_vsn, conn._http_vsn_str = 10, "HTTP/1.0"  # type: ignore[attr-defined]
+    conn.sock = context.wrap_socket(
+        socket.create_connection(("127.0.0.1", site.wkd.port), timeout=10),
+        server_hostname=host.lower())
+    try:
+        conn.putrequest("GET", path, skip_host=True, skip_accept_encoding=True)
+        conn.putheader("Host", host)
+        for name, value in (headers or {}).items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        response = conn.getresponse()
+        version = {10: "HTTP/1.0", 11: "HTTP/1.1"}.get(response.version, "?")
+        return (response.status, version,
+                {k.lower(): v for k, v in response.getheaders()}, response.read())
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("http_10", [True, False], ids=["HTTP/1.0", "HTTP/1.1"])
+def test_mixed_case_domain_length_and_revalidation_over_https(site: Site,
+                                                              http_10: bool) -> None:
+    """What OpenPGP.js sends (the domain as typed), dirmngr's HTTP/1.0 (Content-Length on
+    every answer, the 404 too), Thunderbird's Authorization header, and a cache's ETag and
+    If-None-Match, through granian and TLS."""
+    alice = Address.parse("alice@example.org")
+    path = f"/.well-known/openpgpkey/Example.ORG/hu/{address_hash(alice)}?l=ALICE"
+    want = openpgp.clean_key(site.exports["alice"], [alice]).key
+    for host in ("openpgpkey.Example.ORG", "openpgpkey.example.org"):
+        status, _, headers, body = https_request(site, path, host=host, http_10=http_10)
+        assert (status, body) == (200, want)
+        assert headers["content-length"] == str(len(want))
+        assert headers["content-type"] == "application/octet-stream"
+        assert headers["access-control-allow-origin"] == "*"
+        etag = headers["etag"]
+        for _ in range(2):  # the second from the memo
+            status, _, again, body = https_request(
+                site, path, host=host, http_10=http_10,
+                headers={"If-None-Match": etag, "Authorization": "Basic dXNlcjpwYXNz"})
+            assert (status, body) == (304, b"")
+            assert again["etag"] == etag
+            assert again["access-control-allow-origin"] == "*"
+            assert again.get("content-length", str(len(want))) == str(len(want))
+        status, _, headers, body = https_request(site, path, host=host, http_10=http_10,
+                                                 headers={"If-None-Match": '"stale"'})
+        assert (status, body) == (200, want)
+    nobody = address_hash(Address.parse("nobody@example.org"))
+    unknown = f"/.well-known/openpgpkey/EXAMPLE.org/hu/{nobody}"
+    # (granian hands WSGI the percent-decoded path: %2e%2e arrives as "..")
+    for request in (unknown, "/.well-known/openpgpkey/Example.ORG/hu/x",
+                    "/.well-known/openpgpkey/Example..ORG/hu/" + address_hash(alice),
+                    "/.well-known/openpgpkey/Example.ORG%2f%2e%2e/hu/" + address_hash(alice)):
+        status, _, headers, body = https_request(site, request, host="openpgpkey.example.org",
+                                                 http_10=http_10)
+        assert status in (400, 404), request
+        assert headers["content-length"] == str(len(body)) != "0", request
+        assert headers["content-type"].startswith("text/plain"), request
+        assert headers["access-control-allow-origin"] == "*", request
 
 
 # -- freshness and checking of keys written with ldapmodify ---------------------------------
