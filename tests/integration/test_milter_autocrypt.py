@@ -7,12 +7,19 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import itertools
+import json
+import os
+import queue
+import shutil
 import smtplib
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -277,3 +284,87 @@ def test_no_header_on_mail_whose_client_does_openpgp_but_signed(
     if reason:
         log = Path(sandbox.milter.log if sandbox.milter else "").read_text(errors="replace")
         assert f"no Autocrypt header for alice@example.org: {reason}" in log
+
+
+class DeltaChatCore:
+    """Delta Chat's core (`deltachat-rpc-server`, PyPI) driven over its JSON-RPC on stdio:
+    one request at a time, events never asked for."""
+
+    def __init__(self, binary: str, accounts: Path) -> None:
+        self.process = subprocess.Popen(
+            [binary], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            env={**os.environ, "DC_ACCOUNTS_PATH": str(accounts)})
+        self.lines: queue.Queue[bytes] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.ids = itertools.count(1)
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.put(line)
+
+    def __call__(self, method: str, *params: object) -> Any:
+        request_id = next(self.ids)
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps({"jsonrpc": "2.0", "id": request_id,
+                                             "method": method, "params": params}).encode()
+                                 + b"\n")
+        self.process.stdin.flush()
+        while True:
+            answer = json.loads(self.lines.get(timeout=60))
+            if answer.get("id") == request_id:
+                assert "error" not in answer, answer["error"]
+                return answer.get("result")
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
+        self.process.stdin.close()  # the server stops at the end of its input
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stdout.close()
+
+
+DELTACHAT = shutil.which("deltachat-rpc-server")
+
+
+@pytest.mark.skipif(DELTACHAT is None, reason="optional: deltachat-rpc-server (PyPI) not on "
+                    "PATH")
+def test_delta_chat_encrypted_mail_keeps_its_own_key(sandbox: Sandbox, alice_key: bytes,
+                                                     tmp_path: Path) -> None:
+    """#14 with the real client: Delta Chat (core 2.x; run with 2.65.0) moves its Autocrypt
+    header inside the encryption; the outer headers must not get alice's WKD key from us.
+    Optional, not installed by `make test`: `pip install deltachat-rpc-server` puts it on
+    PATH."""
+    assert DELTACHAT is not None
+    core = DeltaChatCore(DELTACHAT, tmp_path / "accounts")
+    try:
+        accounts = {}
+        for user in ("alice", "bob"):
+            accounts[user] = core("add_account")
+            core("add_or_update_transport", accounts[user], {
+                "addr": sandbox.users[user]["address"],
+                "password": sandbox.users[user]["password"],
+                "imapServer": sandbox.dovecot.imap.host, "imapPort": sandbox.dovecot.imap.port,
+                "imapSecurity": "plain", "smtpServer": sandbox.postfix.submission.host,
+                "smtpPort": sandbox.postfix.submission.port, "smtpSecurity": "plain",
+                "certificateChecks": "acceptInvalidCertificates"})
+        # Bob's key reaches alice's client by his vCard; core 2.x encrypts to key contacts.
+        vcard = core("make_vcard", accounts["bob"], [1])  # 1: the account's own contact
+        (contact,) = core("import_vcard_contents", accounts["alice"], vcard)
+        chat = core("create_chat_by_contact_id", accounts["alice"], contact)
+        core("start_io", accounts["alice"])
+        sent = core("misc_send_text_message", accounts["alice"], chat, "hello from Delta Chat")
+        info = core("get_message_info", accounts["alice"], sent)
+        message_id = "<" + info.split("Message-ID: ", 1)[1].split()[0] + ">"
+        message = delivered(sandbox, message_id)
+    finally:
+        core.close()
+    assert message.get_content_type() == "multipart/encrypted"
+    assert message.get_all(autocrypt.HEADER) is None
+    assert _verifies(sandbox, message)
+    log = Path(sandbox.milter.log if sandbox.milter else "").read_text(errors="replace")
+    assert "no Autocrypt header for alice@example.org: the client sent multipart/enc" in log
