@@ -1,8 +1,9 @@
 """The service accounts' LDAP passwords: made at set-up, never shipped.
 
-ldap/milter-wkd-entries.ldif creates cn=milter, cn=wkd and cn=dovecot locked
+ldap/milter-wkd-entries.ldif creates cn=milter, cn=wkd, cn=dovecot and cn=replicator locked
 (`userPassword: {CRYPT}!`, which no password matches), so nobody can bind as them until
-`milter-wkd directory passwords` has run.
+`milter-wkd directory passwords` has run (cn=replicator: until the administrator sets one
+with ldappasswd, ldap/README.md "Replication").
 That command (milter_wkd.cli.directory) takes, per account, a new random password
 (`new_password`: 32 characters, 192 bits from `secrets`), stores its {SSHA} hash in slapd
 as root over ldapi:// (SASL EXTERNAL, like ldap/README.md's other steps) or prints the
@@ -33,6 +34,12 @@ from pathlib import Path
 from milter_wkd.errors import MilterWkdError
 
 ACCOUNTS = ("milter", "wkd", "dovecot")
+# The identity slapds replicate as (ldap/README.md, "Replication"): locked like the others
+# in the shipped LDIF, its password goes into each olcSyncrepl's credentials (cn=config,
+# root only). Not (yet) one of `milter-wkd directory passwords`' ACCOUNTS: the README sets
+# it with ldappasswd; the sandbox gives it a random password like the others.
+REPLICATOR = "replicator"
+SLAPD_ACCOUNTS = (*ACCOUNTS, REPLICATOR)
 DOCUMENTED_PASSWORDS = ("milter-secret", "wkd-secret", "dovecot-secret")
 # The system user that runs each service and alone reads its password file (root for
 # Dovecot: the password goes into dovecot-ldap.conf.ext, which Dovecot reads as root).
