@@ -6,16 +6,22 @@ complete config for this sandbox) and DIR/sandbox.json (its state), and prints t
 endpoints (with --json: one JSON object). Without --dir it makes a new temp dir. `down
 --dir DIR` stops by pid everything `up` started there; daemons already gone are fine.
 A failed `up` stops what it started and exits 1 with the daemon's log tail.
+`up --providers N --consumers M` runs N slapds in multi-provider replication and M
+read-only consumers instead of one slapd (ldap/README.md, "Replication"); --json then lists
+them all under "slapds" (role, uri, pid), and "ldap_uri" stays provider 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from milter_wkd import sandbox
+
+MAX_SLAPDS = 9  # loopback toys: each is a process and a full copy of the directory
 
 
 def register(sub: Any) -> None:
@@ -25,14 +31,32 @@ def register(sub: Any) -> None:
     up.add_argument("--dir", type=Path, default=None,
                     help="directory for all its files (default: a new temp dir)")
     up.add_argument("--json", action="store_true", help="print the endpoints as JSON")
+    up.add_argument("--providers", type=_count(1), default=1, metavar="N",
+                    help="slapds in multi-provider replication (default: %(default)s)")
+    up.add_argument("--consumers", type=_count(0), default=0, metavar="M",
+                    help="read-only replicas; the WKD responder reads the first "
+                         "(default: %(default)s)")
     up.set_defaults(func=_up)
     down = commands.add_parser("down", help="stop everything `sandbox up` started in DIR")
     down.add_argument("--dir", type=Path, required=True, help="the directory given to up")
     down.set_defaults(func=_down)
 
 
+def _count(least: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            number = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not least <= number <= MAX_SLAPDS:
+            raise argparse.ArgumentTypeError(f"{number} is not within {least}..{MAX_SLAPDS}")
+        return number
+    return parse
+
+
 def _up(args: argparse.Namespace) -> int:
-    info = sandbox.start_detached(args.dir)
+    info = sandbox.start_detached(args.dir, providers=args.providers,
+                                  consumers=args.consumers)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -40,6 +64,9 @@ def _up(args: argparse.Namespace) -> int:
     print(f"  config           {info['config']}")
     print(f"  LDAP             {info['ldap_uri']}  admin {info['ldap_admin_dn']}"
           f" / {info['ldap_admin_password']}")
+    if len(info["slapds"]) > 1:
+        for server in info["slapds"]:
+            print(f"    {server['role']:<14} {server['uri']}  pid {server['pid']}")
     for key, label in (("smtp_inbound", "SMTP inbound"), ("smtp_submission", "SMTP submission"),
                        ("smtp_reinject", "SMTP reinject"), ("imap", "IMAP")):
         print(f"  {label:<16} {info[key]['host']}:{info[key]['port']}")

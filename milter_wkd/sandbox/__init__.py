@@ -19,6 +19,18 @@ context manager it always tears down, also when starting failed half-way or the 
 raised; `start_detached` starts a sandbox that outlives the calling process
 (`milter-wkd sandbox up`).
 
+Topology (`Sandbox(providers=N, consumers=M)`, `milter-wkd sandbox up --providers N
+--consumers M`): N slapds in multi-provider replication and M read-only consumers, each
+configured with ldap/replication/'s LDIF as ldap/README.md's "Replication" says. Provider
+1 is `slapd` (the one a default sandbox has, loaded as always); the others start with an
+empty database, and replication brings them everything, the service accounts' password
+hashes included: the passwords are set once, on provider 1 (every Slapd object shares its
+`service_accounts`). start() returns when all report the same contextCSN. The milter's
+`[directory] uri` lists the providers in order (libldap fails over), the WKD responder
+reads from the first consumer (the first provider when there is none), Dovecot from
+provider 1. The default (one provider, no consumer) is exactly the single slapd it always
+was, with no replication configured.
+
 Failures raise SandboxError (or SlapdError from slapd) naming the daemon, with its log tail.
 """
 
@@ -42,7 +54,7 @@ from milter_wkd.sandbox.dovecot import Dovecot, LdapAccess
 from milter_wkd.sandbox.milterd import PROCESS_NAME as MILTER_PROCESS
 from milter_wkd.sandbox.milterd import MilterDaemon
 from milter_wkd.sandbox.postfix import Endpoint, Postfix
-from milter_wkd.sandbox.slapd import Slapd
+from milter_wkd.sandbox.slapd import Slapd, provider_url, replication_ldif, wait_replicated
 from milter_wkd.sandbox.wkd import PROCESS_NAME as WKD_PROCESS
 from milter_wkd.sandbox.wkd import WkdResponder
 
@@ -57,11 +69,15 @@ class Sandbox:
     """Private slapd, Dovecot and Postfix under one directory (a new temp dir if None)."""
 
     def __init__(self, directory: Path | str | None = None, *, keep: bool | None = None,
-                 milters: str | None = None) -> None:
+                 milters: str | None = None, providers: int = 1, consumers: int = 0) -> None:
         """keep: leave the directory after stop (default: only when it was given).
         milters: None runs our milter (with example.org initialised: submission and DKIM
         keys below keys/) and hands its socket to Postfix; a string is used as Postfix's
-        smtpd_milters/non_smtpd_milters instead, and our milter does not run."""
+        smtpd_milters/non_smtpd_milters instead, and our milter does not run.
+        providers, consumers: the replication topology (default: one slapd, none)."""
+        if providers < 1 or consumers < 0:
+            raise SandboxError(f"a sandbox needs at least one provider and no negative "
+                               f"number of consumers, not {providers} and {consumers}")
         created = directory is None
         if directory is None:
             directory = tempfile.mkdtemp(prefix="milter-wkd-sandbox-")
@@ -76,6 +92,10 @@ class Sandbox:
         self.dir.chmod(0o711)
         self.keep = not created if keep is None else keep
         self.slapd = Slapd(self.dir / "slapd")
+        # (role, slapd) of the topology, provider 1 (self.slapd) first.
+        self.slapds: list[tuple[str, Slapd]] = [("provider", self.slapd)]
+        if providers > 1 or consumers > 0:
+            self._plan_replication(providers, consumers)
         dovecot_account = self.slapd.service_accounts["dovecot"]
         self.dovecot = Dovecot(self.dir / "dovecot", ldap=LdapAccess(
             uri=self.slapd.uri, base=self.slapd.people_dn,
@@ -94,13 +114,54 @@ class Sandbox:
                                lmtp=self.dovecot.lmtp, milters=milters)
         # The WKD responder (on 127.0.0.1:443 when that is free) serves the keys and the
         # submission key, so gpg-wks-client and gpg --locate-keys need no fake options.
-        self.wkd = WkdResponder(self.dir / "wkd", self.slapd,
+        self.wkd = WkdResponder(self.dir / "wkd", self.reader,
                                 submission_public_key=self.submission_public_key)
         # Daemon name -> pid of every daemon start() started (kept after stop, for checks).
         self.started: dict[str, int] = {}
         self.state_path = self.dir / STATE_NAME
 
+    def _plan_replication(self, providers: int, consumers: int) -> None:
+        for number in range(2, providers + 1):
+            self.slapds.append(("provider", Slapd(self.dir / f"slapd-provider{number}",
+                                                  seed=False)))
+        for number in range(1, consumers + 1):
+            self.slapds.append(("consumer", Slapd(self.dir / f"slapd-consumer{number}",
+                                                  seed=False)))
+        replicator = self.slapd.service_accounts["replicator"]
+        urls = [provider_url(server) for server in self.providers]
+        for role, server in self.slapds:
+            # Set once on provider 1; replication carries the hashes to the others.
+            server.service_accounts = self.slapd.service_accounts
+            server.replication = replication_ldif(
+                role, urls, suffix=server.suffix, replicator_dn=replicator["dn"],
+                replicator_password=replicator["password"])
+
     # -- endpoints --------------------------------------------------------------------
+
+    @property
+    def providers(self) -> list[Slapd]:
+        return [server for role, server in self.slapds if role == "provider"]
+
+    @property
+    def consumers(self) -> list[Slapd]:
+        return [server for role, server in self.slapds if role == "consumer"]
+
+    @property
+    def reader(self) -> Slapd:
+        """The slapd the WKD responder reads: the first consumer, else provider 1."""
+        return (self.consumers or self.providers)[0]
+
+    @property
+    def directory_uri(self) -> str:
+        """The milter's [directory] uri: the providers in order (libldap fails over)."""
+        return " ".join(server.uri for server in self.providers)
+
+    def _slapd_name(self, index: int) -> str:
+        """Process name in sandbox.json: `slapd` for provider 1 (as always), then
+        slapd-provider2..., slapd-consumer1..."""
+        if index == 0:
+            return "slapd"
+        return self.slapds[index][1].workdir.name
 
     @property
     def submission_address(self) -> str:
@@ -135,6 +196,8 @@ class Sandbox:
             "dir": str(self.dir),
             "config": str(self.config_path),
             "ldap_uri": self.slapd.uri,
+            "slapds": [{"role": role, "uri": server.uri, "pid": server.pid}
+                       for role, server in self.slapds],
             "ldapi_uri": self.slapd.ldapi_uri,
             "ldap_suffix": self.slapd.suffix,
             "ldap_admin_dn": self.slapd.admin_dn,
@@ -168,7 +231,7 @@ class Sandbox:
         return f"""\
 # milter-wkd configuration of the sandbox in {self.dir} (written by `milter-wkd sandbox up`).
 [directory]
-uri = {_toml(self.slapd.uri)}
+uri = {_toml(self.directory_uri)}
 bind_dn = {_toml(milter["dn"])}
 bind_password_file = {_toml(str(password_file))}
 base_dn = {_toml(self.slapd.people_dn)}
@@ -229,8 +292,10 @@ dkim_rsa_key = {_toml(str(self.dkim_rsa_key))}
 
     def _processes(self) -> dict[str, dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}
-        if self.slapd.pid is not None:
-            found["slapd"] = {"pid": self.slapd.pid, "name": "slapd", "pid_file": None}
+        for index, (_role, server) in enumerate(self.slapds):
+            if server.pid is not None:
+                found[self._slapd_name(index)] = {"pid": server.pid, "name": "slapd",
+                                                  "pid_file": None}
         daemons: list[tuple[str, Dovecot | Postfix | MilterDaemon | WkdResponder, str]] = [
             ("dovecot", self.dovecot, "dovecot"), ("postfix", self.postfix, "master")]
         if self.milter is not None:
@@ -243,11 +308,11 @@ dkim_rsa_key = {_toml(str(self.dkim_rsa_key))}
         return found
 
     def write_state(self) -> None:
-        socket_dir = self.slapd.socket_path.parent
+        socket_dirs = [server.socket_path.parent for _role, server in self.slapds]
         state = {
             "processes": self._processes(),
             # slapd puts its ldapi socket in /tmp when this directory's path is too long.
-            "remove": [] if socket_dir.is_relative_to(self.dir) else [str(socket_dir)],
+            "remove": [str(d) for d in socket_dirs if not d.is_relative_to(self.dir)],
             "info": self.info(),
         }
         temporary = self.state_path.with_suffix(".tmp")
@@ -264,13 +329,16 @@ dkim_rsa_key = {_toml(str(self.dkim_rsa_key))}
         try:
             self.write_state()
             daemons: list[Slapd | Dovecot | MilterDaemon | Postfix | WkdResponder] = [
-                self.slapd, self.dovecot]
+                server for _role, server in self.slapds]
+            daemons.append(self.dovecot)
             if self.milter is not None:
                 daemons.append(self.milter)
             daemons += [self.postfix, self.wkd]
             for daemon in daemons:
                 if daemon is self.milter or (daemon is self.postfix and self.milter is None):
                     self.write_milter_config()
+                if daemon is self.dovecot and len(self.slapds) > 1:
+                    wait_replicated([server for _role, server in self.slapds])
                 try:
                     daemon.start()
                 finally:
@@ -298,10 +366,11 @@ dkim_rsa_key = {_toml(str(self.dkim_rsa_key))}
                 daemon.stop()
             except SandboxError as exc:
                 errors.append(exc.reason)
-        try:
-            self.slapd.close()
-        except MilterWkdError as exc:
-            errors.append(exc.reason)
+        for _role, server in reversed(self.slapds):
+            try:
+                server.close()
+            except MilterWkdError as exc:
+                errors.append(exc.reason)
         if not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
         elif self.state_path.exists():
@@ -349,8 +418,10 @@ def down(directory: Path | str) -> list[str]:
         raise SandboxError(f"cannot read {state_path}: {exc}") from None
     stopped: list[str] = []
     errors: list[str] = []
-    for name in ("wkd", "postfix", "milter", "dovecot", "slapd"):
-        entry = state.get("processes", {}).get(name)
+    processes = state.get("processes", {})
+    slapds = sorted((name for name in processes if name.startswith("slapd")), reverse=True)
+    for name in ("wkd", "postfix", "milter", "dovecot", *slapds):
+        entry = processes.get(name)
         if entry is None:
             continue
         pids = {int(entry["pid"])}
@@ -369,8 +440,10 @@ def down(directory: Path | str) -> list[str]:
     return stopped
 
 
-def start_detached(directory: Path | str | None = None) -> dict[str, Any]:
-    """Start a sandbox whose daemons outlive this process; returns its info().
+def start_detached(directory: Path | str | None = None, *, providers: int = 1,
+                   consumers: int = 0) -> dict[str, Any]:
+    """Start a sandbox whose daemons outlive this process; returns its info()
+    (providers, consumers: the replication topology, as Sandbox takes them).
 
     A forked child starts it in a session of its own (so that no terminal hang-up or
     process-group signal of the caller reaches slapd, which runs as that child's
@@ -384,7 +457,7 @@ def start_detached(directory: Path | str | None = None) -> dict[str, Any]:
         answer: dict[str, Any]
         try:
             os.setsid()
-            sandbox = Sandbox(directory, keep=True)
+            sandbox = Sandbox(directory, keep=True, providers=providers, consumers=consumers)
             sandbox.start()
             answer = {"info": sandbox.info()}
             code = 0

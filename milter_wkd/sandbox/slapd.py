@@ -17,6 +17,14 @@ answers. `stop()` ends that one process by pid; `start()` again keeps the data a
 port (fault tests). Nothing outside workdir (and a short socket directory in /tmp when
 workdir's path is too long for a unix socket) is touched; the system slapd is never used.
 
+Replication (ldap/README.md, "Replication"): `replication_ldif(role, providers, ...)`
+fills ldap/replication/provider.ldif or consumer.ldif for a topology; a Slapd whose
+`replication` holds that LDIF applies it as root over ldapi:// right after its first start,
+as an administrator would. `Slapd(workdir, seed=False)` loads no entries at all (a new
+provider or consumer: replication brings the directory, password hashes included, so it
+sets no passwords either); `wait_replicated(servers)` waits until all report the same
+contextCSN.
+
 Failures raise `SlapdError` with the tool's output or the log tail.
 """
 
@@ -24,12 +32,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TypedDict
@@ -101,9 +111,13 @@ class Slapd:
     database_dn = "olcDatabase={1}mdb,cn=config"
 
     def __init__(self, workdir: Path, port: int | None = None, *,
-                 milter_wkd: bool = True) -> None:
+                 milter_wkd: bool = True, seed: bool = True) -> None:
         self.workdir = Path(workdir)
         self.with_milter_wkd = milter_wkd
+        # False: an empty database that replication fills (no entries, no passwords set).
+        self.seed = seed
+        # ldap/replication/'s LDIF for this server, applied once after its first start.
+        self.replication: str | None = None
         self.port = port if port is not None else _free_port()
         self.config_dir = self.workdir / "slapd.d"
         self.data_dir = self.workdir / "data"
@@ -119,7 +133,7 @@ class Slapd:
         self.service_accounts: dict[str, AccountInfo] = {
             name: {"dn": f"cn={name},ou=services,{self.suffix}",
                    "password": passwords.new_password()}
-            for name in passwords.ACCOUNTS
+            for name in passwords.SLAPD_ACCOUNTS
         }
 
     # -- addresses --------------------------------------------------------------------
@@ -229,6 +243,8 @@ olcAccess: {{1}}to * by * read
                     self._tool(offline, *config, "-l", str(path))
                 else:
                     entries.append(path)
+        if not self.seed:
+            return
         for path in (files.path("ldap") / "example-dit.ldif", *entries):
             self._tool(slapadd, "-n1", "-F", str(self.config_dir), "-l", str(path))
 
@@ -275,8 +291,10 @@ olcAccess: {{1}}to * by * read
                 raise SlapdError(f"slapd did not answer within {timeout:.0f} s:\n"
                                  f"{self._log_tail()}")
             time.sleep(0.02)
-        if fresh and self.with_milter_wkd:
+        if fresh and self.with_milter_wkd and self.seed:
             self.set_service_passwords()
+        if fresh and self.replication is not None:
+            self.ldapmodify(self.replication)
 
     def _answers(self) -> bool:
         if not self.socket_path.exists():
@@ -324,6 +342,20 @@ olcAccess: {{1}}to * by * read
             args.append("-a")
         self._tool(*args, stdin=ldif)
 
+    def context_csn(self) -> list[str]:
+        """The suffix's contextCSN values (one per server id that wrote), as root."""
+        proc = subprocess.run(
+            [_binary("ldapsearch"), "-H", self.ldapi_uri, "-Y", "EXTERNAL", "-Q", "-LLL",
+             "-o", "ldif-wrap=no", "-s", "base", "-b", self.suffix, "contextCSN"],
+            capture_output=True, timeout=10, check=False)
+        if proc.returncode == 32:  # noSuchObject: replication has not brought it yet
+            return []
+        if proc.returncode != 0:
+            raise SlapdError(f"ldapsearch contextCSN failed ({proc.returncode}):\n"
+                             f"{proc.stderr.decode(errors='replace')[-2000:]}")
+        return sorted(line.split(":", 1)[1].strip() for line in proc.stdout.decode().splitlines()
+                      if line.lower().startswith("contextcsn:"))
+
     def __enter__(self) -> Slapd:
         self.start()
         return self
@@ -331,3 +363,66 @@ olcAccess: {{1}}to * by * read
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+# -- replication (ldap/replication/, ldap/README.md "Replication") ------------------------
+
+REPLICATION_ROLES = ("provider", "consumer")
+_PER_PROVIDER = ("@SERVER_ID@", "@RID@")
+_PLACEHOLDER = re.compile(r"@[A-Z_]+@")
+
+
+def replication_ldif(role: str, providers: Sequence[str], *, suffix: str,
+                     replicator_dn: str, replicator_password: str) -> str:
+    """ldap/replication/<role>.ldif with its placeholders filled: a value holding
+    @SERVER_ID@ or @RID@ is written once per provider URI (server id and rid 1, 2, ... in
+    the order given), the others once; @UPDATE_REF@ is the first provider."""
+    if role not in REPLICATION_ROLES:
+        raise SlapdError(f"no replication role {role!r}")
+    if not providers:
+        raise SlapdError("replication needs at least one provider")
+    template = (files.path("ldap") / "replication" / f"{role}.ldif").read_text(encoding="utf-8")
+    # Unfold LDIF continuation lines and drop comments: one logical line per value.
+    logical: list[str] = []
+    for line in template.splitlines():
+        if line.startswith("#"):
+            continue
+        if line.startswith(" ") and logical:
+            logical[-1] += line[1:]
+        else:
+            logical.append(line)
+    common = {"@SUFFIX@": suffix, "@REPLICATOR_DN@": replicator_dn,
+              "@REPLICATOR_PASSWORD@": replicator_password, "@UPDATE_REF@": providers[0]}
+    out: list[str] = []
+    for line in logical:
+        copies = ([{"@SERVER_ID@": str(number), "@RID@": f"{number:03d}",
+                    "@PROVIDER_URI@": uri} for number, uri in enumerate(providers, 1)]
+                  if any(mark in line for mark in _PER_PROVIDER) else [{}])
+        for values in copies:
+            filled = line
+            for mark, value in {**values, **common}.items():
+                filled = filled.replace(mark, value)
+            leftover = _PLACEHOLDER.search(filled)
+            if leftover:
+                raise SlapdError(f"{role}.ldif: placeholder {leftover[0]} left unfilled")
+            out.append(filled)
+    return "\n".join(out) + "\n"
+
+
+def provider_url(server: Slapd) -> str:
+    """The URL a provider is known by: exactly as its slapd's -h lists it."""
+    return f"{server.uri}/"
+
+
+def wait_replicated(servers: Sequence[Slapd], timeout: float = 30.0) -> float:
+    """Wait until every server reports the same non-empty contextCSN; seconds it took."""
+    started = time.monotonic()
+    deadline = started + timeout
+    while True:
+        seen = [server.context_csn() for server in servers]
+        if seen[0] and all(csn == seen[0] for csn in seen):
+            return time.monotonic() - started
+        if time.monotonic() > deadline:
+            raise SlapdError("replication did not converge within "
+                             f"{timeout:.0f} s: contextCSN per server {seen}")
+        time.sleep(0.05)
