@@ -109,9 +109,9 @@ def test_two_entries_claiming_one_address_serve_nothing_until_one_stops(
     served, an error names both DNs, and the address comes back when the conflict ends."""
     source.write("uid=alice2", (ALICE,), b"KC")
     cache = KeyCache(source, budget=budget, cleaner=cleaner)  # complete, then LRU mode
-    cache.load()
-    cache.refresh()
     with caplog.at_level(logging.ERROR, logger="milter_wkd.web.cache"):
+        cache.load()
+        cache.refresh()
         assert cache.get(address_slot(ALICE)) is None
         assert cache.peek(address_slot(ALICE)) is None
     assert any("uid=alice" in r.getMessage() and "uid=alice2" in r.getMessage()
