@@ -6,6 +6,8 @@ Reads, as the responder's service account (or SASL EXTERNAL over ldapi://):
 - look-ups: `(|(wkdAddressHash=<hash>@<domain>)(gpgMailbox=<l>@<domain>))` among entries
   with a `pgpKey` that is not `pgpDisabled` — both attributes are indexed; `l=` is only a
   hint for keys written by LDAP tools without the hash attribute;
+- look-ups by fingerprint or key ID (HKP, VKS): `(|(gpgFingerprint=X)(gpgSubFingerprint=X))`
+  or `(|(pgpCertID=X)(pgpSubKeyID=X))` among the same entries (indexed attributes);
 - mirroring: every such entry, paged (500 a page).
 What an entry publishes is `store.schema.stored_key`, the rule the write store uses too
 (a pgpKey the system checked, its gpgMailbox addresses narrowed by wkdAddressHash); a
@@ -154,6 +156,14 @@ class LdapKeyView:
         entries, _ = self._search(self.config.base_dn, filt, self._entry_attributes())
         found = [self._published_entry(e) for e in entries]
         return [p for p in found if p is not None and slot in p.slots()]
+
+    def lookup_fingerprint(self, fingerprint: str) -> list[Published]:
+        wanted = escape_filter_chars(fingerprint.upper())
+        names = (("pgpCertID", "pgpSubKeyID") if len(fingerprint) == 16
+                 else ("gpgFingerprint", "gpgSubFingerprint"))
+        filt = f"(&{self._published}(|({names[0]}={wanted})({names[1]}={wanted})))"
+        entries, _ = self._search(self.config.base_dn, filt, self._entry_attributes())
+        return [p for p in map(self._published_entry, entries) if p is not None]
 
     def iter_published(self) -> Iterator[Published]:
         for entry in self._paged(self.config.base_dn, self._published,

@@ -381,6 +381,16 @@ class MemoryStore:
     def lookup(self, slot: str, local_hint: str | None = None) -> list[Published]:
         return [p for p in self.iter_published() if slot in p.slots()]
 
+    def lookup_fingerprint(self, fingerprint: str) -> list[Published]:
+        wanted = fingerprint.upper()
+        with self._lock:
+            self._check()
+            held = [h for h in self._entries.values()
+                    if any(f == wanted or (len(wanted) == 16 and f[-16:] == wanted)
+                           for f in (h.primary, *h.subkeys) if f)]
+            found = [self._published(h) for h in held]
+        return [p for p in found if p is not None]
+
     def iter_published(self) -> Iterator[Published]:
         with self._lock:
             self._check()

@@ -67,6 +67,11 @@ class KeyView(Protocol):
         """Entries that publish a key for this slot (one indexed search)."""
         ...
 
+    def lookup_fingerprint(self, fingerprint: str) -> list[Published]:
+        """Entries that publish a key with this fingerprint (40 or 64 upper-case hex) or
+        key ID (16), of its primary key or of a subkey (one indexed search)."""
+        ...
+
     def iter_published(self) -> Iterator[Published]:
         """Every entry that publishes a key (paged)."""
         ...

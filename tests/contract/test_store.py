@@ -266,3 +266,23 @@ def test_the_view_never_serves_a_disabled_or_removed_key(store: KeyStore,
     changed = [c for c in view.changes_since(changes_from(token, view.change_token()))
                if c.dn.startswith("uid=alice,")]
     assert all(c.slots == frozenset() and c.entry is None for c in changed)
+
+
+def test_the_view_finds_a_key_by_fingerprint_or_key_id(store: KeyStore, view: KeyView) -> None:
+    """HKP and VKS look-ups when the responder's mirror is incomplete: the primary key's
+    or a subkey's fingerprint or key ID, never a disabled key, nothing for a stranger."""
+    key, primary, sub = make_key("Alice <alice@example.org>", signing_subkey=True)
+    stored = publish(store, ALICE, key)
+    fingerprints = [Fingerprint.from_bytes(primary.fingerprint).hex,
+                    sub.fingerprint.upper()]
+    for fpr in fingerprints:
+        for wanted in (fpr, fpr[-16:], fpr.lower()):
+            found = view.lookup_fingerprint(wanted.upper())
+            assert [p.dn for p in found] == [stored.dn], wanted
+            assert {a.key for a in found[0].addresses} == {ALICE.key}
+    assert view.lookup_fingerprint("0" * 40) == []
+    assert view.lookup_fingerprint("0" * 16) == []
+    assert view.lookup_fingerprint("*") == []
+    store.set_disabled(store.user(ALICE), True)
+    assert view.lookup_fingerprint(fingerprints[0]) == []
+    assert view.lookup_fingerprint(fingerprints[1][-16:]) == []
