@@ -40,6 +40,8 @@ from milter_wkd.store.schema import address_slot, slot
 from milter_wkd.store.view import SourceUnavailable
 from milter_wkd.values import Address
 from milter_wkd.web.cache import KeyCache, clean_for_address
+from milter_wkd.web.hkp import PREFIXES as KEYSERVER_PREFIXES
+from milter_wkd.web.hkp import Keyserver
 from milter_wkd.web.routes import (
     HttpError,
     Router,
@@ -78,6 +80,8 @@ class WkdApp:
             self.files[name, "submission-address"] = submission_address_text(
                 domain.submission_address)
         self.static_keys = submission_keys(domains)
+        # HKP and VKS look-ups (/pks/, /vks/): milter_wkd.web.hkp, off the WKD paths.
+        self.keyserver = Keyserver(cache, domains, self.static_keys, max_age=max_age)
         self._fast_slot = self.router.fast_slot
         self._peek = cache.peek
         # (Host, path) of GET requests answered from the mirror -> (status, headers, body,
@@ -146,6 +150,8 @@ class WkdApp:
             log.exception("unexpected failure answering %r", environ.get("PATH_INFO", "")[:300])
             return self._plain(method, 500, "text/plain; charset=utf-8", b"internal error\n",
                                start_response)
+        if environ.get("PATH_INFO", "").startswith(KEYSERVER_PREFIXES):
+            return self.keyserver(environ, start_response)
         return self._respond(method, environ, start_response)
 
     def _respond(self, method: str, environ: dict[str, Any], start_response: StartResponse,

@@ -26,6 +26,13 @@ two concatenated keys as one answer), and an error names both DNs (`_conflict`).
 
 Failure. A directory that does not answer leaves the cache as it is; `get` raises
 `SourceUnavailable` only for a slot it has nothing about (the app answers 503).
+
+Key IDs (for the HKP and VKS look-ups of milter_wkd.web.hkp). Every cached answer also
+indexes the 64-bit key IDs of the primary keys and subkeys it serves (read from the served
+packets when the answer is stored: no work on a WKD request). `find_key` answers a key ID or
+fingerprint with the key cleaned for each of its published addresses, the user IDs joined
+into one key (`join_cleaned`): from the index when the mirror is complete, else from
+`KeyView.lookup_fingerprint` (one indexed directory search, not cached).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from dataclasses import dataclass
 
 from milter_wkd import openpgp
 from milter_wkd.errors import KeyRefused
+from milter_wkd.openpgp.packets import TAG_PUBLIC_KEY, TAG_PUBLIC_SUBKEY, TAG_USER_ID, frames
 from milter_wkd.store.schema import address_slot
 from milter_wkd.store.view import (
     ChangesUnknown,
@@ -58,6 +66,9 @@ log = logging.getLogger(__name__)
 # the bytes and slot string headers, the DN and its index entry), measured with
 # benchmarks/wkd_memory.py: about 1 KiB of RSS per 200-byte ed25519 answer.
 ENTRY_OVERHEAD = 800
+# Python's cost of one key ID in the index (a 16-character str key and a dict slot; the
+# value is the answer's own slot string or a small tuple).
+KEY_ID_OVERHEAD = 150
 MAX_LOGGED_REFUSALS = 10_000
 
 Cleaner = Callable[[bytes, Address], bytes]
@@ -66,6 +77,57 @@ Cleaner = Callable[[bytes, Address], bytes]
 def clean_for_address(key: bytes, address: Address) -> bytes:
     """The binary key with exactly the one user ID of `address` (raises KeyRefused)."""
     return openpgp.clean_key(key, [address]).key
+
+
+def split_keys(body: bytes) -> list[bytes]:
+    """The keys of a served answer (one or more cleaned keys, concatenated)."""
+    starts = [start for tag, start, _, _ in frames(body) if tag == TAG_PUBLIC_KEY]
+    return [body[a:b] for a, b in zip(starts, [*starts[1:], len(body)], strict=True)]
+
+
+def fingerprints(key: bytes) -> list[str]:
+    """Upper-case hex fingerprints of a cleaned key's primary key (first) and subkeys
+    (RFC 9580 §5.5.4: a hash of the key packet's body; the cleaner checked the rest)."""
+    found = []
+    for tag, _, start, end in frames(key):
+        if tag in (TAG_PUBLIC_KEY, TAG_PUBLIC_SUBKEY):
+            body = key[start:end]
+            if body[:1] == b"\x06":
+                digest = hashlib.sha256(b"\x9b" + len(body).to_bytes(4, "big") + body)
+            else:
+                digest = hashlib.sha1(b"\x99" + len(body).to_bytes(2, "big") + body,
+                                      usedforsecurity=False)
+            found.append(digest.hexdigest().upper())
+    return found
+
+
+def key_ids(body: bytes) -> tuple[str, ...]:
+    """The key IDs (16 upper-case hex) of every primary key and subkey an answer serves."""
+    try:
+        return tuple(dict.fromkeys(f[-16:] for k in split_keys(body) for f in fingerprints(k)))
+    except KeyRefused:  # cleaned packets always parse; a foreign cleaner's may not
+        return ()
+
+
+def join_cleaned(keys: Iterable[bytes]) -> bytes:
+    """One key from copies of the same key each cleaned for other addresses: the first
+    copy's primary key, its revocation or direct signature, every copy's user IDs with
+    their certifications (each once), then the first copy's subkeys. The copies come from
+    one stored key and one cleaner, so only their user ID sections differ."""
+    head = b""
+    subkeys = b""
+    sections: dict[bytes, None] = {}
+    for number, key in enumerate(keys):
+        cut = [(tag, start) for tag, start, _, _ in frames(key)
+               if tag in (TAG_USER_ID, TAG_PUBLIC_SUBKEY)]
+        first_uid = next((s for t, s in cut if t == TAG_USER_ID), len(key))
+        first_sub = next((s for t, s in cut if t == TAG_PUBLIC_SUBKEY), len(key))
+        uid_starts = [s for t, s in cut if t == TAG_USER_ID]
+        for a, b in zip(uid_starts, [*uid_starts[1:], first_sub], strict=True):
+            sections.setdefault(key[a:b])
+        if number == 0:
+            head, subkeys = key[:first_uid], key[first_sub:]
+    return head + b"".join(sections) + subkeys
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +170,8 @@ class KeyCache:
         # DN -> its cached slots; tuples, not sets: most entries have one or two slots,
         # and a set costs 216 bytes even when it holds one string.
         self._by_dn: dict[str, tuple[str, ...]] = {}
+        # Key ID -> the slot (or slots) whose answer serves it: `find_key`.
+        self._by_key_id: dict[str, str | tuple[str, ...]] = {}
         self._bytes = 0
         self._generation = 0
         self._lock = threading.RLock()
@@ -146,6 +210,30 @@ class KeyCache:
         afterwards: reset() clears `complete` before it empties the cache)."""
         answer = self._answers.get(slot)
         return answer.body if answer is not None else None
+
+    def find_key(self, fingerprint: str) -> bytes | None:
+        """The key with this fingerprint or key ID (upper-case hex, 40/64 or 16; of its
+        primary key or of a subkey), with the user IDs of all its published addresses
+        (`join_cleaned`); None when nothing is published. Raises SourceUnavailable when the
+        mirror is incomplete and the directory does not answer."""
+        if self.complete:
+            wanted = fingerprint[-16:] if len(fingerprint) == 40 else fingerprint[:16]
+            held = self._by_key_id.get(wanted)
+            slots = (held,) if isinstance(held, str) else held or ()
+            bodies = [self.peek(s) for s in slots]
+            copies = [k for b in bodies if b for k in split_keys(b)]
+        else:
+            copies = []
+            for entry in self.source.lookup_fingerprint(fingerprint):
+                for slot in sorted(entry.slots()):
+                    body = self._clean(slot, entry)
+                    if body is not None:
+                        copies.extend(split_keys(body))
+        matching = [k for k in copies if _serves(k, fingerprint)]
+        if not matching:
+            return None
+        primary = fingerprints(matching[0])[0]
+        return join_cleaned(k for k in matching if fingerprints(k)[0] == primary)
 
     @property
     def size(self) -> int:
@@ -200,6 +288,15 @@ class KeyCache:
             slots = self._by_dn.get(dn, ())
             if slot not in slots:
                 self._by_dn[dn] = (*slots, slot)
+        ids = key_ids(answer.body) if answer.body else ()
+        self._bytes += KEY_ID_OVERHEAD * len(ids)
+        for key_id in ids:
+            held = self._by_key_id.get(key_id)
+            if held is None:
+                self._by_key_id[key_id] = slot  # the common case: no tuple
+            elif held != slot and (isinstance(held, str) or slot not in held):
+                self._by_key_id[key_id] = ((held, slot) if isinstance(held, str)
+                                           else (*held, slot))
         while self._bytes > self.budget and self._answers:
             if self.complete:
                 log.warning("the directory outgrew the key cache budget (%d bytes): "
@@ -221,6 +318,15 @@ class KeyCache:
                 self._by_dn[dn] = remaining
             else:
                 self._by_dn.pop(dn, None)
+        ids = key_ids(old.body) if old.body else ()
+        self._bytes -= KEY_ID_OVERHEAD * len(ids)
+        for key_id in ids:
+            held = self._by_key_id.get(key_id)
+            if held == slot or held is None:
+                self._by_key_id.pop(key_id, None)
+            elif not isinstance(held, str):
+                rest = tuple(s for s in held if s != slot)
+                self._by_key_id[key_id] = rest[0] if len(rest) == 1 else rest
 
     def _merge(self, slot: str, entry: Published) -> None:
         body = self._clean(slot, entry)
@@ -318,6 +424,7 @@ class KeyCache:
             self._answers.clear()
             self.version += 1
             self._by_dn.clear()
+            self._by_key_id.clear()
             self._bytes = 0
             self._reload = True
 
@@ -379,3 +486,11 @@ class KeyCache:
             except Exception:
                 log.exception("key cache refresh failed")
             self._stop.wait(self.refresh_interval)
+
+
+def _serves(key: bytes, fingerprint: str) -> bool:
+    """Does this key have a primary key or subkey with this fingerprint or key ID?"""
+    found = fingerprints(key)
+    if len(fingerprint) == 16:
+        return any(f[-16:] == fingerprint for f in found if len(f) == 40)
+    return fingerprint in found
