@@ -33,17 +33,18 @@ from pathlib import Path
 
 from milter_wkd.errors import MilterWkdError
 
-ACCOUNTS = ("milter", "wkd", "dovecot")
-# The identity slapds replicate as (ldap/README.md, "Replication"): locked like the others
-# in the shipped LDIF, its password goes into each olcSyncrepl's credentials (cn=config,
-# root only). Not (yet) one of `milter-wkd directory passwords`' ACCOUNTS: the README sets
-# it with ldappasswd; the sandbox gives it a random password like the others.
+# The identity slapds replicate as (ldap/README.md, "Replication") is one of them: locked
+# like the others in the shipped LDIF, its password goes into each olcSyncrepl's
+# credentials (cn=config, root only).
 REPLICATOR = "replicator"
-SLAPD_ACCOUNTS = (*ACCOUNTS, REPLICATOR)
+ACCOUNTS = ("milter", "wkd", "dovecot", REPLICATOR)
+SLAPD_ACCOUNTS = ACCOUNTS
 DOCUMENTED_PASSWORDS = ("milter-secret", "wkd-secret", "dovecot-secret")
 # The system user that runs each service and alone reads its password file (root for
-# Dovecot: the password goes into dovecot-ldap.conf.ext, which Dovecot reads as root).
-DEFAULT_OWNERS = {"milter": "milter-wkd", "wkd": "milter-wkd-web", "dovecot": "root"}
+# Dovecot: the password goes into dovecot-ldap.conf.ext, which Dovecot reads as root; root
+# for the replicator: only the cn=config LDIF an administrator loads needs it).
+DEFAULT_OWNERS = {"milter": "milter-wkd", "wkd": "milter-wkd-web", "dovecot": "root",
+                  REPLICATOR: "root"}
 
 
 def new_password() -> str:

@@ -37,7 +37,7 @@ def register(sub: Any) -> None:
     command.add_argument("--services", default=DEFAULT_SERVICES, metavar="DN",
                          help="entry that holds the accounts (default: %(default)s)")
     command.add_argument("--account", action="append", choices=passwords.ACCOUNTS,
-                         help="only this account (repeatable; default: all three)")
+                         help="only this account (repeatable; default: all four)")
     command.add_argument("--dir", default=DEFAULT_DIR, metavar="DIR",
                          help="where DIR/<account>.password go (default: %(default)s)")
     command.add_argument("--owner", action="append", default=[], metavar="ACCOUNT=USER",

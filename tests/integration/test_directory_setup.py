@@ -169,14 +169,15 @@ def test_passwords_command_sets_random_ones(existing_server: Slapd, tmp_path: Pa
     services = f"ou=services,{existing_server.suffix}"
     folder = tmp_path / "etc"
     folder.mkdir()
-    owners = ["--owner", "milter=root", "--owner", "wkd=nobody", "--owner", "dovecot=root"]
+    owners = ["--owner", "milter=root", "--owner", "wkd=nobody", "--owner", "dovecot=root",
+              "--owner", "replicator=root"]
     args = ["directory", "passwords", "--uri", existing_server.ldapi_uri,
             "--services", services, "--dir", str(folder), *owners]
     assert main(args) == 0, capsys.readouterr()
     out = capsys.readouterr().out
     assert f"cn=milter,{services}: new password set; {folder}/milter.password" in out
     found = {}
-    for name in ("milter", "wkd", "dovecot"):
+    for name in ("milter", "wkd", "dovecot", "replicator"):
         path = folder / f"{name}.password"
         info = path.stat()
         assert stat.S_IMODE(info.st_mode) == 0o600, name
@@ -185,9 +186,9 @@ def test_passwords_command_sets_random_ones(existing_server: Slapd, tmp_path: Pa
         assert len(password) >= 32
         ldapclient.bind(existing_server.uri, f"cn={name},{services}", password).unbind_ext_s()
         found[name] = password
-    assert len(set(found.values())) == 3
+    assert len(set(found.values())) == 4
     assert sorted(p.name for p in folder.iterdir()) == [
-        "dovecot.password", "milter.password", "wkd.password"]
+        "dovecot.password", "milter.password", "replicator.password", "wkd.password"]
     assert_refused(existing_server, DOCUMENTED_PASSWORDS)
 
     # Again, as LDIF for an LDAP server elsewhere: nothing changes until it is applied.
@@ -205,5 +206,5 @@ def test_passwords_command_sets_random_ones(existing_server: Slapd, tmp_path: Pa
     assert main([*args, "--services", f"ou=nowhere,{existing_server.suffix}"]) == 1
     assert "setting the password of cn=milter,ou=nowhere" in capsys.readouterr().err
     assert sorted(p.name for p in folder.iterdir()) == [
-        "dovecot.password", "milter.password", "wkd.password"]
+        "dovecot.password", "milter.password", "replicator.password", "wkd.password"]
     assert (folder / "milter.password").read_text().splitlines()[0] == found["milter"]
