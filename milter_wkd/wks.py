@@ -136,7 +136,7 @@ def _find_part(entity: Entity, wanted: str) -> Entity:
             return found[0]
         if len(found) > 1:
             raise MessageRefused(f"more than one {wanted} part")
-    raise MessageRefused(f"expected a {wanted} part, found {entity.content_type}")
+    raise MessageRefused(f"expected an {wanted} part, found {entity.content_type}")
 
 
 def _plaintext_body(plaintext: bytes, wanted: str, max_size: int) -> bytes:
@@ -259,7 +259,7 @@ def _kind_of(entity: Entity) -> tuple[str, Entity]:
             return found[0].content_type, _find_part(entity, found[0].content_type)
         if len(found) > 1:
             raise MessageRefused(f"more than one {TYPE_PGP_KEYS} or {TYPE_WKS} part")
-    raise MessageRefused(f"expected a {TYPE_PGP_KEYS} or {TYPE_WKS} part, found "
+    raise MessageRefused(f"expected an {TYPE_PGP_KEYS} or {TYPE_WKS} part, found "
                          f"{entity.content_type}")
 
 

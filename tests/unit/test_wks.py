@@ -159,7 +159,7 @@ def test_submission_structure_refusals(service: messages.GeneratedKey,
                                                        protocol=""),
         "Version: 1": pgp_mime(SUBMIT_HEADERS, key, service.public, version="Version: 2"),
         "not encrypted to the submission key": pgp_mime(SUBMIT_HEADERS, key, user.public),
-        "expected a application/pgp-keys part, found text/plain":
+        "expected an application/pgp-keys part, found text/plain":
             pgp_mime(SUBMIT_HEADERS, b"Content-Type: text/plain\n\nhi\n", service.public),
         "application/pgp-keys part is empty": SUBMIT_HEADERS.encode()
             + b"Content-Type: application/pgp-keys\n\n\n",
@@ -230,7 +230,7 @@ def test_headers_we_parse_are_capped(header: str) -> None:
     (b"Content-Type: application/pgp-keys\nContent-Transfer-Encoding: base64\n\nQUJDR\n",
      "base64 MIME part that does not decode"),
     (b"Content-Type: =?utf-8?q?application?=/pgp-keys\n\nkey\n",
-     "expected a application/pgp-keys part"),
+     "expected an application/pgp-keys part"),
     (b"Wks-Draft-Version: =?utf-8?q?3?=\nContent-Type: application/pgp-keys\n\nkey\n",
      "Wks-Draft-Version is not a number"),
 ])
@@ -377,7 +377,7 @@ def test_response_refusals(service: messages.GeneratedKey, data: bytes, reason: 
 
 def test_response_of_the_wrong_type(service: messages.GeneratedKey) -> None:
     mail = pgp_mime(RESPONSE_HEADERS, key_part(service.public), service.public)
-    with pytest.raises(MessageRefused, match=r"expected a application/vnd\.gnupg\.wks part"):
+    with pytest.raises(MessageRefused, match=r"expected an application/vnd\.gnupg\.wks part"):
         wks.parse_confirmation_response(mail, wks.decrypter(service.secret))
 
 
@@ -409,7 +409,7 @@ def test_parse_message_names_the_real_reason(service: messages.GeneratedKey) -> 
             r"From does not match the address being confirmed "
             r"\(mallory@example\.org is not user@example\.org\)")):
         wks.parse_message(mail, wks.decrypter(service.secret))
-    with pytest.raises(MessageRefused, match=r"expected a application/pgp-keys or "):
+    with pytest.raises(MessageRefused, match=r"expected an application/pgp-keys or "):
         wks.parse_message(RESPONSE_HEADERS.encode() + b"Content-Type: text/plain\n\nhi\n",
                           lambda d: d)
 
