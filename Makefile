@@ -9,11 +9,12 @@ PY := $(VENV)/bin/python
 PYTHON313 ?= $(firstword $(wildcard /root/.pyenv/versions/3.13*/bin/python3.13) \
                          $(shell command -v python3.13 2>/dev/null))
 VENV313 := .venv-3.13
-# Real peers the tests and the demo drive (see ../shared/RECIPES.md), and the headers
-# pymilter and python-ldap build against.
+# Real peers the tests and the demo drive (see ../shared/RECIPES.md; headless Chromium and
+# certutil for the browser tests), and the headers pymilter and python-ldap build against.
 DEBS := slapd ldap-utils postfix dovecot-core dovecot-ldap dovecot-lmtpd dovecot-imapd \
         gnupg dirmngr gpg-wks-client gpg-wks-server sq libmilter-dev swaks nginx wrk gcc \
-        libldap-dev libsasl2-dev opendkim opendkim-tools
+        libldap-dev libsasl2-dev opendkim opendkim-tools \
+        chromium chromium-driver libnss3-tools
 DEMO_ARGS ?=
 # Seconds each fuzz target runs in `make fuzz` (the CI-sized run is part of the tests).
 FUZZ_SECONDS ?= 60
