@@ -11,6 +11,9 @@ Setup, all on this machine and loopback:
 - wrk over HTTPS with keep-alive, the same connections, threads and duration for both, and
   a Lua script that walks a shuffled list of every user's advanced-method path plus 10 %
   unknown addresses (90 % hits, 10 % misses), each thread from its own offset.
+The responder's HKP look-up by address (`/pks/lookup?op=get&search=<addr>&exact=on`, the
+same 90 % known addresses and 10 % unknown ones, the armored key of that one address) runs
+beside them as a third run of each round, ours alone: nginx has no HKP.
 Each server gets a warm-up run first (the responder's cache loads in the background).
 Then --rounds rounds, each running nginx and then ours: prints requests/s, p99 latency and
 the server's CPU time per request (its process group, from /proc) of each run, the medians,
@@ -32,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -169,6 +173,12 @@ def check_same_answers(wkd: WkdResponder, nginx_port: int, keys: dict[str, bytes
         ours, theirs = wkd.get(path), other.get(path)
         assert ours[0] == theirs[0], (address, ours[0], theirs[0])
         assert ours[2] == theirs[2] or ours[0] != 200, address
+        hkp = wkd.get(hkp_path(address))  # the same key, armored, over HKP
+        assert hkp[0] == ours[0], (address, hkp[0], ours[0])
+
+
+def hkp_path(address: str) -> str:
+    return f"/pks/lookup?op=get&search={quote(address, safe='')}&exact=on"
 
 
 def freshness(slapd: Slapd, wkd: WkdResponder, rounds: int = 5) -> list[float]:
@@ -270,26 +280,35 @@ def main() -> int:
             (tmp / "paths.txt").write_text("\n".join(paths) + "\n")
             script = tmp / "wkd.lua"
             script.write_text(LUA.format(paths=tmp / "paths.txt", host=HOST))
+            # HKP by address: the same mix of known and unknown addresses, in its own order.
+            addresses = [*keys, *(f"nobody{n}@example.org" for n in range(len(keys) // 9))]
+            random.Random(2).shuffle(addresses)  # noqa: S311 (a fixed order)
+            (tmp / "hkp-paths.txt").write_text("\n".join(map(hkp_path, addresses)) + "\n")
+            hkp_script = tmp / "hkp.lua"
+            hkp_script.write_text(LUA.format(paths=tmp / "hkp-paths.txt", host=HOST))
             check_same_answers(wkd, nginx_port, keys)
-            servers: tuple[tuple[str, int], ...] = (
-                ("nginx static", nginx_port), ("milter-wkd web", wkd.port))
+            servers: tuple[tuple[str, int, Path], ...] = (
+                ("nginx static", nginx_port, script), ("milter-wkd web", wkd.port, script),
+                ("milter-wkd HKP", wkd.port, hkp_script))
             assert wkd.pid is not None
-            groups = {"nginx static": nginx.pid, "milter-wkd web": os.getpgid(wkd.pid)}
+            groups = {"nginx static": nginx.pid, "milter-wkd web": os.getpgid(wkd.pid),
+                      "milter-wkd HKP": os.getpgid(wkd.pid)}
             if args.gunicorn:
                 gunicorn_port = free_port()
                 gunicorn = start_gunicorn(wkd, gunicorn_port, args.workers)
-                servers = (*servers, ("gunicorn gthread", gunicorn_port))
-            for _name, port in servers:
-                wrk(port, script, threads=args.threads, connections=args.connections,
+                servers = (*servers, ("gunicorn gthread", gunicorn_port, script))
+            for _name, port, lua in servers:
+                wrk(port, lua, threads=args.threads, connections=args.connections,
                     duration=args.warmup)
             # Alternate the servers round by round, so that load from anything else on the
             # machine hits both alike; report the median round of each.
-            runs: dict[str, list[tuple[float, float, str]]] = {name: [] for name, _ in servers}
-            cpu: dict[str, list[float]] = {name: [] for name, _ in servers}
+            runs: dict[str, list[tuple[float, float, str]]] = {
+                name: [] for name, _, _ in servers}
+            cpu: dict[str, list[float]] = {name: [] for name, _, _ in servers}
             for round_ in range(args.rounds):
-                for name, port in servers:
+                for name, port, lua in servers:
                     before = group_cpu_seconds(groups[name]) if name in groups else 0.0
-                    run = wrk(port, script, threads=args.threads,
+                    run = wrk(port, lua, threads=args.threads,
                               connections=args.connections, duration=args.duration)
                     runs[name].append(run)
                     per_request = ""
@@ -324,6 +343,8 @@ def main() -> int:
             delays = freshness(slapd, wkd)
             print("freshness (an admin's ldapmodify -> checked by the follower -> served): "
                   + ", ".join(f"{d * 1000:.0f} ms" for d in delays))
+            print(f"HKP (ours alone, nginx has none): op=get&search=<addr>&exact=on over "
+                  f"{len(addresses)} addresses (90 % published)")
             print(f"users {args.users}, {len(paths)} paths (90 % hits), wrk -t{args.threads} "
                   f"-c{args.connections} -d{args.duration}s x {args.rounds} rounds, "
                   f"{args.workers} worker(s) each, "
