@@ -274,6 +274,51 @@ class WebConfig:
             raise ConfigError("[web] bind_dn needs bind_password_file")
 
 
+@dataclass(frozen=True, slots=True)
+class PortalConfig:
+    """The self-service page (`milter-wkd portal`): users sign in with their mail address
+    and mail password and publish or unpublish their own key. It writes as [directory]
+    bind_dn, the milter's account."""
+
+    listen: str = field(default="0.0.0.0:8443", metadata=_doc(
+        "HOST:PORT `milter-wkd portal` listens on (HTTPS); --listen overrides it."))
+    cert_file: str = field(default="/etc/milter-wkd/portal.crt", metadata=_doc(
+        "Certificate chain (PEM) of the page's host name. Empty: plain HTTP, only behind a "
+        "TLS reverse proxy on loopback (the session cookie is Secure: browsers send it over "
+        "HTTPS only)."))
+    key_file: str = field(default="/etc/milter-wkd/portal.key", metadata=_doc(
+        "Private key (PEM, PKCS#8, unencrypted) of cert_file."))
+    secret_key_file: str = field(default="/etc/milter-wkd/portal.secret", metadata=_doc(
+        "File of at least 32 random bytes that sign the session cookies (e.g. `head -c 48 "
+        "/dev/urandom > FILE`, mode 0600); replacing it signs everybody out."))
+    provider_name: str = field(default="Example Mail", metadata=_doc(
+        "The provider's name, shown on every page."))
+    session_idle_seconds: int = field(default=900, metadata=_doc(
+        "A session unused for this long is signed out."))
+    session_max_seconds: int = field(default=8 * 3600, metadata=_doc(
+        "A session is signed out this long after sign-in, however busy."))
+    rate_window_seconds: int = field(default=900, metadata=_doc(
+        "The sliding window of the password rate limits below."))
+    rate_per_account: int = field(default=10, metadata=_doc(
+        "Password attempts (sign-in and the unpublish confirmation) per address within "
+        "rate_window_seconds; more are refused without asking the directory."))
+    rate_per_client: int = field(default=30, metadata=_doc(
+        "Password attempts per client IP address within rate_window_seconds. Counted in "
+        "the memory of each worker process."))
+    workers: int = field(default=1, metadata=_doc(
+        "Server worker processes (each keeps its own rate-limit counters)."))
+    threads: int = field(default=4, metadata=_doc(
+        "Threads per worker that run the WSGI app (a sign-in waits for the directory)."))
+
+    def __post_init__(self) -> None:
+        if parse_host_port(self.listen) is None:
+            raise ConfigError(f"[portal] listen: HOST:PORT, not {self.listen!r}")
+        for name in ("session_idle_seconds", "session_max_seconds", "rate_window_seconds",
+                     "rate_per_account", "rate_per_client", "workers", "threads"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"[portal] {name}: must be positive")
+
+
 # The probe groups of `milter-wkd check`, in the order it runs them ([check] skip).
 CHECK_GROUPS = ("directory", "schema", "acl", "keys", "passwords", "responder",
                 "submission-key", "dkim", "wkd", "postfix", "milter", "dovecot")
@@ -332,6 +377,7 @@ class Config:
     milter: MilterConfig = field(default_factory=MilterConfig)
     mailer: MailerConfig = field(default_factory=MailerConfig)
     check: CheckConfig = field(default_factory=CheckConfig)
+    portal: PortalConfig = field(default_factory=PortalConfig)
     domains: list[DomainConfig] = field(default_factory=lambda: [DomainConfig()])
 
     def domain(self, name: str) -> DomainConfig | None:

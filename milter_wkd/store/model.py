@@ -43,6 +43,7 @@ class KeyOrigin(StrEnum):
     WKS_CONFIRMED = "wks-confirmed"
     ADMIN_IMPORT = "admin-import"
     ADMIN_EDIT = "admin-edit"  # pgpKey written with LDAP tools, checked by the system
+    SELF_SERVICE = "self-service"  # uploaded by the signed-in user on the self-service page
 
 
 class ClaimKind(StrEnum):
