@@ -8,18 +8,26 @@ Prints one line per check as it completes, `ok   group: detail`, `warn group: ..
 `skip group: ...` or `FAIL group: ...` followed by an indented `fix: ...` line, and a
 summary. Exit 0 when nothing failed (warnings and skips do not count), 1 otherwise; a
 config file that does not load is a FAIL line too (exit 1).
+
+`milter-wkd check --domain DOMAIN [--address ADDR] [--json]` reads no config file: it
+checks any domain's WKD from the outside as clients see it (milter_wkd.check.domain);
+--json prints one JSON document instead of lines. Exit 2: bad usage.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from typing import Any
 
 from milter_wkd import check
 from milter_wkd import config as config_module
+from milter_wkd.check.domain import DomainOptions, run_domain
 from milter_wkd.config import Config, ConfigError, parse_host_port
+from milter_wkd.errors import BadAddress
+from milter_wkd.values import Address
 
 
 def register(sub: Any) -> None:
@@ -53,6 +61,19 @@ def register(sub: Any) -> None:
     parser.add_argument("--skip", action="append", default=[], metavar="NAME",
                         choices=check.GROUPS, help="leave a group out (repeatable; adds to "
                                                    "[check] skip)")
+    public = parser.add_argument_group(
+        "any domain, without a config file",
+        "--domain checks a domain's WKD from the outside: DNS, TLS, the policy and "
+        "submission-address files, with --address that address's key by both methods "
+        "and HKP/VKS look-ups (--ca-file and --timeout apply too)")
+    public.add_argument("--domain", metavar="DOMAIN", help="the mail domain to check")
+    public.add_argument("--address", metavar="ADDR",
+                        help="also look up this address's key (in DOMAIN)")
+    public.add_argument("--connect", metavar="HOST:PORT",
+                        help="connect here for openpgpkey.DOMAIN and DOMAIN instead of DNS "
+                             "(certificates still checked for those names; DNS skipped)")
+    public.add_argument("--json", action="store_true",
+                        help="print one JSON document (for monitoring) instead of lines")
     parser.set_defaults(func=_check)
 
 
@@ -77,7 +98,71 @@ def _options(args: argparse.Namespace, cfg: Config) -> check.Options:
         **{name: value for name, value in given.items() if value is not None})
 
 
+def _refuse(message: str) -> int:
+    print(f"refused: {message}", file=sys.stderr)
+    return 2
+
+
+def _domain_options(args: argparse.Namespace) -> DomainOptions | str:
+    """The options of --domain, or why they are bad usage."""
+    if args.config:
+        return "--domain checks without a config file; leave out --config"
+    address = None
+    if args.address:
+        try:
+            address = Address.parse(args.address)
+        except BadAddress as exc:
+            return f"--address: {exc.reason}"
+    domain = (args.domain or "").strip().rstrip(".").lower()
+    try:
+        Address.parse(f"x@{domain}")
+    except BadAddress:
+        return f"--domain wants a mail domain, not {args.domain!r}"
+    if address is not None and address.domain != domain:
+        return f"--address {address} is not in {domain}"
+    connect = None
+    if args.connect:
+        connect = parse_host_port(args.connect)
+        if connect is None:
+            return f"--connect wants HOST:PORT, not {args.connect!r}"
+    return DomainOptions(domain, address, connect, args.ca_file,
+                         5.0 if args.timeout is None else max(0.5, args.timeout))
+
+
+def _check_domain(args: argparse.Namespace) -> int:
+    options = _domain_options(args)
+    if isinstance(options, str):
+        return _refuse(options)
+    results = []
+    for result in run_domain(options):
+        results.append(result)
+        if not args.json:
+            _print(result)
+    counts = {label: sum(r.label == label for r in results)
+              for label in ("ok", "warn", "skip", "FAIL")}
+    if args.json:
+        print(json.dumps({
+            "domain": options.domain,
+            "address": None if options.address is None else str(options.address),
+            "ok": not counts["FAIL"],
+            "counts": {"ok": counts["ok"], "warn": counts["warn"], "skip": counts["skip"],
+                       "fail": counts["FAIL"]},
+            "results": [{"probe": r.name, "status": r.label.lower(), "detail": r.detail,
+                         "fix": r.fix if r.ok is False or r.warning else ""}
+                        for r in results]}, indent=2))
+    else:
+        print(f"{counts['ok']} ok, {counts['warn']} warnings, {counts['FAIL']} failed, "
+              f"{counts['skip']} skipped")
+    return 1 if counts["FAIL"] else 0
+
+
 def _check(args: argparse.Namespace) -> int:
+    if args.domain or args.address:
+        if not args.domain:
+            return _refuse("--address needs --domain")
+        return _check_domain(args)
+    if args.connect or args.json:
+        return _refuse("--connect and --json go with --domain")
     if args.wkd_connect and parse_host_port(args.wkd_connect) is None:
         print(f"refused: --wkd-connect wants HOST:PORT, not {args.wkd_connect!r}",
               file=sys.stderr)
