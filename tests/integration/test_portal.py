@@ -1,0 +1,145 @@
+"""The self-service page against a REAL slapd: `milter_wkd.store.auth` binds as the users
+(alice, bob, carol with passwords `<name>-secret`), and the portal app on the real
+LdapStore publishes a key exported by real gpg, shows it and unpublishes it."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+
+import pytest
+from flask.testing import FlaskClient
+
+from milter_wkd.config import build
+from milter_wkd.errors import DirectoryUnavailable
+from milter_wkd.portal import create_app
+from milter_wkd.sandbox.slapd import Slapd
+from milter_wkd.store.auth import LdapAuthenticator
+from milter_wkd.store.ldapstore import LdapStore
+from milter_wkd.values import Address
+from tests.integration.conftest import UserKey, account_config
+
+pytestmark = pytest.mark.integration
+BASE = "https://keys.example.org"
+
+# XXX ldap/config/40-overlays.ldif constrains wkdKeySource to the origins known before the
+# self-service page; until it names self-service too, a real directory refuses the page's
+# publications. The app test applies that one-value change to its own slapd.
+_ALLOW_SELF_SERVICE = """\
+dn: olcOverlay={1}constraint,olcDatabase={1}mdb,cn=config
+changetype: modify
+delete: olcConstraintAttribute
+olcConstraintAttribute: wkdKeySource regex ^(auth-submit|wks-confirmed|admin-import|admin-edit)$
+-
+add: olcConstraintAttribute
+olcConstraintAttribute: wkdKeySource regex \
+^(auth-submit|wks-confirmed|admin-import|admin-edit|self-service)$
+"""
+
+
+@pytest.fixture
+def authenticator(slapd: Slapd) -> Iterator[LdapAuthenticator]:
+    config = account_config(slapd, "milter")
+    with LdapStore(config) as store:
+        yield LdapAuthenticator(config, store)
+
+
+@pytest.mark.parametrize("name", ["alice", "bob", "carol"])
+def test_users_sign_in_with_their_mail_password(authenticator: LdapAuthenticator,
+                                                slapd: Slapd, name: str) -> None:
+    user = authenticator.authenticate(Address.parse(f"{name}@example.org"), f"{name}-secret")
+    assert user is not None
+    assert user.dn == slapd.users[name]["dn"]
+
+
+def test_an_alias_signs_in_as_its_owner(authenticator: LdapAuthenticator,
+                                        slapd: Slapd) -> None:
+    user = authenticator.authenticate(Address.parse("Alice.Liddell@example.org"),
+                                      "alice-secret")
+    assert user is not None
+    assert user.dn == slapd.users["alice"]["dn"]
+
+
+@pytest.mark.parametrize(("address", "password"), [
+    ("alice@example.org", "bob-secret"),
+    ("alice@example.org", ""),
+    ("bob@example.org", "alice-secret"),
+    ("nobody@example.org", "alice-secret"),
+    ("*@example.org", "alice-secret"),  # a filter wildcard matches nobody
+    ("al*@example.org", "alice-secret"),
+    ("alice*@example.org", "alice-secret"),
+])
+def test_wrong_unknown_empty_and_filter_characters_fail(
+        authenticator: LdapAuthenticator, address: str, password: str) -> None:
+    assert authenticator.authenticate(Address.parse(address), password) is None
+
+
+def test_unknown_and_wrong_cost_about_the_same(authenticator: LdapAuthenticator) -> None:
+    def cost(address: str) -> float:
+        start = time.perf_counter()
+        for _ in range(20):
+            authenticator.authenticate(Address.parse(address), "guess")
+        return time.perf_counter() - start
+
+    cost("alice@example.org")  # warm up
+    known, unknown = cost("alice@example.org"), cost("nobody@example.org")
+    # Both: one search and a bind on a new connection (a decoy DN for the unknown address).
+    assert 0.5 < unknown / known < 2.0, (known, unknown)
+
+
+def test_a_directory_that_is_down_is_unavailable(slapd: Slapd) -> None:
+    config = account_config(slapd, "milter")
+    with LdapStore(config) as store:
+        broken = LdapAuthenticator(account_config(slapd, "milter", uri="ldap://127.0.0.1:9",
+                                                  timeout=1.0), store)
+        # The look-up (the store's own connection) works; the user's bind cannot connect.
+        with pytest.raises(DirectoryUnavailable):
+            broken.authenticate(Address.parse("alice@example.org"), "alice-secret")
+
+
+def _token(client: FlaskClient, path: str) -> str:
+    page = client.get(path, base_url=BASE).get_data(as_text=True)
+    found = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', page)
+    assert found, page
+    return found.group(1)
+
+
+def test_upload_see_and_unpublish_a_gpg_key(private_slapd: Slapd,
+                                            gpg_keys: dict[str, UserKey]) -> None:
+    private_slapd.ldapmodify(_ALLOW_SELF_SERVICE)
+    directory = account_config(private_slapd, "milter")
+    config = build({"portal": {"provider_name": "Example Mail"}})
+    with LdapStore(directory) as store:
+        app = create_app(config, store, LdapAuthenticator(directory, store),
+                         secret_key=b"s" * 32)
+        alice = gpg_keys["alice"]
+        with app.test_client() as client:
+            answer = client.post("/sign-in", base_url=BASE, headers={"Origin": BASE}, data={
+                "csrf_token": _token(client, "/sign-in"), "address": "alice@example.org",
+                "password": "alice-secret"})
+            assert answer.status_code == 303
+            answer = client.post("/upload", base_url=BASE, headers={"Origin": BASE},
+                                 content_type="multipart/form-data", data={
+                                     "csrf_token": _token(client, "/keys"),
+                                     "key_text": alice.gpg.export(alice.fingerprint,
+                                                                  "--armor").decode()})
+            body = answer.get_data(as_text=True)
+            assert answer.status_code == 200, body
+            assert (f"Your key {alice.fingerprint} is published for alice@example.org, "
+                    "alice.liddell@example.org") in body
+            page = client.get("/keys", base_url=BASE).get_data(as_text=True)
+            assert alice.fingerprint in page
+            assert "on this page" in page
+            assert "Alice L. &lt;alice.liddell@example.org&gt;" in page
+            stored = store.get_key(store.user(Address.parse("alice@example.org")))
+            assert stored is not None
+            assert stored.provenance is not None
+            assert stored.provenance.source == "self-service"
+            answer = client.post("/unpublish", base_url=BASE, headers={"Origin": BASE}, data={
+                "csrf_token": _token(client, "/unpublish"), "password": "bob-secret"})
+            assert answer.status_code == 401
+            answer = client.post("/unpublish", base_url=BASE, headers={"Origin": BASE}, data={
+                "csrf_token": _token(client, "/unpublish"), "password": "alice-secret"})
+            assert answer.status_code == 200, answer.get_data(as_text=True)
+            assert store.get_key(store.user(Address.parse("alice@example.org"))) is None
