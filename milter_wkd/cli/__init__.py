@@ -31,6 +31,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "milter": ("milter_cmd", "run the milter (WKS submissions, Autocrypt)"),
     "pending": ("pending", "pending WKS confirmation requests"),
     "web": ("web", "serve the Web Key Directory over HTTPS"),
+    "portal": ("portal", "serve the self-service key page over HTTPS"),
     "check": ("check", "tell what works and what to fix in a deployment"),
     "sandbox": ("sandbox", "private slapd, Dovecot, milter and Postfix on loopback"),
     "config": ("config_cmd", "configuration file helpers"),

@@ -4,9 +4,16 @@ LdapStore publishes a key exported by real gpg, shows it and unpublishes it."""
 
 from __future__ import annotations
 
+import http.client
+import os
 import re
+import socket
+import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from flask.testing import FlaskClient
@@ -15,6 +22,7 @@ from milter_wkd.config import build
 from milter_wkd.errors import DirectoryUnavailable
 from milter_wkd.portal import create_app
 from milter_wkd.sandbox.slapd import Slapd
+from milter_wkd.sandbox.wkd import make_test_pki
 from milter_wkd.store.auth import LdapAuthenticator
 from milter_wkd.store.ldapstore import LdapStore
 from milter_wkd.values import Address
@@ -143,3 +151,74 @@ def test_upload_see_and_unpublish_a_gpg_key(private_slapd: Slapd,
                 "csrf_token": _token(client, "/unpublish"), "password": "alice-secret"})
             assert answer.status_code == 200, answer.get_data(as_text=True)
             assert store.get_key(store.user(Address.parse("alice@example.org"))) is None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _get(port: int, ca: Path, path: str) -> tuple[int, dict[str, str], bytes]:
+    context = ssl.create_default_context(cafile=str(ca))
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+    conn.sock = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                                    server_hostname="keys.example.org")
+    try:
+        conn.putrequest("GET", path, skip_host=True)
+        conn.putheader("Host", "keys.example.org")
+        conn.endheaders()
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, \
+            response.read()
+    finally:
+        conn.close()
+
+
+def test_the_portal_command_serves_https(slapd: Slapd, tmp_path: Path) -> None:
+    ca, cert, key = make_test_pki(tmp_path, ["keys.example.org"])
+    secret = tmp_path / "portal.secret"
+    secret.write_bytes(os.urandom(48))
+    port = _free_port()
+    milter = slapd.service_accounts["milter"]
+    config = tmp_path / "milter-wkd.toml"
+    config.write_text(f"""\
+[directory]
+uri = "{slapd.uri}"
+base_dn = "{slapd.people_dn}"
+bind_dn = "{milter["dn"]}"
+bind_password = "{milter["password"]}"
+
+[portal]
+listen = "127.0.0.1:1"
+cert_file = "{cert}"
+key_file = "{key}"
+secret_key_file = "{secret}"
+provider_name = "Example Mail"
+""", encoding="utf-8")
+    log = (tmp_path / "portal.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "milter_wkd", "portal", "--config", str(config),
+         "--listen", f"127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert process.poll() is None, (tmp_path / "portal.log").read_text()
+            try:
+                status, headers, body = _get(port, ca, "/sign-in")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, (tmp_path / "portal.log").read_text()
+                time.sleep(0.2)
+        assert status == 200
+        assert "Example Mail" in body.decode()
+        assert headers["content-security-policy"].startswith("default-src 'none'")
+        assert "Secure" in headers["set-cookie"]
+        assert "SameSite=Strict" in headers["set-cookie"]
+        assert _get(port, ca, "/keys")[0] == 303
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+        log.close()
