@@ -479,12 +479,17 @@ def check_policy(options: DomainOptions, state: _State) -> Iterator[CheckResult]
         except (OSError, ssl.SSLError, http.client.HTTPException, ValueError) as exc:
             yield _result("policy", method, "fail", f"{url}: {why(exc)}", fix)
             continue
+        redirects = _redirect_findings(answer)
         if answer.status != 200:
-            yield _result("policy", method, "fail", f"{url} answered {answer.status} (no "
-                          "policy file: gpg takes the domain for one without WKD)", fix)
+            broken = [f for f in redirects if f.level == "fail"]
+            for finding in broken:
+                yield _result("policy", method, "fail", f"{url}: {finding.text}", finding.fix)
+            if not broken:
+                yield _result("policy", method, "fail", f"{url} answered {answer.status} (no "
+                              "policy file: gpg takes the domain for one without WKD)", fix)
             continue
         policy = parse_policy(answer.body)
-        for finding in _redirect_findings(answer):
+        for finding in redirects:
             yield _result("policy", method, finding.level, f"{url}: {finding.text}",
                           finding.fix)
         if policy.problems:
@@ -552,10 +557,16 @@ def _key_results(name: str, method: Method, address: Address, options: DomainOpt
                "gpg-wks-client, or `milter-wkd key publish`)")
     findings = _redirect_findings(answer)
     if answer.status != 200:
-        yield _result(name, method, "fail", f"{method.name} {url} answered {answer.status}"
-                      + (f" after {len(answer.redirects)} redirect(s)" if answer.redirects
-                         else ""), publish if answer.status == 404
-                      else _server_fix(method, options.domain))
+        broken = [f for f in findings if f.level == "fail"]
+        for finding in broken:  # a redirect gpg does not follow
+            yield _result(name, method, "fail", f"{method.name} {url}: {finding.text}",
+                          finding.fix)
+        if not broken:
+            yield _result(name, method, "fail", f"{method.name} {url} answered "
+                          f"{answer.status}" + (f" after {len(answer.redirects)} redirect(s)"
+                                                if answer.redirects else ""),
+                          publish if answer.status == 404
+                          else _server_fix(method, options.domain))
         return
     findings += judge_headers(answer.headers)
     if answer.truncated:
