@@ -2,9 +2,11 @@
 WKD responder (slapd + `milter-wkd web` under the sandbox's test CA, on a free loopback
 port, reached with --connect): a healthy example.org passes every probe for
 alice@example.org, a disabled key fails the key probe. Then one fault at a time, served by
-a small HTTPS server of this file (the responder's own certificate and its healthy answers,
-one thing changed): each shows up as the expected FAIL or warn line with its fix.
-"""
+a small HTTPS server of this file (the responder's own certificate and its healthy
+answers, one thing changed: no policy file, a broken one, a wrong Content-Type, no CORS,
+no Content-Length, an armored key, two keys, an expired, a revoked or another address's
+key, an HTML page, Thunderbird's Authorization refused, three redirects, another CA):
+each shows up as the expected FAIL or warn line with its fix."""
 
 from __future__ import annotations
 
@@ -75,8 +77,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         old = gpg.fingerprint("Alice Old")
         gpg.run("--faked-system-time", "20200101T000000!", "--quick-add-key", old, "cv25519",
                 "encr", "1y")
+        # A revoked key: gpg's own revocation certificate, imported.
+        revoked = gpg.generate("Alice Revoked <alice@example.org>")
+        certificate = (gpg.home / "openpgp-revocs.d" / f"{revoked}.rev").read_bytes()
+        gpg.import_key(certificate.replace(b":-----BEGIN", b"-----BEGIN"))
         keys = {name: gpg.export(fpr) for name, fpr in fprs.items()}
         keys["expired"] = gpg.export(old)
+        keys["revoked"] = gpg.export(revoked)
         submission = tmp / "submission.pub"
         submission.write_bytes(gpg.export(fprs["submission"], "--armor"))
     slapd = Slapd(tmp / "slapd")
@@ -257,6 +264,7 @@ FAULTS: dict[str, tuple[dict[str, Route | None], str, str, str, str]] = {
     "two keys": ({"alice": None}, "warn", "key", "2 usable keys in one answer",
                  "one current key per address"),
     "expired key": ({"alice": None}, "FAIL", "key", "expired on 2020-12-", "--quick-set-expire"),
+    "revoked key": ({"alice": None}, "FAIL", "key", "is revoked", "publish the current key"),
     "key of another address": ({"alice": None}, "FAIL", "key",
                                "has no valid user ID for alice@example.org",
                                "--quick-add-uid"),
@@ -273,6 +281,7 @@ def _key_route(site: Site, fault: str) -> Route:
         "armored key": _served(_armored(site)),
         "two keys": _served(alice + site.keys["alice2"]),
         "expired key": _served(site.keys["expired"]),
+        "revoked key": _served(site.keys["revoked"]),
         "key of another address": _served(site.keys["carol"]),
         "html page": _served(b"<html>not here</html>", Content_Type="text/html"),
     }[fault]
