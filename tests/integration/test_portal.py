@@ -31,21 +31,6 @@ from tests.integration.conftest import UserKey, account_config
 pytestmark = pytest.mark.integration
 BASE = "https://keys.example.org"
 
-# XXX ldap/config/40-overlays.ldif constrains wkdKeySource to the origins known before the
-# self-service page; until it names self-service too, a real directory refuses the page's
-# publications. The app test applies that one-value change to its own slapd.
-_ALLOW_SELF_SERVICE = """\
-dn: olcOverlay={1}constraint,olcDatabase={1}mdb,cn=config
-changetype: modify
-delete: olcConstraintAttribute
-olcConstraintAttribute: wkdKeySource regex ^(auth-submit|wks-confirmed|admin-import|admin-edit)$
--
-add: olcConstraintAttribute
-olcConstraintAttribute: wkdKeySource regex \
-^(auth-submit|wks-confirmed|admin-import|admin-edit|self-service)$
-"""
-
-
 @pytest.fixture
 def authenticator(slapd: Slapd) -> Iterator[LdapAuthenticator]:
     config = account_config(slapd, "milter")
@@ -115,7 +100,6 @@ def _token(client: FlaskClient, path: str) -> str:
 
 def test_upload_see_and_unpublish_a_gpg_key(private_slapd: Slapd,
                                             gpg_keys: dict[str, UserKey]) -> None:
-    private_slapd.ldapmodify(_ALLOW_SELF_SERVICE)
     directory = account_config(private_slapd, "milter")
     config = build({"portal": {"provider_name": "Example Mail"}})
     with LdapStore(directory) as store:
