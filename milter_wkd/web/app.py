@@ -8,8 +8,10 @@ Answers (all with Content-Length, `Access-Control-Allow-Origin: *` and Cache-Con
   address's own key comes from its `submission_public_key` file (read at start), else
   from the directory like a user's;
 - refused requests: the `HttpError` status with a one-line reason.
-HEAD answers carry the same headers and no body. Any unexpected exception becomes a 500
-with a logged traceback.
+HEAD answers carry the same headers and no body. An OPTIONS request (a browser's CORS
+preflight, for a page that sends Authorization or If-None-Match) gets 204 allowing GET and
+HEAD with those headers from any origin. Any unexpected exception becomes a 500 with a
+logged traceback.
 
 Client rules (their bug trackers): dirmngr speaks HTTP/1.0 and needs Content-Length on
 every answer; gpg marks a host dead on 502, so our failures are 500 or 503, never 502;
@@ -59,6 +61,14 @@ Memo = tuple[str, Headers, bytes, str | None, Headers]
 _NOT_FOUND = b"no key published\n"
 # Entries of the answer memo (about 500 bytes each beyond the shared key bytes: ~8 MiB).
 MEMO_ENTRIES = 16384
+_PREFLIGHT_HEADERS = [
+    ("Access-Control-Allow-Origin", "*"),
+    ("Access-Control-Allow-Methods", "GET, HEAD"),
+    ("Access-Control-Allow-Headers", "Authorization, Content-Type, If-None-Match, "
+     "X-OpenPGP-Padding"),
+    ("Access-Control-Max-Age", "86400"),
+    ("Content-Length", "0"),
+]
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             414: "URI Too Long", 500: "Internal Server Error", 503: "Service Unavailable"}
 
@@ -150,6 +160,12 @@ class WkdApp:
             log.exception("unexpected failure answering %r", environ.get("PATH_INFO", "")[:300])
             return self._plain(method, 500, "text/plain; charset=utf-8", b"internal error\n",
                                start_response)
+        if method == "OPTIONS":
+            # A CORS preflight: a page on another site that sends a header beyond the simple
+            # ones (Thunderbird's Authorization, If-None-Match) asks first. Every resource
+            # here is public and read-only, so every origin may GET it with those headers.
+            start_response("204 No Content", _PREFLIGHT_HEADERS)
+            return [b""]
         if environ.get("PATH_INFO", "").startswith(KEYSERVER_PREFIXES):
             return self.keyserver(environ, start_response)
         return self._respond(method, environ, start_response)

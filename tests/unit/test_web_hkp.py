@@ -291,3 +291,33 @@ def test_the_index_follows_changes(tmp_path: Path) -> None:
     assert cache.find_key(primary) is None
     assert cache.find_key(primary[-16:]) is None
     assert not cache._by_key_id
+
+
+def test_a_repeated_look_up_is_answered_from_the_memo_until_the_mirror_changes(
+        tmp_path: Path) -> None:
+    app, store, primary, _sub = make_app(tmp_path, complete=True)
+    host = "openpgpkey.example.org"
+    query = f"op=get&search=0x{primary}"
+    first = Response(app, "GET", "/pks/lookup", host, query)
+    assert first.status == 200
+    assert app.keyserver._memo  # kept
+    again = Response(app, "GET", "/pks/lookup", host, query)
+    assert (again.status, again.headers, again.body) == (first.status, first.headers,
+                                                          first.body)
+    store.remove_key(store.user(Address.parse("alice@example.org")))
+    app.cache.refresh()
+    gone = Response(app, "GET", "/pks/lookup", host, query)
+    assert gone.status == 404  # the mirror moved on: the memo is not used
+
+
+@pytest.mark.parametrize("path", ["/.well-known/openpgpkey/example.org/hu/"
+                                  "kei1q4tipxxu1yj79k9kfukdhfy631xe", "/pks/lookup",
+                                  "/vks/v1/by-email/alice@example.org", "/nothing"])
+def test_a_cors_preflight_is_allowed_everywhere(tmp_path: Path, path: str) -> None:
+    app, _store, _primary, _sub = make_app(tmp_path, complete=True)
+    answer = Response(app, "OPTIONS", path, "openpgpkey.example.org")
+    assert answer.status == 204
+    assert answer.headers["Access-Control-Allow-Origin"] == "*"
+    assert "GET" in answer.headers["Access-Control-Allow-Methods"]
+    assert "Authorization" in answer.headers["Access-Control-Allow-Headers"]
+    assert answer.body == b""
