@@ -27,7 +27,8 @@ empty database, and replication brings them everything, the service accounts' pa
 hashes included: the passwords are set once, on provider 1 (every Slapd object shares its
 `service_accounts`). start() returns when all report the same contextCSN. The milter's
 `[directory] uri` lists the providers in order (libldap fails over), the WKD responder
-reads from the first consumer (the first provider when there is none), Dovecot from
+reads from the first consumer (the first provider when there is none) and fails over to
+the providers in order, Dovecot from
 provider 1. The default (one provider, no consumer) is exactly the single slapd it always
 was, with no replication configured.
 
@@ -114,8 +115,11 @@ class Sandbox:
                                lmtp=self.dovecot.lmtp, milters=milters)
         # The WKD responder (on 127.0.0.1:443 when that is free) serves the keys and the
         # submission key, so gpg-wks-client and gpg --locate-keys need no fake options.
+        # With replicas it reads the nearest (a consumer) and fails over to the providers.
         self.wkd = WkdResponder(self.dir / "wkd", self.reader,
-                                submission_public_key=self.submission_public_key)
+                                submission_public_key=self.submission_public_key,
+                                fallback_uris=[s.uri for s in self.providers
+                                               if s is not self.reader])
         # Daemon name -> pid of every daemon start() started (kept after stop, for checks).
         self.started: dict[str, int] = {}
         self.state_path = self.dir / STATE_NAME

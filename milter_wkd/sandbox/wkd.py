@@ -28,7 +28,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol
@@ -151,9 +151,12 @@ class WkdResponder:
     def __init__(self, workdir: Path, slapd: DirectoryPeer, port: int | None = None, *,
                  submission_public_key: Path | None = None, workers: int = 1,
                  threads: int | None = None, refresh_interval: float = 0.1,
-                 tls: bool = True) -> None:
+                 tls: bool = True, fallback_uris: Sequence[str] = ()) -> None:
+        """fallback_uris: other replicas the responder fails over to, in order, when
+        `slapd` does not answer (its [directory] uri lists them after slapd's)."""
         self.workdir = Path(workdir)
         self.slapd = slapd
+        self.fallback_uris = tuple(fallback_uris)
         self._port_lock = claim_port_443() if port is None else None
         self.port = port if port is not None else (
             WKD_PORT if self._port_lock is not None else free_port())
@@ -205,7 +208,7 @@ class WkdResponder:
         # the read-only cn=wkd of [web] (here [directory] names no account at all).
         self.config_path.write_text(f"""\
 [directory]
-uri = {_toml_string(self.slapd.uri)}
+uri = {_toml_string(" ".join((self.slapd.uri, *self.fallback_uris)))}
 base_dn = {_toml_string(self.slapd.suffix)}
 
 [web]

@@ -6,9 +6,12 @@ publication, the state a conflicting pair of claim adds ends in.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import ldap
 import pytest
@@ -20,9 +23,11 @@ from milter_wkd.sandbox.slapd import Slapd, wait_replicated
 from milter_wkd.store.ldapstore import LdapStore
 from milter_wkd.store.model import KeyOrigin, Provenance
 from milter_wkd.values import Address
+from milter_wkd.wkd import address_hash
 from tests.contract.test_store import make_key
 from tests.support import ldapclient
 from tests.support.mail import require_mail_binaries
+from tests.support.wksmail import SUBMISSION, WksClient, send_raw
 
 pytestmark = pytest.mark.integration
 
@@ -235,3 +240,61 @@ def test_conflicting_claim_adds_on_both_providers_at_once(
     states = list(final.values())
     assert all(state == states[0] for state in states), final
     assert len(states[0]) == 1, final  # one holder, not both, not none
+
+
+# -- the responder on the consumer (these run last: the final one stops the consumer) -------
+
+def served(sandbox: Sandbox, address: str) -> str | None:
+    """The fingerprint the sandbox's responder serves for address by WKD, if any."""
+    path = f"/.well-known/openpgpkey/example.org/hu/{address_hash(Address.parse(address))}"
+    status, _headers, body = sandbox.wkd.get(path)
+    return openpgp.inspect_key(body).fingerprint.hex if status == 200 else None
+
+
+def test_a_key_published_through_postfix_is_served_from_the_consumer_within_a_second(
+        topology: Sandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """gpg-wks-client's submission, logged in, through real Postfix and the milter (which
+    writes to provider 1); the responder reads the consumer."""
+    client = WksClient(tmp_path / "carol", topology, "Carol <carol@example.org>")
+    try:
+        raw = client.create("carol@example.org")
+        endpoint = topology.postfix.submission
+        sent = time.monotonic()
+        send_raw(endpoint.host, endpoint.port, "carol@example.org", [SUBMISSION], raw,
+                 login=("carol@example.org", topology.users["carol"]["password"]))
+        accepted = time.monotonic() - sent  # the milter published during DATA
+        lag = wait_for(lambda: served(topology, "carol@example.org") == client.fpr,
+                       "the responder on the consumer serving carol's key")
+    finally:
+        client.close()
+    assert client.fpr in fingerprints(topology.slapd, "carol")
+    with capsys.disabled():
+        print(f"\nsubmission accepted in {accepted:.3f} s; served from the consumer "
+              f"{lag:.3f} s later")
+    assert lag < TARGET
+
+
+def test_the_consumer_down_the_responder_serves_from_memory_then_from_a_provider(
+        topology: Sandbox, capsys: pytest.CaptureFixture[str]) -> None:
+    consumer = topology.consumers[0]
+    before = publish(milter_config(topology, topology.directory_uri), "alice@example.org",
+                     "Alice <alice@example.org>")
+    wait_for(lambda: served(topology, "alice@example.org") == before, "alice's key served")
+    pid = consumer.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not consumer.running, "the consumer gone")
+    try:
+        # What the responder has in memory it keeps serving, never a 5xx.
+        for _ in range(20):
+            assert served(topology, "alice@example.org") == before
+        # A new publication reaches it through provider 1, where it fails over.
+        after = publish(milter_config(topology, topology.directory_uri), "alice@example.org",
+                        "Alice L. <alice@example.org>")
+        lag = wait_for(lambda: served(topology, "alice@example.org") == after,
+                       "the new key served via a provider", deadline=30.0)
+        with capsys.disabled():
+            print(f"\nconsumer killed: a new key served via a provider after {lag:.3f} s")
+    finally:
+        consumer.stop()
+        consumer.start()
