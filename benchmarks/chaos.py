@@ -21,9 +21,17 @@ least twice (--rounds):
   slapd-pause    slapd SIGSTOPped for the milter's [directory] timeout + 1.5 s, SIGCONT
   postfix-reload `postfix -c <sandbox config dir> reload`
   wkd-kill       the responder's process group SIGKILLed, started again 2 s later
+  slapd-full     slapd's database full for 4 s: olcDbMaxSize set to 64 KiB online (LMDB
+                 keeps the pages in use; the next write needing a page fails, LDAP 80),
+                 then back to 1 GiB
+  reinject-defer the reinjection smtpd (where the milter sends its notices) answers 450
+                 for 4 s (`postconf -P ...smtpd_client_restrictions=defer`, reload), then
+                 its own restrictions again
 
-Not exercised (listed as missing at the end): slapd's database full, the reinjection
-path refusing.
+With slapd paused, a login waits for slapd (Dovecot asks it), so mail from fresh sessions
+never reaches the milter then: two submissions and two mails are sent on sessions that
+logged in just before each pause. --kinds picks kinds; those left out are listed as not
+exercised.
 
 Afterwards: faults stop, pending retries finish (or a deadline passes), `postqueue -f`,
 then until the queue is empty (or a deadline). Every message is accounted for: delivered
@@ -34,7 +42,7 @@ the INBOX are counted, exactly one is expected) or refused. Every 200 from the r
 is compared with the key the directory holds for that address at the end (each address
 only ever has that one key). Printed: a table per fault kind (faults injected, SMTP 4xx,
 SMTP 5xx, dropped SMTP connections, WKD 5xx/unreachable inside that kind's windows; a
-window is the fault plus 3 s), then exactly one line
+window is the fault plus 3 s, cut where the next fault begins), then exactly one line
 
   sent N, delivered N, queued N, published N, refused N, lost N
 
@@ -82,12 +90,14 @@ from milter_wkd.values import Address, Fingerprint
 from milter_wkd.wkd import local_part_hash
 
 FAKE = ("--fake-submission-addr", SUBMISSION)
-KINDS = ("milter-kill", "slapd-kill", "slapd-pause", "postfix-reload", "wkd-kill")
-MISSING = ("slapd database full", "reinjection path refusing")
+KINDS = ("milter-kill", "slapd-kill", "slapd-pause", "postfix-reload", "wkd-kill",
+         "slapd-full", "reinject-defer")
+HOLD = 4.0  # seconds slapd stays full, the reinjection service deferring
 RESTART_AFTER = 2.0  # systemd/milter-wkd.service: RestartSec=2s
 WINDOW_GRACE = 3.0  # answers this long after a fault's end still count for it
 RETRY_AFTER = 1.0
 NOTICE_SUBJECT = "Your key has been published"
+DB_MAXSIZE = 1073741824  # the sandbox's olcDbMaxSize
 PROBES = 2  # per slapd pause: submissions and mails sent on sessions logged in before it
 
 
@@ -299,10 +309,41 @@ def fault(sb: Sandbox, kind: str, ldap_timeout: float,
         assert sb.wkd.pid is None  # polled: reaped
         sb.wkd.start()
         return f"pid {pid} -> {sb.wkd.pid}"
+    if kind == "slapd-full":
+        # back-mdb applies a smaller olcDbMaxSize online; LMDB raises it to the pages in
+        # use, so the next write that needs a page fails (LDAP 80, MDB_MAP_FULL).
+        slapd = sb.slapd
+        slapd.ldapmodify(f"dn: {slapd.database_dn}\nchangetype: modify\nreplace: "
+                         f"olcDbMaxSize\nolcDbMaxSize: 65536\n")
+        try:
+            time.sleep(HOLD)
+        finally:
+            slapd.ldapmodify(f"dn: {slapd.database_dn}\nchangetype: modify\nreplace: "
+                             f"olcDbMaxSize\nolcDbMaxSize: {DB_MAXSIZE}\n")
+        return f"olcDbMaxSize 64 KiB for {HOLD:.0f} s, then {DB_MAXSIZE}"
+    if kind == "reinject-defer":
+        # The milter's notices go to the reinjection smtpd; make it answer 450, reload.
+        service = f"{sb.postfix.reinject.host}:{sb.postfix.reinject.port}/inet/"
+        param = service + "smtpd_client_restrictions"
+        original = postconf(sb, "-P", param).split(" = ", 1)[1].strip()
+        postconf(sb, "-P", f"{param}=defer")
+        sb.postfix.postfix("reload")
+        try:
+            time.sleep(HOLD)
+        finally:
+            postconf(sb, "-P", f"{param}={original}")
+            sb.postfix.postfix("reload")
+        return f"reinjection smtpd_client_restrictions=defer for {HOLD:.0f} s"
     raise ValueError(kind)
 
 
 # -- accounting -----------------------------------------------------------------------
+
+
+def postconf(sb: Sandbox, *args: str) -> str:
+    return subprocess.run(["postconf", "-c", str(sb.postfix.config_dir), *args],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=60, check=True).stdout
 
 
 def postqueue(sb: Sandbox, *args: str) -> str:
@@ -366,6 +407,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2,
                         help="times each fault kind is injected (default 2)")
     parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
+                        help="fault kinds to inject (default: all)")
     args = parser.parse_args()
     rng = random.Random(args.seed)  # noqa: S311 (reproducible, not secret)
     run = f"{os.getpid():x}{int(time.time()) & 0xffff:x}"
@@ -397,8 +440,9 @@ def main() -> int:
             submit_tokens: dict[str, int] = {}  # token -> user
             seqs = itertools.count(1)
             # Users whose submission goes through a session logged in before a slapd pause.
-            probe_users = list(range(n - PROBES * args.rounds, n))
-            steady_users = list(range(n - PROBES * args.rounds))
+            pauses = args.rounds * ("slapd-pause" in args.kinds)
+            probe_users = list(range(n - PROBES * pauses, n))
+            steady_users = list(range(n - PROBES * pauses))
 
             def mail_job(sender: int, recipient: int) -> Job:
                 seq = next(seqs)
@@ -434,7 +478,7 @@ def main() -> int:
                 jobs += [mail_job(rng.randrange(n), rng.randrange(n)) for _ in range(PROBES)]
                 return load_.probe_paused(jobs, pause)
 
-            schedule = [kind for _ in range(args.rounds) for kind in KINDS]
+            schedule = [kind for _ in range(args.rounds) for kind in args.kinds]
             clock0 = time.monotonic()
             end_of_load = clock0 + args.duration
             producer = threading.Thread(target=produce, args=(end_of_load,), daemon=True)
@@ -561,7 +605,9 @@ def main() -> int:
                 state = ("accepted (250)" if token in out.accepted else
                          "never accepted" if token in unsent else "?")
                 print(f"  LOST {token}: {state}")
-            print(f"not exercised: {', '.join(MISSING)}")
+            missing = [kind for kind in KINDS if kind not in args.kinds]
+            if missing:
+                print(f"not exercised: {', '.join(missing)}")
             print(f"sent {sent}, delivered {len(delivered)}, queued {queued}, "
                   f"published {len(published)}, refused {refused}, lost {lost}")
             failed = (lost > 0 or bool(wrong_wkd) or bool(settled_mismatch) or bool(wrong_key)
