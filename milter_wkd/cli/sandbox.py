@@ -70,6 +70,8 @@ def _up(args: argparse.Namespace) -> int:
     for key, label in (("smtp_inbound", "SMTP inbound"), ("smtp_submission", "SMTP submission"),
                        ("smtp_reinject", "SMTP reinject"), ("imap", "IMAP")):
         print(f"  {label:<16} {info[key]['host']}:{info[key]['port']}")
+    if info.get("portal_url"):
+        print(f"  self-service     {info['portal_url']}  (CA {info['portal_ca_file']})")
     for name, user in info["users"].items():
         print(f"  user {name:<11} {user['address']} / {user['password']}")
     if info.get("check_command"):

@@ -32,6 +32,11 @@ the providers in order, Dovecot from
 provider 1. The default (one provider, no consumer) is exactly the single slapd it always
 was, with no replication configured.
 
+Last come the WKD responder (sandbox.wkd) and the self-service page (sandbox.portal,
+`milter-wkd portal` for keys.example.org on a free port, the config's [portal] section,
+launched while the responder starts); info() reports its `portal_url` and the test CA of
+its certificate (`portal_ca_file`).
+
 Failures raise SandboxError (or SlapdError from slapd) naming the daemon, with its log tail.
 """
 
@@ -54,6 +59,8 @@ from milter_wkd.sandbox.daemons import LOOPBACK, SandboxError, read_pid, termina
 from milter_wkd.sandbox.dovecot import Dovecot, LdapAccess
 from milter_wkd.sandbox.milterd import PROCESS_NAME as MILTER_PROCESS
 from milter_wkd.sandbox.milterd import MilterDaemon
+from milter_wkd.sandbox.portal import PROCESS_NAME as PORTAL_PROCESS
+from milter_wkd.sandbox.portal import PortalDaemon
 from milter_wkd.sandbox.postfix import Endpoint, Postfix
 from milter_wkd.sandbox.slapd import Slapd, provider_url, replication_ldif, wait_replicated
 from milter_wkd.sandbox.wkd import PROCESS_NAME as WKD_PROCESS
@@ -120,6 +127,9 @@ class Sandbox:
                                 submission_public_key=self.submission_public_key,
                                 fallback_uris=[s.uri for s in self.providers
                                                if s is not self.reader])
+        # The self-service page (keys.example.org on a free port), through the milter's
+        # account as [directory] says; it starts while the responder comes up.
+        self.portal = PortalDaemon(self.dir / "portal", self.config_path)
         # Daemon name -> pid of every daemon start() started (kept after stop, for checks).
         self.started: dict[str, int] = {}
         self.state_path = self.dir / STATE_NAME
@@ -223,6 +233,8 @@ class Sandbox:
             "wkd_url": self.wkd.wkd_url,
             "wkd_port": self.wkd.port,
             "ca_file": str(self.wkd.ca_file),
+            "portal_url": self.portal.portal_url,
+            "portal_ca_file": str(self.portal.ca_file),
             # Passes against this sandbox as it is: the config's [check] names its peers.
             "check_command": f"milter-wkd check --config {self.config_path}",
         }
@@ -281,7 +293,8 @@ dkim_selector = "wkd"
 dkim_key = {_toml(str(self.dkim_key))}
 dkim_rsa_selector = "wkd-rsa"
 dkim_rsa_key = {_toml(str(self.dkim_rsa_key))}
-"""
+
+{self.portal.section()}"""
 
     def write_milter_config(self) -> None:
         for account in ("milter", "wkd"):
@@ -300,11 +313,13 @@ dkim_rsa_key = {_toml(str(self.dkim_rsa_key))}
             if server.pid is not None:
                 found[self._slapd_name(index)] = {"pid": server.pid, "name": "slapd",
                                                   "pid_file": None}
-        daemons: list[tuple[str, Dovecot | Postfix | MilterDaemon | WkdResponder, str]] = [
+        daemons: list[tuple[str, Dovecot | Postfix | MilterDaemon | WkdResponder
+                            | PortalDaemon, str]] = [
             ("dovecot", self.dovecot, "dovecot"), ("postfix", self.postfix, "master")]
         if self.milter is not None:
             daemons.append(("milter", self.milter, MILTER_PROCESS))
         daemons.append(("wkd", self.wkd, WKD_PROCESS))
+        daemons.append(("portal", self.portal, PORTAL_PROCESS))
         for name, daemon, command in daemons:
             pid = daemon.pid
             if pid is not None:
@@ -343,8 +358,12 @@ dkim_rsa_key = {_toml(str(self.dkim_rsa_key))}
                     self.write_milter_config()
                 if daemon is self.dovecot and len(self.slapds) > 1:
                     wait_replicated([server for _role, server in self.slapds])
+                if daemon is self.wkd:  # one more granian process: start it meanwhile
+                    self.portal.launch()
                 try:
                     daemon.start()
+                    if daemon is self.wkd:
+                        self.portal.wait()
                 finally:
                     self.started.update(
                         {name: entry["pid"] for name, entry in self._processes().items()})
@@ -360,8 +379,8 @@ dkim_rsa_key = {_toml(str(self.dkim_rsa_key))}
     def stop(self) -> None:
         """Stop everything this sandbox started (reverse order); remove a temp dir it made."""
         errors: list[str] = []
-        stoppable: list[WkdResponder | Postfix | MilterDaemon | Dovecot] = [
-            self.wkd, self.postfix]
+        stoppable: list[PortalDaemon | WkdResponder | Postfix | MilterDaemon | Dovecot] = [
+            self.portal, self.wkd, self.postfix]
         if self.milter is not None:
             stoppable.append(self.milter)
         stoppable.append(self.dovecot)
@@ -424,7 +443,7 @@ def down(directory: Path | str) -> list[str]:
     errors: list[str] = []
     processes = state.get("processes", {})
     slapds = sorted((name for name in processes if name.startswith("slapd")), reverse=True)
-    for name in ("wkd", "postfix", "milter", "dovecot", *slapds):
+    for name in ("portal", "wkd", "postfix", "milter", "dovecot", *slapds):
         entry = processes.get(name)
         if entry is None:
             continue

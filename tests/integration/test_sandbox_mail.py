@@ -237,10 +237,12 @@ def test_sandbox_up_and_down_as_commands(sandbox_dir: Path) -> None:
         for key in ("smtp_inbound", "smtp_submission"):
             assert greeting(info[key]["host"], info[key]["port"]).startswith("220 ")
         assert greeting(info["imap"]["host"], info["imap"]["port"]).startswith("* OK")
-        assert set(info["pids"]) == {"slapd", "dovecot", "milter", "postfix", "wkd"}
+        assert set(info["pids"]) == {"slapd", "dovecot", "milter", "postfix", "wkd",
+                                     "portal"}
         assert info["milter_socket"].startswith("unix:")
+        assert info["portal_url"].startswith("https://keys.example.org:")
         masters = set(info["pids"].values())
-        assert len(masters) == 5
+        assert len(masters) == 6
         tree = descendants(masters)
         # A second `up` into the same directory is refused and harms nothing.
         again = subprocess.run([*SANDBOX_COMMAND, "up", "--dir", str(directory)],
