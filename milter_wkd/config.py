@@ -291,6 +291,12 @@ class PortalConfig:
     secret_key_file: str = field(default="/etc/milter-wkd/portal.secret", metadata=_doc(
         "File of at least 32 random bytes that sign the session cookies (e.g. `head -c 48 "
         "/dev/urandom > FILE`, mode 0600); replacing it signs everybody out."))
+    behind_proxy: bool = field(default=False, metadata=_doc(
+        "True only when a reverse proxy on this host (docs/nginx-wkd.conf) is the page's "
+        "one client: its X-Forwarded-For, -Proto, -Host and -Prefix (one proxy) are then "
+        "taken as the client's address (rate limits, logs), the scheme and host name a "
+        "POST's Origin must match, and the path prefix. Never set it when clients reach "
+        "the page directly: they could forge those headers."))
     provider_name: str = field(default="Example Mail", metadata=_doc(
         "The provider's name, shown on every page."))
     session_idle_seconds: int = field(default=900, metadata=_doc(

@@ -11,6 +11,11 @@ Pages (every change is a POST with a CSRF token; a link can never change anythin
 - `/unpublish`: asks for the password again, then `KeyStore.remove_key`;
 - `/sign-out` (POST).
 
+Behind a reverse proxy ([portal] behind_proxy) werkzeug's ProxyFix takes the client's
+address, scheme, host and path prefix from the proxy's X-Forwarded-* headers; without it
+a proxied POST's Origin (https://) would not match the plain-HTTP request and be refused,
+and every client would share the proxy's address in the rate limits.
+
 Security: the session is Flask's signed cookie (itsdangerous; `[portal]` secret_key_file),
 Secure, HttpOnly, SameSite=Strict, cleared and re-issued at sign-in, signed out after
 session_idle_seconds without a request and session_max_seconds after sign-in. Every POST
@@ -48,6 +53,7 @@ from flask import (
 from flask_babel import Babel
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from milter_wkd.config import Config, ConfigError
 from milter_wkd.errors import DirectoryUnavailable
@@ -144,6 +150,11 @@ def create_app(config: Config, store: KeyStore, authenticator: Authenticator, *,
     app.register_error_handler(DirectoryUnavailable, _unavailable)
     app.register_error_handler(HTTPException, _http_error)
     app.register_blueprint(views.pages)
+    if config.portal.behind_proxy:
+        # One reverse proxy in front ([portal] behind_proxy): the client's address, the
+        # scheme, host and path prefix it was reached by come from its X-Forwarded-*.
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_prefix=1)
     return app
 
 
