@@ -1,0 +1,412 @@
+"""The self-service page in a REAL browser: headless Chromium (Debian's `chromium`, driven by
+Selenium through Debian's `chromedriver`) against the sandbox's real slapd, milter, WKD
+responder and `milter-wkd portal` (milter_wkd.sandbox.portal, https://keys.example.org:PORT/).
+
+TLS is checked for real: the sandbox's test CAs (the portal's and the responder's) go into
+an NSS db in a throwaway HOME (as tests/integration/test_browser_cors.py does), and
+keys.example.org and openpgpkey.example.org resolve to loopback for this browser only
+(`--host-resolver-rules`). Form fields are found by their names (`address`, `password`),
+as password managers find them. Every page the tests reach is saved as a screenshot under
+the test's tmp dir; the key page's is copied to docs/portal-keys.png when
+MILTER_WKD_SCREENSHOTS=1 (how README's picture is made).
+
+WKD is checked through the responder itself (`WkdResponder.get`: HTTPS to loopback with
+the openpgpkey host name and the test CA), not by gpg --locate-keys, which needs port 443
+and the CA in the system bundle (tests/integration/test_wkd_clients.py does that).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from milter_wkd.sandbox import Sandbox
+from milter_wkd.sandbox.daemons import LOOPBACK
+from milter_wkd.wkd import local_part_hash
+from tests.integration.conftest import UserKey
+from tests.support.gnupg import GnuPG
+from tests.support.peers import require_binary
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
+from selenium.webdriver.chrome.options import Options  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
+from selenium.webdriver.remote.webelement import WebElement  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+WRONG = "The address or the password is wrong."
+ALICE_HU = f"/.well-known/openpgpkey/example.org/hu/{local_part_hash('alice')}?l=alice"
+BOB_HU = f"/.well-known/openpgpkey/example.org/hu/{local_part_hash('bob')}?l=bob"
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[Sandbox]:
+    for name in ("slapd", "postfix", "dovecot", "gpg", "chromium", "chromedriver",
+                 "certutil"):
+        require_binary(name)
+    with Sandbox() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def home(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A HOME whose NSS db (Chromium's certificate store on Linux) trusts the test CAs."""
+    certutil = require_binary("certutil")
+    home = tmp_path_factory.mktemp("browser-home")
+    nssdb = home / ".pki" / "nssdb"
+    nssdb.mkdir(parents=True)
+    subprocess.run([certutil, "-d", f"sql:{nssdb}", "-N", "--empty-password"],
+                   check=True, capture_output=True)
+    for name, ca in (("portal", sandbox.portal.ca_file), ("wkd", sandbox.wkd.ca_file)):
+        subprocess.run([certutil, "-d", f"sql:{nssdb}", "-A", "-t", "C,,", "-n",
+                        f"milter-wkd sandbox {name} CA", "-i", str(ca)],
+                       check=True, capture_output=True)
+    return home
+
+
+@pytest.fixture
+def browser(home: Path, tmp_path: Path) -> Iterator[WebDriver]:
+    """A fresh headless Chromium (own profile: no cookies of another test)."""
+    options = Options()
+    options.binary_location = require_binary("chromium")
+    for argument in (
+            "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            "--no-first-run", "--disable-extensions", "--disable-background-networking",
+            "--no-proxy-server", "--window-size=1024,1100", "--lang=en-US",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            # The page's and the responder's host names are loopback for this browser only.
+            f"--host-resolver-rules=MAP keys.example.org {LOOPBACK}, "
+            f"MAP openpgpkey.example.org {LOOPBACK}, EXCLUDE {LOOPBACK}"):
+        options.add_argument(argument)
+    env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
+           "XDG_CACHE_HOME": str(home / ".cache")}
+    service = Service(executable_path=require_binary("chromedriver"), env=env,
+                      log_output=str(tmp_path / "chromedriver.log"))
+    driver = webdriver.Chrome(options=options, service=service)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+class Pages:
+    """The page as a user sees it in `driver`; screenshots numbered in tmp_path/shots."""
+
+    def __init__(self, driver: WebDriver, sandbox: Sandbox, tmp_path: Path) -> None:
+        self.driver = driver
+        self.url = sandbox.portal.portal_url.rstrip("/")
+        self.shots = tmp_path / "shots"
+        self.shots.mkdir(exist_ok=True)
+        self.count = 0
+
+    def open(self, path: str) -> None:
+        self.driver.get(self.url + path)
+
+    def text(self) -> str:
+        return str(self.driver.find_element(By.TAG_NAME, "body").text)
+
+    def shot(self, name: str) -> Path:
+        self.count += 1
+        path = self.shots / f"{self.count:02d}-{name}.png"
+        assert self.driver.save_screenshot(str(path)), path
+        return path
+
+    def submit(self, form_field: str) -> None:
+        """Press the submit button of the form holding the field named form_field."""
+        form = self.driver.find_element(By.NAME, form_field).find_element(By.XPATH,
+                                                                          "ancestor::form")
+        old = self.driver.find_element(By.TAG_NAME, "html")
+        form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        WebDriverWait(self.driver, 20).until(lambda _driver: _stale(old))
+
+    def sign_in(self, address: str, password: str, *, bypass_required: bool = False) -> None:
+        self.open("/sign-in")
+        self.driver.find_element(By.NAME, "address").send_keys(address)
+        field = self.driver.find_element(By.NAME, "password")
+        if password:
+            field.send_keys(password)
+        if bypass_required:  # the browser would not send an empty required field
+            self.driver.execute_script(
+                "arguments[0].removeAttribute('required'); arguments[0].form.noValidate = true;",
+                field)
+        self.submit("password")
+
+    def upload_file(self, path: Path) -> None:
+        self.open("/keys")
+        self.driver.find_element(By.NAME, "key_file").send_keys(str(path))
+        self.submit("key_file")
+
+    def unpublish(self, password: str) -> None:
+        self.open("/keys")
+        self.driver.find_element(By.LINK_TEXT, "Stop publishing this key").click()
+        self.driver.find_element(By.NAME, "password").send_keys(password)
+        self.submit("password")
+
+
+def _stale(element: WebElement) -> bool:
+    """The element belongs to a page the browser has left (the next one has loaded)."""
+    try:
+        element.is_enabled()
+    except StaleElementReferenceException:
+        return True
+    return False
+
+
+def served_fingerprint(sandbox: Sandbox, path: str, gpg: GnuPG) -> str | None:
+    """The fingerprint of the key WKD serves at path; None on 404."""
+    status, _headers, body = sandbox.wkd.get(path)
+    if status == 404:
+        return None
+    assert status == 200, (status, body[:200])
+    out = gpg.run("--show-keys", "--with-colons", input=body).stdout.decode()
+    return next(line.split(":")[9] for line in out.splitlines() if line.startswith("fpr:"))
+
+
+def wait_served(sandbox: Sandbox, path: str, gpg: GnuPG, expected: str | None,
+                within: float) -> float:
+    """Seconds until WKD serves `expected` at path (None: 404); fails after `within`."""
+    start = time.monotonic()
+    while True:
+        got = served_fingerprint(sandbox, path, gpg)
+        elapsed = time.monotonic() - start
+        if got == expected:
+            return elapsed
+        assert elapsed < within, f"WKD still serves {got} at {path} after {elapsed:.2f} s"
+        time.sleep(0.02)
+
+
+def key_file(tmp_path: Path, key: UserKey, name: str) -> Path:
+    path = tmp_path / name
+    path.write_bytes(key.data)  # the binary export, as `gpg --export` makes it
+    return path
+
+
+def ensure_alice_published(sandbox: Sandbox, driver: WebDriver, tmp_path: Path,
+                           alice: UserKey) -> Pages:
+    pages = Pages(driver, sandbox, tmp_path)
+    pages.sign_in("alice@example.org", "alice-secret")
+    if served_fingerprint(sandbox, ALICE_HU, alice.gpg) != alice.fingerprint:
+        pages.upload_file(key_file(tmp_path, alice, "alice.pgp"))
+        assert "Key published" in pages.text() or alice.fingerprint in pages.text()
+        wait_served(sandbox, ALICE_HU, alice.gpg, alice.fingerprint, within=2.0)
+    return pages
+
+
+def test_sign_in_upload_see_fetch_by_wkd_and_unpublish(
+        sandbox: Sandbox, browser: WebDriver, tmp_path: Path,
+        gpg_keys: dict[str, UserKey]) -> None:
+    alice = gpg_keys["alice"]
+    pages = Pages(browser, sandbox, tmp_path)
+    pages.open("/")
+    assert browser.current_url == pages.url + "/sign-in"
+    assert browser.find_element(By.NAME, "address").get_attribute("autocomplete") == "username"
+    assert browser.find_element(By.NAME, "password").get_attribute(
+        "autocomplete") == "current-password"
+    pages.shot("sign-in")
+
+    pages.sign_in("alice@example.org", "alice-secret")
+    assert browser.current_url == pages.url + "/keys"
+    cookie = browser.get_cookie("portal_session")
+    assert cookie is not None
+    assert (cookie["secure"], cookie["httpOnly"], cookie["sameSite"]) == (True, True, "Strict")
+    if served_fingerprint(sandbox, ALICE_HU, alice.gpg) is not None:  # from a rerun
+        pages.unpublish("alice-secret")
+    pages.open("/keys")
+    assert "You have no published key" in pages.text()
+    pages.shot("keys-empty")
+
+    pages.upload_file(key_file(tmp_path, alice, "alice.pgp"))
+    text = pages.text()
+    assert alice.fingerprint in text.replace(" ", "").upper(), text
+    pages.shot("published")
+    # The responder (reading the same slapd) serves it at once.
+    assert wait_served(sandbox, ALICE_HU, alice.gpg, alice.fingerprint, within=2.0) < 2.0
+
+    pages.open("/keys")
+    text = pages.text()
+    assert alice.fingerprint.lower() in text.replace(" ", "").lower(), text
+    assert "alice@example.org" in text
+    assert "alice.liddell@example.org" in text
+    assert "/.well-known/openpgpkey/example.org/hu/" in text
+    assert "on this page" in text  # the provenance: self-service
+    keys_shot = pages.shot("keys")
+    if os.environ.get("MILTER_WKD_SCREENSHOTS") == "1":
+        shutil.copyfile(keys_shot, REPO / "docs" / "portal-keys.png")
+
+    browser.find_element(By.LINK_TEXT, "Stop publishing this key").click()
+    pages.shot("unpublish")
+    browser.find_element(By.NAME, "password").send_keys("alice-secret")
+    pages.submit("password")
+    # From the moment the answer page is there, WKD answers 404 within a second.
+    waited = wait_served(sandbox, ALICE_HU, alice.gpg, None, within=1.0)
+    assert waited < 1.0
+    assert "Your key is no longer published" in pages.text(), pages.text()
+    assert "alice-secret" not in browser.page_source
+    pages.shot("unpublished")
+    pages.open("/keys")
+    assert "You have no published key" in pages.text()
+
+
+def test_wrong_unknown_and_empty_password_get_the_same_refusal(
+        sandbox: Sandbox, browser: WebDriver, tmp_path: Path) -> None:
+    pages = Pages(browser, sandbox, tmp_path)
+    seen = {}
+    for name, address, password in (
+            ("wrong", "alice@example.org", "not-alices-password"),
+            ("unknown", "nobody@example.org", "alice-secret"),
+            ("empty", "alice@example.org", "")):
+        pages.sign_in(address, password, bypass_required=not password)
+        assert browser.current_url == pages.url + "/sign-in", name
+        assert browser.get_cookie("portal_session") is None or "dn" not in str(
+            browser.get_cookie("portal_session"))
+        alert = browser.find_element(By.CSS_SELECTOR, "[role=alert]").text
+        seen[name] = alert
+        pages.shot(f"refused-{name}")
+        # Still signed out: /keys sends back to the sign-in page.
+        pages.open("/keys")
+        assert browser.current_url == pages.url + "/sign-in", name
+    assert seen == {"wrong": WRONG, "unknown": WRONG, "empty": WRONG}
+    log = sandbox.portal.log_path.read_text(encoding="utf-8", errors="replace")
+    assert "failed sign-in as 'alice@example.org'" in log
+    assert "failed sign-in as 'nobody@example.org'" in log
+
+
+@pytest.fixture
+def other_origin(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A plain HTTP server on loopback serving tmp_path/www: another site's origin."""
+    www = tmp_path / "www"
+    www.mkdir()
+    server = ThreadingHTTPServer((LOOPBACK, 0), partial(SimpleHTTPRequestHandler,
+                                                        directory=str(www)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{LOOPBACK}:{server.server_address[1]}", www
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+# Another site's page: a form to the portal that submits itself on load.
+ATTACK = """<!doctype html>
+<html><head><meta charset="utf-8"><title>win a prize</title></head>
+<body><form id="f" method="post" action="%(action)s" enctype="%(enctype)s">
+%(fields)s
+</form>
+<script>document.getElementById("f").submit();</script></body></html>
+"""
+
+
+def test_a_form_post_from_another_origin_is_refused_and_writes_nothing(
+        sandbox: Sandbox, browser: WebDriver, tmp_path: Path,
+        other_origin: tuple[str, Path], gpg_keys: dict[str, UserKey]) -> None:
+    alice, alice2 = gpg_keys["alice"], gpg_keys["alice2"]
+    pages = ensure_alice_published(sandbox, browser, tmp_path, alice)
+    origin, www = other_origin
+    armored = alice2.gpg.export(alice2.fingerprint, "--armor").decode()
+    attacks = {
+        "unpublish": ("unpublish", "application/x-www-form-urlencoded",
+                      '<input name="password" value="alice-secret">'),
+        "upload": ("upload", "multipart/form-data",
+                   f'<textarea name="key_text">{armored}</textarea>'),
+        "sign-in": ("sign-in", "application/x-www-form-urlencoded",
+                    '<input name="address" value="alice@example.org">'
+                    '<input name="password" value="alice-secret">'),
+    }
+    for name, (path, enctype, fields) in attacks.items():
+        (www / f"{name}.html").write_text(ATTACK % {
+            "action": f"{pages.url}/{path}", "enctype": enctype, "fields": fields},
+            encoding="utf-8")
+        before = sandbox.portal.log_path.stat().st_size
+        browser.get(f"{origin}/{name}.html")
+        WebDriverWait(browser, 20).until(
+            lambda driver: driver.current_url.startswith(pages.url))
+        WebDriverWait(browser, 20).until(
+            lambda driver: "did not come from this page" in driver.find_element(
+                By.TAG_NAME, "body").text)
+        assert browser.title.startswith("403"), browser.title
+        pages.shot(f"cross-origin-{name}")
+        log = sandbox.portal.log_path.read_bytes()[before:].decode(errors="replace")
+        assert f"refused a POST to /{path} from origin '{origin}'" in log, log
+    # Nothing changed: alice's first key is still the one served, and she is still signed
+    # in with the session she had (no cross-site sign-in replaced it).
+    assert served_fingerprint(sandbox, ALICE_HU, alice.gpg) == alice.fingerprint
+    pages.open("/keys")
+    assert browser.current_url == pages.url + "/keys"
+    assert alice.fingerprint.lower() in pages.text().replace(" ", "").lower()
+
+
+def test_bobs_session_cannot_touch_alices_key(
+        sandbox: Sandbox, browser: WebDriver, tmp_path: Path,
+        gpg_keys: dict[str, UserKey]) -> None:
+    alice = gpg_keys["alice"]
+    ensure_alice_published(sandbox, browser, tmp_path, alice)
+    browser.delete_all_cookies()  # alice's session ends; bob signs in in this browser
+    pages = Pages(browser, sandbox, tmp_path)
+    pages.sign_in("bob@example.org", "bob-secret")
+    assert browser.current_url == pages.url + "/keys"
+    text = pages.text()
+    assert "bob@example.org" in text
+    assert "alice" not in text.lower()
+    assert alice.fingerprint.lower() not in text.replace(" ", "").lower()
+    pages.shot("bob-keys")
+
+    # Alice's key uploaded in bob's session names none of bob's addresses: refused.
+    pages.upload_file(key_file(tmp_path, alice, "alice.pgp"))
+    text = pages.text()
+    assert "The key was not published" in text, text
+    assert "Nothing was changed" in text
+    pages.shot("bob-upload-alices-key")
+    assert served_fingerprint(sandbox, BOB_HU, alice.gpg) is None
+
+    # Unpublishing in bob's session, confirmed with alice's password: refused; with his
+    # own: it touches only his entry (he has no key). The page offers no form for a user
+    # without a key, so the test builds one (with the session's CSRF token).
+    pages.open("/unpublish")
+    assert "You have no published key" in pages.text()
+    for password, logged in (("alice-secret", "wrong password to unpublish the key of "
+                                              "bob@example.org"),
+                             ("bob-secret", None)):
+        before = sandbox.portal.log_path.stat().st_size
+        post_form(browser, "/unpublish", {"csrf_token": _csrf(browser), "password": password})
+        assert "You have no published key" in pages.text(), pages.text()
+        log = sandbox.portal.log_path.read_bytes()[before:].decode(errors="replace")
+        assert logged is None or logged in log, log
+        assert "unpublished" not in log, log
+        pages.shot(f"bob-unpublish-{password}")
+        assert served_fingerprint(sandbox, ALICE_HU, alice.gpg) == alice.fingerprint
+
+
+def post_form(driver: WebDriver, action: str, fields: dict[str, str]) -> None:
+    """Submit a form the page does not offer, from the page itself (same origin); returns
+    when the answer has replaced the page."""
+    old = driver.find_element(By.TAG_NAME, "html")
+    driver.execute_script(
+        "const f = document.createElement('form'); f.method = 'post'; f.action = arguments[0];"
+        "for (const [name, value] of Object.entries(arguments[1])) {"
+        "  const i = document.createElement('input'); i.name = name; i.value = value;"
+        "  f.append(i); }"
+        "document.body.append(f); f.submit();", action, fields)
+    WebDriverWait(driver, 20).until(lambda _driver: _stale(old))
+
+
+def _csrf(driver: WebDriver) -> str:
+    value = driver.find_element(By.NAME, "csrf_token").get_attribute("value")
+    assert value
+    return str(value)
