@@ -410,6 +410,8 @@ def main() -> int:
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
                         help="fault kinds to inject (default: all)")
     args = parser.parse_args()
+    if args.users <= PROBES * args.rounds:
+        parser.error(f"--users must exceed {PROBES * args.rounds} (the slapd-pause probes)")
     rng = random.Random(args.seed)  # noqa: S311 (reproducible, not secret)
     run = f"{os.getpid():x}{int(time.time()) & 0xffff:x}"
     work = Path(tempfile.mkdtemp(prefix="milter-wkd-chaos-"))
