@@ -292,6 +292,10 @@ def test_unpublish_needs_the_password(client: FlaskClient, store: MemoryStore) -
     assert status == 200
     assert "is no longer published" in body
     assert store.get_key(store.user(ALICE)) is None
+    # Without a key, a wrong password is still said to be wrong.
+    status, body = post(client, "/unpublish", {"password": "wrong"})
+    assert status == 401
+    assert "The password is wrong" in body
 
 
 def test_rate_limit_per_account_engages(client: FlaskClient, auth: FakeAuthenticator,
