@@ -19,7 +19,7 @@ DEMO_ARGS ?=
 # Seconds each fuzz target runs in `make fuzz` (the CI-sized run is part of the tests).
 FUZZ_SECONDS ?= 60
 
-.PHONY: test demo debs venv lint typecheck pytest pytest-3.13 clean bench fuzz
+.PHONY: test demo debs venv lint typecheck pytest pytest-3.13 clean bench fuzz translations
 
 test: debs venv lint typecheck pytest pytest-3.13
 
@@ -76,3 +76,12 @@ demo: debs venv
 
 clean:
 	rm -rf $(VENV) $(VENV313) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+
+# The self-service page's catalogues: new strings from the code and templates into each
+# language's .po (translate them there), then the .mo files the page reads.
+translations: venv
+	$(VENV)/bin/pybabel extract -F milter_wkd/portal/babel.cfg -k _ -k gettext \
+	    -o milter_wkd/portal/translations/messages.pot .
+	$(VENV)/bin/pybabel update -i milter_wkd/portal/translations/messages.pot \
+	    -d milter_wkd/portal/translations
+	$(VENV)/bin/pybabel compile -d milter_wkd/portal/translations

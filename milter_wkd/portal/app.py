@@ -50,7 +50,7 @@ from flask import (
     session,
     url_for,
 )
-from flask_babel import Babel
+from flask_babel import Babel, get_locale
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -140,7 +140,8 @@ def create_app(config: Config, store: KeyStore, authenticator: Authenticator, *,
     app.extensions["milter_wkd_portal"] = Portal(config, store, authenticator, clock)
     app.before_request(_check_origin)  # before the CSRF check: a foreign POST is a 403
     CSRFProtect(app)
-    Babel(app)
+    Babel(app, locale_selector=_locale)
+    app.jinja_env.globals["get_locale"] = get_locale  # <html lang="...">
     app.jinja_env.globals["provider_name"] = config.portal.provider_name
     app.jinja_env.filters["date"] = _date
 
@@ -169,6 +170,15 @@ def _date(value: int | None) -> str:
     if value is None:
         return ""
     return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+# The catalogues in translations/ (English is the source text).
+LANGUAGES = ("en", "de")
+
+
+def _locale() -> str:
+    """The browser's preferred language among ours (Accept-Language), else English."""
+    return request.accept_languages.best_match(LANGUAGES) or "en"
 
 
 def _check_origin() -> None:
