@@ -19,9 +19,10 @@ DEMO_ARGS ?=
 # Seconds each fuzz target runs in `make fuzz` (the CI-sized run is part of the tests).
 FUZZ_SECONDS ?= 60
 
-.PHONY: test demo debs venv lint typecheck pytest pytest-3.13 clean bench fuzz translations
+.PHONY: test demo debs venv lint typecheck pytest pytest-3.13 clean bench fuzz translations \
+        portal-assets
 
-test: debs venv lint typecheck pytest pytest-3.13
+test: debs venv portal-assets lint typecheck pytest pytest-3.13
 
 debs:
 	@missing=$$(for p in $(DEBS); do \
@@ -34,7 +35,7 @@ debs:
 	fi
 
 # The stamp follows pyproject.toml, so a re-run with nothing new costs nothing.
-venv: $(VENV)/.stamp
+venv: $(VENV)/.stamp portal-assets
 $(VENV)/.stamp: pyproject.toml
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 || { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -85,3 +86,30 @@ translations: venv
 	$(VENV)/bin/pybabel update -i milter_wkd/portal/translations/messages.pot \
 	    -d milter_wkd/portal/translations
 	$(VENV)/bin/pybabel compile -d milter_wkd/portal/translations
+
+# OpenPGP.js for the key-generation page (milter_wkd/portal/static/vendor/), pinned: the npm
+# tarball's version and sha512 integrity (`npm view openpgp@6.3.2 dist.integrity`) and the
+# sha256 of the two files taken from it. The files are committed (the wheel carries them);
+# this target checks them, and fetches them again from the registry when missing or changed.
+OPENPGPJS_VERSION := 6.3.2
+OPENPGPJS_TARBALL := https://registry.npmjs.org/openpgp/-/openpgp-$(OPENPGPJS_VERSION).tgz
+OPENPGPJS_INTEGRITY := sha512-wcZTzHz41LV8Y48zH/JlD1JT8YdNmpWOuMAjQ/podvvCwsjBEU37K3znJh4UQcj3hksE5z9TzvhbUbwzsGvlLQ==
+OPENPGPJS_DIR := milter_wkd/portal/static/vendor
+OPENPGPJS_SHA256 := e19bf4f04f34f24caded3ff3f3643099538b2674a0a94221e2faca75ac3e4aa1  $(OPENPGPJS_DIR)/openpgp-$(OPENPGPJS_VERSION).min.js
+OPENPGPJS_LICENSE_SHA256 := e3a994d82e644b03a792a930f574002658412f62407f5fee083f2555c5f23118  $(OPENPGPJS_DIR)/openpgp-$(OPENPGPJS_VERSION).LICENSE.txt
+
+portal-assets:
+	@if printf '%s\n%s\n' "$(OPENPGPJS_SHA256)" "$(OPENPGPJS_LICENSE_SHA256)" \
+	    | sha256sum --check --status 2>/dev/null; then exit 0; fi; \
+	echo "fetching OpenPGP.js $(OPENPGPJS_VERSION) from $(OPENPGPJS_TARBALL)"; \
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	curl -fsSL --retry 3 -o "$$tmp/openpgp.tgz" "$(OPENPGPJS_TARBALL)" && \
+	got="sha512-$$(openssl dgst -sha512 -binary "$$tmp/openpgp.tgz" | base64 -w0)" && \
+	if [ "$$got" != "$(OPENPGPJS_INTEGRITY)" ]; then \
+	  echo "openpgp-$(OPENPGPJS_VERSION).tgz: integrity $$got, pinned $(OPENPGPJS_INTEGRITY)" >&2; \
+	  exit 1; fi && \
+	tar -xzf "$$tmp/openpgp.tgz" -C "$$tmp" package/dist/openpgp.min.js package/LICENSE && \
+	mkdir -p $(OPENPGPJS_DIR) && \
+	cp "$$tmp/package/dist/openpgp.min.js" $(OPENPGPJS_DIR)/openpgp-$(OPENPGPJS_VERSION).min.js && \
+	cp "$$tmp/package/LICENSE" $(OPENPGPJS_DIR)/openpgp-$(OPENPGPJS_VERSION).LICENSE.txt && \
+	printf '%s\n%s\n' "$(OPENPGPJS_SHA256)" "$(OPENPGPJS_LICENSE_SHA256)" | sha256sum --check

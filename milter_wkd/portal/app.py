@@ -8,6 +8,9 @@ Pages (every change is a POST with a CSRF token; a link can never change anythin
   and whether outgoing mail carries it as Autocrypt; the upload form;
 - `/upload` (POST): a public key (file or paste, armored or binary) published through
   `milter_wkd.publication.publish` (origin self-service) for the user's own addresses;
+- `/generate`: a key pair made in the browser with OpenPGP.js (the one page with script);
+  the secret key and revocation certificate are downloaded, then the public key alone is
+  POSTed to `/upload`;
 - `/unpublish`: asks for the password again, then `KeyStore.remove_key`;
 - `/sign-out` (POST).
 
@@ -20,9 +23,11 @@ Security: the session is Flask's signed cookie (itsdangerous; `[portal]` secret_
 Secure, HttpOnly, SameSite=Strict, cleared and re-issued at sign-in, signed out after
 session_idle_seconds without a request and session_max_seconds after sign-in. Every POST
 carries Flask-WTF's CSRF token and, when the browser sends Origin, must come from this
-page's own origin. Every answer has a strict Content-Security-Policy (no script at all;
-the one style sheet is ours) and no-store caching. The user is looked up again on every
-request by the signed-in address; a session whose entry changed is signed out.
+page's own origin. Every answer has a strict Content-Security-Policy (no script; the one
+style sheet is ours) and no-store caching; only `/generate` adds `script-src 'self'` for
+OpenPGP.js and its own script, both static files loaded with Subresource Integrity. The
+user is looked up again on every request by the signed-in address; a session whose entry
+changed is signed out.
 
 Failures: a directory that does not answer is a 503 page saying to try again later;
 refusals (key or form) are shown on the page in a sentence with what to do next.
@@ -30,6 +35,8 @@ refusals (key or form) are shown on the page in a sentence with what to do next.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import secrets
 import time
@@ -66,6 +73,14 @@ log = logging.getLogger(__name__)
 
 CSP = ("default-src 'none'; style-src 'self'; form-action 'self'; frame-ancestors 'none'; "
        "base-uri 'none'")
+# The key-generation page alone runs script: ours, from our own static files (no inline).
+CSP_SCRIPT = CSP + "; script-src 'self'"
+SCRIPT_PAGES = frozenset({"pages.generate"})
+# OpenPGP.js as the Makefile's portal-assets target pins it (static/vendor/).
+OPENPGPJS_VERSION = "6.3.2"
+OPENPGPJS_SCRIPT = f"vendor/openpgp-{OPENPGPJS_VERSION}.min.js"
+OPENPGPJS_LICENSE = f"vendor/openpgp-{OPENPGPJS_VERSION}.LICENSE.txt"
+SCRIPTS = (OPENPGPJS_SCRIPT, "generate.js")
 # Form fields and multipart overhead on top of the largest key the cleaner reads.
 _FORM_OVERHEAD = 64 * 1024
 _MIN_SECRET = 32
@@ -144,6 +159,13 @@ def create_app(config: Config, store: KeyStore, authenticator: Authenticator, *,
     app.jinja_env.globals["get_locale"] = get_locale  # <html lang="...">
     app.jinja_env.globals["provider_name"] = config.portal.provider_name
     app.jinja_env.filters["date"] = _date
+    # Subresource Integrity of the page's scripts, from the files as they are at start.
+    app.jinja_env.globals["script_integrity"] = {
+        name: subresource_integrity(Path(app.static_folder or "static") / name)
+        for name in SCRIPTS}
+    app.jinja_env.globals["openpgpjs_version"] = OPENPGPJS_VERSION
+    app.jinja_env.globals["openpgpjs_script"] = OPENPGPJS_SCRIPT
+    app.jinja_env.globals["openpgpjs_license"] = OPENPGPJS_LICENSE
 
     app.before_request(_check_session)
     app.after_request(_security_headers)
@@ -164,6 +186,12 @@ def portal() -> Portal:
 
     found: Portal = current_app.extensions["milter_wkd_portal"]
     return found
+
+
+def subresource_integrity(path: Path) -> str:
+    """The `integrity` attribute value (sha384) of a static file."""
+    digest = hashlib.sha384(path.read_bytes()).digest()
+    return "sha384-" + base64.b64encode(digest).decode("ascii")
 
 
 def _date(value: int | None) -> str:
@@ -220,7 +248,8 @@ def start_session(user: User, address: Address) -> None:
 
 
 def _security_headers(response: Response) -> Response:
-    response.headers["Content-Security-Policy"] = CSP
+    response.headers["Content-Security-Policy"] = (
+        CSP_SCRIPT if request.endpoint in SCRIPT_PAGES else CSP)
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["X-Frame-Options"] = "DENY"
     # same-origin: a same-origin POST still carries its Origin (no-referrer would send null).

@@ -152,6 +152,15 @@ def my_keys(user: User, address: Address) -> Any:
     return _keys_page(user, address)
 
 
+@pages.route("/generate")
+@signed_in
+def generate(user: User, address: Address) -> Any:
+    """The key-generation page: the work is done in the browser (static/generate.js); the
+    public key comes back through `/upload` with this page's CSRF token."""
+    return render_template("generate.html", addresses=user.addresses, address=address,
+                           form=UploadForm(), sign_out=SignOutForm())
+
+
 @pages.route("/upload", methods=["POST"])
 @signed_in
 def upload(user: User, address: Address) -> Any:
