@@ -247,7 +247,7 @@ def part1(sb: Sandbox, counts: list[int], run: str) -> tuple[list[str], bool, di
                     f"{before_threads:>4}/{sampler.peak_threads:<4}/{after_threads:<4}"
                     f"{'' if back else '  NOT BACK'}")
         print(rows[-1], flush=True)
-        last = {"rss": hwm // 1024, "fds": sampler.peak_fds, "threads": sampler.peak_threads,
+        last = {"rss": round(hwm / 1024), "fds": sampler.peak_fds, "threads": sampler.peak_threads,
                 "n": n}
     rows.append(f"answers other than 250 over the {len(counts)} runs (count, code, reason):")
     for reason, count in reasons.most_common(8):
