@@ -35,6 +35,7 @@ from urllib.parse import quote, urljoin, urlsplit
 
 from milter_wkd import openpgp
 from milter_wkd.check.results import CheckResult, fail, guarded, ok, skip, warn, why
+from milter_wkd.check.wkd import PinnedHttps
 from milter_wkd.errors import BadAddress, MilterWkdError
 from milter_wkd.openpgp import packets
 from milter_wkd.values import Address
@@ -285,25 +286,6 @@ def judge_key(body: bytes, address: Address, now: int | None = None,
 
 # -- HTTPS ---------------------------------------------------------------------------------
 
-class _Https(http.client.HTTPSConnection):
-    """HTTPS to `address` (when given) while validating, and asking for, the URL's host
-    (as milter_wkd.check.wkd does for [check] wkd_connect)."""
-
-    def __init__(self, host: str, port: int, *, address: tuple[str, int] | None,
-                 tls: ssl.SSLContext, timeout: float) -> None:
-        super().__init__(host, port, context=tls, timeout=timeout)
-        self._address = address
-        self._tls = tls
-
-    def connect(self) -> None:
-        raw = socket.create_connection(self._address or (self.host, self.port), self.timeout)
-        try:
-            self.sock = self._tls.wrap_socket(raw, server_hostname=self.host)
-        except BaseException:
-            raw.close()
-            raise
-
-
 @dataclass(frozen=True, slots=True)
 class Answer:
     url: str  # the last URL asked
@@ -319,7 +301,7 @@ def _request(url: str, options: DomainOptions, headers: Mapping[str, str]) -> An
     if parts.scheme != "https" or not parts.hostname:
         raise ValueError(f"not an https URL: {url}")
     tls = ssl.create_default_context(cafile=options.ca_file)
-    conn = _Https(parts.hostname, parts.port or 443, address=options.connect, tls=tls,
+    conn = PinnedHttps(parts.hostname, parts.port or 443, address=options.connect, tls=tls,
                   timeout=options.timeout)
     try:
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")

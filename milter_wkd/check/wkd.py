@@ -32,8 +32,9 @@ from milter_wkd.wkd import address_hash
 MAX_BODY = 512 * 1024
 
 
-class _Connection(http.client.HTTPSConnection):
-    """HTTPS to `address` (when given) while validating, and asking for, the URL's host."""
+class PinnedHttps(http.client.HTTPSConnection):
+    """HTTPS to `address` (when given) while validating, and asking for, the URL's host
+    ([check] wkd_connect, `check --domain --connect`)."""
 
     def __init__(self, host: str, port: int, *, address: tuple[str, int] | None,
                  tls: ssl.SSLContext, timeout: float) -> None:
@@ -65,7 +66,7 @@ def https_get(url: str, *, ca_file: str | None, connect: tuple[str, int] | None,
     if parts.scheme != "https" or not parts.hostname:
         raise ValueError(f"not an https URL: {url}")
     tls = ssl.create_default_context(cafile=ca_file)
-    conn = _Connection(parts.hostname, parts.port or 443, address=connect, tls=tls,
+    conn = PinnedHttps(parts.hostname, parts.port or 443, address=connect, tls=tls,
                        timeout=timeout)
     try:
         path = parts.path + (f"?{parts.query}" if parts.query else "")

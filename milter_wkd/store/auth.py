@@ -49,12 +49,12 @@ class LdapAuthenticator:
     def __init__(self, config: DirectoryConfig, store: LdapStore) -> None:
         self.config = config
         self.store = store
-        # The URI and scheme exactly as the store's pool uses them (validated there); this
-        # pool itself never opens a connection.
+        # Connections set up exactly as the store's (URI list, TLS, timeouts), never bound
+        # as its service account: each sign-in binds a new one as the user.
         anonymous = dataclasses.replace(config, bind_dn="", bind_password="",
                                         bind_password_file="")
-        pool = ConnectionPool(anonymous)
-        self.scheme, self.uri = pool.scheme, pool.uri
+        self._pool = ConnectionPool(anonymous)
+        self.scheme, self.uri = self._pool.scheme, self._pool.uri
 
     def authenticate(self, address: Address, password: str) -> User | None:
         if not password:
@@ -92,22 +92,5 @@ class LdapAuthenticator:
         return True
 
     def _connect(self) -> Any:
-        """A connection with the options of `ConnectionPool.open`, not bound yet."""
-        cfg = self.config
-        conn = ldap.initialize(self.uri)
-        try:
-            conn.set_option(ldap.OPT_PROTOCOL_VERSION, 3)
-            conn.set_option(ldap.OPT_REFERRALS, 0)
-            conn.set_option(ldap.OPT_NETWORK_TIMEOUT, cfg.timeout)
-            conn.set_option(ldap.OPT_TIMEOUT, cfg.timeout)
-            if self.scheme == "ldaps":
-                conn.set_option(ldap.OPT_X_TLS_REQUIRE_CERT, ldap.OPT_X_TLS_DEMAND)
-                if cfg.ca_file:
-                    conn.set_option(ldap.OPT_X_TLS_CACERTFILE, cfg.ca_file)
-                conn.set_option(ldap.OPT_X_TLS_NEWCTX, 0)
-        except ldap.LDAPError as exc:
-            close_connection(conn)
-            raise DirectoryUnavailable(
-                f"directory {cfg.uri}: cannot set up a connection: {ldap_reason(exc)}",
-            ) from None
-        return conn
+        """A connection with the options of the store's pool, not bound yet."""
+        return self._pool.unbound()

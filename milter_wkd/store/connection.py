@@ -104,7 +104,10 @@ class ConnectionPool:
         self.idle: queue.LifoQueue[Any] = queue.LifoQueue()
         self.slots = threading.BoundedSemaphore(max(1, config.pool_size))
 
-    def open(self) -> Any:
+    def unbound(self) -> Any:
+        """A new connection with every option set (nothing sent yet: libldap connects on
+        the first operation), not bound: `open` binds it as the configured account, the
+        portal's sign-in (store.auth) as the user."""
         cfg = self.config
         conn = ldap.initialize(self.uri)
         try:
@@ -118,6 +121,17 @@ class ConnectionPool:
                 if cfg.ca_file:
                     conn.set_option(ldap.OPT_X_TLS_CACERTFILE, cfg.ca_file)
                 conn.set_option(ldap.OPT_X_TLS_NEWCTX, 0)  # after the TLS options
+        except ldap.LDAPError as exc:
+            close_connection(conn)
+            raise DirectoryUnavailable(
+                f"directory {cfg.uri}: cannot set up a connection: {ldap_reason(exc)}",
+            ) from None
+        return conn
+
+    def open(self) -> Any:
+        cfg = self.config
+        conn = self.unbound()
+        try:
             if cfg.bind_dn:
                 conn.simple_bind_s(cfg.bind_dn, self.password)
             elif self.scheme == "ldapi":
