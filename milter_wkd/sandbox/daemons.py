@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -176,3 +177,23 @@ def terminate(pid: int, expected_name: str, within: Path | None = None,
         else:
             return True
     raise SandboxError(f"{expected_name} (pid {pid}) survived SIGKILL")
+
+
+def stop_server(process: subprocess.Popen[bytes] | None, pid_file: Path, expected_name: str,
+                workdir: Path, timeout: float = 10.0) -> None:
+    """Stop a server a sandbox object started: its own child (TERM, then KILL), or, when
+    another process started it (`sandbox up`), the pid in its pid file, if that is still
+    a `expected_name` inside `workdir`."""
+    if process is None:
+        pid = read_pid(pid_file)
+        if pid is not None:
+            terminate(pid, expected_name, workdir, timeout)
+        return
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=timeout)

@@ -42,7 +42,7 @@ from milter_wkd.sandbox.daemons import (
     free_port,
     log_tail,
     read_pid,
-    terminate,
+    stop_server,
     wait_until,
 )
 from milter_wkd.sandbox.wkd import make_test_pki
@@ -178,19 +178,7 @@ threads = 4
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the server this object started (its own process group: granian's workers)."""
         process, self._process = self._process, None
-        if process is None:
-            pid = read_pid(self.pid_file)  # started by another process (sandbox up)
-            if pid is not None:
-                terminate(pid, PROCESS_NAME, self.workdir, timeout)
-            return
-        if process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=timeout)
+        stop_server(process, self.pid_file, PROCESS_NAME, self.workdir, timeout)
 
     def log_tail(self) -> str:
         return log_tail(self.log_path)

@@ -46,7 +46,7 @@ from milter_wkd.sandbox.daemons import (
     log_tail,
     port_is_free,
     read_pid,
-    terminate,
+    stop_server,
     wait_until,
 )
 from milter_wkd.sandbox.slapd import AccountInfo
@@ -288,19 +288,7 @@ submission_public_key = {_toml_string(str(public_key))}
         if self._port_lock is not None:  # the server's inherited copy holds it till it ends
             os.close(self._port_lock)
             self._port_lock = None
-        if process is None:
-            pid = read_pid(self.pid_file)  # started by another process (sandbox up)
-            if pid is not None:
-                terminate(pid, PROCESS_NAME, self.workdir, timeout)
-            return
-        if process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=timeout)
+        stop_server(process, self.pid_file, PROCESS_NAME, self.workdir, timeout)
 
     def log_tail(self) -> str:
         return log_tail(self.log_path)
