@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator, Sequence
 
 from milter_wkd.errors import (
+    Changed,
     Conflict,
     DirectoryUnavailable,
     KeyRefused,
@@ -178,6 +179,8 @@ class MemoryStore:
                                provenance.published)
             if plan.conflict is not None:
                 raise Conflict(plan.conflict)
+            if plan.busy is not None:  # the same rule as LdapStore's, though every write
+                raise Changed(plan.busy)  # here is whole under the lock
             if consume is not None:
                 stored_request = self._pending.get(consume.dn)
                 if (stored_request is None or stored_request.nonce != consume.nonce
