@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
@@ -75,6 +76,10 @@ class Recorder:
 def main() -> None:
     name, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
+    # Targets feed the code millions of refused inputs, each of which it rightly logs: in
+    # the fuzzing process that is noise (and time). Set here, not in a target module, so
+    # importing a target (as tests/unit/test_fuzz.py does) leaves logging alone.
+    logging.getLogger("milter_wkd").setLevel(logging.CRITICAL)
     with atheris.instrument_imports(include=["milter_wkd", *INSTRUMENT.get(name, ())]):
         target = harness.load(name)
     recorder = Recorder(out)

@@ -11,7 +11,6 @@ query; the first octet is the selector.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -67,7 +66,6 @@ def _app(complete: bool) -> WkdApp:
     return WkdApp(cache, domains, max_age=600)
 
 
-logging.getLogger("milter_wkd").setLevel(logging.CRITICAL)
 APPS = (_app(True), _app(False))
 ROUTER = Router(DOMAINS)
 
