@@ -22,6 +22,8 @@ from milter_wkd.openpgp.cleaning import (
     CleanSubkey,
     Limits,
     Policy,
+    add_revocations,
+    lone_signatures,
     merge_skeletons,
     scan,
     verify_skeleton,
@@ -31,8 +33,7 @@ from milter_wkd.values import Address, Fingerprint
 __all__ = [
     "DEFAULT_LIMITS", "DEFAULT_POLICY", "CleanKey", "CleanResult", "KeyInfo", "KeyRefused",
     "Limits", "Policy", "SubkeyInfo", "armor_key", "autocrypt_keydata", "autocrypt_of",
-    "clean_key", "inspect_key",
-    "merge_keys",
+    "clean_key", "inspect_key", "is_revocation_certificate", "merge_keys", "merge_revocation",
 ]
 
 _FLAG_LETTERS = ((0x01, "c"), (0x02, "s"), (0x04, "e"), (0x08, "e"), (0x20, "a"))
@@ -190,6 +191,35 @@ def merge_keys(stored: bytes, update: bytes, addresses: Iterable[Address] | None
     """
     wanted = None if addresses is None else list(addresses)
     skeleton = merge_skeletons(scan(stored, wanted, limits), scan(update, wanted, limits), limits)
+    return _result(verify_skeleton(skeleton, now))
+
+
+def is_revocation_certificate(data: bytes) -> bool:
+    """Is this input signatures alone (a revocation certificate, see `merge_revocation`),
+    not a key? Never raises: unreadable input is no certificate (cleaning says why)."""
+    try:
+        return lone_signatures(data) is not None
+    except KeyRefused:
+        return False
+
+
+def merge_revocation(stored: bytes, certificate: bytes, addresses: Iterable[Address] | None,
+                     *, limits: Limits = DEFAULT_LIMITS, now: int | None = None,
+                     ) -> CleanResult:
+    """Join a revocation certificate uploaded alone (gpg --gen-revoke, OpenPGP.js's
+    `revocationCertificate`: one key revocation signature, type 0x20, without the key)
+    to the stored key it revokes, cleaned as `merge_keys` cleans an update.
+
+    Each signature must be a key revocation made and verified by the stored primary key;
+    otherwise KeyRefused says why in plain words (another key's, a tampered one, a
+    revocation of a user ID or subkey, which needs the key it belongs to)."""
+    now = int(time.time()) if now is None else now
+    signatures = lone_signatures(certificate)
+    if signatures is None:
+        raise KeyRefused("this is not a revocation certificate: it holds more than "
+                         "signatures (upload a revoked key as a key)")
+    wanted = None if addresses is None else list(addresses)
+    skeleton = add_revocations(scan(stored, wanted, limits), signatures, now)
     return _result(verify_skeleton(skeleton, now))
 
 

@@ -471,6 +471,80 @@ def scan(data: bytes, addresses: Iterable[Address] | None, limits: Limits = DEFA
                     policy)
 
 
+# A revocation certificate is one signature packet of a few hundred octets (gpg
+# --gen-revoke and OpenPGP.js write one); anything much larger is not one.
+MAX_CERTIFICATE = 64 * 1024
+MAX_CERTIFICATE_SIGNATURES = 4
+
+
+def lone_signatures(data: bytes) -> list[tuple[bytes, bytes]] | None:
+    """The signature packets, each as (packet, body), of input that holds signatures and
+    nothing else: a revocation certificate as gpg --gen-revoke and OpenPGP.js's
+    generateKey write it (a "PGP PUBLIC KEY BLOCK" holding one signature packet; gpg's
+    openpgp-revocs.d copy has text before it and a colon before the armor line), or the
+    same as a "PGP SIGNATURE" block or binary. None when the input holds anything else (a
+    key: cleaned by `scan`). KeyRefused for oversize input, bad armor or framing."""
+    if len(data) > MAX_CERTIFICATE:
+        return None
+    if pk.looks_armored(data):
+        label, data = pk.dearmor(data)
+        if label not in (pk.ARMOR_PUBLIC_KEY, pk.ARMOR_SIGNATURE):
+            return None
+    found: list[tuple[bytes, bytes]] = []
+    for tag, start, body_start, end in pk.frames(data):
+        if tag != pk.TAG_SIGNATURE or len(found) >= MAX_CERTIFICATE_SIGNATURES:
+            return None
+        found.append((data[start:end], data[body_start:end]))
+    return found or None
+
+
+def revocation_problem(sig: Signature, primary: PublicKey, policy: Policy,
+                       now: int) -> str | None:
+    """Why a signature uploaded alone cannot revoke this primary key, in plain words for
+    its owner (None: it is a valid key revocation by this key)."""
+    fpr = primary.fingerprint.hex().upper()
+    if sig.sig_type != SIG_KEY_REVOCATION:
+        return (f"this is not a revocation of a whole key (signature type 0x{sig.sig_type:02X}"
+                f", a key revocation is 0x{SIG_KEY_REVOCATION:02X})")
+    if sig.issuer_fingerprint is None and sig.issuer_key_id is None:
+        return "the revocation does not name the key that made it"
+    if not sig.issued_by(primary.fingerprint):
+        issuer = (sig.issuer_fingerprint or sig.issuer_key_id or b"").hex().upper()
+        return (f"this revocation is for another key ({issuer}), not for your published "
+                f"key {fpr}")
+    if signature_problem(sig, policy) is not None:
+        return ("the revocation carries a critical subpacket that GnuPG or Sequoia does "
+                "not understand, so they would ignore it")
+    if not primary.verify(sig, primary.hash_prefix()):
+        return (f"the revocation's signature does not verify against your key {fpr} (it "
+                "was changed, or made by another key with the same key ID)")
+    expires = sig.sig_expires
+    if expires is not None and expires <= now:
+        return "the revocation has expired"
+    return None
+
+
+def add_revocations(skeleton: Skeleton, signatures: Iterable[tuple[bytes, bytes]],
+                    now: int) -> Skeleton:
+    """A stored key's skeleton with key revocations uploaded alone (`lone_signatures`)
+    joined to its own: each must be a valid key revocation made by its primary key, else
+    KeyRefused saying why in plain words (nothing is joined then)."""
+    checked: list[tuple[bytes, Signature]] = []
+    for raw, body in signatures:
+        try:
+            sig = parse_signature(body)
+        except KeyRefused as exc:
+            raise KeyRefused(f"the revocation cannot be read: {exc.reason}") from None
+        problem = revocation_problem(sig, skeleton.primary, skeleton.policy, now)
+        if problem is not None:
+            raise KeyRefused(problem)
+        checked.append((raw, sig))
+    for raw, sig in checked:
+        if skeleton.key_candidates.rejects(raw, sig) is None:
+            skeleton.key_candidates.add(raw, sig)
+    return skeleton
+
+
 def _quoted(text: str) -> str:
     shown = text if len(text) <= 80 else text[:77] + "..."
     return "user ID '" + shown.encode("unicode_escape").decode("ascii") + "'"
