@@ -28,9 +28,9 @@ hashes included: the passwords are set once, on provider 1 (every Slapd object s
 `service_accounts`). start() returns when all report the same contextCSN. The milter's
 `[directory] uri` lists the providers in order (libldap fails over), the WKD responder
 reads from the first consumer (the first provider when there is none) and fails over to
-the providers in order, Dovecot from
-provider 1. The default (one provider, no consumer) is exactly the single slapd it always
-was, with no replication configured.
+the providers in order, and Dovecot lists the providers as the milter does. The default
+(one provider, no consumer) is exactly the single slapd it always was, with no
+replication configured.
 
 Last come the WKD responder (sandbox.wkd) and the self-service page (sandbox.portal,
 `milter-wkd portal` for keys.example.org on a free port, the config's [portal] section,
@@ -105,8 +105,9 @@ class Sandbox:
         if providers > 1 or consumers > 0:
             self._plan_replication(providers, consumers)
         dovecot_account = self.slapd.service_accounts["dovecot"]
+        # Dovecot (logins, delivery) lists the providers too, in the milter's order.
         self.dovecot = Dovecot(self.dir / "dovecot", ldap=LdapAccess(
-            uri=self.slapd.uri, base=self.slapd.people_dn,
+            uri=self.directory_uri, base=self.slapd.people_dn,
             bind_dn=dovecot_account["dn"], bind_password=dovecot_account["password"]))
         self.config_path = self.dir / CONFIG_NAME
         self.keys_dir = self.dir / "keys"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import smtplib
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,15 +21,16 @@ import pytest
 from milter_wkd import openpgp
 from milter_wkd.config import DirectoryConfig
 from milter_wkd.sandbox import Sandbox, SandboxError
-from milter_wkd.sandbox.slapd import Slapd, wait_replicated
+from milter_wkd.sandbox.slapd import Slapd, ssha, wait_replicated
 from milter_wkd.store.ldapstore import LdapStore
 from milter_wkd.store.model import KeyOrigin, Provenance
 from milter_wkd.values import Address
 from milter_wkd.wkd import address_hash
 from tests.contract.test_store import make_key
 from tests.support import ldapclient
+from tests.support.gnupg import WKS_CLIENT, GnuPG
 from tests.support.mail import require_mail_binaries
-from tests.support.wksmail import SUBMISSION, WksClient, send_raw
+from tests.support.wksmail import FAKE, SUBMISSION, WksClient, send_raw
 
 pytestmark = pytest.mark.integration
 
@@ -240,6 +243,226 @@ def test_conflicting_claim_adds_on_both_providers_at_once(
     states = list(final.values())
     assert all(state == states[0] for state in states), final
     assert len(states[0]) == 1, final  # one holder, not both, not none
+
+
+# -- provider 1 killed under a stream of submissions ---------------------------------------
+
+STREAM = 200  # authenticated WKS submissions (the issue's number)
+SENDERS = 4  # SMTP clients sending them, as an MUA pool would
+RETRY_AFTER = 0.5  # seconds a client waits after a 4xx, a refused login or a dropped connection
+KILL_AT, RESTART_AT = 60, 140  # provider 1 SIGKILLed / started again after this many 250s
+
+
+def stream_users_ldif(people_dn: str, count: int) -> str:
+    """inetOrgPerson entries uid=sN, mail sN@example.org, password sN-secret ({SSHA})."""
+    return "".join(
+        f"dn: uid=s{n},{people_dn}\nobjectClass: inetOrgPerson\nuid: s{n}\ncn: S {n}\n"
+        f"sn: {n}\nmail: s{n}@example.org\nuserPassword: {ssha(f's{n}-secret')}\n\n"
+        for n in range(count))
+
+
+def generate_keys(gpg: GnuPG, count: int) -> dict[str, str]:
+    """One Ed25519 key with a Curve25519 subkey per sN@example.org, in ONE gpg run
+    (200 --quick-gen-key runs would take minutes); address -> fingerprint."""
+    block = ("%no-protection\nKey-Type: eddsa\nKey-Curve: ed25519\nKey-Usage: sign\n"
+             "Subkey-Type: ecdh\nSubkey-Curve: cv25519\nSubkey-Usage: encrypt\n"
+             "Name-Real: S {n}\nName-Email: s{n}@example.org\nExpire-Date: 1y\n%commit\n")
+    gpg.run("--gen-key", input="".join(block.format(n=n) for n in range(count)).encode(),
+            timeout=300)
+    found: dict[str, str] = {}
+    fpr = ""
+    for fields in gpg.colons("--list-secret-keys"):
+        if fields[0] == "sec":
+            fpr = ""
+        elif fields[0] == "fpr" and not fpr:
+            fpr = fields[9]
+        elif fields[0] == "uid" and fpr:
+            found[fields[9].rsplit("<", 1)[-1].rstrip(">")] = fpr
+    assert len(found) == count, sorted(found)[:5]
+    return found
+
+
+def whole_directory(server: Slapd) -> dict[str, str]:
+    """DN -> entryCSN of every entry of the suffix on server, read as root over ldapi://."""
+    conn = ldap.initialize(server.ldapi_uri)
+    try:
+        conn.sasl_external_bind_s()
+        found = conn.search_s(server.suffix, ldap.SCOPE_SUBTREE, "(objectClass=*)",
+                              ["entryCSN"])
+    finally:
+        conn.unbind_ext_s()
+    return {dn.lower(): attrs["entryCSN"][0].decode() for dn, attrs in found}
+
+
+class Stream:
+    """SENDERS clients sending one logged-in submission per user through the submission
+    port, retrying what is not a 250 or a 5xx (as a mail client retries); a poller asks the
+    responder (reading the consumer) for every address whose submission was accepted."""
+
+    def __init__(self, sandbox: Sandbox, submissions: dict[str, bytes]) -> None:
+        self.sandbox = sandbox
+        self.todo = list(submissions.items())
+        self.lock = threading.Lock()
+        self.accepted: list[str] = []
+        self.refused: dict[str, str] = {}
+        self.retries: list[str] = []  # why each retry happened
+        self.served: set[str] = set()  # addresses the responder answered 200 for
+        self.wrong: list[tuple[str, int]] = []  # (address, status) after a 200, or any 5xx
+        self.polls = 0
+        self.stopping = threading.Event()
+
+    def send(self) -> None:
+        endpoint = self.sandbox.postfix.submission
+        while True:
+            with self.lock:
+                if not self.todo:
+                    return
+                address, raw = self.todo.pop(0)
+            local = address.split("@", 1)[0]
+            try:
+                send_raw(endpoint.host, endpoint.port, address, [SUBMISSION], raw,
+                         login=(address, f"{local}-secret"))
+            except smtplib.SMTPResponseException as exc:
+                code, text = exc.smtp_code, exc.smtp_error.decode(errors="replace")
+            except smtplib.SMTPRecipientsRefused as exc:
+                code, reply = next(iter(exc.recipients.values()))
+                text = reply.decode(errors="replace")
+            except (smtplib.SMTPException, OSError) as exc:
+                code, text = 0, f"{type(exc).__name__}: {exc}"
+            else:
+                code, text = 250, ""
+            with self.lock:
+                if code == 250:
+                    self.accepted.append(address)
+                elif 500 <= code < 600:
+                    self.refused[address] = f"{code} {text}"
+                else:
+                    self.retries.append(f"{code} {text[:80]}")
+                    self.todo.append((address, raw))
+            if code != 250 and not 500 <= code < 600:
+                time.sleep(RETRY_AFTER)
+
+    def poll(self) -> None:
+        while not self.stopping.is_set():
+            with self.lock:
+                addresses = list(self.accepted)
+            for address in addresses:
+                path = (f"/.well-known/openpgpkey/example.org/hu/"
+                        f"{address_hash(Address.parse(address))}")
+                try:
+                    status = self.sandbox.wkd.get(path)[0]
+                except OSError as exc:
+                    self.wrong.append((address, -1))
+                    print(f"responder unreachable: {exc}")
+                    continue
+                self.polls += 1
+                if status == 200:
+                    self.served.add(address)
+                elif status >= 500 or address in self.served:
+                    self.wrong.append((address, status))
+            time.sleep(0.01)
+
+
+def test_provider_1_killed_during_200_submissions_every_one_is_published_once(
+        topology: Sandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The issue's stream: provider 1 SIGKILLed while 200 logged-in WKS submissions go
+    through Postfix and the milter (which fails over to provider 2; what fails meanwhile
+    is a 4xx the client retries), then started again. Every submission is published
+    exactly once (directory, milter log, notices in the mail log), provider 1 catches up
+    (the same entries, entryCSN for entryCSN, on every slapd), and the responder never
+    answers a 5xx, nor loses a key it served once."""
+    provider1 = topology.providers[0]
+    assert topology.milter is not None
+    provider1.ldapmodify(stream_users_ldif(provider1.people_dn, STREAM), add=True)
+    wait_replicated([server for _role, server in topology.slapds])
+    gpg = GnuPG(tmp_path / "stream")
+    try:
+        gpg.import_key(topology.submission_public_key.read_bytes())
+        made = time.monotonic()
+        fprs = generate_keys(gpg, STREAM)
+        submissions = {address: gpg.run(*FAKE, "--create", fpr, address,
+                                        binary=WKS_CLIENT).stdout
+                       for address, fpr in fprs.items()}
+        made = time.monotonic() - made
+    finally:
+        gpg.close()
+    milter_log = topology.milter.log.stat().st_size
+    mail_log = Path(topology.postfix.maillog).stat().st_size
+    stream = Stream(topology, submissions)
+    senders = [threading.Thread(target=stream.send) for _ in range(SENDERS)]
+    poller = threading.Thread(target=stream.poll)
+    started = time.monotonic()
+    for thread in (*senders, poller):
+        thread.start()
+    killed_at = restarted_at = None
+    try:
+        wait_for(lambda: len(stream.accepted) >= KILL_AT, "the first submissions", 120)
+        assert provider1.pid is not None
+        os.kill(provider1.pid, signal.SIGKILL)
+        killed_at = (time.monotonic() - started, len(stream.accepted))
+        wait_for(lambda: not provider1.running, "provider 1 gone")
+        wait_for(lambda: len(stream.accepted) >= RESTART_AT, "submissions via provider 2",
+                 120)
+        provider1.start()
+        restarted_at = (time.monotonic() - started, len(stream.accepted))
+        for thread in senders:
+            thread.join(timeout=180)
+            assert not thread.is_alive(), "the senders did not finish within 3 minutes"
+        sent = time.monotonic() - started
+    finally:
+        if not provider1.running:
+            provider1.start()
+        with stream.lock:
+            stream.todo.clear()
+        for thread in senders:
+            thread.join(timeout=60)
+        time.sleep(0.5)  # the poller sees the last acceptances once more
+        stream.stopping.set()
+        poller.join(timeout=60)
+    assert not stream.refused, stream.refused
+    assert sorted(stream.accepted) == sorted(fprs), "each submission accepted exactly once"
+
+    # Provider 1 caught up: the same entries, with the same entryCSN, on every slapd.
+    caught_up = wait_replicated([server for _role, server in topology.slapds], timeout=60)
+    directories = [whole_directory(server) for _role, server in topology.slapds]
+    assert all(d == directories[0] for d in directories[1:]), [
+        sorted(set(d.items()) ^ set(directories[0].items()))[:4] for d in directories[1:]]
+    # Published exactly once: the submitted key on every user's entry, on every slapd,
+    # and one claim on its fingerprint naming that user.
+    for address, fpr in fprs.items():
+        user = address.split("@", 1)[0]
+        for _role, server in topology.slapds:
+            assert fingerprints(server, user) == {fpr}, (address, server.uri)
+        assert claim_holders(provider1, fpr) == [f"uid={user},{provider1.people_dn}"]
+    # The milter logged each publication once (a 4xx publishes nothing) ...
+    lines = topology.milter.log.read_bytes()[milter_log:].decode(errors="replace")
+    for address, fpr in fprs.items():
+        assert lines.count(f"published {fpr} for {address} ") == 1, address
+    # ... and Postfix delivered each user's "published" notice once (the reinjected
+    # notices a 4xx of the directory deferred are retried by `postqueue -f`).
+    subprocess.run(["postqueue", "-c", str(topology.postfix.config_dir), "-f"],
+                   capture_output=True, timeout=60, check=True)
+
+    def notices() -> dict[str, int]:
+        log = Path(topology.postfix.maillog).read_bytes()[mail_log:].decode(errors="replace")
+        return {address: sum(1 for line in log.splitlines()
+                             if f"to=<{address}>" in line and "status=sent" in line)
+                for address in fprs}
+
+    wait_for(lambda: all(n >= 1 for n in notices().values()), "every notice delivered", 120)
+    assert set(notices().values()) == {1}, {a: n for a, n in notices().items() if n != 1}
+    # The responder: every key served in the end; never a 5xx, never a key lost.
+    wait_for(lambda: all(served(topology, address) == fpr for address, fpr in fprs.items()),
+             "every key served from the consumer")
+    assert not stream.wrong, stream.wrong[:10]
+    with capsys.disabled():
+        print(f"\n{STREAM} keys and submissions made in {made:.1f} s; sent in {sent:.1f} s "
+              f"by {SENDERS} clients; provider 1 killed at {killed_at[0]:.1f} s "
+              f"({killed_at[1]} accepted), started at {restarted_at[0]:.1f} s "
+              f"({restarted_at[1]} accepted); {len(stream.retries)} retries "
+              f"({sorted({r[:40] for r in stream.retries})[:4]}); all slapds equal "
+              f"{caught_up:.2f} s after the last; responder polled {stream.polls} times, "
+              f"{len(stream.served)} keys served, no 5xx")
 
 
 # -- the responder on the consumer (these run last: the final one stops the consumer) -------
