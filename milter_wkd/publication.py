@@ -3,7 +3,11 @@ write with provenance.
 
 Every path that publishes goes through `publish`: the milter's authenticated submission
 and WKS confirmation (milter_wkd.submissions), `milter-wkd keys import`, and the
-self-service page. What it guarantees, whoever calls it (README, security model):
+self-service page; the page's two other changes of a published key write through the
+same tail (size cap, `KeyStore.publish_key`): `publish_revocation` (a revocation
+certificate uploaded alone, verified against the stored key and joined to it) and
+`unpublish_address` (the stored key without one address's user ID). What it guarantees,
+whoever calls it (README, security model):
 - the key is cleaned by milter_wkd.openpgp under the [keys] policy (third-party
   certifications cut at the packet level, user IDs narrowed to the addresses asked for,
   signing subkeys without a back-signature dropped) before anything else looks at it;
@@ -28,7 +32,7 @@ from dataclasses import dataclass
 
 from milter_wkd import openpgp
 from milter_wkd.config import KeysConfig
-from milter_wkd.errors import KeyRefused
+from milter_wkd.errors import KeyRefused, NotFound
 from milter_wkd.openpgp import CleanResult, Limits
 from milter_wkd.store.model import KeyOrigin, PendingRequest, Provenance, StoredKey, User
 from milter_wkd.store.protocol import KeyStore
@@ -81,11 +85,65 @@ def publish(store: KeyStore, user: User, key: bytes, *, origin: KeyOrigin, actor
         cleaned = openpgp.merge_keys(stored.key, key, list(user.addresses),
                                      limits=policy.limits)
         merged = True
+    return _write(store, user, cleaned, Provenance(origin, actor, now), policy,
+                  merged=merged, consume=consume)
+
+
+def publish_revocation(store: KeyStore, user: User, certificate: bytes, *,
+                       origin: KeyOrigin, actor: str, now: int,
+                       policy: Policy) -> Publication:
+    """Publish a revocation certificate uploaded alone (no key: gpg --gen-revoke's output,
+    OpenPGP.js's revocationCertificate) on the key the user's entry publishes: verified
+    against its primary key, joined to it (`openpgp.merge_revocation`), written like any
+    update. NotFound when the user publishes no key; KeyRefused, with the reason in plain
+    words, when the certificate is not a valid revocation of that key."""
+    stored = store.get_key(user)
+    if stored is None:
+        raise NotFound("you have no published key to revoke")
+    cleaned = openpgp.merge_revocation(stored.key, certificate, list(user.addresses),
+                                       limits=policy.limits, now=now)
+    return _write(store, user, cleaned, Provenance(origin, actor, now), policy, merged=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Unpublished:
+    """What unpublishing one address did: the key as it was, and as it is now (None: the
+    address was the last one, so the whole key is unpublished)."""
+
+    before: StoredKey
+    after: StoredKey | None
+
+
+def unpublish_address(store: KeyStore, user: User, address: Address, *, origin: KeyOrigin,
+                      actor: str, now: int, policy: Policy) -> Unpublished:
+    """Stop publishing the user's key for one of their addresses: the stored key is cleaned
+    again for the addresses it still names but this one (its user ID for this address
+    left out) and written like any publication, so its gpgMailbox and WKD hash go with it;
+    when no other address remains the key is removed (`KeyStore.remove_key`). Nothing is
+    merged: merging would bring the user ID back from the stored copy. KeyRefused for an
+    address that is not the user's, NotFound when the key is not published for it."""
+    if not user.owns(address):
+        raise KeyRefused(f"not an address of {user.dn}: {address}")
+    stored = store.get_key(user)
+    if stored is None or not any(a.key == address.key for a in stored.addresses):
+        raise NotFound(f"no key is published for {address}")
+    remaining = [a for a in stored.addresses if a.key != address.key and user.owns(a)]
+    if not remaining:
+        return Unpublished(store.remove_key(user), None)
+    cleaned = openpgp.clean_key(stored.key, remaining, limits=policy.limits, now=now)
+    done = _write(store, user, cleaned, Provenance(origin, actor, now), policy, merged=False)
+    return Unpublished(stored, done.stored)
+
+
+def _write(store: KeyStore, user: User, cleaned: CleanResult, provenance: Provenance,
+           policy: Policy, *, merged: bool, consume: PendingRequest | None = None,
+           ) -> Publication:
+    """The size cap, then the store's one atomic write with claims and provenance."""
     if len(cleaned.key) > policy.max_published_bytes:
         raise KeyRefused(f"the cleaned key has {len(cleaned.key)} octets, over the limit of "
                          f"{policy.max_published_bytes} (max_published_bytes)")
-    written = store.publish_key(user, cleaned, Provenance(origin, actor, now),
-                                consume=consume, limits=policy.limits)
+    written = store.publish_key(user, cleaned, provenance, consume=consume,
+                                limits=policy.limits)
     return Publication(written, openpgp.without_subkeys(cleaned, dict(written.withheld)),
                        merged)
 

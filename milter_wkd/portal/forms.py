@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask_wtf import FlaskForm
 from flask_wtf.file import FileField
-from wtforms import PasswordField, StringField, TextAreaField
+from wtforms import HiddenField, PasswordField, StringField, TextAreaField
 
 
 class SignInForm(FlaskForm):  # type: ignore[misc]  # Flask-WTF has no type information
@@ -20,6 +20,13 @@ class UploadForm(FlaskForm):  # type: ignore[misc]
 
 class UnpublishForm(FlaskForm):  # type: ignore[misc]
     password = PasswordField("Mail password")
+    # One address to stop publishing the key for; empty: the whole key.
+    address = HiddenField()
+
+
+class RevocationForm(FlaskForm):  # type: ignore[misc]
+    revocation_file = FileField("Revocation certificate file")
+    revocation_text = TextAreaField("Or paste the revocation certificate")
 
 
 class SignOutForm(FlaskForm):  # type: ignore[misc]

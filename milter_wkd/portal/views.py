@@ -26,8 +26,14 @@ from milter_wkd import openpgp, wkd
 from milter_wkd.errors import BadAddress, Conflict, KeyRefused, NotFound, Refused
 from milter_wkd.openpgp import CleanResult
 from milter_wkd.portal.app import portal, sign_in_redirect, start_session
-from milter_wkd.portal.forms import SignInForm, SignOutForm, UnpublishForm, UploadForm
-from milter_wkd.publication import Policy, publish
+from milter_wkd.portal.forms import (
+    RevocationForm,
+    SignInForm,
+    SignOutForm,
+    UnpublishForm,
+    UploadForm,
+)
+from milter_wkd.publication import Policy, publish, publish_revocation, unpublish_address
 from milter_wkd.store.model import KeyOrigin, StoredKey, User, dn_key
 from milter_wkd.values import Address
 
@@ -138,11 +144,13 @@ def _rows(user: User, stored: StoredKey | None) -> list[AddressRow]:
 
 
 def _keys_page(user: User, address: Address, *, form: UploadForm | None = None,
-               status: int = 200, **extra: Any) -> tuple[str, int]:
+               revocation: RevocationForm | None = None, status: int = 200,
+               **extra: Any) -> tuple[str, int]:
     stored = portal().store.get_key(user)
     info = openpgp.clean_key(stored.key, None).info if stored is not None else None
     return render_template("keys.html", address=address, stored=stored, info=info,
                            rows=_rows(user, stored), form=form or UploadForm(),
+                           revocation=revocation or RevocationForm(),
                            sign_out=SignOutForm(), **extra), status
 
 
@@ -174,13 +182,13 @@ def upload(user: User, address: Address) -> Any:
     if not data:
         return _keys_page(user, address, form=form, status=400,
                           error=_("Choose a key file or paste a key."))
-    cfg = portal().config
-    domain = cfg.domain(address.domain)
-    policy = Policy.from_config(cfg.keys, mailbox_only=domain is not None
-                                and domain.mailbox_only)
+    if openpgp.is_revocation_certificate(data):
+        # Signatures alone: a revocation certificate put in the key form.
+        return _publish_revocation(user, address, data)
     try:
         done = publish(portal().store, user, data, origin=KeyOrigin.SELF_SERVICE,
-                       actor=str(address), now=int(portal().clock()), policy=policy)
+                       actor=str(address), now=int(portal().clock()),
+                       policy=_policy(address))
     except KeyRefused as exc:
         if "secret key" in exc.reason:
             log.warning("portal: %s uploaded a secret key; refused, nothing stored", address)
@@ -210,33 +218,122 @@ def _counted(cleaned: CleanResult) -> list[tuple[int, str]]:
     return out
 
 
+def _target(user: User, text: str | None) -> Address | None:
+    """The one address an unpublish form names (None: the whole key); Refused when it is
+    no address of this user's."""
+    if not text:
+        return None
+    target = Address.parse(text)  # BadAddress is a Refused
+    if not user.owns(target):
+        raise Refused(f"{target} is not one of your addresses")
+    return target
+
+
 @pages.route("/unpublish", methods=["GET", "POST"])
 @signed_in
 def unpublish(user: User, address: Address) -> Any:
+    """Unpublish the whole key, or (field `address`) the key for one address only, after
+    the password again (rate-limited as sign-in is)."""
     form = UnpublishForm()
     stored = portal().store.get_key(user)
+    text = form.address.data if request.method == "POST" else request.args.get("address")
+
+    def page(status: int, *, target: Address | None = None, **extra: Any) -> Any:
+        if target is not None:
+            form.address.data = str(target)
+        others = [a for a in stored.addresses if target is None or a.key != target.key] \
+            if stored is not None else []
+        published = stored is not None and (target is None or any(
+            a.key == target.key for a in stored.addresses))
+        return render_template("unpublish.html", form=form, stored=stored, target=target,
+                               published=published, others=others,
+                               sign_out=SignOutForm(), **extra), status
+
+    try:
+        target = _target(user, text)
+    except Refused as exc:
+        log.warning("portal: %s tried to unpublish %r: %s", address, (text or "")[:320],
+                    exc.reason)
+        return page(403, error=_("%(address)s is not one of your addresses.",
+                                 address=(text or "")[:320]))
     if request.method == "GET" or not form.validate_on_submit():
-        return render_template("unpublish.html", form=form, stored=stored,
-                               sign_out=SignOutForm()), 200 if request.method == "GET" else 400
+        return page(200 if request.method == "GET" else 400, target=target)
     wait = portal().allowed(address.key, request.remote_addr or "-")
     if wait:
-        return render_template("unpublish.html", form=form, stored=stored,
-                               sign_out=SignOutForm(), error=_(
-                                   "Too many attempts. Try again in %(minutes)d minutes.",
-                                   minutes=(wait + 59) // 60)), 429
+        return page(429, target=target, error=_(
+            "Too many attempts. Try again in %(minutes)d minutes.", minutes=(wait + 59) // 60))
     again = portal().authenticator.authenticate(address, form.password.data or "")
     if again is None or dn_key(again.dn) != dn_key(user.dn):
         log.info("portal: wrong password to unpublish the key of %s", address)
-        return render_template("unpublish.html", form=form, stored=stored,
-                               sign_out=SignOutForm(),
-                               error=_("The password is wrong.")), 401
+        return page(401, target=target, error=_("The password is wrong."))
+    if target is not None:
+        return _unpublish_address(user, address, target, page)
     try:
         removed = portal().store.remove_key(user)
     except NotFound:
-        return render_template("unpublish.html", form=form, stored=None,
-                               sign_out=SignOutForm()), 200
+        stored = None  # removed meanwhile: the page (a closure over it) says there is none
+        return page(200)
     log.info("portal: %s unpublished %s", address, removed.fingerprint)
-    return render_template("unpublished.html", removed=removed, sign_out=SignOutForm())
+    return render_template("unpublished.html", removed=removed, target=None, remaining=None,
+                           sign_out=SignOutForm())
+
+
+def _unpublish_address(user: User, address: Address, target: Address,
+                       page: Callable[..., Any]) -> Any:
+    try:
+        done = unpublish_address(portal().store, user, target,
+                                 origin=KeyOrigin.SELF_SERVICE, actor=str(address),
+                                 now=int(portal().clock()), policy=_policy(address))
+    except NotFound:
+        return page(200, target=target)
+    except (Conflict, Refused) as exc:
+        log.info("portal: unpublishing %s for %s refused: %s", target, address, exc.reason)
+        return page(422, target=target, error=_(
+            "The key could not be changed: %(reason)s. Nothing was changed.",
+            reason=exc.reason))
+    log.info("portal: %s unpublished %s for %s%s", address, done.before.fingerprint, target,
+             "" if done.after is not None else " (its last address: the whole key)")
+    return render_template("unpublished.html", removed=done.before, target=target,
+                           remaining=done.after, sign_out=SignOutForm())
+
+
+@pages.route("/revoke", methods=["POST"])
+@signed_in
+def revoke(user: User, address: Address) -> Any:
+    """A revocation certificate uploaded alone, published on the user's stored key."""
+    form = RevocationForm()
+    if not form.validate_on_submit():
+        return _keys_page(user, address, revocation=form, status=400)
+    upload = form.revocation_file.data
+    data = upload.read() if upload is not None and upload.filename else b""
+    if not data:
+        data = (form.revocation_text.data or "").strip().encode("utf-8")
+    if not data:
+        return _keys_page(user, address, revocation=form, status=400,
+                          error=_("Choose a revocation certificate file or paste one."))
+    return _publish_revocation(user, address, data, form)
+
+
+def _publish_revocation(user: User, address: Address, data: bytes,
+                        form: RevocationForm | None = None) -> Any:
+    try:
+        done = publish_revocation(portal().store, user, data, origin=KeyOrigin.SELF_SERVICE,
+                                  actor=str(address), now=int(portal().clock()),
+                                  policy=_policy(address))
+    except (Conflict, NotFound, Refused) as exc:
+        log.info("portal: revocation from %s refused: %s", address, exc.reason)
+        return _keys_page(user, address, revocation=form, status=422,
+                          revocation_refused=exc.reason)
+    log.info("portal: %s published the revocation of %s for %s", address,
+             done.stored.fingerprint, ", ".join(str(a) for a in done.stored.addresses))
+    return render_template("revoked.html", stored=done.stored, sign_out=SignOutForm())
+
+
+def _policy(address: Address) -> Policy:
+    cfg = portal().config
+    domain = cfg.domain(address.domain)
+    return Policy.from_config(cfg.keys, mailbox_only=domain is not None
+                              and domain.mailbox_only)
 
 
 def _redirect(endpoint: str, **arguments: Any) -> Response:

@@ -259,6 +259,8 @@ def test_bob_cannot_touch_alices_key(client: FlaskClient, store: MemoryStore) ->
     assert upload(client, key)[0] == 422
     status, _ = post(client, "/unpublish", {"password": "alice-secret",
                                             "address": "alice@example.org"})
+    assert status == 403  # the form names an address that is not bob's
+    status, _ = post(client, "/unpublish", {"password": "alice-secret"})
     assert status == 401
     status, _ = post(client, "/unpublish", {"password": "bob-secret"})
     assert status == 200
