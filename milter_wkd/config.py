@@ -27,6 +27,8 @@ from milter_wkd.errors import MilterWkdError, Refused
 from milter_wkd.openpgp.cleaning import DEFAULT_CURVES, MAX_INPUT_BYTES, Limits, Policy
 
 DEFAULT_PATH = Path("/etc/milter-wkd/milter-wkd.toml")
+# Field metadata of Config's one field that is no section of the file (`given`).
+_NOT_A_SECTION = "not_a_section"
 ENV_PREFIX = "MILTER_WKD_"
 
 
@@ -327,8 +329,9 @@ class PortalConfig:
 
 # The probe groups of `milter-wkd check`, in the order it runs them ([check] skip).
 CHECK_GROUPS = ("directory", "schema", "acl", "keys", "passwords", "responder",
-                "submission-key", "dkim", "wkd", "postfix", "milter", "dovecot")
+                "submission-key", "dkim", "wkd", "portal", "postfix", "milter", "dovecot")
 DEFAULT_WKD_URL = "https://openpgpkey.{domain}/.well-known/openpgpkey/{domain}/"
+DEFAULT_PORTAL_URL = "https://keys.{domain}/"
 
 
 def parse_host_port(text: str) -> tuple[str, int] | None:
@@ -358,6 +361,14 @@ class CheckConfig:
         "test. Empty: DNS, as WKD clients do."))
     ca_file: str = field(default="", metadata=_doc(
         "CA bundle for the WKD certificate. Empty: the system store, as WKD clients use."))
+    portal_url: str = field(default=DEFAULT_PORTAL_URL, metadata=_doc(
+        "URL of the self-service page as users open it (probed only when the file has a "
+        "[portal] section); {domain} stands for the first [[domains]] name."))
+    portal_connect: str = field(default="", metadata=_doc(
+        "HOST:PORT to connect to for portal_url instead of DNS (the certificate is still "
+        "checked for the URL's host). Empty: DNS, as browsers do."))
+    portal_ca_file: str = field(default="", metadata=_doc(
+        "CA bundle for the page's certificate. Empty: ca_file, else the system store."))
     dns: bool = field(default=False, metadata=_doc(
         "Look up the DKIM TXT records (off: no resolver needed)."))
     skip: list[str] = field(default_factory=list, metadata=_doc(
@@ -367,6 +378,8 @@ class CheckConfig:
     def __post_init__(self) -> None:
         if self.wkd_connect and parse_host_port(self.wkd_connect) is None:
             raise ConfigError(f"[check] wkd_connect: HOST:PORT, not {self.wkd_connect!r}")
+        if self.portal_connect and parse_host_port(self.portal_connect) is None:
+            raise ConfigError(f"[check] portal_connect: HOST:PORT, not {self.portal_connect!r}")
         unknown = [name for name in self.skip if name not in CHECK_GROUPS]
         if unknown:
             raise ConfigError(f"[check] skip: unknown group(s) {', '.join(unknown)} "
@@ -385,6 +398,10 @@ class Config:
     check: CheckConfig = field(default_factory=CheckConfig)
     portal: PortalConfig = field(default_factory=PortalConfig)
     domains: list[DomainConfig] = field(default_factory=lambda: [DomainConfig()])
+    # Not a section: the sections the file or the environment gave (`milter-wkd check`
+    # probes the self-service page only for a config that has [portal]).
+    given: frozenset[str] = field(default=frozenset(), compare=False,
+                                  metadata={_NOT_A_SECTION: True})
 
     def domain(self, name: str) -> DomainConfig | None:
         lowered = name.lower()
@@ -397,6 +414,11 @@ class Config:
             return self.directory
         return dataclasses.replace(self.directory, bind_dn=self.web.bind_dn, bind_password="",
                                    bind_password_file=self.web.bind_password_file)
+
+
+def sections() -> list[dataclasses.Field[Any]]:
+    """The fields of Config that are sections of the file, in its order."""
+    return [f for f in dataclasses.fields(Config) if not f.metadata.get(_NOT_A_SECTION)]
 
 
 def _field_types(cls: type[Any]) -> dict[str, Any]:
@@ -452,30 +474,32 @@ def _env_value(raw: str) -> Any:
 def build(data: dict[str, Any], environ: typing.Mapping[str, str] | None = None) -> Config:
     """Build a Config from parsed TOML plus environment overrides."""
     environ = os.environ if environ is None else environ
-    sections: dict[str, Any] = {}
-    known = {f.name: f for f in dataclasses.fields(Config)}
+    built: dict[str, Any] = {}
+    known = {f.name: f for f in sections()}
+    given = {name for name in data if name in known}
     for unknown in set(data) - set(known):
         raise ConfigError(f"unknown section [{unknown}]")
     for section_name, section_field in known.items():
         section_cls = _field_types(Config)[section_name]
         if typing.get_origin(section_cls) is list:
-            sections[section_name] = _build_tables(section_name, section_cls, data)
+            built[section_name] = _build_tables(section_name, section_cls, data)
             continue
         section = data.get(section_name, {})
         if not isinstance(section, dict):
             raise ConfigError(f"[{section_name}] must be a table")
-        given = dict(section)
+        values = dict(section)
         hints = _field_types(section_cls)
-        for unknown in set(given) - set(hints):
+        for unknown in set(values) - set(hints):
             raise ConfigError(f"[{section_name}] unknown key {unknown!r}")
         for key in hints:
             env_name = f"{ENV_PREFIX}{section_name}_{key}".upper()
             if env_name in environ:
-                given[key] = _env_value(environ[env_name])
-        checked = {k: _check_type(section_name, k, v, hints[k]) for k, v in given.items()}
-        sections[section_name] = section_cls(**checked)
+                values[key] = _env_value(environ[env_name])
+                given.add(section_name)
+        checked = {k: _check_type(section_name, k, v, hints[k]) for k, v in values.items()}
+        built[section_name] = section_cls(**checked)
         del section_field
-    return Config(**sections)
+    return Config(**built, given=frozenset(given))
 
 
 def load(path: Path | str | None = None, environ: typing.Mapping[str, str] | None = None,
@@ -515,7 +539,7 @@ def example() -> str:
     lines = ["# milter-wkd configuration. Every key is shown with its default.",
              f"# Environment variables {ENV_PREFIX}<SECTION>_<KEY> override keys.", ""]
     defaults = Config()
-    for section in dataclasses.fields(Config):
+    for section in sections():
         value = getattr(defaults, section.name)
         if isinstance(value, list):
             lines.append(f"# One [[{section.name}]] table per entry.")

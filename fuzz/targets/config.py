@@ -23,7 +23,7 @@ _FOLDER = Path(tempfile.mkdtemp(prefix="fuzz-config-"))
 atexit.register(shutil.rmtree, _FOLDER, True)
 _FILE = _FOLDER / "milter-wkd.toml"
 _KEYS = [f"{config.ENV_PREFIX}{section.name}_{item.name}".upper()
-         for section in dataclasses.fields(config.Config)
+         for section in config.sections()
          if section.name != "domains"
          for item in dataclasses.fields(section.default_factory())  # type: ignore[misc]
          ]

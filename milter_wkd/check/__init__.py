@@ -9,7 +9,8 @@ One module per peer, each saying what it checks, what it reads and how it fails:
   key pair works (submission-key);
 - `accounts`: no documented password opens a service account (passwords), the WKD
   responder's account cannot write (responder);
-- `dkim`, `wkd` (HTTPS), `postfix` (postconf), `milter` (the socket), `dovecot` (SASL).
+- `dkim`, `wkd` (HTTPS), `portal` (the self-service page over HTTPS, when the config has
+  [portal]), `postfix` (postconf), `milter` (the socket), `dovecot` (SASL).
 
 The LDAP probes go through milter_wkd.store.probe: only the store speaks python-ldap.
 `results` holds `CheckResult` and the helpers every probe uses; `options` the `Options`
@@ -42,6 +43,7 @@ from milter_wkd.check.dovecot import (
 from milter_wkd.check.keys import check_keys, check_submission_key
 from milter_wkd.check.milter import check_milter, milter_negotiates
 from milter_wkd.check.options import Options
+from milter_wkd.check.portal import PortalClient, check_portal
 from milter_wkd.check.postfix import (
     check_postfix,
     check_postfix_params,
@@ -56,12 +58,12 @@ from milter_wkd.config import CHECK_GROUPS, DEFAULT_WKD_URL, Config
 
 __all__ = [
     "DEFAULT_DOVECOT_SOCKET", "DEFAULT_WKD_URL", "GROUPS", "KEY_WRITE_PROBES", "CheckResult",
-    "HttpAnswer", "Options", "check_directory", "check_dkim", "check_dovecot", "check_keys",
-    "check_milter", "check_passwords", "check_policy", "check_postfix",
-    "check_postfix_params", "check_responder", "check_submission_key", "check_wkd",
-    "dovecot_handshake", "dovecot_socket", "guarded", "https_get", "milter_entries",
-    "milter_negotiates", "parse_auth_handshake", "parse_postconf", "postfix_milter_address",
-    "run", "run_postconf",
+    "HttpAnswer", "Options", "PortalClient", "check_directory", "check_dkim", "check_dovecot",
+    "check_keys", "check_milter", "check_passwords", "check_policy", "check_portal",
+    "check_postfix", "check_postfix_params", "check_responder", "check_submission_key",
+    "check_wkd", "dovecot_handshake", "dovecot_socket", "guarded", "https_get",
+    "milter_entries", "milter_negotiates", "parse_auth_handshake", "parse_postconf",
+    "postfix_milter_address", "run", "run_postconf",
 ]
 
 GROUPS = CHECK_GROUPS  # in the order run() reports them
@@ -84,6 +86,8 @@ def run(config: Config, options: Options) -> Iterator[CheckResult]:
             yield from guarded("dkim", partial(check_dkim, config, domain, options.dns))
         if "wkd" not in skip:
             yield from guarded("wkd", partial(check_wkd, domain, options))
+    if "portal" not in skip:
+        yield from guarded("portal", lambda: check_portal(config, options))
     # Postfix's settings also say where Dovecot's socket is.
     params: dict[str, str] | None = None
     error: str | None = None

@@ -3,7 +3,8 @@ the config file's [check] section (`Options.from_config`), which the command lin
 overrides.
 
 Configuration: [check] postfix_config_dir, dovecot_auth_socket, wkd_url, wkd_connect,
-ca_file, dns, skip, timeout (milter_wkd.config.CheckConfig says what each means).
+ca_file, portal_url, portal_connect, portal_ca_file, dns, skip, timeout
+(milter_wkd.config.CheckConfig says what each means).
 Failures: none here; the config module refuses a malformed section when it loads.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from milter_wkd.config import DEFAULT_WKD_URL, CheckConfig, parse_host_port
+from milter_wkd.config import DEFAULT_PORTAL_URL, DEFAULT_WKD_URL, CheckConfig, parse_host_port
 
 _DEFAULTS = CheckConfig()
 
@@ -23,6 +24,9 @@ class Options:
     wkd_url: str = DEFAULT_WKD_URL  # "{domain}" is replaced by each domain's name
     wkd_connect: tuple[str, int] | None = None  # connect here, validate the URL's host
     ca_file: str | None = None  # None: the system store
+    portal_url: str = DEFAULT_PORTAL_URL  # "{domain}": the first domain's name
+    portal_connect: tuple[str, int] | None = None  # connect here, validate the URL's host
+    portal_ca_file: str | None = None  # None: ca_file
     skip: frozenset[str] = field(default_factory=frozenset)
     dns: bool = _DEFAULTS.dns
     timeout: float = _DEFAULTS.timeout
@@ -34,5 +38,9 @@ class Options:
                    dovecot_auth_socket=section.dovecot_auth_socket or None,
                    wkd_url=section.wkd_url or DEFAULT_WKD_URL,
                    wkd_connect=parse_host_port(section.wkd_connect),
-                   ca_file=section.ca_file or None, skip=frozenset(section.skip),
+                   ca_file=section.ca_file or None,
+                   portal_url=section.portal_url or DEFAULT_PORTAL_URL,
+                   portal_connect=parse_host_port(section.portal_connect),
+                   portal_ca_file=section.portal_ca_file or None,
+                   skip=frozenset(section.skip),
                    dns=section.dns, timeout=section.timeout)

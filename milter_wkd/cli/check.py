@@ -1,7 +1,7 @@
 """`milter-wkd check --config FILE`: the admin's doctor (milter_wkd.check does the probing).
 
-Where this host's Postfix and Dovecot are and how to reach the WKD site come from the
-config file's [check] section; an option given here overrides its key (--skip adds to
+Where this host's Postfix and Dovecot are and how to reach the WKD site and the
+self-service page come from the config file's [check] section; an option given here overrides its key (--skip adds to
 [check] skip).
 
 Prints one line per check as it completes, `ok   group: detail`, `warn group: ...`,
@@ -53,6 +53,15 @@ def register(sub: Any) -> None:
     parser.add_argument("--ca-file", metavar="FILE",
                         help="CA bundle for the WKD certificate (default: [check] ca_file, "
                              "else the system store)")
+    parser.add_argument("--portal-url", metavar="URL",
+                        help="the self-service page's URL, probed when the config has "
+                             "[portal] (default: [check] portal_url, else "
+                             f"{config_module.DEFAULT_PORTAL_URL})")
+    parser.add_argument("--portal-connect", metavar="HOST:PORT",
+                        help="connect here for the page instead of resolving its host")
+    parser.add_argument("--portal-ca-file", metavar="FILE",
+                        help="CA bundle for the page's certificate (default: [check] "
+                             "portal_ca_file, else the WKD one)")
     parser.add_argument("--dns", action=argparse.BooleanOptionalAction, default=None,
                         help="look up the DKIM TXT records (default: [check] dns, else off: "
                              "no resolver needed)")
@@ -89,10 +98,13 @@ def _options(args: argparse.Namespace, cfg: Config) -> check.Options:
     given: dict[str, Any] = {
         "postfix_config_dir": args.postfix_config_dir,
         "dovecot_auth_socket": args.dovecot_auth_socket, "wkd_url": args.wkd_url,
-        "ca_file": args.ca_file, "dns": args.dns,
+        "ca_file": args.ca_file, "dns": args.dns, "portal_url": args.portal_url,
+        "portal_ca_file": args.portal_ca_file,
         "timeout": None if args.timeout is None else max(0.5, args.timeout)}
     if args.wkd_connect:
         given["wkd_connect"] = parse_host_port(args.wkd_connect)
+    if args.portal_connect:
+        given["portal_connect"] = parse_host_port(args.portal_connect)
     return dataclasses.replace(
         options, skip=options.skip | frozenset(args.skip),
         **{name: value for name, value in given.items() if value is not None})
@@ -163,10 +175,10 @@ def _check(args: argparse.Namespace) -> int:
         return _check_domain(args)
     if args.connect or args.json:
         return _refuse("--connect and --json go with --domain")
-    if args.wkd_connect and parse_host_port(args.wkd_connect) is None:
-        print(f"refused: --wkd-connect wants HOST:PORT, not {args.wkd_connect!r}",
-              file=sys.stderr)
-        return 2
+    for option, value in (("--wkd-connect", args.wkd_connect),
+                          ("--portal-connect", args.portal_connect)):
+        if value and parse_host_port(value) is None:
+            return _refuse(f"{option} wants HOST:PORT, not {value!r}")
     try:
         cfg = config_module.load(args.config)
     except ConfigError as exc:

@@ -284,6 +284,10 @@ dovecot_auth_socket = {_toml(str(self.dovecot.auth_socket))}
 wkd_url = {_toml(self.wkd.wkd_url)}
 wkd_connect = {_toml(f"{LOOPBACK}:{self.wkd.port}")}
 ca_file = {_toml(str(self.wkd.ca_file))}
+# The self-service page, under a test CA of its own (sandbox.portal).
+portal_url = {_toml(self.portal.portal_url)}
+portal_connect = {_toml(f"{LOOPBACK}:{self.portal.port}")}
+portal_ca_file = {_toml(str(self.portal.ca_file))}
 
 [[domains]]
 name = {_toml(DOMAINS[0])}

@@ -63,7 +63,9 @@ def options(sandbox: Sandbox, wkd: Wkd, **changes: object) -> check.Options:
         "postfix_config_dir": str(sandbox.postfix.config_dir),
         "dovecot_auth_socket": str(sandbox.dovecot.auth_socket),
         "wkd_url": wkd.url, "wkd_connect": (LOOPBACK, wkd.port), "ca_file": str(wkd.ca_file),
-        "timeout": 5.0}
+        "portal_url": sandbox.portal.portal_url,
+        "portal_connect": (LOOPBACK, sandbox.portal.port),
+        "portal_ca_file": str(sandbox.portal.ca_file), "timeout": 5.0}
     settings.update(changes)
     return check.Options(**settings)  # type: ignore[arg-type]
 
