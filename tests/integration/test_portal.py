@@ -1,6 +1,7 @@
 """The self-service page against a REAL slapd: `milter_wkd.store.auth` binds as the users
 (alice, bob, carol with passwords `<name>-secret`), and the portal app on the real
-LdapStore publishes a key exported by real gpg, shows it and unpublishes it."""
+LdapStore publishes a key exported by real gpg, shows it and unpublishes it, for one
+address or all, and publishes a revocation certificate made by gpg --gen-revoke."""
 
 from __future__ import annotations
 
@@ -25,8 +26,11 @@ from milter_wkd.sandbox.slapd import Slapd
 from milter_wkd.sandbox.wkd import make_test_pki
 from milter_wkd.store.auth import LdapAuthenticator
 from milter_wkd.store.ldapstore import LdapStore
+from milter_wkd.store.ldapview import LdapKeyView
+from milter_wkd.store.schema import address_slot
 from milter_wkd.values import Address
 from tests.integration.conftest import UserKey, account_config
+from tests.support.gnupg import GnuPG
 
 pytestmark = pytest.mark.integration
 BASE = "https://keys.example.org"
@@ -135,6 +139,78 @@ def test_upload_see_and_unpublish_a_gpg_key(private_slapd: Slapd,
                 "csrf_token": _token(client, "/unpublish"), "password": "alice-secret"})
             assert answer.status_code == 200, answer.get_data(as_text=True)
             assert store.get_key(store.user(Address.parse("alice@example.org"))) is None
+
+
+def gen_revoke(gpg: GnuPG, fingerprint: str, reason: str = "key compromised") -> bytes:
+    """A revocation certificate as `gpg --gen-revoke` writes it (it asks on the terminal:
+    the answers come on --command-fd; --batch would refuse)."""
+    answers = f"y\n1\n{reason}\n\ny\n".encode()
+    return gpg.run("--no-tty", "--command-fd", "0", "--pinentry-mode", "loopback",
+                   "--passphrase", "", "--gen-revoke", fingerprint, input=answers,
+                   binary=gpg.gpg).stdout
+
+
+def test_unpublish_one_address_then_revoke_on_real_slapd(
+        private_slapd: Slapd, gpg_keys: dict[str, UserKey]) -> None:
+    directory = account_config(private_slapd, "milter")
+    config = build({"portal": {"provider_name": "Example Mail"}})
+    alice_address, alias = (Address.parse("alice@example.org"),
+                            Address.parse("alice.liddell@example.org"))
+    view = LdapKeyView(account_config(private_slapd, "wkd"))
+    with LdapStore(directory) as store:
+        app = create_app(config, store, LdapAuthenticator(directory, store),
+                         secret_key=b"s" * 32)
+        alice = gpg_keys["alice"]
+
+        def post(path: str, page: str, **data: object) -> tuple[int, str]:
+            answer = client.post(path, base_url=BASE, headers={"Origin": BASE},
+                                 content_type="multipart/form-data",
+                                 data={"csrf_token": _token(client, page), **data})
+            return answer.status_code, answer.get_data(as_text=True)
+
+        def published() -> list[str]:
+            stored = store.get_key(store.user(alice_address))
+            return [] if stored is None else [str(a) for a in stored.addresses]
+
+        with app.test_client() as client:
+            assert post("/sign-in", "/sign-in", address="alice@example.org",
+                        password="alice-secret")[0] == 303
+            assert post("/upload", "/keys", key_text=alice.gpg.export(
+                alice.fingerprint, "--armor").decode())[0] == 200
+            assert published() == ["alice@example.org", "alice.liddell@example.org"]
+            page = f"/unpublish?address={alias}"
+            assert post("/unpublish", page, address=str(alias), password="bob-secret")[0] == 401
+            assert published() == ["alice@example.org", "alice.liddell@example.org"]
+            status, body = post("/unpublish", page, address=str(alias), password="alice-secret")
+            assert status == 200, body
+            assert published() == ["alice@example.org"]
+            stored = store.get_key(store.user(alice_address))
+            assert stored is not None
+            assert stored.provenance is not None
+            assert stored.provenance.source == "self-service"
+            assert stored.fingerprint.hex == alice.fingerprint
+            assert view.lookup(address_slot(alice_address))
+            assert view.lookup(address_slot(alias)) == []
+            # A revocation certificate made by gpg for bob's key is not alice's.
+            status, body = post("/revoke", "/keys", revocation_text=gen_revoke(
+                gpg_keys["bob"].gpg, gpg_keys["bob"].fingerprint).decode())
+            assert status == 422
+            assert "this revocation is for another key" in body
+            assert not store.get_key(store.user(alice_address)).revoked  # type: ignore[union-attr]
+            status, body = post("/revoke", "/keys", revocation_text=gen_revoke(
+                alice.gpg, alice.fingerprint).decode())
+            assert status == 200, body
+            stored = store.get_key(store.user(alice_address))
+            assert stored is not None
+            assert stored.revoked
+            assert published() == ["alice@example.org"]
+            # The last address: the whole key goes.
+            status, body = post("/unpublish", f"/unpublish?address={alice_address}",
+                                address=str(alice_address), password="alice-secret")
+            assert status == 200, body
+            assert published() == []
+            assert view.lookup(address_slot(alice_address)) == []
+    view.close()
 
 
 def _free_port() -> int:
