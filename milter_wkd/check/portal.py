@@ -13,8 +13,11 @@
 - every cookie that GET sets (the session cookie, which holds the form's CSRF token) is
   Secure, HttpOnly and SameSite=Strict;
 - a POST to /sign-in without the CSRF token is refused (400 or 403), and one with the token
-  but another site's Origin is refused (403): neither reaches the password check, so
-  neither costs a directory bind or a rate-limit count;
+  but another site's Origin is refused (403): neither reaches the password check; the
+  form's own POST (token, this origin, an empty password) does (401): behind a proxy
+  that does not forward the scheme and host, the page refuses every browser's POST. That
+  one costs a count in the page's password rate limits (for the address
+  milter-wkd-check@invalid and the checking host), never a directory bind;
 - OpenPGP.js (the file the key-generation page loads) is served as JavaScript whose sha384
   is the Subresource Integrity hash the page references (the page computes it from the
   installed file when it starts; this probe from the same file: a proxy or cache serving
@@ -473,8 +476,19 @@ def _refusals(client: PortalClient, token: str | None) -> Iterator[CheckResult]:
     else:
         yield fail("portal", f"a POST with Origin {_FOREIGN_ORIGIN} was not refused "
                    f"(answered {answer.status})",
-                   "behind a proxy, set [portal] behind_proxy = true and let nginx set "
-                   "X-Forwarded-Proto and -Host itself (docs/nginx-wkd.conf)")
+                   "run the page as shipped; a proxy must pass Origin on unchanged")
+    # The page's own form, as a browser sends it: it must get past the Origin and CSRF
+    # checks to the password check (which refuses the empty password before LDAP).
+    answer = client.request("POST", "sign-in", fields={"csrf_token": token, **fields})
+    if answer.status in (401, 429):
+        yield ok("portal", f"its own form's POST reaches the sign-in ({answer.status} for "
+                 "an empty password)")
+    else:
+        yield fail("portal", f"a POST of its own sign-in form from {client.origin} was "
+                   f"answered {answer.status}: browsers cannot sign in",
+                   "behind a proxy, set [portal] behind_proxy = true and let the proxy "
+                   "set X-Forwarded-Proto and X-Forwarded-Host itself "
+                   "(docs/nginx-wkd.conf), or the page sees another origin than browsers")
 
 
 def _openpgpjs(client: PortalClient) -> Iterator[CheckResult]:
