@@ -8,7 +8,14 @@ Reads, as the responder's service account (or SASL EXTERNAL over ldapi://):
   hint for keys written by LDAP tools without the hash attribute;
 - look-ups by fingerprint or key ID (HKP, VKS): `(|(gpgFingerprint=X)(gpgSubFingerprint=X))`
   or `(|(pgpCertID=X)(pgpSubKeyID=X))` among the same entries (indexed attributes);
-- mirroring: every such entry, paged (500 a page).
+- mirroring: every such entry, paged (500 a page);
+- following (`follow`, the optional `FollowsChanges` capability the cache prefers to
+  polling the change token): one RFC 4533 refreshAndPersist search of the same entries,
+  their hash attributes, gpgMailbox and entryCSN only, on a connection of its own
+  (milter_wkd.store.syncrepl: cookie merging, resume, failover along the uri list);
+  `read_published(dn)` reads one changed entry whole when it has no hash attribute.
+  Counters for tests and logs: `searches` (operations on the view's connection),
+  `token_reads`, and the follower's own (`sync`).
 What an entry publishes is `store.schema.stored_key`, the rule the write store uses too
 (a pgpKey the system checked, its gpgMailbox addresses narrowed by wkdAddressHash); a
 disabled one is not served. Each address gets the key cleaned down to its own user ID (by
@@ -25,7 +32,9 @@ valid certificate -, timeout); base_dn. One connection, one operation at a time.
 
 Failures: any LDAP failure is `SourceUnavailable`: an unusable uri or password file, a
 refused bind, no answer within `timeout` (to connect, or for each page or small search), a
-broken connection; the connection is then dropped and the next call opens a new one.
+broken connection; the connection is then dropped and the next call opens a new one. A
+search on a connection that broke since its last use (slapd restarted, or its server gone:
+libldap takes the next of the uri list) is sent once more on a new one first.
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ from milter_wkd.store.schema import (
     checked,
     published_addresses,
 )
+from milter_wkd.store.syncrepl import SyncFollower, SyncListener
 from milter_wkd.store.view import Change, ChangesUnknown, Published, SourceUnavailable
 
 log = logging.getLogger(__name__)
@@ -65,6 +75,8 @@ log = logging.getLogger(__name__)
 MAX_LOGGED_UNCHECKED = 10_000
 # Entries per page when mirroring: pages bound each search's time, not the result size.
 PAGE_SIZE = 500
+# What the sync asks for: enough to know an entry's slots, never its key.
+SYNC_ATTRIBUTES = ["wkdAddressHash", "gpgMailbox", "entryCSN"]
 
 
 class LdapKeyView:
@@ -79,6 +91,11 @@ class LdapKeyView:
         self._suffix: str | None = None
         self._csn_ok: bool | None = None
         self._logged: set[tuple[str, str]] = set()
+        # Operations sent on the view's connection (tests count misses that reach LDAP),
+        # of them contextCSN reads (the polling path).
+        self.searches = 0
+        self.token_reads = 0
+        self.sync: SyncFollower | None = None
 
     # -- connection ---------------------------------------------------------------------
 
@@ -95,14 +112,26 @@ class LdapKeyView:
         """One search (or, with `page`, one page of a paged search): the entries and the
         cookie for the next page (empty: the last). A missing base is no entries."""
         with self._lock:  # one operation at a time on the one connection
-            if self._conn is None:
-                self._conn = self._connect()
-            try:
-                return search_page(self._conn, base, scope, filt, attributes,
-                                   self.config.timeout, page=page, cookie=cookie)
-            except ldap.LDAPError as exc:
-                self._drop()
-                raise SourceUnavailable(f"directory search failed: {ldap_reason(exc)}") from None
+            self.searches += 1
+            while True:
+                reused = self._conn is not None
+                if self._conn is None:
+                    self._conn = self._connect()
+                try:
+                    return search_page(self._conn, base, scope, filt, attributes,
+                                       self.config.timeout, page=page, cookie=cookie)
+                except (ldap.SERVER_DOWN, ldap.CONNECT_ERROR) as exc:
+                    self._drop()
+                    # The connection died with a restarted slapd (or its server: the
+                    # next in the uri list takes over): once more on a new one. Not after
+                    # a timeout: a hung slapd would cost twice.
+                    if not reused or cookie:
+                        raise SourceUnavailable(
+                            f"directory search failed: {ldap_reason(exc)}") from None
+                except ldap.LDAPError as exc:
+                    self._drop()
+                    raise SourceUnavailable(
+                        f"directory search failed: {ldap_reason(exc)}") from None
 
     def _paged(self, base: str, filt: str, attributes: list[str]) -> Iterator[Entry]:
         # Page by page: the lock is free between pages, and `timeout` bounds each page
@@ -131,7 +160,9 @@ class LdapKeyView:
         return self._suffix
 
     def change_token(self) -> str:
-        return change_token(self._read(self._suffix_dn()))
+        suffix = self._suffix_dn()
+        self.token_reads += 1
+        return change_token(self._read(suffix))
 
     def changes_since(self, token: str) -> list[Change]:
         filt = f"(entryCSN>={escape_filter_chars(token)})" if token else "(objectClass=*)"
@@ -176,6 +207,27 @@ class LdapKeyView:
         # Every key holder: a superset of the publishing entries is all the delete check
         # needs (a holder that stops publishing is a modify, seen by its entryCSN).
         return {e.dn for e in self._paged(self.config.base_dn, self._holders, ["1.1"])}
+
+    # -- FollowsChanges (the RFC 4533 sync) -------------------------------------------------
+
+    def follow(self, listener: SyncListener, stop: threading.Event) -> None:
+        """One refreshAndPersist search of the publishing entries' hash attributes (no key
+        bytes) on a connection of its own, until `stop` (store.syncrepl; raises
+        SyncUnsupported when the directory does not offer it)."""
+        if self.sync is None or self.sync.listener is not listener:
+            self.sync = SyncFollower(self.config, self.config.base_dn, self._published,
+                                     SYNC_ATTRIBUTES, listener)
+        self.sync.run(stop)
+
+    def sync_slots(self, entry: Entry) -> frozenset[str]:
+        hashes = entry.texts("wkdAddressHash")
+        if hashes:  # they name every published address: no address to parse
+            return frozenset(v.lower() for v in hashes)
+        return self._slots(entry)
+
+    def read_published(self, dn: str) -> Published | None:
+        entries, _ = self._search(dn, self._published, self._entry_attributes(), scope=BASE)
+        return self._published_entry(entries[0]) if entries else None
 
     def close(self) -> None:
         with self._lock:

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from milter_wkd.store.schema import address_slot, slot
+from milter_wkd.store.schema import Entry, address_slot, slot
 from milter_wkd.values import Address
 
-__all__ = ["Change", "ChangesUnknown", "KeyView", "Published", "SourceUnavailable",
-           "address_slot", "changes_from", "explained", "newest_csn", "slot"]
+if TYPE_CHECKING:
+    import threading
+
+    from milter_wkd.store.syncrepl import SyncListener
+
+__all__ = ["Change", "ChangesUnknown", "FollowsChanges", "KeyView", "Published",
+           "SourceUnavailable", "address_slot", "by_provider", "changes_from", "csn_server",
+           "explained", "newest_csn", "slot"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,13 +92,34 @@ def newest_csn(token: str) -> str:
     return max(token.split("|")) if token else ""
 
 
-def _by_provider(token: str) -> dict[str, str]:
+class FollowsChanges(KeyView, Protocol):
+    """An optional capability of a KeyView (`LdapKeyView` has it, `MemoryKeyView` does
+    not): changes pushed as they happen (RFC 4533 sync, milter_wkd.store.syncrepl) instead
+    of polled. The cache uses it when `follow` exists and falls back to polling when it
+    raises `SyncUnsupported`."""
+
+    def follow(self, listener: SyncListener, stop: threading.Event) -> None:
+        """Hand every change to `listener` until `stop` is set (store.syncrepl's loop)."""
+        ...
+
+    def sync_slots(self, entry: Entry) -> frozenset[str]:
+        """The slots an entry of the sync publishes (from its hash attributes)."""
+        ...
+
+    def read_published(self, dn: str) -> Published | None:
+        """One entry as `lookup` returns them, None when it publishes nothing."""
+        ...
+
+
+def csn_server(csn: str) -> str:
+    """The server ID of a CSN (`<time>#<count>#<sid>#<mod>`), "" if it has none."""
+    parts = csn.split("#")
+    return parts[2] if len(parts) > 2 else ""
+
+
+def by_provider(token: str) -> dict[str, str]:
     """CSN per provider: a CSN is `<time>#<count>#<sid>#<mod>`; the sid tells providers."""
-    found: dict[str, str] = {}
-    for csn in token.split("|") if token else []:
-        parts = csn.split("#")
-        found[parts[2] if len(parts) > 2 else ""] = csn
-    return found
+    return {csn_server(csn): csn for csn in token.split("|")} if token else {}
 
 
 def changes_from(old: str, new: str) -> str:
@@ -100,7 +127,7 @@ def changes_from(old: str, new: str) -> str:
     `new`: the oldest previous CSN among the providers that wrote since. With replication,
     a provider's writes can arrive later than newer writes of another, so the newest CSN
     overall would miss them; a provider that did not write holds nothing back."""
-    before, after = _by_provider(old), _by_provider(new)
+    before, after = by_provider(old), by_provider(new)
     if not before:
         return ""
     if any(sid not in before for sid in after):

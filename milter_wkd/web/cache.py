@@ -50,6 +50,7 @@ from milter_wkd import openpgp
 from milter_wkd.errors import KeyRefused
 from milter_wkd.openpgp.packets import TAG_PUBLIC_KEY, TAG_PUBLIC_SUBKEY, TAG_USER_ID, frames
 from milter_wkd.store.schema import address_slot
+from milter_wkd.store.syncrepl import SyncUnsupported
 from milter_wkd.store.view import (
     ChangesUnknown,
     KeyView,
@@ -59,6 +60,8 @@ from milter_wkd.store.view import (
     explained,
 )
 from milter_wkd.values import Address
+from milter_wkd.web.presence import PresenceIndex, prefix
+from milter_wkd.web.sync import CacheSync
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +187,12 @@ class KeyCache:
         self._source_down = False
         self._reload = True
         self.evictions = 0
+        # The sync (RFC 4533) when the source offers it ("sync"), else polling; the index
+        # of published slots that the sync keeps (an LRU's misses of unknown slots).
+        self.mode = "starting" if hasattr(source, "follow") else "polling"
+        self.index = PresenceIndex()
+        self.sync: CacheSync | None = None
+        self.index_misses = 0  # misses answered 404 by the index, without the directory
 
     # -- serving ------------------------------------------------------------------------
 
@@ -197,6 +206,9 @@ class KeyCache:
                         self._answers.move_to_end(slot)
             return answer.body
         if self.complete:
+            return None
+        if not self.index.may_hold(slot):
+            self.index_misses += 1
             return None
         generation = self._generation
         answer = self._build(slot, self.source.lookup(slot, local_hint))
@@ -448,6 +460,29 @@ class KeyCache:
                 else:
                     self._put(slot, answer)
 
+    # -- following the sync (milter_wkd.web.sync calls these in the cache's thread) -------
+
+    def cached_slots_of(self, dn: str) -> tuple[str, ...]:
+        return self._by_dn.get(dn, ())
+
+    def cached_dns(self) -> set[str]:
+        with self._lock:
+            return set(self._by_dn)
+
+    def cached_slots_with(self, prefixes: set[int]) -> set[str]:
+        """Cached slots (answers and negative answers) whose index prefix is one of these:
+        a delete named by entryUUID only (a resumed refresh) finds its answers so."""
+        if not prefixes:
+            return set()
+        with self._lock:
+            return {s for s in self._answers if prefix(s) in prefixes}
+
+    def invalidate(self, affected: set[str], changed: dict[str, Published]) -> None:
+        """Rebuild (mirror) or drop (LRU) these slots; `changed`: entries as just read."""
+        with self._lock:
+            self._generation += 1
+        self._apply(affected, changed)
+
     # -- the background thread -------------------------------------------------------------
 
     def start(self) -> None:
@@ -474,6 +509,8 @@ class KeyCache:
                     log.info("key cache loaded in %.1f s: %d answers, %d bytes, %s",
                              time.monotonic() - started, len(self), self._bytes,
                              "complete" if complete else "least recently used")
+                elif self.mode != "polling":
+                    self._follow()
                 else:
                     self.refresh()
                 if self._source_down:
@@ -486,6 +523,23 @@ class KeyCache:
             except Exception:
                 log.exception("key cache refresh failed")
             self._stop.wait(self.refresh_interval)
+
+
+    def _follow(self) -> None:
+        """Follow the source's sync until stopped; polling if it has none."""
+        sync = CacheSync(self, self.source)  # type: ignore[arg-type]  # has `follow`
+        sync.start_from(self.token or "")
+        self.sync = sync
+        self.mode = "sync"
+        try:
+            self.source.follow(sync, self._stop)  # type: ignore[attr-defined]
+        except SyncUnsupported as exc:
+            log.warning("the directory does not offer the RFC 4533 sync control to the "
+                        "responder (%s): polling contextCSN every %.2f s instead", exc,
+                        self.refresh_interval)
+            self.mode = "polling"
+            self.sync = None
+            self.index.clear()
 
 
 def _serves(key: bytes, fingerprint: str) -> bool:
