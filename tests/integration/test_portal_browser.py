@@ -33,6 +33,7 @@ from milter_wkd.sandbox import Sandbox
 from milter_wkd.sandbox.daemons import LOOPBACK
 from milter_wkd.wkd import local_part_hash
 from tests.integration.conftest import UserKey
+from tests.integration.test_portal import gen_revoke
 from tests.support.gnupg import GnuPG
 from tests.support.peers import require_binary
 
@@ -51,6 +52,9 @@ REPO = Path(__file__).resolve().parents[2]
 WRONG = "The address or the password is wrong."
 ALICE_HU = f"/.well-known/openpgpkey/example.org/hu/{local_part_hash('alice')}?l=alice"
 BOB_HU = f"/.well-known/openpgpkey/example.org/hu/{local_part_hash('bob')}?l=bob"
+ALIAS = "alice.liddell@example.org"
+ALIAS_HU = (f"/.well-known/openpgpkey/example.org/hu/{local_part_hash('alice.liddell')}"
+            "?l=alice.liddell")
 
 
 @pytest.fixture(scope="module")
@@ -410,3 +414,198 @@ def _csrf(driver: WebDriver) -> str:
     value = driver.find_element(By.NAME, "csrf_token").get_attribute("value")
     assert value
     return str(value)
+
+
+def ensure_both_published(sandbox: Sandbox, driver: WebDriver, tmp_path: Path,
+                          alice: UserKey) -> Pages:
+    """Alice signed in, her key served for her address and her alias (uploading it again
+    merges the alias's user ID back when an earlier test unpublished it)."""
+    pages = ensure_alice_published(sandbox, driver, tmp_path, alice)
+    if served_fingerprint(sandbox, ALIAS_HU, alice.gpg) != alice.fingerprint:
+        pages.upload_file(key_file(tmp_path, alice, "alice.pgp"))
+        wait_served(sandbox, ALIAS_HU, alice.gpg, alice.fingerprint, within=2.0)
+    return pages
+
+
+def open_unpublish_address(pages: Pages, address: str) -> None:
+    """The key page's "Unpublish this address" link of address's row."""
+    pages.open("/keys")
+    link = pages.driver.find_element(
+        By.XPATH, f"//tr[td[1][normalize-space()='{address}']]"
+                  "//a[contains(normalize-space(), 'Unpublish this address')]")
+    link.click()
+
+
+def test_unpublish_one_address_wkd_404_for_it_the_other_still_served(
+        sandbox: Sandbox, browser: WebDriver, tmp_path: Path,
+        gpg_keys: dict[str, UserKey]) -> None:
+    alice = gpg_keys["alice"]
+    pages = ensure_both_published(sandbox, browser, tmp_path, alice)
+    pages.open("/keys")
+    assert len(browser.find_elements(By.CLASS_NAME, "unpublish-address")) == 2
+    pages.shot("keys-two-addresses")
+    open_unpublish_address(pages, ALIAS)
+    text = pages.text()
+    assert f"will no longer be published for {ALIAS}" in text, text
+    assert "It stays published for alice@example.org" in text
+    pages.shot("unpublish-address")
+    browser.find_element(By.NAME, "password").send_keys("alice-secret")
+    pages.submit("password")
+    # WKD answers 404 for the alias within a second of the answer page, and still serves
+    # the same key for her address.
+    assert wait_served(sandbox, ALIAS_HU, alice.gpg, None, within=1.0) < 1.0
+    assert served_fingerprint(sandbox, ALICE_HU, alice.gpg) == alice.fingerprint
+    text = pages.text()
+    assert f"no longer published for {ALIAS}" in text, text
+    assert "It is still published for alice@example.org" in text
+    pages.shot("unpublished-address")
+    # What WKD serves for alice no longer names the alias.
+    _status, _headers, body = sandbox.wkd.get(ALICE_HU)
+    uids = [line.split(":")[9] for line in alice.gpg.run(
+        "--show-keys", "--with-colons", input=body).stdout.decode().splitlines()
+        if line.startswith("uid:")]
+    assert uids == ["Alice Liddell <alice@example.org>"], uids
+    pages.open("/keys")
+    assert len(browser.find_elements(By.CLASS_NAME, "unpublish-address")) == 1
+    pages.shot("keys-one-address")
+
+
+def served_validity(sandbox: Sandbox, path: str, gpg: GnuPG) -> str:
+    """gpg's validity field of the primary key WKD serves at path ("r": revoked)."""
+    status, _headers, body = sandbox.wkd.get(path)
+    assert status == 200, status
+    out = gpg.run("--show-keys", "--with-colons", input=body).stdout.decode()
+    return next(line.split(":")[1] for line in out.splitlines() if line.startswith("pub:"))
+
+
+def test_a_revocation_certificate_uploaded_alone_is_served_by_wkd(
+        sandbox: Sandbox, browser: WebDriver, tmp_path: Path,
+        gpg_keys: dict[str, UserKey]) -> None:
+    alice, bob = gpg_keys["alice"], gpg_keys["bob"]
+    pages = ensure_both_published(sandbox, browser, tmp_path, alice)
+    assert served_validity(sandbox, ALICE_HU, alice.gpg) != "r"
+    # bob's certificate in alice's session: refused in plain words, nothing written.
+    foreign = tmp_path / "bob.rev"
+    foreign.write_bytes(gen_revoke(bob.gpg, bob.fingerprint))
+    pages.open("/keys")
+    browser.find_element(By.NAME, "revocation_file").send_keys(str(foreign))
+    pages.submit("revocation_file")
+    text = pages.text()
+    assert "The revocation was not published: this revocation is for another key" in text
+    pages.shot("revocation-refused")
+    assert served_validity(sandbox, ALICE_HU, alice.gpg) != "r"
+
+    certificate = tmp_path / "alice.rev"  # as gpg --output alice.rev --gen-revoke writes it
+    certificate.write_bytes(gen_revoke(alice.gpg, alice.fingerprint))
+    pages.open("/keys")
+    pages.shot("keys-revocation-form")
+    browser.find_element(By.NAME, "revocation_file").send_keys(str(certificate))
+    pages.submit("revocation_file")
+    text = pages.text()
+    assert "Your key is published as revoked" in text, text
+    pages.shot("revoked")
+    start = time.monotonic()
+    while served_validity(sandbox, ALICE_HU, alice.gpg) != "r":
+        assert time.monotonic() - start < 1.0, "WKD does not serve the revocation"
+        time.sleep(0.02)
+    assert served_validity(sandbox, ALIAS_HU, alice.gpg) == "r"
+    # A client that had the key learns of the revocation: gpg imports what WKD serves.
+    with GnuPG(tmp_path / "client") as client:
+        client.import_key(alice.data)
+        assert next(r for r in client.colons("--list-keys") if r[0] == "pub")[1] != "r"
+        client.import_key(sandbox.wkd.get(ALICE_HU)[2])
+        assert next(r for r in client.colons("--list-keys") if r[0] == "pub")[1] == "r"
+    pages.open("/keys")
+    assert "clients learn that this key must no longer be used" in pages.text()
+    pages.shot("keys-revoked")
+    # Put alice back for the other tests: the revoked key is unpublished.
+    pages.unpublish("alice-secret")
+    wait_served(sandbox, ALICE_HU, alice.gpg, None, within=1.0)
+
+
+def remove_csrf_token(driver: WebDriver, form_field: str) -> None:
+    """Take the hidden CSRF token out of the form holding the field named form_field (not
+    the sign-out form's), as a page that forges the form would lack it."""
+    left = driver.execute_script(
+        "const form = document.getElementsByName(arguments[0])[0].form;"
+        "form.querySelector('input[name=csrf_token]').remove();"
+        "return form.querySelectorAll('input[name=csrf_token]').length;", form_field)
+    assert left == 0
+
+
+def test_a_form_post_without_the_csrf_token_is_refused_and_writes_nothing(
+        sandbox: Sandbox, browser: WebDriver, tmp_path: Path,
+        gpg_keys: dict[str, UserKey]) -> None:
+    # Bob's key (alice's account has used most of its password attempts by now).
+    bob = gpg_keys["bob"]
+    pages = Pages(browser, sandbox, tmp_path)
+    pages.sign_in("bob@example.org", "bob-secret")
+    pages.open("/keys")
+    remove_csrf_token(browser, "key_file")
+    browser.find_element(By.NAME, "key_file").send_keys(str(key_file(tmp_path, bob, "b.pgp")))
+    pages.submit("key_file")
+    assert "The form has expired" in pages.text(), pages.text()
+    pages.shot("csrf-refused-upload")
+    assert served_fingerprint(sandbox, BOB_HU, bob.gpg) is None
+    pages.upload_file(key_file(tmp_path, bob, "bob.pgp"))
+    wait_served(sandbox, BOB_HU, bob.gpg, bob.fingerprint, within=2.0)
+    certificate = tmp_path / "bob.rev"
+    certificate.write_bytes(gen_revoke(bob.gpg, bob.fingerprint))
+
+    def unpublish() -> None:
+        pages.open("/unpublish")
+        browser.find_element(By.NAME, "password").send_keys("bob-secret")
+        remove_csrf_token(browser, "password")
+        pages.submit("password")
+
+    def unpublish_address() -> None:
+        open_unpublish_address(pages, "bob@example.org")
+        browser.find_element(By.NAME, "password").send_keys("bob-secret")
+        remove_csrf_token(browser, "password")
+        pages.submit("password")
+
+    def revoke() -> None:
+        pages.open("/keys")
+        browser.find_element(By.NAME, "revocation_file").send_keys(str(certificate))
+        remove_csrf_token(browser, "revocation_file")
+        pages.submit("revocation_file")
+
+    for name, forged in (("unpublish", unpublish), ("unpublish-address", unpublish_address),
+                         ("revoke", revoke)):
+        before = sandbox.portal.log_path.stat().st_size
+        forged()
+        text = pages.text()
+        assert "The form has expired" in text, (name, text)
+        pages.shot(f"csrf-refused-{name}")
+        log = sandbox.portal.log_path.read_bytes()[before:].decode(errors="replace")
+        assert "The CSRF token is missing" in log, log
+        assert "unpublished" not in log, log
+        assert "published the revocation" not in log, log
+        assert served_fingerprint(sandbox, BOB_HU, bob.gpg) == bob.fingerprint
+        assert served_validity(sandbox, BOB_HU, bob.gpg) != "r"
+    pages.unpublish("bob-secret")  # with the token: it works
+    wait_served(sandbox, BOB_HU, bob.gpg, None, within=1.0)
+
+
+def test_the_rate_limit_engages_after_repeated_wrong_passwords(
+        sandbox: Sandbox, browser: WebDriver, tmp_path: Path) -> None:
+    # Last in this module: it may use up the client address's attempts too.
+    pages = Pages(browser, sandbox, tmp_path)
+    before = sandbox.portal.log_path.stat().st_size
+    alerts = []
+    for _ in range(11):  # [portal] rate_per_account is 10 by default
+        pages.sign_in("carol@example.org", "not-carols-password")
+        alerts.append(browser.find_element(By.CSS_SELECTOR, "[role=alert]").text)
+        if alerts[-1].startswith("Too many attempts"):
+            break
+    assert alerts[-1].startswith("Too many attempts"), alerts
+    assert set(alerts[:-1]) <= {WRONG}
+    pages.shot("rate-limited")
+    # Now even the right password waits, and nothing signs carol in.
+    pages.sign_in("carol@example.org", "carol-secret")
+    assert browser.find_element(By.CSS_SELECTOR, "[role=alert]").text.startswith(
+        "Too many attempts")
+    pages.open("/keys")
+    assert browser.current_url == pages.url + "/sign-in"
+    log = sandbox.portal.log_path.read_bytes()[before:].decode(errors="replace")
+    assert "portal: rate limit for" in log, log
