@@ -1,5 +1,6 @@
 """The self-service key page (`milter-wkd portal`): users sign in with their mail address
-and mail password, see their published key, upload a new one, or unpublish it.
+and mail password, see their published key, upload a new one, unpublish it (for one
+address or all), or publish its revocation certificate.
 
 A WSGI process of its own, beside the read-only WKD responder: it writes through the
 store's write account ([directory] bind_dn, the milter's) after authenticating the user

@@ -5,13 +5,20 @@ Pages (every change is a POST with a CSRF token; a link can never change anythin
   (`milter_wkd.store.auth.LdapAuthenticator`: a bind as the user's entry); rate-limited per
   account and per client address (`[portal]` rate_*), every attempt logged;
 - `/keys`: the user's published key for each of their addresses, with provenance, WKD URL
-  and whether outgoing mail carries it as Autocrypt; the upload form;
+  and whether outgoing mail carries it as Autocrypt, a link per published address to stop
+  publishing it; the upload and revocation forms;
 - `/upload` (POST): a public key (file or paste, armored or binary) published through
-  `milter_wkd.publication.publish` (origin self-service) for the user's own addresses;
+  `milter_wkd.publication.publish` (origin self-service) for the user's own addresses; a
+  revocation certificate put there instead is handled as `/revoke` handles it;
+- `/revoke` (POST): a revocation certificate uploaded alone (gpg --gen-revoke, OpenPGP.js),
+  verified against the stored key and published with it (`publication.publish_revocation`);
 - `/generate`: a key pair made in the browser with OpenPGP.js (the one page with script);
   the secret key and revocation certificate are downloaded, then the public key alone is
   POSTed to `/upload`;
-- `/unpublish`: asks for the password again, then `KeyStore.remove_key`;
+- `/unpublish`: asks for the password again (rate-limited as sign-in is), then
+  `KeyStore.remove_key`; with `address` (a hidden field, from the key page's link) only
+  that address: `publication.unpublish_address` publishes the stored key without its user
+  ID (the whole key goes when it was the last);
 - `/sign-out` (POST).
 
 Behind a reverse proxy ([portal] behind_proxy) werkzeug's ProxyFix takes the client's
