@@ -80,52 +80,47 @@ class Cookie:
     extra: tuple[tuple[str, str], ...] = ()  # other fields, kept as they came
 
     def text(self) -> str:
-        parts = [f"rid={self.rid}", *(f"{k}={v}" for k, v in self.extra)]
+        parts = [f"rid={self.rid}"]
         if self.csns:
             parts.append("csn=" + ";".join(self.csns[sid] for sid in sorted(self.csns)))
-        return ",".join(parts)
+        return ",".join([*parts, *(f"{k}={v}" for k, v in self.extra)])
 
 
 def parse_cookie(value: str | bytes | None) -> Cookie:
-    """A slapd sync cookie; unknown fields are kept, a malformed one gives an empty cookie
-    (the caller then asks for a full refresh rather than trusting half of it)."""
+    """A slapd sync cookie (`name=value` fields separated by commas; csn= holds CSNs
+    separated by semicolons). Unknown fields (2.5's delcsn=) are kept; a malformed cookie
+    gives an empty one (the caller then asks for a full refresh rather than trusting half
+    of it)."""
     if not value:
         return Cookie()
     text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
     rid = "000"
     csns: dict[str, str] = {}
     extra: list[tuple[str, str]] = []
-    # csn= is last and its CSNs hold no comma; other fields come before it.
-    head, sep, tail = text.partition("csn=")
-    if sep and head and not head.endswith(","):
-        return Cookie()
-    for item in head.split(","):
-        if not item:
-            continue
-        name, eq, val = item.partition("=")
+    for item in text.split(","):
+        name, eq, val = item.strip().partition("=")
         if not eq:
             return Cookie()
         if name == "rid":
             rid = val
+        elif name == "csn":
+            for part in val.split(";"):
+                csn = part.strip()
+                if csn and csn > csns.get(csn_server(csn), ""):
+                    csns[csn_server(csn)] = csn
         elif name != "sid":  # the sending server's ID: not ours to send back
             extra.append((name, val))
-    if sep:
-        for value_ in tail.split(";"):
-            csn = value_.strip()
-            if csn:
-                sid = csn_server(csn)
-                if csn > csns.get(sid, ""):
-                    csns[sid] = csn
     return Cookie(rid, csns, tuple(extra))
 
 
 def merge_cookie(held: Cookie, new: Cookie) -> Cookie:
-    """The newest CSN per server ID of both; the rid and other fields of the new one."""
+    """The newest CSN per server ID of both; the rid of the new one, its other fields
+    over the held ones."""
     csns = dict(held.csns)
     for sid, csn in new.csns.items():
         if csn > csns.get(sid, ""):
             csns[sid] = csn
-    return Cookie(new.rid, csns, new.extra)
+    return Cookie(new.rid, csns, tuple({**dict(held.extra), **dict(new.extra)}.items()))
 
 
 # -- the Sync State control, decoded without pyasn1 ------------------------------------
