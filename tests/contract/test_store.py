@@ -290,3 +290,33 @@ def test_the_view_finds_a_key_by_fingerprint_or_key_id(store: KeyStore, view: Ke
     store.set_disabled(store.user(ALICE), True)
     assert view.lookup_fingerprint(fingerprints[0]) == []
     assert view.lookup_fingerprint(fingerprints[1][-16:]) == []
+
+
+def test_republishing_a_key_for_fewer_addresses_stops_serving_the_others(
+        store: KeyStore, view: KeyView) -> None:
+    """What the self-service page's per-address unpublishing relies on
+    (publication.unpublish_address): the same key written again, cleaned for one address
+    of two, replaces the entry's addresses and WKD slots; its claims stay the entry's."""
+    key, primary, _sub = make_key("Alice <alice@example.org>",
+                                  "Alice L. <alice.liddell@example.org>")
+    first = publish(store, ALICE, key)
+    user = store.user(ALICE)
+    narrowed = openpgp.clean_key(first.key, [ALICE])
+    token = view.change_token()
+    again = store.publish_key(user, narrowed, Provenance(KeyOrigin.SELF_SERVICE, "alice",
+                                                         NOW + 1))
+    assert again.fingerprint == first.fingerprint
+    assert [a.key for a in again.addresses] == [ALICE.key]
+    assert openpgp.inspect_key(again.key).user_ids == ("Alice <alice@example.org>",)
+    assert view.lookup(address_slot(ALIAS)) == []
+    (found,) = view.lookup(address_slot(ALICE))
+    assert found.dn == first.dn
+    (change,) = [c for c in view.changes_since(changes_from(token, view.change_token()))
+                 if c.dn == first.dn]
+    assert change.slots == {address_slot(ALICE)}
+    # The material is still claimed by alice: the same primary key under bob's user ID
+    # is a conflict.
+    bob_uid = "Bob <bob@example.org>"
+    with pytest.raises(Conflict):
+        publish(store, BOB, primary.packet + user_id(bob_uid) + primary.certify(bob_uid,
+                                                                                T0 + 1))
