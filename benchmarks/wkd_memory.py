@@ -6,7 +6,9 @@ Prints, for the mirror (budget large enough for the whole directory) and for a b
 LRU cache (--lru-budget): resident memory of a fresh process before and after the cache
 is loaded, the time from a cold start (connect, read the change token, page through every
 key, clean each one) to a complete mirror, the time to the first answer, and the cost of
-one reconciliation listing (the delete check). Run: .venv/bin/python benchmarks/wkd_memory.py
+one reconciliation listing (the delete check), then the RFC 4533 sync's first refresh
+(hash attributes only) to a complete presence index: its time and the RSS it adds (bytes
+per key). Run: .venv/bin/python benchmarks/wkd_memory.py
 
 The users' keys are made here, fast, with `cryptography` (a v4 ed25519 primary key, one
 user ID, its positive self-certification), so that 100,000 distinct valid keys take
@@ -149,7 +151,24 @@ t0 = time.monotonic()
 dns = source.published_dns()
 listing = time.monotonic() - t0
 import gc; gc.collect()
-print(json.dumps({"rss_before": before, "rss_after": rss(), "load_s": load,
+rss_loaded = rss()
+# The RFC 4533 sync's first refresh (hash attributes only) fills the presence index.
+import threading
+from milter_wkd.web.sync import CacheSync
+sync = CacheSync(cache, source)
+sync.start_from(cache.token or "")
+stop = threading.Event()
+t0 = time.monotonic()
+follower = threading.Thread(target=source.follow, args=(sync, stop), daemon=True)
+follower.start()
+sync.ready.wait()
+index_s = time.monotonic() - t0
+stop.set()
+follower.join()
+gc.collect()
+print(json.dumps({"rss_before": before, "rss_after": rss_loaded, "load_s": load,
+                  "index_s": index_s, "index_slots": len(cache.index),
+                  "index_rss": rss() - rss_loaded, "index_estimate": cache.index.estimated_bytes(),
                   "first_answer_s": first_answer, "complete": complete, "answers": len(cache),
                   "cache_bytes": cache.size, "listing_s": listing, "dns": len(dns),
                   "first_ok": first is not None, "import_s": t0 - started}))
@@ -186,7 +205,10 @@ def main() -> int:
                       f"answers, complete={r['complete']}); first answer "
                       f"{r['first_answer_s'] * 1000:.0f} ms after start; cold load "
                       f"{r['load_s']:.1f} s; delete-check listing of {r['dns']} DNs "
-                      f"{r['listing_s'] * 1000:.0f} ms")
+                      f"{r['listing_s'] * 1000:.0f} ms; sync refresh to a complete "
+                      f"presence index {r['index_s']:.1f} s, {r['index_slots']} slots, "
+                      f"+{r['index_rss'] / mib:.1f} MiB RSS "
+                      f"({r['index_rss'] / max(1, r['index_slots']):.0f} bytes a key)")
         finally:
             slapd.close()
     return 0

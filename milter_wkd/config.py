@@ -263,7 +263,8 @@ class WebConfig:
         "directory that fits is mirrored whole, so unknown addresses are answered from "
         "memory; a larger one is cached least-recently-used, misses asking the directory."))
     refresh_interval: float = field(default=0.25, metadata=_doc(
-        "Seconds between checks of the directory's change token (contextCSN)."))
+        "Seconds between checks of the directory's change token (contextCSN), only when "
+        "the directory refuses the RFC 4533 sync the responder follows otherwise."))
     reconcile_interval: float = field(default=300.0, metadata=_doc(
         "Seconds between full checks that no cached entry was deleted unnoticed."))
     max_age: int = field(default=300, metadata=_doc(

@@ -2,7 +2,8 @@
 
 Serves, for every configured domain, the advanced (`Host: openpgpkey.<domain>`) and direct
 (`Host: <domain>`) WKD forms: keys by hash, the policy and submission-address files.
-Keys come from memory (`cache.KeyCache`), kept fresh from the directory's change token;
+Keys come from memory (`cache.KeyCache`), kept fresh by an RFC 4533 sync with the
+directory (`web.sync`, `store.syncrepl`; polling its change token when it offers none);
 the directory is read through `store.ldapview.LdapKeyView` (any `store.view.KeyView` will do).
 
 Configuration: [directory], [web] and the [[domains]] tables of the config file; the

@@ -1,8 +1,16 @@
-"""The responder's memory: WKD answers by slot (`<hash>@<domain>`), kept fresh from the
-directory's change token, bounded by a byte budget.
+"""The responder's memory: WKD answers by slot (`<hash>@<domain>`), kept fresh by following
+the directory's changes, bounded by a byte budget.
 
-Freshness. A background thread reads the change token (contextCSN: one base-scope read)
-every `refresh_interval`. When it moved, one search for `entryCSN >= <last token>` names the
+Freshness. When the source can follow changes (`store.view.FollowsChanges`: `LdapKeyView`
+over an RFC 4533 sync, milter_wkd.store.syncrepl), the background thread loads, then
+follows one refreshAndPersist search for the life of the process (milter_wkd.web.sync):
+every add, modify, delete or unpublishing modify of a key holder rebuilds (mirror mode)
+or drops (LRU mode) the slots the entry held and claims, as the change arrives; no
+polling. The sync also fills the `PresenceIndex` (milter_wkd.web.presence): in LRU mode a
+miss of a slot nobody publishes is a 404 from memory once the index is complete.
+Otherwise (a source without the capability, or a directory that refuses the sync control:
+logged) the thread polls the change token (contextCSN: one base-scope read) every
+`refresh_interval`. When it moved, one search for `entryCSN >= <last token>` names the
 entries written since; every slot such an entry claimed before or claims now is rebuilt
 (mirror mode) or dropped (LRU mode). A delete leaves no entryCSN behind: when the newest
 CSN in the token is not accounted for by the changes, a listing of the key holders' DNs
@@ -14,7 +22,8 @@ Bounded memory. Answers (the cleaned binary key, one user ID) and their bookkeep
 charged against `budget` bytes (an estimate of Python's cost). At start the thread mirrors
 the whole directory; if it fits, the cache is complete and an unknown slot is a 404 from
 memory. If it does not, the cache stays an LRU of answers and negative answers, and a miss
-costs one indexed directory search (and a key cleaning).
+costs one indexed directory search (and a key cleaning) unless the presence index says
+nobody publishes the slot (no search: a flood of distinct misses costs no LDAP).
 
 Checking. Every key is cleaned (`openpgp.clean_key`) for the asked address before it is
 cached: corrupt values, secret key material or a key without a user ID for the address are

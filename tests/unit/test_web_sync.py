@@ -104,7 +104,7 @@ def test_the_sync_state_decoder_reads_what_pyasn1_encodes(
 @pytest.mark.parametrize("data", [b"", b"\x30", b"\x30\x03\x0a\x01\x09",
                                   b"\x30\x05\x0a\x01\x01\x04\x10", b"\x04\x00"])
 def test_a_malformed_sync_state_is_refused(data: bytes) -> None:
-    with pytest.raises(ValueError, match="BER|syncStateValue"):
+    with pytest.raises(ValueError, match=r"BER|syncStateValue"):
         decode_sync_state(data)
 
 
