@@ -175,10 +175,7 @@ def upload(user: User, address: Address) -> Any:
     form = UploadForm()
     if not form.validate_on_submit():
         return _keys_page(user, address, form=form, status=400)
-    upload = form.key_file.data
-    data = upload.read() if upload is not None and upload.filename else b""
-    if not data:
-        data = (form.key_text.data or "").strip().encode("utf-8")
+    data = _uploaded(form.key_file.data, form.key_text.data)
     if not data:
         return _keys_page(user, address, form=form, status=400,
                           error=_("Choose a key file or paste a key."))
@@ -206,6 +203,12 @@ def upload(user: User, address: Address) -> Any:
         not_named=[a for a in user.addresses if a.key not in published],
         dropped=done.cleaned.dropped, withheld=done.stored.withheld,
         counted=_counted(done.cleaned), sign_out=SignOutForm())
+
+
+def _uploaded(upload: Any, text: str | None) -> bytes:
+    """What a form's file field holds, else its text field (pasted), as bytes."""
+    data: bytes = upload.read() if upload is not None and upload.filename else b""
+    return data or (text or "").strip().encode("utf-8")
 
 
 def _counted(cleaned: CleanResult) -> list[tuple[int, str]]:
@@ -304,10 +307,7 @@ def revoke(user: User, address: Address) -> Any:
     form = RevocationForm()
     if not form.validate_on_submit():
         return _keys_page(user, address, revocation=form, status=400)
-    upload = form.revocation_file.data
-    data = upload.read() if upload is not None and upload.filename else b""
-    if not data:
-        data = (form.revocation_text.data or "").strip().encode("utf-8")
+    data = _uploaded(form.revocation_file.data, form.revocation_text.data)
     if not data:
         return _keys_page(user, address, revocation=form, status=400,
                           error=_("Choose a revocation certificate file or paste one."))
