@@ -587,6 +587,38 @@ def test_a_form_post_without_the_csrf_token_is_refused_and_writes_nothing(
     wait_served(sandbox, BOB_HU, bob.gpg, None, within=1.0)
 
 
+def test_a_key_naming_carols_address_publishes_nothing_for_her(
+        sandbox: Sandbox, browser: WebDriver, tmp_path: Path) -> None:
+    carol_hu = f"/.well-known/openpgpkey/example.org/hu/{local_part_hash('carol')}?l=carol"
+    with GnuPG(tmp_path / "gnupg") as gpg:
+        carols = gpg.generate("Carol C <carol@example.org>")
+        both = gpg.generate("Bob Two <bob@example.org>")
+        gpg.run("--quick-add-uid", both, "Carol C <carol@example.org>")
+        pages = Pages(browser, sandbox, tmp_path)
+        pages.sign_in("bob@example.org", "bob-secret")
+        only = tmp_path / "carol.pgp"
+        only.write_bytes(gpg.export(carols))
+        pages.upload_file(only)
+        text = pages.text()
+        assert "The key was not published" in text, text
+        pages.shot("carols-key-refused")
+        assert served_fingerprint(sandbox, carol_hu, gpg) is None
+        assert served_fingerprint(sandbox, BOB_HU, gpg) is None
+        # Bob's key that also names carol: published for bob, carol's user ID left out.
+        shared = tmp_path / "bob-and-carol.pgp"
+        shared.write_bytes(gpg.export(both))
+        pages.upload_file(shared)
+        text = pages.text()
+        assert "user IDs with addresses that are not yours" in text, text
+        pages.shot("carols-address-left-out")
+        wait_served(sandbox, BOB_HU, gpg, both, within=2.0)
+        assert served_fingerprint(sandbox, carol_hu, gpg) is None
+        _status, _headers, body = sandbox.wkd.get(BOB_HU)
+        assert b"carol@example.org" not in body
+        pages.unpublish("bob-secret")
+        wait_served(sandbox, BOB_HU, gpg, None, within=1.0)
+
+
 def test_the_rate_limit_engages_after_repeated_wrong_passwords(
         sandbox: Sandbox, browser: WebDriver, tmp_path: Path) -> None:
     # Last in this module: it may use up the client address's attempts too.
