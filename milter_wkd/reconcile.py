@@ -13,6 +13,12 @@ entry; `milter-wkd check` lists such entries, and the WKD responder serves no en
 `wkdKeyDigest` does not match its `pgpKey` or that has a `wkdKeyProblem`. An entry whose
 `pgpKey` was deleted loses what was derived from it.
 
+Replication (ldap/README.md, "Conflicts"): an entry that publishes its key consistently is
+also checked against the claims and the other holders of its material (one indexed
+search), which conflicting writes on two providers can leave wrong: two entries
+publishing the same material, the claim naming the later writer. The earlier publication
+keeps the material, the other key is withheld, the claims are made again for the keeper.
+
 `Reconciler.run_once()` looks at the key holders written since the last look (the suffix's
 contextCSN, then `entryCSN >=`; everything the first time, which gives entries published
 before digests existed a digest or a problem); `start()` does that every `interval` seconds
@@ -51,7 +57,14 @@ from milter_wkd.errors import (
 )
 from milter_wkd.openpgp import CleanResult
 from milter_wkd.store.ldapstore import LdapStore
-from milter_wkd.store.model import KeyOrigin, Provenance, User
+from milter_wkd.store.model import (
+    Holdings,
+    KeyOrigin,
+    Provenance,
+    User,
+    dn_key,
+    wanted_claims,
+)
 from milter_wkd.store.schema import (
     DIGEST,
     PROBLEM,
@@ -61,6 +74,7 @@ from milter_wkd.store.schema import (
     parse_gnupg_time,
 )
 from milter_wkd.store.view import changes_from
+from milter_wkd.values import Fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +199,7 @@ class Reconciler:
             return self._withheld(user, snapshot, problem, f"unusable key: {exc.reason}")
         consistent = not problem and not derived_differ(snapshot, cleaned)
         if consistent and snapshot.text(DIGEST) == key_digest(value):
-            return Outcome.UNCHANGED
+            return self._holdings_checked(user, snapshot, cleaned, limits)
         now = int(self.clock())
         # Derived attributes that match mean a publication by the system from before
         # digests existed: it keeps its provenance. Anything else is an LDAP edit.
@@ -201,6 +215,84 @@ class Reconciler:
         else:
             log.info("re-derived the key attributes of %s from its pgpKey", user.dn)
         return Outcome.PUBLISHED
+
+    def _holdings_checked(self, user: User, snapshot: Entry, cleaned: CleanResult,
+                          limits: openpgp.Limits) -> Outcome:
+        """An entry that publishes its key as the system wrote it: are the claims on its
+        material its own, and does no other entry publish that material? On one server
+        both always hold; conflicting publications on two providers (a partition) leave
+        each entry consistent in itself but two entries holding the same material, the
+        claim naming the later writer (last writer wins). The repair: the EARLIER
+        publication (wkdKeyPublished; the same second: the smaller DN) keeps the
+        material, as on one server where the later one would have been refused; the
+        other key is withheld; the claims are made to name the keeper (ldap/README.md,
+        "Conflicts")."""
+        wanted = wanted_claims(cleaned.info)
+        holdings = self.directory.holdings([Fingerprint.parse(f) for f in wanted])
+        me = dn_key(user.dn)
+        rivals = {holder for fpr in wanted for holder, _primary in
+                  holdings.attributes.get(fpr, ()) if dn_key(holder) != me}
+        unclaimed = [fpr for fpr in wanted if (claim := holdings.claims.get(fpr)) is None
+                     or dn_key(claim.holder) != me]
+        if not rivals and not unclaimed:
+            return Outcome.UNCHANGED
+        provenance = _provenance(snapshot, int(self.clock()))
+        try:
+            # Claims what is unclaimed, takes an unproven subkey from a rival or leaves it
+            # out of this key (store.model.plan_claims); Conflict: both hold it proven.
+            self.directory.publish_key(user, cleaned, provenance, limits=limits)
+        except Conflict as exc:
+            return self._conflict_repaired(user, snapshot, cleaned, provenance, holdings,
+                                           exc.reason, limits)
+        except KeyRefused as exc:
+            return self._withheld(user, snapshot, None, exc.reason)
+        log.warning("claims on the key material of %s repaired (replicated writes had "
+                    "left them to %s)", user.dn, ", ".join(sorted(rivals)) or "nobody")
+        return Outcome.PUBLISHED
+
+    def _conflict_repaired(self, user: User, snapshot: Entry, cleaned: CleanResult,
+                           provenance: Provenance, holdings: Holdings, reason: str,
+                           limits: openpgp.Limits) -> Outcome:
+        me = dn_key(user.dn)
+        # The rivals that hold proven material of this key as proven (a primary key, or
+        # a subkey their claim says is back-signed): those make the Conflict.
+        rivals: dict[str, str] = {}
+        for fpr, kind in wanted_claims(cleaned.info).items():
+            claim = holdings.claims.get(fpr)
+            for holder, primary in holdings.attributes.get(fpr, ()):
+                proven = primary or (claim is not None and dn_key(claim.holder) == dn_key(
+                    holder) and claim.kind.proven)
+                if kind.proven and proven and dn_key(holder) != me:
+                    rivals.setdefault(holder, fpr)
+        mine = (provenance.published, me)
+        earlier = [dn for dn in rivals if self._published_at(dn) < mine]
+        if earlier or not rivals:
+            self.directory.withhold_key(user.dn, reason[:MAX_PROBLEM],
+                                        judged=snapshot.text("entryCSN"))
+            # Withholding released this entry's claims; the keepers claim their material.
+            for dn in earlier:
+                self._revisit(dn)
+            return Outcome.WITHHELD
+        for dn, fpr in rivals.items():
+            self.directory.withhold_key(
+                dn, f"key {fpr} is published by another user already ({user.dn}, the "
+                    "earlier publication; replicated writes had left both)"[:MAX_PROBLEM])
+        self.directory.publish_key(user, cleaned, provenance, limits=limits)
+        return Outcome.PUBLISHED
+
+    def _published_at(self, dn: str) -> tuple[int, str]:
+        """(wkdKeyPublished, DN) of another entry's published key: the order of the rule."""
+        stored = self.directory.get_key(User(dn, ()))
+        published = stored.provenance.published if stored and stored.provenance else 0
+        return published, dn_key(dn)
+
+    def _revisit(self, dn: str) -> None:
+        """Reconcile another entry now (it did not change, so no pass would visit it)."""
+        stored = self.directory.get_key(User(dn, ()))
+        for address in stored.addresses[:1] if stored is not None else ():
+            found = self.directory.find_user(address, with_key=True)
+            if found is not None and dn_key(found.dn) == dn_key(dn):
+                self.reconcile(found)
 
     def _withheld(self, user: User, snapshot: Entry, problem: str | None,
                   reason: str) -> Outcome:

@@ -21,7 +21,14 @@ import pytest
 from milter_wkd import openpgp
 from milter_wkd.config import DirectoryConfig
 from milter_wkd.sandbox import Sandbox, SandboxError
-from milter_wkd.sandbox.slapd import Slapd, ssha, wait_replicated
+from milter_wkd.sandbox.daemons import free_port
+from milter_wkd.sandbox.slapd import (
+    Slapd,
+    provider_url,
+    replication_ldif,
+    ssha,
+    wait_replicated,
+)
 from milter_wkd.store.ldapstore import LdapStore
 from milter_wkd.store.model import KeyOrigin, Provenance
 from milter_wkd.values import Address
@@ -243,6 +250,92 @@ def test_conflicting_claim_adds_on_both_providers_at_once(
     states = list(final.values())
     assert all(state == states[0] for state in states), final
     assert len(states[0]) == 1, final  # one holder, not both, not none
+
+
+# -- a lost conflict after a partition, repaired by the follower ------------------------------
+
+def cut_replication(topology: Sandbox, *, cut: bool) -> None:
+    """Cut (or restore) replication between the providers: each provider's olcSyncrepl
+    for its peer points at a port nobody listens on (or at the peer again), as root over
+    ldapi://. The consumer keeps following both; the milter still reaches both."""
+    dead = f"ldap://127.0.0.1:{free_port()}/"  # nothing listens there
+    urls = [provider_url(server) for server in topology.providers]
+    replicator = topology.slapd.service_accounts["replicator"]
+    for server in topology.providers:
+        seen = [url if url == provider_url(server) or not cut else dead for url in urls]
+        lines = [line for line in replication_ldif(
+            "provider", seen, suffix=server.suffix, replicator_dn=replicator["dn"],
+            replicator_password=replicator["password"]).splitlines()
+            if line.startswith("olcSyncrepl:")]
+        # The own value stays as configured (a provider skips the one naming itself).
+        server.ldapmodify(f"dn: {server.database_dn}\nchangetype: modify\n"
+                          "replace: olcSyncrepl\n" + "\n".join(lines) + "\n-\n")
+
+
+def key_state(server: Slapd, user: str) -> tuple[set[str], str | None, bool]:
+    """(gpgFingerprint values, wkdKeyProblem, has pgpKey) of uid=user, as root."""
+    conn = ldap.initialize(server.ldapi_uri)
+    try:
+        conn.sasl_external_bind_s()
+        attrs = conn.search_s(f"uid={user},{server.people_dn}", ldap.SCOPE_BASE,
+                              "(objectClass=*)", ["gpgFingerprint", "wkdKeyProblem",
+                                                  "pgpKey"])[0][1]
+    finally:
+        conn.unbind_ext_s()
+    problem = attrs.get("wkdKeyProblem", [b""])[0].decode() or None
+    return ({v.decode() for v in attrs.get("gpgFingerprint", [])}, problem,
+            bool(attrs.get("pgpKey")))
+
+
+def test_a_claim_conflict_lost_in_a_partition_is_repaired_by_the_follower(
+        topology: Sandbox, capsys: pytest.CaptureFixture[str]) -> None:
+    """ldap/README.md, "Conflicts": replication between the providers cut, alice publishes
+    a key on provider 1, a second later bob the same key (his user ID on it too) on
+    provider 2 - each provider's uniqueness check passes, as it cannot see the other's
+    write. Replication restored, last writer wins leaves bob's claim and BOTH entries
+    publishing the key. The milter's follower (milter_wkd.reconcile, running in the
+    sandbox's milter) repairs it to the documented end state, on every slapd: the earlier
+    publication (alice's) keeps the key and the claim, bob's key is withheld
+    (wkdKeyProblem, pgpKey kept, nothing derived); WKD serves it for alice only."""
+    provider1, provider2 = topology.providers
+    key, _primary, _sub = make_key("Alice <alice@example.org>", "Bob <bob@example.org>")
+    fpr = openpgp.inspect_key(key).fingerprint.hex
+    alice_dn = f"uid=alice,{provider1.people_dn}"
+    cut_replication(topology, cut=True)
+    try:
+        for server, address in ((provider1, "alice@example.org"),
+                                (provider2, "bob@example.org")):
+            if server is provider2:
+                time.sleep(1.1)  # bob's publication is the later one (wkdKeyPublished)
+            with LdapStore(milter_config(topology, server.uri)) as store:
+                user = store.user(Address.parse(address))
+                store.publish_key(user, openpgp.clean_key(key, list(user.addresses)),
+                                  Provenance(KeyOrigin.ADMIN_IMPORT, "partition",
+                                             int(time.time())))
+        # The conflict is real: each side holds its own claim.
+        time.sleep(0.5)
+        assert claim_holders(provider1, fpr) == [alice_dn]
+        assert claim_holders(provider2, fpr) == [f"uid=bob,{provider1.people_dn}"]
+    finally:
+        cut_replication(topology, cut=False)
+    restored = time.monotonic()
+
+    def repaired() -> bool:
+        return all(key_state(server, "alice") == ({fpr}, None, True)
+                   and (state := key_state(server, "bob"))[0] == set() and state[2]
+                   and fpr in (state[1] or "") and claim_holders(server, fpr) == [alice_dn]
+                   for _role, server in topology.slapds)
+
+    took = wait_for(repaired, "the documented end state on every slapd", deadline=30.0)
+    wait_replicated([server for _role, server in topology.slapds])
+    assert repaired()  # and it stays so once everything has settled
+    wait_for(lambda: served(topology, "alice@example.org") == fpr, "alice's key served")
+    wait_for(lambda: served(topology, "bob@example.org") is None, "bob's key not served")
+    problem = key_state(topology.slapd, "bob")[1]
+    with capsys.disabled():
+        print(f"\npartition conflict repaired on every slapd {took:.2f} s after replication "
+              f"was restored ({time.monotonic() - restored:.2f} s with the checks); bob's "
+              f"wkdKeyProblem: {problem}")
 
 
 # -- provider 1 killed under a stream of submissions ---------------------------------------
