@@ -17,12 +17,33 @@ pending_days, max_pending_per_address), [keys] and [[domains]]. Fails by raising
 (MessageRefused: 5xx with the reason, nothing stored), DirectoryUnavailable, Unavailable,
 MailerUnavailable, ConfigError (all 451); milter_wkd.service maps them to replies. A
 confirmation request whose mail cannot be sent is withdrawn again.
+
+Retries publish once and notify once. A publication is written before its notice is sent
+and the notice before the milter answers, so a milter that dies in between (SIGKILL, a
+crash; Postfix's milter_default_action = tempfail answers 4xx) gets the same message again
+from Postfix's queue or the client. Every publication therefore records which message made
+it: the SHA-256 of the message body (for PGP/MIME the ciphertext, unique to each
+submission; the retry carries the same bytes), its first 32 hex digits appended to the
+provenance's actor, "alice@example.org (submission 3f0c...)" (Provenance has no field of
+its own for it; only this module writes and reads the suffix). A message whose digest the
+user's published key already carries is answered with Discard and no second notice: an
+authenticated submission is not published again, a confirmation response whose request
+it used up is not refused as "used already" (which would bounce to the user). The notice
+is thus sent at most once: a milter killed after the directory write and before the
+notice was handed to the reinjection smtpd leaves the key published without a notice
+(a window of one local SMTP transaction, milliseconds). A notice that the reinjection
+refused (MailerUnavailable, 451) is kept in memory by its digest and sent, the same
+bytes, when the retry comes; only a milter that dies in between forgets it. A deliberate
+second submission of the same key is a new message (new ciphertext) and gets its notice.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
 from milter_wkd import dkim, openpgp, publication, wks
@@ -32,7 +53,13 @@ from milter_wkd.mailer import Mailer, MailerUnavailable
 from milter_wkd.publication import Policy
 from milter_wkd.replies import Discard, Reject, Reply
 from milter_wkd.servicekeys import ServiceKeys
-from milter_wkd.store.model import KeyOrigin, PendingRequest, User, key_fingerprints
+from milter_wkd.store.model import (
+    KeyOrigin,
+    PendingRequest,
+    StoredKey,
+    User,
+    key_fingerprints,
+)
 from milter_wkd.store.protocol import KeyStore
 from milter_wkd.transaction import Transaction
 from milter_wkd.values import Address
@@ -40,6 +67,9 @@ from milter_wkd.values import Address
 log = logging.getLogger(__name__)
 
 DAY = 86400
+# Notices the reinjection refused, kept for the retry of their submission (bounded: a
+# reinjection outage under a flood of submissions must not grow the milter without end).
+MAX_UNSENT = 1000
 
 
 class Submissions:
@@ -56,6 +86,9 @@ class Submissions:
         self.after_publish = after_publish
         self.max_body = config.milter.max_submission_bytes
         self._domains: Mapping[str, DomainConfig] = {d.name.lower(): d for d in config.domains}
+        # digest of a submission -> (domain, recipient, notice) not yet handed over.
+        self._unsent: OrderedDict[str, tuple[DomainConfig, Address, bytes]] = OrderedDict()
+        self._unsent_lock = threading.Lock()
 
     def handle(self, tx: Transaction, domain: DomainConfig) -> Reply:
         """The reply for mail to `domain`'s submission address: a submission or a
@@ -67,8 +100,9 @@ class Submissions:
         # One parse decides what the mail is, so a refusal names what is wrong with it
         # (a response from the wrong From is refused for that, not as a bad submission).
         parsed = wks.parse_message(raw, decrypt, max_mail=self.max_body)
+        digest = message_digest(raw, len(tx.header_block()))
         if isinstance(parsed, wks.ConfirmationResponse):
-            return self._confirmation(tx, domain, parsed)
+            return self._confirmation(tx, domain, parsed, digest)
         submission = parsed
         # One pass over the submitted bytes (a flooded key is megabytes): everything after
         # works on what survives, which cleaning again only narrows to fewer addresses.
@@ -76,7 +110,7 @@ class Submissions:
         everything = openpgp.clean_key(submission.key, None, limits=limits)
         submission = dataclasses.replace(submission, key=everything.key)
         if tx.sasl_login and domain.auth_submit:
-            return self._authenticated(tx, domain, submission, everything)
+            return self._authenticated(tx, domain, submission, everything, digest)
         if not domain.allow_unauthenticated:
             return Reject(550, "5.7.1", "Log in (SMTP AUTH) to publish keys")
         return self._unauthenticated(domain, submission, list(everything.info.addresses))
@@ -84,7 +118,8 @@ class Submissions:
     # --- the three flows --------------------------------------------------------------------
 
     def _authenticated(self, tx: Transaction, domain: DomainConfig,
-                       submission: wks.Submission, everything: openpgp.CleanResult) -> Reply:
+                       submission: wks.Submission, everything: openpgp.CleanResult,
+                       digest: str) -> Reply:
         try:
             login = Address.parse(tx.sasl_login or "")
         except Refused:
@@ -107,8 +142,10 @@ class Submissions:
             if refused:
                 reason += " (" + "; ".join(refused) + ")"
             return Reject(550, "5.7.1", reason)
+        if made_by(self.directory.current_key(user), digest):
+            return self._again(digest, f"auth-submit by {login}", "published")
         cleaned = self._publish(user, submission.key, own, KeyOrigin.AUTH_SUBMIT,
-                                str(login), everything)
+                                actor(str(login), digest), everything)
         text_refused = "".join(f"\nNot published for {r}" for r in refused) + "".join(
             f"\nLeft out: {part}" for part in dict.fromkeys((*everything.dropped,
                                                                *cleaned.dropped)))
@@ -119,7 +156,7 @@ class Submissions:
                   + ", ".join(str(a) for a in cleaned.info.addresses) + "\n" + text_refused
                   + f"\n\nAnyone can now find it, e.g. with: gpg --locate-keys {login}\n"),
             now=int(self.clock()), in_reply_to=_message_id(tx))
-        self._send(domain, login, notice)
+        self._notify(digest, domain, login, notice)
         log.info("published %s for %s (auth-submit by %s)%s", cleaned.info.fingerprint,
                  ", ".join(map(str, cleaned.info.addresses)), login,
                  f"; refused {len(refused)} address(es)" if refused else "")
@@ -168,7 +205,7 @@ class Submissions:
         return Discard("confirmation requested")
 
     def _confirmation(self, tx: Transaction, domain: DomainConfig,
-                      response: wks.ConfirmationResponse) -> Reply:
+                      response: wks.ConfirmationResponse, digest: str) -> Reply:
         if response.submission_address.key != Address.parse(domain.submission_address).key:
             raise MessageRefused("the response names another submission address")
         now = int(self.clock())
@@ -176,6 +213,11 @@ class Submissions:
             # Compares the offered nonce with the stored ones in constant time.
             pending = self.directory.get_pending(response.nonce, response.address, now)
         except (NotFound, Refused):
+            # This very response may have used it up already (the milter died before it
+            # answered): then the key it published carries its digest.
+            owner = self.directory.find_user(response.address, with_key=True)
+            if owner is not None and made_by(self.directory.current_key(owner), digest):
+                return self._again(digest, f"confirmation by {response.address}", "confirmed")
             raise MessageRefused("no pending request for this nonce (used, expired or unknown)"
                                  ) from None
         user = self.directory.find_user(response.address, with_key=True)
@@ -186,7 +228,7 @@ class Submissions:
             # responses only one uses it, and a publication that fails (the directory
             # down) leaves the request for the retried response.
             cleaned = self._publish(user, pending.key, [response.address],
-                                    KeyOrigin.WKS_CONFIRMED, str(response.address),
+                                    KeyOrigin.WKS_CONFIRMED, actor(str(response.address), digest),
                                     consume=pending)
         except NotFound:
             raise MessageRefused("this confirmation was used already") from None
@@ -194,7 +236,7 @@ class Submissions:
             submission_address=Address.parse(domain.submission_address),
             address=response.address, fingerprint=cleaned.info.fingerprint, now=now,
             in_reply_to=_message_id(tx))
-        self._send(domain, response.address, notice)
+        self._notify(digest, domain, response.address, notice)
         log.info("published %s for %s (WKS confirmed)", cleaned.info.fingerprint,
                  response.address)
         return Discard("confirmed")
@@ -221,6 +263,52 @@ class Submissions:
         if keys:
             message = dkim.sign(message, keys)
         self.mailer.send(domain.submission_address, str(recipient), message)
+
+    def _notify(self, digest: str, domain: DomainConfig, recipient: Address,
+                notice: bytes) -> None:
+        """Send the notice of the publication the message `digest` made; if the mailer
+        refuses, keep it for that message's retry (see the module docstring)."""
+        try:
+            self._send(domain, recipient, notice)
+        except MailerUnavailable:
+            with self._unsent_lock:
+                self._unsent[digest] = (domain, recipient, notice)
+                self._unsent.move_to_end(digest)
+                while len(self._unsent) > MAX_UNSENT:
+                    self._unsent.popitem(last=False)
+            raise
+        with self._unsent_lock:
+            self._unsent.pop(digest, None)
+
+    def _again(self, digest: str, what: str, outcome: str) -> Reply:
+        """A message whose publication is in the directory already: a retry. Its notice
+        was sent, unless the mailer refused it then (sent now, the same bytes)."""
+        with self._unsent_lock:
+            unsent = self._unsent.get(digest)
+        if unsent is not None:
+            self._notify(digest, *unsent)
+        log.info("retried %s (message %s): %s already, %s", what, digest,
+                 outcome, "notice sent now" if unsent is not None else "no second notice")
+        return Discard(f"{outcome} already")
+
+
+def message_digest(raw: bytes, header_octets: int) -> str:
+    """Which message this is, as a publication records it: SHA-256 of its body (after the
+    header block of `header_octets` and the empty line), 32 hex digits. Postfix hands a
+    retried message over with the same body; headers are left out because the MTA may add
+    or rewrite some (Received, Message-ID) between attempts."""
+    return hashlib.sha256(memoryview(raw)[header_octets + 2:]).hexdigest()[:32]
+
+
+def actor(who: str, digest: str) -> str:
+    """The provenance actor of a publication made by the message `digest`."""
+    return f"{who} (submission {digest})"
+
+
+def made_by(stored: StoredKey | None, digest: str) -> bool:
+    """Was this published key written by the message `digest` (and nothing since)?"""
+    return (stored is not None and stored.provenance is not None
+            and stored.provenance.actor.endswith(f" (submission {digest})"))
 
 
 def _message_id(tx: Transaction) -> str | None:

@@ -175,10 +175,60 @@ def test_the_confirmation_round_trip_publishes_once(
     assert stored.fingerprint == user_key.fingerprint
     assert stored.provenance is not None
     assert stored.provenance.source is KeyOrigin.WKS_CONFIRMED
-    again = service.decide(transaction(response, login=None))
+    # The same response again (the milter died before it answered): no second notice,
+    # and no refusal that would bounce to the user.
+    assert service.decide(transaction(response, login=None)) == Discard("confirmed already")
+    assert len(outbox.sent) == 2
+    # Another response with the used nonce (encrypted anew) is refused: single use.
+    another = pgp_mime(response_headers, wks_part(response_data(
+        pending.nonce, address="alice@example.org", sender=str(SUBMISSION))),
+        service_key.public)
+    again = service.decide(transaction(another, login=None))
     assert isinstance(again, Reject)
     assert "no pending request" in again.text or "used already" in again.text
     assert wks.SUBJECT_CONFIRM.encode() in request
+
+
+def test_a_retried_submission_is_published_once_and_notified_once(
+        service: MailService, store: MemoryStore, outbox: Outbox,
+        service_key: messages.GeneratedKey) -> None:
+    """Postfix hands the same message over again when the milter died after writing the
+    key (milter_default_action = tempfail): one publication, one notice."""
+    key, _primary, _sub = make_key("Alice <alice@example.org>")
+    raw = submission(key, service_key)
+    assert service.decide(transaction(raw, login="alice@example.org")) == Discard("published")
+    first = store.get_key(store.user(ALICE))
+    assert first is not None
+    assert first.provenance is not None
+    assert first.provenance.actor.startswith("alice@example.org (submission ")
+    assert service.decide(transaction(raw, login="alice@example.org")) == Discard(
+        "published already")
+    assert len(outbox.sent) == 1
+    assert store.get_key(store.user(ALICE)) == first  # not written again
+    # The same key submitted again by the user is a new message: published, notified.
+    again = submission(key, service_key)
+    assert service.decide(transaction(again, login="alice@example.org")) == Discard("published")
+    assert len(outbox.sent) == 2
+
+
+def test_a_notice_the_mailer_refused_is_sent_on_the_retry(
+        service: MailService, store: MemoryStore, outbox: Outbox,
+        service_key: messages.GeneratedKey) -> None:
+    key, _primary, _sub = make_key("Alice <alice@example.org>")
+    raw = submission(key, service_key)
+    outbox.down = True
+    reply = service.decide(transaction(raw, login="alice@example.org"))
+    assert isinstance(reply, TempFail)
+    assert store.get_key(store.user(ALICE)) is not None  # written before the notice
+    outbox.down = False
+    assert service.decide(transaction(raw, login="alice@example.org")) == Discard(
+        "published already")
+    ((_sender, recipient, notice),) = outbox.sent
+    assert recipient == "alice@example.org"
+    assert b"Your key has been published" in notice
+    assert service.decide(transaction(raw, login="alice@example.org")) == Discard(
+        "published already")
+    assert len(outbox.sent) == 1
 
 
 def test_outgoing_mail_of_a_user_with_a_key_carries_it(
