@@ -183,9 +183,10 @@ class PortalClient:
                 response = conn.getresponse()
                 data = response.read(MAX_BODY)
                 break
-            except (http.client.RemoteDisconnected, BrokenPipeError,
-                    ConnectionResetError):
-                # The server closed an idle keep-alive connection: once more, on a new one.
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError,
+                    ssl.SSLEOFError, ssl.SSLZeroReturnError):
+                # The server closed the keep-alive connection (idle, or after an error
+                # answer) before this request: once more, on a new one.
                 self.close()
                 if attempt == 2:
                     raise

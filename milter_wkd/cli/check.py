@@ -1,8 +1,8 @@
 """`milter-wkd check --config FILE`: the admin's doctor (milter_wkd.check does the probing).
 
 Where this host's Postfix and Dovecot are and how to reach the WKD site and the
-self-service page come from the config file's [check] section; an option given here overrides its key (--skip adds to
-[check] skip).
+self-service page come from the config file's [check] section; an option given here
+overrides its key (--skip adds to [check] skip).
 
 Prints one line per check as it completes, `ok   group: detail`, `warn group: ...`,
 `skip group: ...` or `FAIL group: ...` followed by an indented `fix: ...` line, and a

@@ -36,6 +36,7 @@ from milter_wkd.sandbox.daemons import LOOPBACK, free_port, terminate, wait_unti
 from milter_wkd.sandbox.wkd import make_test_pki
 from milter_wkd.wkd import local_part_hash
 from tests.support.gnupg import GnuPG
+from tests.support.mail import sandbox_fixture  # noqa: F401 (the `sandbox` fixture)
 from tests.support.peers import require_binary
 
 pytestmark = pytest.mark.integration
@@ -177,15 +178,9 @@ def port_of(url: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def sandbox() -> Iterator[Sandbox]:
-    for name in ("slapd", "postfix", "dovecot", "gpg", "nginx"):
-        require_binary(name)
-    with Sandbox() as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
 def proxied(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxied]:
+    for name in ("nginx", "gpg"):
+        require_binary(name)
     tmp = tmp_path_factory.mktemp("portal-nginx")
     ca, cert, key = make_test_pki(tmp, ["keys.example.org", "mail.example.org"])
     portal = ProxiedPortal(sandbox, tmp / "portal")
@@ -298,6 +293,7 @@ def test_forged_x_forwarded_for_does_not_escape_the_rate_limit(
         sandbox: Sandbox, tmp_path: Path) -> None:
     """Each attempt claims another client address and another account; the page still
     counts them all as nginx's client, 127.0.0.1 (X-Forwarded-For $remote_addr)."""
+    require_binary("nginx")
     ca, cert, key = make_test_pki(tmp_path, ["keys.example.org"])
     portal = ProxiedPortal(sandbox, tmp_path / "portal", rate_per_client="4")
     nginx = None
