@@ -130,6 +130,48 @@ def test_the_presence_index_knows_nothing_until_complete_then_exactly_the_publis
     assert index.entries == 0
 
 
+_ops = st.lists(st.tuples(st.integers(0, 30), st.lists(st.integers(0, 40), max_size=4)),
+                max_size=200)
+
+
+@given(_ops)
+def test_the_presence_index_agrees_with_a_plain_model(ops: list[tuple[int, list[int]]]) -> None:
+    """Puts (an empty list: a drop) of entries 0..30 publishing slots 0..40, in any order:
+    the index holds exactly the slots some entry publishes now."""
+    index = PresenceIndex()
+    index.complete = True
+    model: dict[int, set[int]] = {}
+    for entry, slots in ops:
+        uuid = entry.to_bytes(16, "big")
+        if slots:
+            index.put(uuid, [f"s{n}@example.org" for n in slots])
+            model[entry] = set(slots)
+        else:
+            index.drop(uuid)
+            model.pop(entry, None)
+        held = set().union(*model.values()) if model else set()
+        assert {n for n in range(41) if index.may_hold(f"s{n}@example.org")} == held
+        assert len(index) == len(held)
+        assert index.entries == len(model)
+
+
+def test_the_presence_index_grows_and_shrinks_past_its_first_table() -> None:
+    index = PresenceIndex()
+    index.complete = True
+    for n in range(5000):
+        index.put(n.to_bytes(16, "big"), [f"u{n}@example.org"])
+    assert len(index) == 5000
+    assert all(index.may_hold(f"u{n}@example.org") for n in range(5000))
+    assert not any(index.may_hold(f"v{n}@example.org") for n in range(5000))
+    for n in range(0, 5000, 2):
+        index.drop(n.to_bytes(16, "big"))
+    for n in range(5000, 9000):  # tombstones are reused or rebuilt away
+        index.put(n.to_bytes(16, "big"), [f"u{n}@example.org"])
+    assert [n for n in range(9000) if index.may_hold(f"u{n}@example.org")] == [
+        n for n in range(9000) if n % 2 or n >= 5000]
+    assert index.estimated_bytes() < 9000 * 100
+
+
 # -- the cache following a sync ----------------------------------------------------------
 
 
