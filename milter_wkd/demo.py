@@ -1,12 +1,14 @@
 """`make demo`: the whole system on loopback, told as a story with real clients.
 
-Brings up the sandbox (private slapd, Dovecot, our milter, Postfix and, when available,
-the WKD responder), then: alice publishes her key from gpg-wks-client over authenticated
-SMTP; gpg finds it by WKD; bob, not logged in, goes through the WKS confirmation round
-trip; alice's next mail arrives with an Autocrypt header that sq decodes; gpg finds the
-same key in the directory as an ldap:// keyserver; a flooded key is cleaned. Each step
-prints what it did and how long it took. Everything is torn down at the end unless
---keep is given (then it prints how to stop it).
+Brings up the sandbox (private slapd, Dovecot, our milter, Postfix, the WKD responder and
+the self-service page), then: alice publishes her key from gpg-wks-client over
+authenticated SMTP; gpg finds it by WKD; bob, not logged in, goes through the WKS
+confirmation round trip; carol signs in to the self-service page over HTTPS with her mail
+password and pastes her key, which WKD then serves; alice's next mail arrives with an
+Autocrypt header that sq decodes; gpg finds the same key in the directory as an ldap://
+keyserver; a flooded key is cleaned. Each step prints what it did and how long it took.
+Everything is torn down at the end unless --keep is given (then it prints how to stop
+it).
 
 Needs the Debian packages `make test` installs. Fails with a message naming the step.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import email
 import email.policy
+import http.client
 import imaplib
 import os
 import shutil
@@ -29,11 +32,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from milter_wkd import autocrypt, openpgp
+from milter_wkd.check.portal import PortalClient
 from milter_wkd.config import load
 from milter_wkd.sandbox import Sandbox
+from milter_wkd.sandbox.daemons import LOOPBACK
 from milter_wkd.sandbox.flood import flood_key
 from milter_wkd.store.ldapstore import LdapStore
 from milter_wkd.values import Address
+from milter_wkd.wkd import local_part_hash
 
 WKS_CLIENT = "/usr/lib/gnupg/gpg-wks-client"
 SUBMISSION = "key-submission@example.org"
@@ -166,6 +172,10 @@ def story(sandbox: Sandbox, work: Path) -> None:
             say("gpg-wks-client answered; directory: "
                 + published_line(sandbox, "bob@example.org"))
 
+        with step("carol publishes her key on the self-service page (HTTPS, her mail "
+                  "password)"):
+            say(self_service(sandbox, Gpg(work / "carol")))
+
         with step("alice writes to bob: the mail arrives with an Autocrypt header"):
             raw = (b"From: Alice <alice@example.org>\r\nTo: bob@example.org\r\n"
                    b"Subject: hello Bob\r\nMessage-ID: <demo-autocrypt@example.org>\r\n\r\n"
@@ -214,6 +224,50 @@ def story(sandbox: Sandbox, work: Path) -> None:
         bob.close()
 
 
+def self_service(sandbox: Sandbox, carol: Gpg) -> str:
+    """carol's browser, played by an HTTP client that keeps cookies and sends the form's
+    CSRF token and the page's Origin: sign in, paste the armored key, WKD serves it."""
+    portal = sandbox.portal
+    try:
+        fpr = carol.new_key("Carol <carol@example.org>")
+        armored = carol.run("--armor", "--export", fpr).decode()
+    finally:
+        carol.close()
+    account = sandbox.users["carol"]
+    with PortalClient(portal.portal_url, ca_file=str(portal.ca_file),
+                      connect=(LOOPBACK, portal.port)) as client:
+        refused = client.request("POST", "sign-in", fields={
+            "address": account["address"], "password": account["password"]})
+        say(f"{portal.portal_url}sign-in: a POST without the form's CSRF token gets "
+            f"{refused.status}")
+        signed_in = client.sign_in(account["address"], account["password"])
+        if signed_in.status != 303:
+            raise DemoError(f"carol's sign-in answered {signed_in.status}")
+        say(f"signed in as {account['address']} with her mail password (an LDAP bind as her "
+            f"entry); cookie {', '.join(client.cookies)}: Secure, HttpOnly, "
+            "SameSite=Strict")
+        started = time.perf_counter()
+        published = client.upload(armored)
+        if published.status != 200:
+            raise DemoError(f"carol's upload answered {published.status}")
+        say(f"pasted her armored key into the upload form: {published.status}, "
+            f"{(time.perf_counter() - started) * 1000:.0f} ms")
+    say("directory: " + published_line(sandbox, account["address"]))
+    address = Address.parse(account["address"])
+    path = f"/.well-known/openpgpkey/example.org/hu/{local_part_hash(address.local)}"
+    deadline = time.monotonic() + 5
+    while True:
+        status, _headers, body = sandbox.wkd.get(path)
+        if status == 200 and openpgp.inspect_key(body).fingerprint.hex == fpr:
+            break
+        if time.monotonic() > deadline:
+            raise DemoError(f"WKD still answers {status} for carol's key")
+        time.sleep(0.05)
+    return (f"WKD serves {fpr[:16]}… at https://openpgpkey.example.org{path} "
+            f"({len(body)} octets, {(time.perf_counter() - started) * 1000:.0f} ms after "
+            "the upload began)")
+
+
 def wkd_locate(sandbox: Sandbox, work: Path) -> str:
     """gpg --locate-keys inside a mount namespace that maps example.org to 127.0.0.1."""
     wkd = sandbox.wkd
@@ -244,12 +298,14 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="milter-wkd-demo-clients-"))
     sandbox = Sandbox(args.dir, keep=args.keep)
     try:
-        with step("bringing up the sandbox: slapd, Dovecot, milter, Postfix, WKD responder"):
+        with step("bringing up the sandbox: slapd, Dovecot, milter, Postfix, WKD responder, "
+                  "self-service page"):
             sandbox.start()
             for name, pid in sandbox.started.items():
                 say(f"{name}: pid {pid}")
         story(sandbox, work)
-    except (DemoError, subprocess.CalledProcessError, OSError, smtplib.SMTPException) as exc:
+    except (DemoError, subprocess.CalledProcessError, OSError, smtplib.SMTPException,
+            http.client.HTTPException) as exc:
         print(f"\ndemo failed: {exc}", file=sys.stderr)
         sandbox.stop()
         return 1
