@@ -16,6 +16,7 @@ into the per-client rate limit (the page's log names 127.0.0.1, never a forged a
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import re
@@ -24,6 +25,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -320,3 +322,83 @@ def test_forged_x_forwarded_for_does_not_escape_the_rate_limit(
     assert statuses == [401, 401, 401, 401, 429, 429]
     assert f"rate limit for client {LOOPBACK} (account nobody4@example.org)" in log
     assert not re.search(r"192\.0\.2\.\d", log)
+
+
+@pytest.mark.parametrize(("way", "name"), [("host", "carol"), ("path", "carol")])
+def test_a_browser_signs_in_and_uploads_through_nginx(proxied: Proxied, gpg: GnuPG,
+                                                      tmp_path: Path, way: str,
+                                                      name: str) -> None:
+    """Headless Chromium (HTTP/2 to nginx, as browsers speak it) trusting the test CA
+    through an NSS db of its own: the sign-in form, the key file uploaded, the key page.
+    Its POSTs carry the Origin with nginx's port, which the page compares with
+    X-Forwarded-Host ($http_host: under HTTP/2 nginx takes it from :authority)."""
+    pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+
+    from tests.integration.test_portal_browser import Pages
+
+    url = proxied.host_url if way == "host" else proxied.path_url
+    user_id = f"{name.title()} <{name}@example.org>"
+    try:  # one key for both ways: the second upload publishes it again
+        fpr = gpg.fingerprint(user_id)
+    except AssertionError:
+        fpr = gpg.generate(user_id)
+    key = tmp_path / f"{name}.pgp"
+    key.write_bytes(gpg.export(fpr))
+    with chromium(tmp_path, proxied.ca_file) as driver:
+        pages = Pages(driver, proxied.sandbox, tmp_path)
+        pages.url = url.rstrip("/")
+        pages.sign_in(f"{name}@example.org", f"{name}-secret")
+        assert driver.current_url == f"{url}keys", pages.text()
+        cookie = driver.get_cookie("portal_session")
+        assert cookie is not None
+        assert (cookie["secure"], cookie["httpOnly"], cookie["sameSite"]) == (
+            True, True, "Strict")
+        pages.upload_file(key)
+        assert fpr in pages.text().replace(" ", "").upper(), pages.text()
+        assert driver.execute_script(
+            "return performance.getEntriesByType('navigation')[0].nextHopProtocol") == "h2"
+        pages.shot(f"published-through-nginx-{way}")
+        pages.open("/generate")
+        # The key-generation page's scripts load through nginx (their SRI hashes hold).
+        ready = driver.execute_script("return typeof openpgp !== 'undefined'")
+        assert ready is True
+        assert driver.find_elements(By.TAG_NAME, "script")
+    wait_until(lambda: served(proxied.sandbox, name, gpg) == fpr, "the key by WKD", 5)
+
+
+@contextlib.contextmanager
+def chromium(tmp_path: Path, ca_file: Path) -> Iterator[Any]:
+    """Headless Chromium whose certificate store (an NSS db in a HOME of its own) trusts
+    ca_file, with keys.example.org and mail.example.org on loopback for it alone."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    certutil = require_binary("certutil")
+    home = tmp_path / "home"
+    nssdb = home / ".pki" / "nssdb"
+    nssdb.mkdir(parents=True)
+    for args in (["-N", "--empty-password"],
+                 ["-A", "-t", "C,,", "-n", "nginx test CA", "-i", str(ca_file)]):
+        subprocess.run([certutil, "-d", f"sql:{nssdb}", *args], check=True,
+                       capture_output=True)
+    options = Options()
+    options.binary_location = require_binary("chromium")
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu",
+                     "--disable-dev-shm-usage", "--no-first-run", "--no-proxy-server",
+                     "--window-size=1024,1100", "--lang=en-US",
+                     f"--user-data-dir={tmp_path / 'profile'}",
+                     f"--host-resolver-rules=MAP keys.example.org {LOOPBACK}, "
+                     f"MAP mail.example.org {LOOPBACK}, EXCLUDE {LOOPBACK}"):
+        options.add_argument(argument)
+    env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
+           "XDG_CACHE_HOME": str(home / ".cache")}
+    service = Service(executable_path=require_binary("chromedriver"), env=env,
+                      log_output=str(tmp_path / "chromedriver.log"))
+    driver = webdriver.Chrome(options=options, service=service)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
