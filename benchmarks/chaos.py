@@ -41,8 +41,9 @@ key in LDAP has the submitted fingerprint; the "Your key has been published" not
 the INBOX are counted, exactly one is expected) or refused. Every 200 from the responder
 is compared with the key the directory holds for that address at the end (each address
 only ever has that one key). Printed: a table per fault kind (faults injected, SMTP 4xx,
-SMTP 5xx, dropped SMTP connections, WKD 5xx/unreachable inside that kind's windows; a
-window is the fault plus 3 s, cut where the next fault begins), then exactly one line
+SMTP 5xx, dropped SMTP connections, WKD 5xx/unreachable inside that kind's windows, the
+longest SMTP AUTH begun in them; a window is the fault plus 3 s, cut where the next fault
+begins), then exactly one line
 
   sent N, delivered N, queued N, published N, refused N, lost N
 
@@ -118,6 +119,7 @@ class Outcome:
     accepted: set[str] = field(default_factory=set)  # tokens answered 250
     refused: dict[str, str] = field(default_factory=dict)  # token -> 5xx reason
     events: list[tuple[float, str, str]] = field(default_factory=list)  # (t, what, detail)
+    logins: list[tuple[float, float]] = field(default_factory=list)  # (t, seconds) of AUTH
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def note(self, what: str, detail: str = "") -> None:
@@ -173,7 +175,13 @@ class Load:
         endpoint = self.sb.postfix.submission
         smtp = smtplib.SMTP(endpoint.host, endpoint.port, timeout=30)
         smtp.ehlo("chaos.example")
-        smtp.login(address(job.sender), password(job.sender))
+        began = time.monotonic()
+        try:
+            smtp.login(address(job.sender), password(job.sender))
+        finally:
+            # How long SMTP AUTH took (Dovecot asks slapd), answered or not.
+            with self.out.lock:
+                self.out.logins.append((began, time.monotonic() - began))
         return smtp
 
     def attempt(self, job: Job, session: smtplib.SMTP | None = None) -> None:
@@ -572,12 +580,21 @@ def main() -> int:
                 window = window_of(t, windows)
                 rows[window][what] += 1
                 reasons[f"{window:14} {what:8} {detail[:90]}"] += 1
+            slowest: dict[str, float] = defaultdict(float)  # longest SMTP AUTH per window
+            for t, seconds in out.logins:
+                window = window_of(t, windows)
+                slowest[window] = max(slowest[window], seconds)
             print(f"\n{'fault kind':16} {'faults':>6} {'SMTP 4xx':>8} {'SMTP 5xx':>8} "
-                  f"{'dropped':>7} {'WKD 5xx':>7} {'WKD down':>8}")
+                  f"{'dropped':>7} {'WKD 5xx':>7} {'WKD down':>8} {'AUTH max':>8}")
             for kind in (*KINDS, "no fault"):
                 row = rows[kind]
                 print(f"{kind:16} {row['faults']:6} {row['4xx']:8} {row['5xx']:8} "
-                      f"{row['conn']:7} {row['wkd-5xx']:7} {row['wkd-down']:8}")
+                      f"{row['conn']:7} {row['wkd-5xx']:7} {row['wkd-down']:8} "
+                      f"{slowest[kind]:7.2f}s")
+            ordered = sorted(seconds for _, seconds in out.logins)
+            if ordered:
+                print(f"SMTP AUTH: {len(ordered)} logins, median "
+                      f"{ordered[len(ordered) // 2] * 1000:.0f} ms, max {ordered[-1]:.2f} s")
             print("answers other than 250 and 200 (count, fault window, kind, first words):")
             for reason, count in reasons.most_common(20):
                 print(f"  {count:5}  {reason}")

@@ -23,28 +23,33 @@ and the notice before the milter answers, so a milter that dies in between (SIGK
 crash; Postfix's milter_default_action = tempfail answers 4xx) gets the same message again
 from Postfix's queue or the client. Every publication therefore records which message made
 it: the SHA-256 of the message body (for PGP/MIME the ciphertext, unique to each
-submission; the retry carries the same bytes), its first 32 hex digits appended to the
+submission; the retry carries the same bytes), its first 16 hex digits appended to the
 provenance's actor, "alice@example.org (submission 3f0c...)" (Provenance has no field of
 its own for it; only this module writes and reads the suffix). A message whose digest the
-user's published key already carries is answered with Discard and no second notice: an
-authenticated submission is not published again, a confirmation response whose request
-it used up is not refused as "used already" (which would bounce to the user). The notice
-is thus sent at most once: a milter killed after the directory write and before the
-notice was handed to the reinjection smtpd leaves the key published without a notice
-(a window of one local SMTP transaction, milliseconds). A notice that the reinjection
-refused (MailerUnavailable, 451) is kept in memory by its digest and sent, the same
-bytes, when the retry comes; only a milter that dies in between forgets it. A deliberate
-second submission of the same key is a new message (new ciphertext) and gets its notice.
+user's published key carries, and whose notice this process sent, is answered with
+Discard and nothing else: no second publication, no second notice, and a confirmation
+response whose request it used up is not refused as "used already" (a bounce to the
+user). While a message is between its publication and its sent notice, this process
+remembers its digest (in memory, the last MAX_OWED): when anything fails there - the
+directory after the write (a timeout whose write went through), the reinjection refusing
+(MailerUnavailable) - the retry publishes again (the same key, idempotent) or, for a
+confirmation whose request is used up, sends the notice of the key it published. Only a
+milter that dies between the directory write and the reinjection's 250 (one local SMTP
+transaction, milliseconds) forgets that: the retry then finds the publication and sends
+no notice, so a notice is sent at most once and lost in that window only; the key is
+published either way. A deliberate second submission of the same key is a new message
+(new ciphertext) and gets its notice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from milter_wkd import dkim, openpgp, publication, wks
 from milter_wkd.config import Config, DomainConfig
@@ -67,9 +72,9 @@ from milter_wkd.values import Address
 log = logging.getLogger(__name__)
 
 DAY = 86400
-# Notices the reinjection refused, kept for the retry of their submission (bounded: a
-# reinjection outage under a flood of submissions must not grow the milter without end).
-MAX_UNSENT = 1000
+# Messages between their publication and their sent notice, remembered for their retry
+# (bounded: an outage under a flood of submissions must not grow the milter without end).
+MAX_OWED = 10000
 
 
 class Submissions:
@@ -86,9 +91,9 @@ class Submissions:
         self.after_publish = after_publish
         self.max_body = config.milter.max_submission_bytes
         self._domains: Mapping[str, DomainConfig] = {d.name.lower(): d for d in config.domains}
-        # digest of a submission -> (domain, recipient, notice) not yet handed over.
-        self._unsent: OrderedDict[str, tuple[DomainConfig, Address, bytes]] = OrderedDict()
-        self._unsent_lock = threading.Lock()
+        # Digests of messages whose publication may be written but whose notice is not sent.
+        self._owed: OrderedDict[str, None] = OrderedDict()
+        self._owed_lock = threading.Lock()
 
     def handle(self, tx: Transaction, domain: DomainConfig) -> Reply:
         """The reply for mail to `domain`'s submission address: a submission or a
@@ -142,8 +147,16 @@ class Submissions:
             if refused:
                 reason += " (" + "; ".join(refused) + ")"
             return Reject(550, "5.7.1", reason)
-        if made_by(self.directory.current_key(user), digest):
+        if made_by(self.directory.current_key(user), digest) and not self._owes(digest):
             return self._again(digest, f"auth-submit by {login}", "published")
+        with self._owing(digest):
+            return self._publish_and_notify(tx, domain, login, user, submission, everything,
+                                            own, refused, digest)
+
+    def _publish_and_notify(self, tx: Transaction, domain: DomainConfig, login: Address,
+                            user: User, submission: wks.Submission,
+                            everything: openpgp.CleanResult, own: list[Address],
+                            refused: list[str], digest: str) -> Reply:
         cleaned = self._publish(user, submission.key, own, KeyOrigin.AUTH_SUBMIT,
                                 actor(str(login), digest), everything)
         text_refused = "".join(f"\nNot published for {r}" for r in refused) + "".join(
@@ -156,7 +169,7 @@ class Submissions:
                   + ", ".join(str(a) for a in cleaned.info.addresses) + "\n" + text_refused
                   + f"\n\nAnyone can now find it, e.g. with: gpg --locate-keys {login}\n"),
             now=int(self.clock()), in_reply_to=_message_id(tx))
-        self._notify(digest, domain, login, notice)
+        self._send(domain, login, notice)
         log.info("published %s for %s (auth-submit by %s)%s", cleaned.info.fingerprint,
                  ", ".join(map(str, cleaned.info.addresses)), login,
                  f"; refused {len(refused)} address(es)" if refused else "")
@@ -216,27 +229,38 @@ class Submissions:
             # This very response may have used it up already (the milter died before it
             # answered): then the key it published carries its digest.
             owner = self.directory.find_user(response.address, with_key=True)
-            if owner is not None and made_by(self.directory.current_key(owner), digest):
+            stored = self.directory.current_key(owner) if owner is not None else None
+            if stored is not None and made_by(stored, digest):
+                if self._owes(digest):  # its notice was not sent: send it now
+                    with self._owing(digest):
+                        self._send(domain, response.address, wks.build_published_notice(
+                            submission_address=Address.parse(domain.submission_address),
+                            address=response.address, fingerprint=stored.fingerprint,
+                            now=now, in_reply_to=_message_id(tx)))
+                    log.info("published %s for %s (WKS confirmed; notice sent on the retry)",
+                             stored.fingerprint, response.address)
+                    return Discard("confirmed")
                 return self._again(digest, f"confirmation by {response.address}", "confirmed")
             raise MessageRefused("no pending request for this nonce (used, expired or unknown)"
                                  ) from None
         user = self.directory.find_user(response.address, with_key=True)
         if user is None:
             raise MessageRefused(f"{response.address} is no longer a user here")
-        try:
-            # The request is used up only after the key is written: of two concurrent
-            # responses only one uses it, and a publication that fails (the directory
-            # down) leaves the request for the retried response.
-            cleaned = self._publish(user, pending.key, [response.address],
-                                    KeyOrigin.WKS_CONFIRMED, actor(str(response.address), digest),
-                                    consume=pending)
-        except NotFound:
-            raise MessageRefused("this confirmation was used already") from None
-        notice = wks.build_published_notice(
-            submission_address=Address.parse(domain.submission_address),
-            address=response.address, fingerprint=cleaned.info.fingerprint, now=now,
-            in_reply_to=_message_id(tx))
-        self._notify(digest, domain, response.address, notice)
+        with self._owing(digest):
+            try:
+                # The request is used up only after the key is written: of two concurrent
+                # responses only one uses it, and a publication that fails (the directory
+                # down) leaves the request for the retried response.
+                cleaned = self._publish(user, pending.key, [response.address],
+                                        KeyOrigin.WKS_CONFIRMED,
+                                        actor(str(response.address), digest), consume=pending)
+            except NotFound:
+                raise MessageRefused("this confirmation was used already") from None
+            notice = wks.build_published_notice(
+                submission_address=Address.parse(domain.submission_address),
+                address=response.address, fingerprint=cleaned.info.fingerprint, now=now,
+                in_reply_to=_message_id(tx))
+            self._send(domain, response.address, notice)
         log.info("published %s for %s (WKS confirmed)", cleaned.info.fingerprint,
                  response.address)
         return Discard("confirmed")
@@ -264,40 +288,38 @@ class Submissions:
             message = dkim.sign(message, keys)
         self.mailer.send(domain.submission_address, str(recipient), message)
 
-    def _notify(self, digest: str, domain: DomainConfig, recipient: Address,
-                notice: bytes) -> None:
-        """Send the notice of the publication the message `digest` made; if the mailer
-        refuses, keep it for that message's retry (see the module docstring)."""
-        try:
-            self._send(domain, recipient, notice)
-        except MailerUnavailable:
-            with self._unsent_lock:
-                self._unsent[digest] = (domain, recipient, notice)
-                self._unsent.move_to_end(digest)
-                while len(self._unsent) > MAX_UNSENT:
-                    self._unsent.popitem(last=False)
-            raise
-        with self._unsent_lock:
-            self._unsent.pop(digest, None)
+    def _owes(self, digest: str) -> bool:
+        with self._owed_lock:
+            return digest in self._owed
+
+    @contextlib.contextmanager
+    def _owing(self, digest: str) -> Iterator[None]:
+        """The message `digest` owes its notice until the block ends without an error: a
+        failure after its publication was written leaves it owed for the retry."""
+        with self._owed_lock:
+            self._owed[digest] = None
+            self._owed.move_to_end(digest)
+            while len(self._owed) > MAX_OWED:
+                self._owed.popitem(last=False)
+        yield
+        with self._owed_lock:
+            self._owed.pop(digest, None)
 
     def _again(self, digest: str, what: str, outcome: str) -> Reply:
-        """A message whose publication is in the directory already: a retry. Its notice
-        was sent, unless the mailer refused it then (sent now, the same bytes)."""
-        with self._unsent_lock:
-            unsent = self._unsent.get(digest)
-        if unsent is not None:
-            self._notify(digest, *unsent)
-        log.info("retried %s (message %s): %s already, %s", what, digest,
-                 outcome, "notice sent now" if unsent is not None else "no second notice")
+        """A message whose publication is in the directory and whose notice was sent (or
+        was lost with a milter that died before sending it): a retry."""
+        log.info("retried %s (message %s): %s already, no second notice", what, digest,
+                 outcome)
         return Discard(f"{outcome} already")
 
 
 def message_digest(raw: bytes, header_octets: int) -> str:
     """Which message this is, as a publication records it: SHA-256 of its body (after the
-    header block of `header_octets` and the empty line), 32 hex digits. Postfix hands a
+    header block of `header_octets` and the empty line), 16 hex digits (64 bits: a collision
+    could only cost a notice, and only between two messages of one user). Postfix hands a
     retried message over with the same body; headers are left out because the MTA may add
     or rewrite some (Received, Message-ID) between attempts."""
-    return hashlib.sha256(memoryview(raw)[header_octets + 2:]).hexdigest()[:32]
+    return hashlib.sha256(memoryview(raw)[header_octets + 2:]).hexdigest()[:16]
 
 
 def actor(who: str, digest: str) -> str:

@@ -209,21 +209,20 @@ def restart_milter(sandbox: Sandbox) -> None:
 
 
 @pytest.fixture(scope="module")
-def alice(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WksClient]:
-    client = WksClient(tmp_path_factory.mktemp("alice"), sandbox, "Alice <alice@example.org>")
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
-def bob(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WksClient]:
-    client = WksClient(tmp_path_factory.mktemp("bob"), sandbox, "Bob <bob@example.org>")
-    yield client
-    client.close()
+def users(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory,
+          ) -> Iterator[dict[str, WksClient]]:
+    """alice and bob with gpg homes of their own (a key each, made once)."""
+    made = {name: WksClient(tmp_path_factory.mktemp(name), sandbox,
+                            f"{name.title()} <{sandbox.users[name]['address']}>")
+            for name in ("alice", "bob")}
+    yield made
+    for client in made.values():
+        client.close()
 
 
 def test_a_retried_authenticated_submission_gets_one_notice(
-        sandbox: Sandbox, relay: KillingRelay, alice: WksClient) -> None:
+        sandbox: Sandbox, relay: KillingRelay, users: dict[str, WksClient]) -> None:
+    alice = users["alice"]
     account = sandbox.users["alice"]
     login = (account["address"], account["password"])
     message_id = "<retry-auth-submit@client.test.example.net>"
@@ -243,7 +242,8 @@ def test_a_retried_authenticated_submission_gets_one_notice(
 
 
 def test_a_retried_confirmation_is_neither_refused_nor_notified_twice(
-        sandbox: Sandbox, relay: KillingRelay, bob: WksClient) -> None:
+        sandbox: Sandbox, relay: KillingRelay, users: dict[str, WksClient]) -> None:
+    bob = users["bob"]
     address = sandbox.users["bob"]["address"]
     code, reply = send(sandbox, bob.create(address), address, login=None)
     assert code == 250, reply

@@ -11,6 +11,7 @@ import pytest
 
 from milter_wkd import logcontext, wks
 from milter_wkd.config import Config, load
+from milter_wkd.errors import DirectoryUnavailable
 from milter_wkd.openpgp import messages
 from milter_wkd.replies import Accept, Discard, Reject, TempFail
 from milter_wkd.service import MailService
@@ -221,14 +222,64 @@ def test_a_notice_the_mailer_refused_is_sent_on_the_retry(
     assert isinstance(reply, TempFail)
     assert store.get_key(store.user(ALICE)) is not None  # written before the notice
     outbox.down = False
-    assert service.decide(transaction(raw, login="alice@example.org")) == Discard(
-        "published already")
+    assert service.decide(transaction(raw, login="alice@example.org")) == Discard("published")
     ((_sender, recipient, notice),) = outbox.sent
     assert recipient == "alice@example.org"
     assert b"Your key has been published" in notice
     assert service.decide(transaction(raw, login="alice@example.org")) == Discard(
         "published already")
     assert len(outbox.sent) == 1
+
+
+class FailsAfterWriting:
+    """The store whose next publication is written and then answered with an error, as
+    a directory timeout whose write went through."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+        self.armed = True
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.store, name)
+
+    def publish_key(self, *args: object, **kwargs: object) -> object:
+        written = self.store.publish_key(*args, **kwargs)  # type: ignore[arg-type]
+        if self.armed:
+            self.armed = False
+            raise DirectoryUnavailable("timed out (the write went through)")
+        return written
+
+
+def test_a_retry_after_a_failure_past_the_write_still_gets_its_notice(
+        config: Config, store: MemoryStore, outbox: Outbox,
+        service_key: messages.GeneratedKey) -> None:
+    flaky = FailsAfterWriting(store)
+    service = MailService(config, flaky, outbox, clock=lambda: float(NOW))  # type: ignore[arg-type]
+    key, _primary, _sub = make_key("Alice <alice@example.org>")
+    raw = submission(key, service_key)
+    assert isinstance(service.decide(transaction(raw, login="alice@example.org")), TempFail)
+    assert store.get_key(store.user(ALICE)) is not None
+    assert outbox.sent == []
+    assert service.decide(transaction(raw, login="alice@example.org")) == Discard("published")
+    assert len(outbox.sent) == 1
+    # A confirmation whose request the failed attempt used up: the retry sends the notice.
+    user_key = messages.generate_submission_key(Address.parse("bob@example.org"))
+    service.decide(transaction(submission(user_key.public, service_key,
+                                          sender="bob@example.org"), login=None))
+    (pending,) = store.list_pending()
+    response_headers = (f"From: bob@example.org\nTo: {SUBMISSION}\n"
+                        "Subject: Key publication confirmation\nWks-Draft-Version: 3\n")
+    response = pgp_mime(response_headers, wks_part(response_data(
+        pending.nonce, address="bob@example.org", sender=str(SUBMISSION))), service_key.public)
+    flaky.armed = True
+    assert isinstance(service.decide(transaction(response, login=None)), TempFail)
+    assert store.list_pending() == []  # used up by the write that went through
+    sent = len(outbox.sent)
+    assert service.decide(transaction(response, login=None)) == Discard("confirmed")
+    assert len(outbox.sent) == sent + 1
+    assert b"bob@example.org" in outbox.sent[-1][2]
+    assert service.decide(transaction(response, login=None)) == Discard("confirmed already")
+    assert len(outbox.sent) == sent + 1
 
 
 def test_outgoing_mail_of_a_user_with_a_key_carries_it(
