@@ -23,7 +23,9 @@
   installed file when it starts; this probe from the same file: a proxy or cache serving
   another copy makes browsers refuse the script);
 - [portal] secret_key_file is private (readable by others: FAIL; by its group: warning)
-  and long enough, since whoever reads it can forge sessions.
+  and long enough, since whoever reads it can forge sessions; [portal] listen is loopback
+  when behind_proxy is set (else anyone reaching the port forges X-Forwarded-*) or when
+  cert_file is empty (plain HTTP).
 
 `PortalClient` is the browser's part in the page's forms (cookies, the CSRF token parsed
 from the form, Origin), over one keep-alive connection; `make demo`, benchmarks/portal.py
@@ -32,7 +34,7 @@ and the tests sign in and upload keys with it.
 Configuration: [check] portal_url ({domain}: the first [[domains]] name), portal_connect
 (connect to HOST:PORT instead of the URL's host from DNS, still validating the
 certificate for that host), portal_ca_file (else ca_file, else the system store), timeout;
-[portal] secret_key_file.
+[portal] secret_key_file, listen, cert_file, behind_proxy.
 Failures: an invalid certificate and a page that does not answer are one FAIL line each
 (the rest is then skipped); every other wrong answer is a FAIL line naming what is wrong
 and how to fix it.
@@ -59,7 +61,7 @@ from urllib.parse import urlencode, urlsplit
 from milter_wkd.check.options import Options
 from milter_wkd.check.results import CheckResult, fail, ok, skip, warn, why
 from milter_wkd.check.wkd import PinnedHttps
-from milter_wkd.config import Config
+from milter_wkd.config import Config, PortalConfig, parse_host_port
 
 # What the page serves OpenPGP.js as (milter_wkd.portal.app.OPENPGPJS_SCRIPT; read here
 # from the installed file, not imported, so that the doctor needs no Flask).
@@ -349,6 +351,7 @@ def check_portal(config: Config, options: Options) -> Iterator[CheckResult]:
     if "portal" not in config.given:
         return  # this host runs no self-service page: nothing to say
     yield from _secret_key_file(config.portal.secret_key_file)
+    yield from _listen(config.portal)
     url = portal_url(config, options)
     via = (f" via {options.portal_connect[0]}:{options.portal_connect[1]}"
            if options.portal_connect else "")
@@ -379,6 +382,31 @@ def _secret_key_file(path: str) -> Iterator[CheckResult]:
                    f"than {_SECRET_MIN}", f"head -c 48 /dev/urandom | base64 > {path}")
     else:
         yield ok("portal", f"[portal] secret_key_file {path} is private")
+
+
+def listen_problems(portal: PortalConfig) -> list[str]:
+    """What [portal] exposes that only a proxy on this host may reach (empty: nothing)."""
+    found = parse_host_port(portal.listen)
+    host = found[0] if found is not None else ""
+    if host in ("127.0.0.1", "::1", "localhost"):
+        return []
+    problems = []
+    if portal.behind_proxy:
+        problems.append(f"behind_proxy = true, but it listens on {portal.listen}: a client "
+                        "that reaches that port directly can forge X-Forwarded-For (a new "
+                        "rate limit per request) and -Host/-Proto (the Origin it accepts)")
+    if not portal.cert_file:
+        problems.append(f"plain HTTP (cert_file = \"\") on {portal.listen}: passwords would "
+                        "cross the network unencrypted")
+    return problems
+
+
+def _listen(portal: PortalConfig) -> Iterator[CheckResult]:
+    problems = listen_problems(portal)
+    if problems:
+        yield fail("portal", f"[portal] {'; '.join(problems)}",
+                   "behind nginx: listen = \"127.0.0.1:8443\" (docs/nginx-wkd.conf); "
+                   "serving browsers itself: cert_file and key_file, behind_proxy = false")
 
 
 def _probe(client: PortalClient, url: str, via: str) -> Iterator[CheckResult]:

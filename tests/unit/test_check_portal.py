@@ -197,3 +197,19 @@ def test_the_pages_own_answers_pass_the_rules() -> None:
     assert cookies
     assert probes.cookie_problems(cookies) == []
     assert (script_status, script_type) == (200, "text/javascript")
+
+
+@pytest.mark.parametrize(("portal", "problems"), [
+    ({}, []),  # HTTPS on every address, no proxy trusted: the page serving browsers itself
+    ({"listen": "127.0.0.1:8443", "cert_file": "", "behind_proxy": True}, []),
+    ({"listen": "[::1]:8443", "cert_file": "", "behind_proxy": True}, []),
+    ({"listen": "0.0.0.0:8443", "cert_file": "", "behind_proxy": True},
+     ["behind_proxy = true, but it listens on 0.0.0.0:8443", "plain HTTP"]),
+    ({"listen": "192.0.2.1:443", "behind_proxy": True}, ["behind_proxy = true"]),
+    ({"cert_file": ""}, ["plain HTTP (cert_file = \"\") on 0.0.0.0:8443"]),
+])
+def test_listen_problems(portal: dict[str, object], problems: list[str]) -> None:
+    found = probes.listen_problems(build({"portal": portal}, environ={}).portal)
+    assert len(found) == len(problems), found
+    for line, start in zip(found, problems, strict=True):
+        assert line.startswith(start), line
