@@ -119,7 +119,8 @@ class Outcome:
     accepted: set[str] = field(default_factory=set)  # tokens answered 250
     refused: dict[str, str] = field(default_factory=dict)  # token -> 5xx reason
     events: list[tuple[float, str, str]] = field(default_factory=list)  # (t, what, detail)
-    logins: list[tuple[float, float]] = field(default_factory=list)  # (t, seconds) of AUTH
+    # SMTP AUTH: (t, seconds, user, the user's first login of the run)
+    logins: list[tuple[float, float, int, bool]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def note(self, what: str, detail: str = "") -> None:
@@ -181,7 +182,8 @@ class Load:
         finally:
             # How long SMTP AUTH took (Dovecot asks slapd), answered or not.
             with self.out.lock:
-                self.out.logins.append((began, time.monotonic() - began))
+                first = all(user != job.sender for _, _, user, _ in self.out.logins)
+                self.out.logins.append((began, time.monotonic() - began, job.sender, first))
         return smtp
 
     def attempt(self, job: Job, session: smtplib.SMTP | None = None) -> None:
@@ -581,7 +583,7 @@ def main() -> int:
                 rows[window][what] += 1
                 reasons[f"{window:14} {what:8} {detail[:90]}"] += 1
             slowest: dict[str, float] = defaultdict(float)  # longest SMTP AUTH per window
-            for t, seconds in out.logins:
+            for t, seconds, _user, _first in out.logins:
                 window = window_of(t, windows)
                 slowest[window] = max(slowest[window], seconds)
             print(f"\n{'fault kind':16} {'faults':>6} {'SMTP 4xx':>8} {'SMTP 5xx':>8} "
@@ -591,10 +593,14 @@ def main() -> int:
                 print(f"{kind:16} {row['faults']:6} {row['4xx']:8} {row['5xx']:8} "
                       f"{row['conn']:7} {row['wkd-5xx']:7} {row['wkd-down']:8} "
                       f"{slowest[kind]:7.2f}s")
-            ordered = sorted(seconds for _, seconds in out.logins)
+            ordered = sorted(seconds for _, seconds, _, _ in out.logins)
             if ordered:
                 print(f"SMTP AUTH: {len(ordered)} logins, median "
-                      f"{ordered[len(ordered) // 2] * 1000:.0f} ms, max {ordered[-1]:.2f} s")
+                      f"{ordered[len(ordered) // 2] * 1000:.0f} ms, max {ordered[-1]:.2f} s; "
+                      "the slowest (time since start, window, user, seconds):")
+                for t, seconds, user, first in sorted(out.logins, key=lambda x: -x[1])[:5]:
+                    print(f"  {t - clock0:6.1f} s  {window_of(t, windows):14} user{user}"
+                          f"{' (first login)' if first else ''}  {seconds:.2f} s")
             print("answers other than 250 and 200 (count, fault window, kind, first words):")
             for reason, count in reasons.most_common(20):
                 print(f"  {count:5}  {reason}")
@@ -610,6 +616,16 @@ def main() -> int:
             print(f"submissions: {len(submit_tokens)} sent, {len(published)} published, "
                   f"{len(wrong_key)} with another key, notices {sum(notices.values())} "
                   f"(duplicated for {len(dup_notice)} users, missing for {len(no_notice)})")
+            if no_notice and sb.milter is not None:
+                # What the milter and Postfix said about them: a notice lost is a finding.
+                milter_log = sb.milter.log.read_text(errors="replace").splitlines()
+                mail_log = Path(sb.postfix.maillog).read_text(errors="replace").splitlines()
+                for i in no_notice[:3]:
+                    print(f"  no notice for {address(i)}:")
+                    for line in [*milter_log, *mail_log]:
+                        if address(i) in line and ("key-submission" in line
+                                                   or "milter_wkd" in line):
+                            print(f"    {line[:200]}")
             refused_mail = {t for t in out.refused if t in mail_tokens and t not in delivered}
             refused_submit = {t for t in out.refused if t in submit_tokens and t not in published}
             for token in sorted(refused_mail | refused_submit):

@@ -21,39 +21,50 @@ confirmation request whose mail cannot be sent is withdrawn again.
 Retries publish once and notify once. A publication is written before its notice is sent
 and the notice before the milter answers, so a milter that dies in between (SIGKILL, a
 crash; Postfix's milter_default_action = tempfail answers 4xx) gets the same message again
-from Postfix's queue or the client. Every publication therefore records which message made
-it: the SHA-256 of the message body (for PGP/MIME the ciphertext, unique to each
-submission; the retry carries the same bytes), its first 16 hex digits appended to the
-provenance's actor, "alice@example.org (submission 3f0c...)" (Provenance has no field of
-its own for it; only this module writes and reads the suffix). A message whose digest the
-user's published key carries, and whose notice this process sent, is answered with
-Discard and nothing else: no second publication, no second notice, and a confirmation
-response whose request it used up is not refused as "used already" (a bounce to the
-user). While a message is between its publication and its sent notice, this process
-remembers its digest (in memory, the last MAX_OWED): when anything fails there - the
-directory after the write (a timeout whose write went through), the reinjection refusing
-(MailerUnavailable) - the retry publishes again (the same key, idempotent) or, for a
-confirmation whose request is used up, sends the notice of the key it published. Only a
-milter that dies between the directory write and the reinjection's 250 (one local SMTP
-transaction, milliseconds) forgets that: the retry then finds the publication and sends
-no notice, so a notice is sent at most once and lost in that window only; the key is
-published either way. A deliberate second submission of the same key is a new message
-(new ciphertext) and gets its notice.
+from Postfix's queue or the client. Every publication therefore records, in the directory,
+which message made it and whether its notice went out: the SHA-256 of the message body
+(for PGP/MIME the ciphertext, unique to each submission; a retry carries the same bytes),
+16 hex digits of it appended to the provenance's actor (Provenance has no field of its own
+for it; only this module writes and reads the suffix):
+
+    alice@example.org (submission 3f0c9a1e2b7d4c55, notice unsent)   written with the key
+    alice@example.org (submission 3f0c9a1e2b7d4c55)                  once the MTA took the notice
+
+The same message again finds its record: "notice unsent" (the milter died, the directory
+failed after the write, the reinjection refused the notice) and the retry publishes again
+(the same key: idempotent) or, for a confirmation whose request it used up, sends the
+notice of the key it published, then records it; recorded as sent, the retry is answered
+Discard with no second notice and no refusal (a used confirmation is no longer answered
+550, which bounced to the user). The notice is thus never lost, and sent twice only when
+the milter dies between the reinjection's 250 and the second directory write
+(milliseconds). Recording is best effort: when that write fails, the notice went out and
+the milter still answers Discard, so no retry comes. A deliberate second submission of the
+same key is a new message (new ciphertext) and gets its notice.
+
+Test hook (tests/integration/test_fault_regressions.py only): with the environment
+variable MILTER_WKD_TEST_DIE_AFTER_NOTICE=1 the milter SIGKILLs itself right after it
+recorded a sent notice, before it answers Postfix.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import enum
 import hashlib
 import logging
-import threading
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+import os
+import signal
+from collections.abc import Callable, Mapping
 
 from milter_wkd import dkim, openpgp, publication, wks
 from milter_wkd.config import Config, DomainConfig
-from milter_wkd.errors import MessageRefused, NotFound, RateLimited, Refused
+from milter_wkd.errors import (
+    MessageRefused,
+    MilterWkdError,
+    NotFound,
+    RateLimited,
+    Refused,
+)
 from milter_wkd.mailer import Mailer, MailerUnavailable
 from milter_wkd.publication import Policy
 from milter_wkd.replies import Discard, Reject, Reply
@@ -72,9 +83,15 @@ from milter_wkd.values import Address
 log = logging.getLogger(__name__)
 
 DAY = 86400
-# Messages between their publication and their sent notice, remembered for their retry
-# (bounded: an outage under a flood of submissions must not grow the milter without end).
-MAX_OWED = 10000
+DIE_AFTER_NOTICE = "MILTER_WKD_TEST_DIE_AFTER_NOTICE"
+
+
+class Record(enum.Enum):
+    """What the directory says about a message's publication (see the module docstring)."""
+
+    NONE = "none"  # not published by this message (or published over since)
+    UNSENT = "unsent"  # published, its notice not known to have gone out
+    SENT = "sent"
 
 
 class Submissions:
@@ -91,9 +108,7 @@ class Submissions:
         self.after_publish = after_publish
         self.max_body = config.milter.max_submission_bytes
         self._domains: Mapping[str, DomainConfig] = {d.name.lower(): d for d in config.domains}
-        # Digests of messages whose publication may be written but whose notice is not sent.
-        self._owed: OrderedDict[str, None] = OrderedDict()
-        self._owed_lock = threading.Lock()
+        self._die_after_notice = os.environ.get(DIE_AFTER_NOTICE) == "1"
 
     def handle(self, tx: Transaction, domain: DomainConfig) -> Reply:
         """The reply for mail to `domain`'s submission address: a submission or a
@@ -147,18 +162,10 @@ class Submissions:
             if refused:
                 reason += " (" + "; ".join(refused) + ")"
             return Reject(550, "5.7.1", reason)
-        if made_by(self.directory.current_key(user), digest) and not self._owes(digest):
+        if recorded(self.directory.current_key(user), digest) is Record.SENT:
             return self._again(digest, f"auth-submit by {login}", "published")
-        with self._owing(digest):
-            return self._publish_and_notify(tx, domain, login, user, submission, everything,
-                                            own, refused, digest)
-
-    def _publish_and_notify(self, tx: Transaction, domain: DomainConfig, login: Address,
-                            user: User, submission: wks.Submission,
-                            everything: openpgp.CleanResult, own: list[Address],
-                            refused: list[str], digest: str) -> Reply:
         cleaned = self._publish(user, submission.key, own, KeyOrigin.AUTH_SUBMIT,
-                                actor(str(login), digest), everything)
+                                actor(str(login), digest, sent=False), everything)
         text_refused = "".join(f"\nNot published for {r}" for r in refused) + "".join(
             f"\nLeft out: {part}" for part in dict.fromkeys((*everything.dropped,
                                                                *cleaned.dropped)))
@@ -170,6 +177,7 @@ class Submissions:
                   + f"\n\nAnyone can now find it, e.g. with: gpg --locate-keys {login}\n"),
             now=int(self.clock()), in_reply_to=_message_id(tx))
         self._send(domain, login, notice)
+        self._record_sent(login, KeyOrigin.AUTH_SUBMIT, str(login), digest)
         log.info("published %s for %s (auth-submit by %s)%s", cleaned.info.fingerprint,
                  ", ".join(map(str, cleaned.info.addresses)), login,
                  f"; refused {len(refused)} address(es)" if refused else "")
@@ -230,37 +238,41 @@ class Submissions:
             # answered): then the key it published carries its digest.
             owner = self.directory.find_user(response.address, with_key=True)
             stored = self.directory.current_key(owner) if owner is not None else None
-            if stored is not None and made_by(stored, digest):
-                if self._owes(digest):  # its notice was not sent: send it now
-                    with self._owing(digest):
-                        self._send(domain, response.address, wks.build_published_notice(
-                            submission_address=Address.parse(domain.submission_address),
-                            address=response.address, fingerprint=stored.fingerprint,
-                            now=now, in_reply_to=_message_id(tx)))
-                    log.info("published %s for %s (WKS confirmed; notice sent on the retry)",
-                             stored.fingerprint, response.address)
-                    return Discard("confirmed")
+            record = recorded(stored, digest)
+            if record is Record.SENT:
                 return self._again(digest, f"confirmation by {response.address}", "confirmed")
+            if stored is not None and record is Record.UNSENT:  # send the notice now
+                self._send(domain, response.address, wks.build_published_notice(
+                    submission_address=Address.parse(domain.submission_address),
+                    address=response.address, fingerprint=stored.fingerprint, now=now,
+                    in_reply_to=_message_id(tx)))
+                self._record_sent(response.address, KeyOrigin.WKS_CONFIRMED,
+                                  str(response.address), digest)
+                log.info("published %s for %s (WKS confirmed; notice sent on the retry)",
+                         stored.fingerprint, response.address)
+                return Discard("confirmed")
             raise MessageRefused("no pending request for this nonce (used, expired or unknown)"
                                  ) from None
         user = self.directory.find_user(response.address, with_key=True)
         if user is None:
             raise MessageRefused(f"{response.address} is no longer a user here")
-        with self._owing(digest):
-            try:
-                # The request is used up only after the key is written: of two concurrent
-                # responses only one uses it, and a publication that fails (the directory
-                # down) leaves the request for the retried response.
-                cleaned = self._publish(user, pending.key, [response.address],
-                                        KeyOrigin.WKS_CONFIRMED,
-                                        actor(str(response.address), digest), consume=pending)
-            except NotFound:
-                raise MessageRefused("this confirmation was used already") from None
-            notice = wks.build_published_notice(
-                submission_address=Address.parse(domain.submission_address),
-                address=response.address, fingerprint=cleaned.info.fingerprint, now=now,
-                in_reply_to=_message_id(tx))
-            self._send(domain, response.address, notice)
+        try:
+            # The request is used up only after the key is written: of two concurrent
+            # responses only one uses it, and a publication that fails (the directory
+            # down) leaves the request for the retried response.
+            cleaned = self._publish(user, pending.key, [response.address],
+                                    KeyOrigin.WKS_CONFIRMED,
+                                    actor(str(response.address), digest, sent=False),
+                                    consume=pending)
+        except NotFound:
+            raise MessageRefused("this confirmation was used already") from None
+        notice = wks.build_published_notice(
+            submission_address=Address.parse(domain.submission_address),
+            address=response.address, fingerprint=cleaned.info.fingerprint, now=now,
+            in_reply_to=_message_id(tx))
+        self._send(domain, response.address, notice)
+        self._record_sent(response.address, KeyOrigin.WKS_CONFIRMED, str(response.address),
+                          digest)
         log.info("published %s for %s (WKS confirmed)", cleaned.info.fingerprint,
                  response.address)
         return Discard("confirmed")
@@ -288,27 +300,29 @@ class Submissions:
             message = dkim.sign(message, keys)
         self.mailer.send(domain.submission_address, str(recipient), message)
 
-    def _owes(self, digest: str) -> bool:
-        with self._owed_lock:
-            return digest in self._owed
-
-    @contextlib.contextmanager
-    def _owing(self, digest: str) -> Iterator[None]:
-        """The message `digest` owes its notice until the block ends without an error: a
-        failure after its publication was written leaves it owed for the retry."""
-        with self._owed_lock:
-            self._owed[digest] = None
-            self._owed.move_to_end(digest)
-            while len(self._owed) > MAX_OWED:
-                self._owed.popitem(last=False)
-        yield
-        with self._owed_lock:
-            self._owed.pop(digest, None)
+    def _record_sent(self, address: Address, origin: KeyOrigin, who: str,
+                     digest: str) -> None:
+        """Record in the directory that the notice of the publication `digest` made went
+        out (the same key written again, its actor without "notice unsent"). Best effort:
+        on failure the milter still answers Discard, so no retry comes to send it again."""
+        try:
+            user = self.directory.find_user(address, with_key=True)
+            stored = self.directory.current_key(user) if user is not None else None
+            if user is None or stored is None or recorded(stored, digest) is not Record.UNSENT:
+                return  # published over meanwhile: nothing of ours to record
+            self._publish(user, stored.key, list(stored.addresses), origin,
+                          actor(who, digest, sent=True))
+        except MilterWkdError as exc:
+            log.warning("the notice for message %s went out, but recording it failed: %s",
+                        digest, exc)
+            return
+        if self._die_after_notice:
+            log.warning("%s=1: dying before the reply, as a SIGKILL would", DIE_AFTER_NOTICE)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _again(self, digest: str, what: str, outcome: str) -> Reply:
-        """A message whose publication is in the directory and whose notice was sent (or
-        was lost with a milter that died before sending it): a retry."""
-        log.info("retried %s (message %s): %s already, no second notice", what, digest,
+        """A message whose publication and sent notice the directory records: a retry."""
+        log.info("retried %s (message %s): %s already, notice sent already", what, digest,
                  outcome)
         return Discard(f"{outcome} already")
 
@@ -322,15 +336,21 @@ def message_digest(raw: bytes, header_octets: int) -> str:
     return hashlib.sha256(memoryview(raw)[header_octets + 2:]).hexdigest()[:16]
 
 
-def actor(who: str, digest: str) -> str:
+def actor(who: str, digest: str, *, sent: bool) -> str:
     """The provenance actor of a publication made by the message `digest`."""
-    return f"{who} (submission {digest})"
+    return f"{who} (submission {digest})" if sent else (
+        f"{who} (submission {digest}, notice unsent)")
 
 
-def made_by(stored: StoredKey | None, digest: str) -> bool:
-    """Was this published key written by the message `digest` (and nothing since)?"""
-    return (stored is not None and stored.provenance is not None
-            and stored.provenance.actor.endswith(f" (submission {digest})"))
+def recorded(stored: StoredKey | None, digest: str) -> Record:
+    """What this published key records of the message `digest` (see the module docstring)."""
+    if stored is None or stored.provenance is None:
+        return Record.NONE
+    if stored.provenance.actor.endswith(f" (submission {digest})"):
+        return Record.SENT
+    if stored.provenance.actor.endswith(f" (submission {digest}, notice unsent)"):
+        return Record.UNSENT
+    return Record.NONE
 
 
 def _message_id(tx: Transaction) -> str | None:

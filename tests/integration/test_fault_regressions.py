@@ -1,13 +1,14 @@
 """Regression tests for defects benchmarks/chaos.py found (issue #16), through the real
 peers: Postfix with milter_default_action = tempfail, our milter, slapd, Dovecot.
 
-- A milter killed after it wrote a publication and handed its notice to Postfix, before it
-  answered: Postfix (or the client) sends the same message again. The retry must neither
-  send a second notice nor be refused (a confirmation whose request the first attempt used
-  up was answered 550, which bounces to the user). The kill comes at the one point where
-  the old code sent the notice twice: the notice goes to the milter's mailer through a
-  relay of this test, which passes it on to the sandbox's reinjection smtpd, answers 250
-  and, asked to QUIT, SIGKILLs the milter instead of answering.
+- A milter that dies after it published a key and its notice went out, before it answered
+  Postfix: the same message comes again (Postfix's queue, the client). The retry must
+  neither send a second notice nor be refused (a confirmation whose request the first
+  attempt used up was answered 550, a bounce to the user). The milter is started with
+  MILTER_WKD_TEST_DIE_AFTER_NOTICE=1 (milter_wkd.submissions): it SIGKILLs itself right
+  after it recorded the sent notice in the directory, before its reply. (The first
+  version of this test killed the milter from a relay for its notices, on the QUIT after
+  the notice's 250: the old code sent two notices and refused the retried confirmation.)
 - Dovecot after slapd was killed and restarted: SMTP AUTH and IMAP logins succeed without
   waiting for Dovecot's LDAP reconnect (the shipped auth cache answers known users).
 """
@@ -19,9 +20,7 @@ import imaplib
 import os
 import signal
 import smtplib
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
@@ -30,108 +29,33 @@ from pathlib import Path
 import pytest
 
 from milter_wkd.sandbox import Sandbox
+from milter_wkd.submissions import DIE_AFTER_NOTICE
 from milter_wkd.values import Fingerprint
 from tests.support.mail import sandbox_fixture  # noqa: F401 (the `sandbox` fixture)
 from tests.support.wksmail import SUBMISSION, WksClient, inbox, published, wait_for_mail
 
 PUBLISHED = "Your key has been published"
-MAILER_PORT = "MILTER_WKD_MAILER_SMTP_PORT"
+DYING = "dying before the reply"
 
 
-class KillingRelay:
-    """An SMTP relay for the milter's generated mail: each message is passed on to the
-    sandbox's reinjection smtpd before it is answered 250. When armed, the QUIT that
-    follows is never answered: the milter is SIGKILLed then, after its notice went out and
-    before it answered Postfix."""
-
-    def __init__(self, sandbox: Sandbox) -> None:
-        self.sandbox = sandbox
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self.server.getsockname()[1]
-        self.armed = threading.Event()
-        self.killed = threading.Event()
-        self.relayed = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.close()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _peer = self.server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
-
-    def _session(self, conn: socket.socket) -> None:
-        with conn, conn.makefile("rb") as lines:
-            def say(*replies: str) -> None:
-                conn.sendall("".join(r + "\r\n" for r in replies).encode())
-
-            say("220 relay.test ESMTP")
-            sender, recipients = "", []
-            while line := lines.readline():
-                verb = line[:4].upper()
-                argument = line.decode("utf-8", "replace").strip()
-                if verb in (b"EHLO", b"HELO"):
-                    say("250-relay.test", "250 8BITMIME")
-                elif verb == b"MAIL":
-                    sender = argument.partition("<")[2].partition(">")[0]
-                    say("250 2.1.0 Ok")
-                elif verb == b"RCPT":
-                    recipients.append(argument.partition("<")[2].partition(">")[0])
-                    say("250 2.1.5 Ok")
-                elif verb == b"DATA":
-                    say("354 End data with <CR><LF>.<CR><LF>")
-                    say(self._relay(sender, recipients, self._data(lines)))
-                    sender, recipients = "", []
-                elif verb == b"QUIT":
-                    if self.armed.is_set():
-                        self.armed.clear()
-                        pid = self.sandbox.milter.pid if self.sandbox.milter else None
-                        assert pid is not None
-                        os.kill(pid, signal.SIGKILL)
-                        self.killed.set()
-                        return
-                    say("221 2.0.0 Bye")
-                    return
-                else:
-                    say("250 2.0.0 Ok" if verb in (b"RSET", b"NOOP") else "502 5.5.2 No")
-
-    @staticmethod
-    def _data(lines: object) -> bytes:
-        body = bytearray()
-        while True:
-            line = lines.readline()  # type: ignore[attr-defined]
-            if line in (b".\r\n", b".\n", b""):
-                return bytes(body)
-            body += line[1:] if line.startswith(b"..") else line
-
-    def _relay(self, sender: str, recipients: list[str], message: bytes) -> str:
-        reinject = self.sandbox.postfix.reinject
-        try:
-            with smtplib.SMTP(reinject.host, reinject.port, timeout=30) as smtp:
-                smtp.sendmail(sender, recipients, message)
-        except (OSError, smtplib.SMTPException) as exc:
-            return f"451 4.4.1 relay failed: {exc}"
-        self.relayed += 1
-        return "250 2.0.0 Ok: relayed"
-
-
-@pytest.fixture(scope="module")
-def relay(sandbox: Sandbox) -> Iterator[KillingRelay]:
-    """The milter restarted with its [mailer] pointing at a KillingRelay (disarmed)."""
-    assert sandbox.milter is not None
-    relay = KillingRelay(sandbox)
-    os.environ[MAILER_PORT] = str(relay.port)  # the milter inherits it
+def restart_milter(sandbox: Sandbox, *, die_after_notice: bool = False) -> None:
+    """Stop the milter (or reap it when it died), start it, and wait until Postfix may
+    connect: `milter-wkd milter` sets the socket's group a moment after libmilter made it
+    (root's probe in MilterDaemon.start connects before; Postfix got EACCES, 451)."""
+    milter = sandbox.milter
+    assert milter is not None
+    milter.stop()
+    if die_after_notice:
+        os.environ[DIE_AFTER_NOTICE] = "1"  # the milter inherits it
     try:
-        restart_milter(sandbox)
-        yield relay
+        milter.start()
     finally:
-        del os.environ[MAILER_PORT]
-        restart_milter(sandbox)
-        relay.close()
+        os.environ.pop(DIE_AFTER_NOTICE, None)
+    postfix_gid = grp.getgrnam("postfix").gr_gid
+    deadline = time.monotonic() + 10
+    while milter.socket_path.stat().st_gid != postfix_gid:
+        assert time.monotonic() < deadline, "the milter socket never got group postfix"
+        time.sleep(0.02)
 
 
 def with_message_id(raw: bytes, message_id: str) -> bytes:
@@ -181,31 +105,19 @@ def queue_settled(sandbox: Sandbox, timeout: float = 30.0) -> None:
         time.sleep(0.3)
 
 
-def killed_between_write_and_reply(sandbox: Sandbox, relay: KillingRelay, raw: bytes,
-                                   sender: str, login: tuple[str, str] | None) -> None:
-    """Send with the relay armed: the milter dies after the notice went out, Postfix
-    answers 4xx (milter_default_action = tempfail); then the milter is started again."""
-    relay.killed.clear()
-    relay.armed.set()
+def killed_after_the_notice(sandbox: Sandbox, raw: bytes, sender: str,
+                            login: tuple[str, str] | None) -> None:
+    """Send to a milter that dies after its notice went out and was recorded: Postfix
+    answers 4xx (milter_default_action = tempfail). Then the milter is started again, as
+    systemd would (Restart=on-failure)."""
+    assert sandbox.milter is not None
+    restart_milter(sandbox, die_after_notice=True)
+    logged = sandbox.milter.log.stat().st_size
     code, reply = send(sandbox, raw, sender, login=login)
-    assert relay.killed.wait(5), f"the milter was not killed; Postfix answered {code} {reply!r}"
     assert 400 <= code < 500, (code, reply)
-    restart_milter(sandbox)  # as systemd would (Restart=on-failure)
-
-
-def restart_milter(sandbox: Sandbox) -> None:
-    """Stop the milter (or reap it when killed), start it, and wait until Postfix may
-    connect: `milter-wkd milter` sets the socket's group a moment after libmilter made it
-    (root's probe in MilterDaemon.start connects before; Postfix got EACCES, 451)."""
-    milter = sandbox.milter
-    assert milter is not None
-    milter.stop()
-    milter.start()
-    postfix_gid = grp.getgrnam("postfix").gr_gid
-    deadline = time.monotonic() + 10
-    while milter.socket_path.stat().st_gid != postfix_gid:
-        assert time.monotonic() < deadline, "the milter socket never got group postfix"
-        time.sleep(0.02)
+    assert DYING in sandbox.milter.log.read_bytes()[logged:].decode(errors="replace"), \
+        logs(sandbox)
+    restart_milter(sandbox)
 
 
 @pytest.fixture(scope="module")
@@ -221,13 +133,13 @@ def users(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory,
 
 
 def test_a_retried_authenticated_submission_gets_one_notice(
-        sandbox: Sandbox, relay: KillingRelay, users: dict[str, WksClient]) -> None:
+        sandbox: Sandbox, users: dict[str, WksClient]) -> None:
     alice = users["alice"]
     account = sandbox.users["alice"]
     login = (account["address"], account["password"])
     message_id = "<retry-auth-submit@client.test.example.net>"
     raw = with_message_id(alice.create(account["address"]), message_id)
-    killed_between_write_and_reply(sandbox, relay, raw, account["address"], login)
+    killed_after_the_notice(sandbox, raw, account["address"], login)
     stored = published(sandbox, account["address"])
     assert stored is not None
     assert stored.fingerprint == Fingerprint.parse(alice.fpr)
@@ -242,7 +154,7 @@ def test_a_retried_authenticated_submission_gets_one_notice(
 
 
 def test_a_retried_confirmation_is_neither_refused_nor_notified_twice(
-        sandbox: Sandbox, relay: KillingRelay, users: dict[str, WksClient]) -> None:
+        sandbox: Sandbox, users: dict[str, WksClient]) -> None:
     bob = users["bob"]
     address = sandbox.users["bob"]["address"]
     code, reply = send(sandbox, bob.create(address), address, login=None)
@@ -251,7 +163,7 @@ def test_a_retried_confirmation_is_neither_refused_nor_notified_twice(
                             lambda m: str(m.get("Subject", "")).startswith("Confirm"))
     message_id = "<retry-confirmation@client.test.example.net>"
     response = with_message_id(bob.receive(request.raw), message_id)
-    killed_between_write_and_reply(sandbox, relay, response, address, None)
+    killed_after_the_notice(sandbox, response, address, None)
     stored = published(sandbox, address)
     assert stored is not None
     assert stored.fingerprint == Fingerprint.parse(bob.fpr)

@@ -202,6 +202,8 @@ def test_a_retried_submission_is_published_once_and_notified_once(
     assert first is not None
     assert first.provenance is not None
     assert first.provenance.actor.startswith("alice@example.org (submission ")
+    assert first.provenance.actor.endswith(")")  # the notice went out: recorded as sent
+    assert "notice unsent" not in first.provenance.actor
     assert service.decide(transaction(raw, login="alice@example.org")) == Discard(
         "published already")
     assert len(outbox.sent) == 1
@@ -220,7 +222,10 @@ def test_a_notice_the_mailer_refused_is_sent_on_the_retry(
     outbox.down = True
     reply = service.decide(transaction(raw, login="alice@example.org"))
     assert isinstance(reply, TempFail)
-    assert store.get_key(store.user(ALICE)) is not None  # written before the notice
+    written = store.get_key(store.user(ALICE))  # written before the notice
+    assert written is not None
+    assert written.provenance is not None
+    assert written.provenance.actor.endswith(", notice unsent)")
     outbox.down = False
     assert service.decide(transaction(raw, login="alice@example.org")) == Discard("published")
     ((_sender, recipient, notice),) = outbox.sent
