@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import cast
 
-TARGETS = ("packets", "armor", "clean_key", "wks", "autocrypt", "web", "config")
+TARGETS = ("packets", "armor", "clean_key", "revocation", "wks", "autocrypt", "web", "config")
 SLOW_SECONDS = 1.0
 
 
