@@ -30,7 +30,8 @@ A private sandbox (slapd, Dovecot, our milter, Postfix, the WKD responder on loo
                (b) a second responder of
                our own on the sandbox's slapd with [web] cache_bytes tiny (an LRU, misses
                ask slapd) and threads 4, flooded with look-ups of distinct random
-               addresses of the domain by a pool of threads while the hits are measured;
+               addresses of the domain by --flooders processes (not threads: they would share
+               the measuring client's GIL) while the hits are measured;
                slapd's cn=Monitor (added online) counts the searches (with the presence
                index of the responder's sync, milter_wkd.web.presence, misses of unknown
                addresses should cost none).
@@ -50,6 +51,9 @@ import argparse
 import concurrent.futures
 import contextlib
 import http.client
+import multiprocessing
+import multiprocessing.queues
+import multiprocessing.synchronize
 import os
 import random
 import re
@@ -72,6 +76,7 @@ from _common import SUBMISSION, KeyRing, address, password, users_ldif
 
 from milter_wkd.sandbox import Sandbox
 from milter_wkd.sandbox.daemons import LOOPBACK, free_port
+from milter_wkd.sandbox.slapd import SlapdError
 from milter_wkd.sandbox.wkd import WkdResponder
 from milter_wkd.wkd import local_part_hash
 
@@ -538,11 +543,12 @@ def nofile_limited(sb: Sandbox, port: int, ca: Path, pid: int, count: int) -> st
 
 
 def monitor(sb: Sandbox) -> None:
-    """slapd's cn=Monitor, added online (back-monitor is built into Debian's slapd)."""
-    sb.slapd.ldapmodify(
-        "dn: olcDatabase=monitor,cn=config\nobjectClass: olcDatabaseConfig\n"
-        "olcDatabase: monitor\nolcAccess: to * by dn.exact=gidNumber=0+uidNumber=0,"
-        "cn=peercred,cn=external,cn=auth read by * none\n", add=True)
+    """slapd's cn=Monitor, added online (back-monitor is built into Debian's slapd), once."""
+    with contextlib.suppress(SlapdError):  # added by an earlier run of part 3b
+        sb.slapd.ldapmodify(
+            "dn: olcDatabase=monitor,cn=config\nobjectClass: olcDatabaseConfig\n"
+            "olcDatabase: monitor\nolcAccess: to * by dn.exact=gidNumber=0+uidNumber=0,"
+            "cn=peercred,cn=external,cn=auth read by * none\n", add=True)
 
 
 def searches_done(sb: Sandbox) -> int:
@@ -554,9 +560,31 @@ def searches_done(sb: Sandbox) -> int:
     return int(re.search(r"monitorOpCompleted: (\d+)", out).group(1))  # type: ignore[union-attr]
 
 
+def flood(port: int, ca: Path, seed: int, stop: multiprocessing.synchronize.Event,
+          results: multiprocessing.queues.Queue[dict[int, int]], rate: float) -> None:
+    """One flooding process: look-ups of distinct random addresses until `stop`, as fast
+    as answered or (rate > 0) at `rate` per second; the answers' status codes counted
+    into `results`."""
+    rng = random.Random(seed)  # noqa: S311 (not secret)
+    client = Client(port, ca)
+    local: Counter[int] = Counter()
+    due = time.monotonic()
+    while not stop.is_set():
+        if rate > 0:
+            due += 1 / rate
+            time.sleep(max(0.0, due - time.monotonic()))
+        name = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(12))
+        try:
+            code, _ = client.get(wkd_path(name))
+        except (OSError, http.client.HTTPException):
+            code = 0
+        local[code] += 1
+    results.put(dict(local))
+
+
 def part3b(sb: Sandbox, work: Path, count: int, budget: int, flooders: int,
-           seconds: float) -> tuple[list[str], float]:
-    responder = WkdResponder(work / "wkd-lru", sb.slapd, port=free_port(),
+           seconds: float, rate: float = 0.0) -> tuple[list[str], float]:
+    responder = WkdResponder(work / f"wkd-lru-{rate:.0f}", sb.slapd, port=free_port(),
                              submission_public_key=sb.submission_public_key, threads=4)
     responder.write_config()
     text = responder.config_path.read_text()
@@ -576,37 +604,29 @@ def part3b(sb: Sandbox, work: Path, count: int, budget: int, flooders: int,
         time.sleep(3)
         background = (searches_done(sb) - idle_count) / (time.monotonic() - idle_began)
         start_count = searches_done(sb)
-        stop = threading.Event()
-        misses: Counter[int] = Counter()
-        lock = threading.Lock()
-
-        def flood(seed: int) -> None:
-            rng = random.Random(seed)  # noqa: S311 (not secret)
-            client = Client(port, ca)
-            local: Counter[int] = Counter()
-            while not stop.is_set():
-                name = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(12))
-                try:
-                    code, _ = client.get(wkd_path(name))
-                except (OSError, http.client.HTTPException):
-                    code = 0
-                local[code] += 1
-            with lock:
-                misses.update(local)
-
-        threads = [threading.Thread(target=flood, args=(k,), daemon=True)
-                   for k in range(flooders)]
+        # The flood runs in processes of its own: threads of this process would share
+        # its GIL with the client that measures the hits, and measure that contention.
+        context = multiprocessing.get_context("fork")
+        stop = context.Event()
+        results: multiprocessing.queues.Queue[dict[int, int]] = context.Queue()
+        workers = [context.Process(target=flood,
+                                   args=(port, ca, k, stop, results, rate / flooders),
+                                   daemon=True) for k in range(flooders)]
         began = time.monotonic()
-        for thread in threads:
-            thread.start()
+        for worker in workers:
+            worker.start()
         time.sleep(1)
-        row, p99, _ = responder_row(f"miss flood ({flooders} threads)", port, ca, pid,
-                                        count, [])
+        label = (f"miss flood ({flooders} processes"
+                 + (f", {rate:.0f}/s)" if rate > 0 else ")"))
+        row, p99, _ = responder_row(label, port, ca, pid, count, [])
         rows.append(row)
         time.sleep(max(0.0, seconds - (time.monotonic() - began)))
         stop.set()
-        for thread in threads:
-            thread.join()
+        misses: Counter[int] = Counter()
+        for _ in workers:
+            misses.update(results.get(timeout=60))
+        for worker in workers:
+            worker.join()
         flood_seconds = time.monotonic() - began
         searches = searches_done(sb) - start_count
         total = sum(misses.values())
@@ -635,6 +655,9 @@ def main() -> int:
     parser.add_argument("--budget", type=int, default=8192, help="[web] cache_bytes, part 3b")
     parser.add_argument("--flooders", type=int, default=16)
     parser.add_argument("--flood-seconds", type=float, default=15.0)
+    parser.add_argument("--flood-rate", type=float, nargs="+", default=[0.0],
+                        help="misses per second of the flood(s) in part 3b, one run each; "
+                             "0: as fast as answered")
     parser.add_argument("--hit-bound", type=float, default=5.0)
     parser.add_argument("--parts", nargs="+", default=["1", "2", "3"],
                         help="1 2 3 (3a and 3b), or 3a, 3b alone")
@@ -695,9 +718,10 @@ def main() -> int:
                         f"{'answers':>12} {'fds':>6} {'RSS MiB':>6} {'open/opened':>11}")
                 print(f"\n3b responder with a tiny cache: hits under a flood of distinct "
                       f"misses\n{head}", flush=True)
-                rows, flood_p99 = part3b(sb, work, args.hits, args.budget, args.flooders,
-                                         args.flood_seconds)
-                print(rows[0])
+                for rate in args.flood_rate:
+                    rows, flood_p99 = part3b(sb, work, args.hits, args.budget,
+                                             args.flooders, args.flood_seconds, rate)
+                    print(rows[0])
     finally:
         ring.close()
         shutil.rmtree(work, ignore_errors=True)

@@ -17,14 +17,14 @@ import pytest
 
 from milter_wkd import openpgp
 from milter_wkd.config import DirectoryConfig
-from milter_wkd.sandbox import Sandbox, SandboxError
+from milter_wkd.sandbox import Sandbox
 from milter_wkd.sandbox.slapd import Slapd
 from milter_wkd.store.ldapview import LdapKeyView
 from milter_wkd.store.schema import address_slot
 from milter_wkd.values import Address
 from milter_wkd.web.cache import KeyCache
+from tests.integration.test_replication import topology_fixture  # noqa: F401 (fixture)
 from tests.support.gnupg import GnuPG
-from tests.support.mail import require_mail_binaries
 from tests.support.wkd import remove_key, write_key
 
 pytestmark = pytest.mark.integration
@@ -199,20 +199,8 @@ def test_a_miss_of_an_unknown_address_in_lru_mode_asks_no_directory(
              "carol's new key is served in LRU mode")
 
 
-# -- replication ------------------------------------------------------------------------
-
-
-@pytest.fixture(name="topology", scope="module")
-def topology_fixture() -> Iterator[Sandbox]:
-    require_mail_binaries()
-    try:
-        sandbox = Sandbox(providers=2, consumers=1).start()
-    except SandboxError:  # a port chosen free was taken meanwhile: once more, fresh ports
-        sandbox = Sandbox(providers=2, consumers=1).start()
-    try:
-        yield sandbox
-    finally:
-        sandbox.stop()
+# -- replication (the `topology` fixture of test_replication.py: Sandbox(providers=2,
+# consumers=1), one per module) ----------------------------------------------------------
 
 
 def test_a_write_on_provider_2_reaches_the_consumer_follower_which_fails_over(
