@@ -47,6 +47,7 @@ import hashlib
 import http.client
 import os
 import re
+import socket
 import ssl
 import stat
 import time
@@ -145,6 +146,10 @@ class PortalClient:
             conn = PinnedHttps(self.host, self.port, address=self.connect, tls=self.tls,
                                timeout=self.timeout)
             conn.connect()
+            # http.client writes a POST's headers and body in two sends: with Nagle on,
+            # the body waits for the server's delayed ACK (40 ms a request). Browsers
+            # set TCP_NODELAY too.
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if isinstance(conn.sock, ssl.SSLSocket):
                 self.peer_certificate = dict(conn.sock.getpeercert() or {})
             self._conn = conn
