@@ -170,6 +170,9 @@ def test_a_restarted_slapd_is_resumed_from_the_cookie_without_a_reload(
     remove_key(slapd, BOB_DN)
     wait_for(lambda: served(cache, BOB) is None, "bob's removed key is gone")
     assert view.sync.resumes >= 2
+    print(f"resumed refresh after a change: {view.sync.last_refresh_entries} entries, "
+          f"{view.sync.last_refresh_present} present, {view.sync.last_refresh_deletes} "
+          "deleted")
     assert view.sync.last_refresh_entries + view.sync.last_refresh_deletes <= 1
     assert served(cache, ALICE) == cleaned(keys["alice"], ALICE)
     assert served(cache, CAROL) == cleaned(keys["carol"], CAROL)
