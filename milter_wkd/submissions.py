@@ -35,11 +35,15 @@ failed after the write, the reinjection refused the notice) and the retry publis
 (the same key: idempotent) or, for a confirmation whose request it used up, sends the
 notice of the key it published, then records it; recorded as sent, the retry is answered
 Discard with no second notice and no refusal (a used confirmation is no longer answered
-550, which bounced to the user). The notice is thus never lost, and sent twice only when
-the milter dies between the reinjection's 250 and the second directory write
-(milliseconds). Recording is best effort: when that write fails, the notice went out and
-the milter still answers Discard, so no retry comes. A deliberate second submission of the
-same key is a new message (new ciphertext) and gets its notice.
+550, which bounced to the user), unless the published key no longer holds what the
+submission brought (another user's proven claim took a subkey, an admin edited the key):
+then it is published and notified again, as a new message would be. The notice is thus
+never lost, and sent twice only when the milter dies between the reinjection's 250 and
+the second directory write (milliseconds). Recording is best effort: when that write
+fails, the notice went out and the milter still answers Discard, so no retry comes. A
+deliberate second submission of the same key is a new message (new ciphertext) and gets
+its notice; a second submission of the same unencrypted bytes that would change nothing
+is taken for a retry.
 
 Test hook (tests/integration/test_fault_regressions.py only): with the environment
 variable MILTER_WKD_TEST_DIE_AFTER_NOTICE=1 the milter SIGKILLs itself right after it
@@ -162,7 +166,9 @@ class Submissions:
             if refused:
                 reason += " (" + "; ".join(refused) + ")"
             return Reject(550, "5.7.1", reason)
-        if recorded(self.directory.current_key(user), digest) is Record.SENT:
+        stored = self.directory.current_key(user)
+        if recorded(stored, digest) is Record.SENT and self._holds(stored, everything, user,
+                                                                   domain):
             return self._again(digest, f"auth-submit by {login}", "published")
         cleaned = self._publish(user, submission.key, own, KeyOrigin.AUTH_SUBMIT,
                                 actor(str(login), digest, sent=False), everything)
@@ -319,6 +325,21 @@ class Submissions:
         if self._die_after_notice:
             log.warning("%s=1: dying before the reply, as a SIGKILL would", DIE_AFTER_NOTICE)
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def _holds(self, stored: StoredKey | None, submitted: openpgp.CleanResult, user: User,
+               domain: DomainConfig) -> bool:
+        """Does the published key still hold all the submission brought (merging it in
+        changes nothing)? Not when it changed since: another user's proven claim took a
+        subkey, an admin edited it; then the message is published (and notified) again."""
+        if stored is None or stored.fingerprint != submitted.info.fingerprint:
+            return False
+        limits = self.config.keys.limits(mailbox_only=domain.mailbox_only)
+        try:
+            merged = openpgp.merge_keys(stored.key, submitted.key, list(user.addresses),
+                                        limits=limits)
+        except Refused:
+            return False
+        return merged.key == stored.key
 
     def _again(self, digest: str, what: str, outcome: str) -> Reply:
         """A message whose publication and sent notice the directory records: a retry."""

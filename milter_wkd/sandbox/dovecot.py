@@ -7,6 +7,11 @@ base_dir, state_dir, instance_name and log; listen on 127.0.0.1 only; ssl = no).
 `dovecot -c FILE` (the master daemonizes and outlives the caller) and waits until LMTP
 and IMAP greet and the auth socket for Postfix exists.
 
+The shipped snippet's auth cache is on here too: a user who logged in or got mail within
+the hour is answered without slapd, so logins ride out a slapd restart (benchmarks/chaos.py,
+tests/integration/test_fault_regressions.py); a test that changes or removes a user's
+password must flush it (`doveadm -c <dovecot.conf> auth cache flush USER`).
+
 Mail is stored as Maildir under the sandbox, owned by the system user `mail` (Dovecot
 refuses root for mail, and a sandbox must not create users; a real server uses a
 dedicated `vmail`). The sandbox directory must therefore be traversable by that user.
