@@ -24,9 +24,10 @@ userN@example.org (password userN-secret) added to its directory, and one gpg ke
    page idle, then with --load-users users in a loop throughout, once signing in only
    (the CPU the page and its clients take) and once signing in and publishing (each
    publication is an LDAP write that the responder's mirror follows, and that makes it
-   forget the answers it remembered). Prints req/s and p99 of both, the ratio to nginx
-   (median of the rounds' ratios) in each condition, and the sessions per second the page
-   completed meanwhile.
+   forget the answers it remembered). Prints req/s, p99 and the server's CPU time per
+   request (its process group, from /proc) of both, the ratio to nginx (median of the
+   rounds' ratios) in each condition, and the sessions per second the page completed
+   meanwhile.
 
 The load generators share the 2 cores with the servers (and with everybody else on this
 shared machine): read the ratios, not the absolute figures.
@@ -52,7 +53,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import KeyRing, address, clock, password, users_ldif  # noqa: E402
-from wkd import LUA, check_same_answers, start_nginx, write_static, wrk  # noqa: E402
+from wkd import (  # noqa: E402
+    LUA,
+    check_same_answers,
+    group_cpu_seconds,
+    start_nginx,
+    write_static,
+    wrk,
+)
 
 from milter_wkd.check.portal import PortalClient  # noqa: E402
 from milter_wkd.sandbox import Sandbox  # noqa: E402
@@ -249,6 +257,10 @@ def main() -> int:
             script.write_text(LUA.format(paths=tmp / "paths.txt", host=HOST))
             check_same_answers(wkd, nginx_port, binary)
             servers = (("nginx", nginx_port), ("responder", wkd.port))
+            assert wkd.pid is not None
+            # Server CPU per request (their process groups, from /proc): steadier than
+            # req/s on a machine whose other load drifts.
+            groups = {"nginx": nginx.pid, "responder": os.getpgid(wkd.pid)}
             for _name, port in servers:
                 wrk(port, script, threads=args.threads, connections=args.connections,
                     duration=2)
@@ -258,7 +270,7 @@ def main() -> int:
                           (f"{args.load_users} users signing in", args.load_users, False),
                           (f"{args.load_users} users signing in + publishing",
                            args.load_users, True))
-            results: dict[str, dict[str, list[tuple[float, float]]]] = {
+            results: dict[str, dict[str, list[tuple[float, float, float]]]] = {
                 condition: {name: [] for name, _ in servers} for condition, _, _ in conditions}
             sessions = dict.fromkeys(results, 0)
             seconds = dict.fromkeys(results, 0.0)
@@ -271,12 +283,16 @@ def main() -> int:
                     with load:
                         started = clock()
                         for name, port in servers:
+                            before = group_cpu_seconds(groups[name])
                             rps, p99, _out = wrk(port, script, threads=args.threads,
                                                  connections=args.connections,
                                                  duration=args.duration)
-                            results[condition][name].append((rps, p99))
+                            cpu = ((group_cpu_seconds(groups[name]) - before)
+                                   / (rps * args.duration) * 1e6)
+                            results[condition][name].append((rps, p99, cpu))
                             print(f"round {round_ + 1}, {condition}: {name:9} {rps:9.0f} "
-                                  f"req/s  p99 {p99:6.2f} ms", flush=True)
+                                  f"req/s  p99 {p99:6.2f} ms  CPU {cpu:5.1f} us/request",
+                                  flush=True)
                         seconds[condition] += clock() - started
                         sessions[condition] += load.done
                     if load.errors:
@@ -284,8 +300,8 @@ def main() -> int:
             rates = {condition: sessions[condition] / seconds[condition]
                      for condition in results}
             print()
-            print(f"{'WKD, ' + str(len(paths)) + ' paths (90 % hits)':42}  {'nginx':>14}  "
-                  f"{'responder':>14}  {'page':>7}  ratio (rounds)")
+            print(f"{'WKD, ' + str(len(paths)) + ' paths (90 % hits)':42}  {'nginx':>22}  "
+                  f"{'responder':>22}  {'page':>7}  ratio (rounds)")
             for condition, runs in results.items():
                 ratios = sorted(ours[0] / theirs[0] for ours, theirs in
                                 zip(runs["responder"], runs["nginx"], strict=True))
@@ -293,13 +309,15 @@ def main() -> int:
                 for name in ("nginx", "responder"):
                     rps = statistics.median(r[0] for r in runs[name])
                     p99 = statistics.median(r[1] for r in runs[name])
-                    cells.append(f"{rps:7.0f} {p99:5.2f}ms")
-                print(f"{condition:42}  {cells[0]:>14}  {cells[1]:>14}  "
+                    cpu = statistics.median(r[2] for r in runs[name])
+                    cells.append(f"{rps:6.0f} {p99:6.2f}ms {cpu:4.1f}us")
+                print(f"{condition:42}  {cells[0]:>22}  {cells[1]:>22}  "
                       f"{rates[condition]:5.1f}/s  {statistics.median(ratios):.2f}x ("
                       + ", ".join(f"{r:.2f}" for r in ratios) + ")")
             print(f"page: rounds (sessions) per second the load users completed; "
                   f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s "
-                  f"x {args.rounds} rounds, 1 worker each (req/s and p99: medians)")
+                  f"x {args.rounds} rounds, 1 worker each (req/s, p99 and server CPU per "
+                  "request: medians)")
         finally:
             if nginx is not None:
                 terminate(nginx.pid, "nginx")
