@@ -598,6 +598,12 @@ def main() -> int:
                 print(f"{kind:16} {row['faults']:6} {row['4xx']:8} {row['5xx']:8} "
                       f"{row['conn']:7} {row['wkd-5xx']:7} {row['wkd-down']:8} "
                       f"{slowest[kind]:7.2f}s")
+            rounds: dict[str, list[str]] = defaultdict(list)  # kind -> AUTH max per fault
+            for kind, start, end in windows:
+                inside = [seconds for t, seconds, _, _ in out.logins if start <= t <= end]
+                rounds[kind].append(f"{max(inside, default=0.0):.2f}")
+            print("longest SMTP AUTH begun in each fault's window, in order: " + "; ".join(
+                f"{kind} {' / '.join(values)} s" for kind, values in rounds.items()))
             ordered = sorted(seconds for _, seconds, _, _ in out.logins)
             if ordered:
                 print(f"SMTP AUTH: {len(ordered)} logins, median "
