@@ -71,6 +71,7 @@ from wkd_memory import CREATED, synthetic_key  # noqa: E402
 
 from milter_wkd.config import DirectoryConfig  # noqa: E402
 from milter_wkd.openpgp import CleanResult, KeyInfo, clean_key, inspect_key  # noqa: E402
+from milter_wkd.openpgp.packets import dearmor  # noqa: E402
 from milter_wkd.sandbox.daemons import LOOPBACK, free_port, terminate, wait_until  # noqa: E402
 from milter_wkd.sandbox.slapd import (  # noqa: E402
     Slapd,
@@ -184,6 +185,26 @@ def generate(users: int, procs: int, ldif: Path, static_root: Path) -> tuple[flo
     return time.monotonic() - started, made, written
 
 
+def fill_static(ldif: Path, static_root: Path) -> int:
+    """Write the static file of every user entry of ldif that has none; how many."""
+    hu = static_root / "example.org" / "hu"
+    written = 0
+    mail = armored = ""
+    with ldif.open(encoding="ascii") as lines:
+        for line in lines:
+            if line.startswith("mail: "):
+                mail = line[6:].strip()
+            elif line.startswith("pgpKey:: "):
+                armored = line[9:].strip()
+            elif line == "\n" and mail and armored:
+                path = hu / address_hash(Address.parse(mail))
+                if not path.exists():
+                    path.write_bytes(dearmor(base64.b64decode(armored))[1])
+                    written += 1
+                mail = armored = ""
+    return written
+
+
 def check_with_gpg(workdir: Path, users: int, sample: int = 20) -> int:
     """Import a sample of the keys into a throwaway GnuPG home; count good self-signatures."""
     home = workdir / "gnupg"
@@ -230,6 +251,12 @@ def topology(workdir: Path, ldif: Path, servers: list[Slapd],
     subprocess.run(["slapadd", "-q", "-w", "-n1", "-F", str(provider1.config_dir),
                     "-l", str(ldif)], capture_output=True, check=True)
     times["slapadd"] = time.monotonic() - started
+    # The service accounts' passwords now, before the copies: every copy then holds the
+    # same contextCSN, which syncrepl takes as its cookie - nothing to refresh. (Written
+    # after the copies, they made each replica refresh the whole directory: 15 minutes.)
+    provider1.start(timeout=600)
+    provider1.set_service_passwords()
+    provider1.stop(timeout=600)
     others = [configured(workdir / "provider2", seed=False),
               configured(workdir / "consumer", seed=False)]
     servers += others
@@ -249,7 +276,6 @@ def topology(workdir: Path, ldif: Path, servers: list[Slapd],
         server.ldapmodify(replication_ldif(
             role, urls, suffix=server.suffix, replicator_dn=replicator["dn"],
             replicator_password=replicator["password"]))
-    provider1.set_service_passwords()  # replication carries the hashes to the others
     wait_replicated([*providers, consumer], timeout=300)
     times["replicated"] = time.monotonic() - started
     return providers, consumer, times
@@ -476,6 +502,9 @@ def main() -> int:
                         help="processes generating keys and LDIF")
     parser.add_argument("--workdir", default="/var/tmp", help="where the files go")
     parser.add_argument("--keep", action="store_true", help="keep the files afterwards")
+    parser.add_argument("--reuse", metavar="DIR",
+                        help="take DIR/users.ldif and DIR/static of an earlier run (with "
+                             "--keep) instead of generating them; --users must match")
     parser.add_argument("--mirror-budget", type=int, default=8 << 30,
                         help="cache_bytes for the full mirror (default 8 GiB)")
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
@@ -496,15 +525,21 @@ def main() -> int:
     wkd: WkdResponder | None = None
     nginx: subprocess.Popen[bytes] | None = None
     try:
-        ldif = work / "users.ldif"
-        wall, made, written = generate(args.users, args.procs, ldif, work / "static")
-        print(f"generated {args.users} keys, entries and claims in {wall:.0f} s wall "
-              f"({args.procs} processes; CPU: keys + LDIF {made:.0f} s, static files "
-              f"{written:.0f} s); LDIF {ldif.stat().st_size / MIB:.0f} MiB", flush=True)
+        if args.reuse:
+            ldif, static = Path(args.reuse) / "users.ldif", Path(args.reuse) / "static"
+            print(f"reusing {ldif} and {static}: {fill_static(ldif, static)} static files "
+                  "written again", flush=True)
+        else:
+            ldif, static = work / "users.ldif", work / "static"
+            wall, made, written = generate(args.users, args.procs, ldif, static)
+            print(f"generated {args.users} keys, entries and claims in {wall:.0f} s wall "
+                  f"({args.procs} processes; CPU: keys + LDIF {made:.0f} s, static files "
+                  f"{written:.0f} s); LDIF {ldif.stat().st_size / MIB:.0f} MiB", flush=True)
         print(f"gpg checked the self-signatures of {check_with_gpg(work, args.users)} "
               "sampled keys: all good", flush=True)
         providers, consumer, times = topology(work, ldif, servers)
-        ldif.unlink()
+        if not args.reuse:
+            ldif.unlink()
         print(f"slapadd {times['slapadd']:.0f} s ({args.users * 2 / times['slapadd']:.0f} "
               f"entries/s); data.mdb copied to provider 2 and the consumer in "
               f"{times['copy']:.0f} s; replication configured and converged in "
@@ -541,7 +576,7 @@ def main() -> int:
 
         nginx_port = free_port()
         nginx = start_nginx(work / "nginx", nginx_port, wkd.workdir / "wkd.crt",
-                            wkd.workdir / "wkd.key", work / "static", 1)
+                            wkd.workdir / "wkd.key", static, 1)
         same_answers(wkd, nginx_port, args.users)
         runs: dict[str, list[tuple[float, float]]] = {"nginx static": [], "milter-wkd web": []}
         ports = {"nginx static": nginx_port, "milter-wkd web": wkd.port}
@@ -585,7 +620,8 @@ def main() -> int:
         ours, theirs = medians["milter-wkd web"], medians["nginx static"]
         print(f"\nSUMMARY at {args.users} users (load now {os.getloadavg()}, "
               f"{os.cpu_count()} CPUs shared by every server and wrk):")
-        print(f"  generation {wall:.0f} s; slapadd {times['slapadd']:.0f} s; data.mdb "
+        generation = "reused" if args.reuse else f"{wall:.0f} s"
+        print(f"  generation {generation}; slapadd {times['slapadd']:.0f} s; data.mdb "
               f"{mdb_bytes(providers[0]) / MIB:.0f} MiB")
         print(f"  cold start, LRU: first answer {lru['first']:.1f} s "
               f"({verdict(lru['first'], TARGETS['cold start (LRU)'])}); RSS "
