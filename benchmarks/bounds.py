@@ -560,6 +560,18 @@ def searches_done(sb: Sandbox) -> int:
     return int(re.search(r"monitorOpCompleted: (\d+)", out).group(1))  # type: ignore[union-attr]
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time of these processes so far (/proc/PID/stat)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def flood(port: int, ca: Path, seed: int, stop: multiprocessing.synchronize.Event,
           results: multiprocessing.queues.Queue[dict[int, int]], rate: float) -> None:
     """One flooding process: look-ups of distinct random addresses until `stop`, as fast
@@ -612,6 +624,8 @@ def part3b(sb: Sandbox, work: Path, count: int, budget: int, flooders: int,
         workers = [context.Process(target=flood,
                                    args=(port, ca, k, stop, results, rate / flooders),
                                    daemon=True) for k in range(flooders)]
+        slapd_pid = sb.slapd.pid or 0
+        cpu_before = cpu_seconds(group(pid)), cpu_seconds([slapd_pid])
         began = time.monotonic()
         for worker in workers:
             worker.start()
@@ -627,6 +641,8 @@ def part3b(sb: Sandbox, work: Path, count: int, budget: int, flooders: int,
             misses.update(results.get(timeout=60))
         for worker in workers:
             worker.join()
+        responder_cpu = cpu_seconds(group(pid)) - cpu_before[0]
+        slapd_cpu = cpu_seconds([slapd_pid]) - cpu_before[1]
         flood_seconds = time.monotonic() - began
         searches = searches_done(sb) - start_count
         total = sum(misses.values())
@@ -634,7 +650,10 @@ def part3b(sb: Sandbox, work: Path, count: int, budget: int, flooders: int,
                     f"{flood_seconds:.1f} s ({total / flood_seconds:.0f}/s), answers "
                     f"{dict(misses)}; slapd (cn=Monitor): {searches} searches "
                     f"({searches / flood_seconds:.0f}/s; {background:.0f}/s of them the "
-                    f"responders' background reads, measured idle before)")
+                    f"responders' background reads, measured idle before); CPU per request "
+                    f"(misses and the {count} hits): responder "
+                    f"{responder_cpu / (total + count) * 1e6:.0f} us, slapd "
+                    f"{slapd_cpu / (total + count) * 1e6:.0f} us")
         print(rows[-1], flush=True)
     return rows, p99
 

@@ -10,8 +10,9 @@ of a key holder as it happens, resumed with its cookie after a reconnect or a fa
   attributes), `delete` (by entryUUID; persist-phase deletes also name the DN: an entry
   deleted or modified out of the filter), `present` and `present_done` (the present
   phase of a resumed refresh without a session log: every UUID not presented is gone),
-  `begin` (a search begins; not resumed: a full refresh, forget everything) and
-  `refresh_done`.
+  `begin` (a search begins; not resumed: a full refresh, forget everything),
+  `refresh_done` and `interrupted` (the search ended: changes are missed until the next
+  `refresh_done`).
 - Cookies (`parse_cookie`, `merge_cookie`): slapd 2.5's cookie is
   `rid=NNN[,sid=NNN],csn=<csn>[;<csn>...]`, one CSN per server ID (the third `#` field of
   a CSN). In the persist phase a cookie carries only the CSN of the provider that made
@@ -205,6 +206,10 @@ class SyncListener(Protocol):
     def refresh_done(self, resumed: bool) -> None:
         """The refresh phase ended; from now on every change comes as it happens."""
 
+    def interrupted(self) -> None:
+        """The search ended (connection lost, server gone): changes are not seen until
+        the next search's `refresh_done`."""
+
 
 class SyncFollower:
     def __init__(self, config: DirectoryConfig, base: str, filt: str,
@@ -253,6 +258,8 @@ class SyncFollower:
                     down = reason
                 wait = min(wait * 2, 5.0)
             finally:
+                if self.in_persist.is_set() or self.refreshing:
+                    self.listener.interrupted()
                 self.in_persist.clear()
                 if self._conn is not None:
                     close_connection(self._conn)

@@ -16,7 +16,10 @@ the start of an LRU), then the sync begins. Per message:
 - the end of a present phase: entries the index has and the server did not present are
   deletes;
 - the end of a full refresh: cached entries the refresh did not send were deleted
-  meanwhile; the index is complete (misses of unknown slots become 404s from memory).
+  meanwhile; the index is complete (misses of unknown slots become 404s from memory);
+- the sync interrupted (its server gone, until it resumes on this or the next server of
+  the uri list): the index is not complete (misses ask the directory) until the resumed
+  refresh ends.
 Renamed entries (modrdn) keep their old DN in the cache's bookkeeping until their next
 change; the answers stay right (the key does not move with the name).
 
@@ -129,6 +132,11 @@ class CacheSync:
         self._invalidate(set())  # what failed before the sync was interrupted
         self.index.complete = True
         self.ready.set()
+
+    def interrupted(self) -> None:
+        # Not following: a slot published meanwhile would be missing from the index, so
+        # misses ask the directory until the resumed refresh has brought the changes.
+        self.index.complete = False
 
     def _invalidate(self, affected: set[str],
                     changed: dict[str, Published] | None = None) -> None:

@@ -261,6 +261,15 @@ def test_in_lru_mode_a_miss_of_an_unknown_slot_asks_no_directory() -> None:
         assert cache.index_misses == 2
         assert cache.get(address_slot(ALICE)) == b"KA|alice@example.org"
         assert source.lookups == lookups + 1
+        # The sync interrupted: what was published meanwhile is not in the index, so
+        # misses ask the directory until a resumed refresh ends.
+        assert source.listener is not None
+        source.listener.interrupted()
+        assert cache.get(address_slot(NOBODY)) is None
+        assert source.lookups == lookups + 2
+        source.listener.refresh_done(True)
+        assert cache.get(address_slot(NOBODY)) is None
+        assert source.lookups == lookups + 2
     finally:
         cache.stop()
 
