@@ -30,6 +30,8 @@ from milter_wkd.mailer import FolderMailer
 from milter_wkd.openpgp import autocrypt_keydata, clean_key, packets
 from milter_wkd.replies import Accept, HeaderEdit
 from milter_wkd.sandbox import Sandbox
+from milter_wkd.sandbox.daemons import wait_until
+from milter_wkd.sandbox.milterd import MilterDaemon
 from milter_wkd.service import MailService
 from milter_wkd.store.ldapstore import LdapStore
 from milter_wkd.store.model import KeyOrigin, Provenance
@@ -370,3 +372,41 @@ def test_delta_chat_encrypted_mail_keeps_its_own_key(sandbox: Sandbox, alice_key
     assert _verifies(sandbox, message)
     log = Path(sandbox.milter.log if sandbox.milter else "").read_text(errors="replace")
     assert "no Autocrypt header for alice@example.org: the client sent multipart/enc" in log
+
+
+def test_without_signing_who_sends_is_learned_at_end_of_message(sandbox: Sandbox,
+                                                                alice_key: bytes) -> None:
+    """With [milter] dkim_sign_outgoing off, the milter asks Postfix for the sender, the
+    login and the client address at end of message instead of with RCPT TO (the body
+    decision no longer needs them): the header still follows the login and
+    trusted_networks, and mail from elsewhere still gets none."""
+    assert sandbox.milter is not None
+    config = sandbox.config_path.read_text(encoding="utf-8")
+    assert "dkim_sign_outgoing = true" in config
+    unsigned = sandbox.milter.dir / "unsigned.toml"
+    unsigned.write_text(config.replace("dkim_sign_outgoing = true",
+                                       "dkim_sign_outgoing = false"), encoding="utf-8")
+    served = sandbox.milter.socket_path.stat()
+
+    def start(milter: MilterDaemon) -> None:
+        milter.start()
+        # Postfix (as postfix) gets in once the milter has set the socket's group and mode.
+        wait_until(lambda: (milter.socket_path.stat().st_mode,
+                            milter.socket_path.stat().st_gid) == (served.st_mode,
+                                                                 served.st_gid),
+                   "the milter socket's group and mode")
+
+    sandbox.milter.stop()
+    milter = MilterDaemon(sandbox.milter.dir, unsigned)
+    try:
+        start(milter)
+        for login, source, header in (("alice", None, True), (None, "127.0.0.2", True),
+                                      (None, None, False)):
+            message_id, raw = mail(ALICE)
+            send(sandbox, raw, ALICE, ["bob@example.org"], login=login, source=source)
+            message = delivered(sandbox, message_id)
+            assert (message[autocrypt.HEADER] is not None) == header, (login, source)
+            assert message.get_all("DKIM-Signature") is None
+    finally:
+        milter.stop()
+        start(sandbox.milter)

@@ -12,10 +12,12 @@ from typing import Any
 
 import pytest
 
-from milter_wkd import logcontext
-from milter_wkd.milter import WkdMilter
+from milter_wkd import logcontext, milter
 from milter_wkd.replies import Accept, Reply
 from milter_wkd.transaction import Transaction
+from tests.unit.test_milter_adapter import Context, Milter
+
+MilterConfig = Milter().config  # [milter] dkim_sign_outgoing = false
 
 STORE = logging.getLogger("milter_wkd.store.ldapstore")
 PUBLICATION = logging.getLogger("milter_wkd.publication")
@@ -112,9 +114,9 @@ class _LoggingService:
     max_body = 1 << 20
     body_memory = 1 << 20
     spool = None
+    config = MilterConfig
 
     def wants_body(self, tx: Transaction) -> bool:
-        STORE.info("looking up %s", tx.mail_from)
         return False
 
     def is_submission(self, tx: Transaction) -> bool:
@@ -125,52 +127,46 @@ class _LoggingService:
         return Accept()
 
 
-def _milter(macros: dict[str, str]) -> WkdMilter:
-    milter = WkdMilter(_LoggingService())  # type: ignore[arg-type]
-    milter.getsymval = macros.get  # type: ignore[method-assign]
-    milter._protocol = 0  # what libmilter negotiated: nothing (@noreply's callbacks answer)
-    return milter
+def _connection(macros: dict[str, str]) -> Context:
+    ctx = Context(macros=macros)
+    milter._negotiate(_LoggingService(), ctx, [0x1FF, 0x1FFFFF, 0, 0])  # type: ignore[arg-type]
+    return ctx
 
 
-def _message(milter: WkdMilter, sender: str) -> Any:
-    milter.envfrom(f"<{sender}>")
-    milter.envrcpt("<key-submission@example.org>")
-    milter.header("From", sender)
-    milter.eoh()
-    return milter.eom()
+def _message(ctx: Context, sender: str) -> Any:
+    ctx.macros["{mail_addr}"] = sender
+    milter._envrcpt(ctx, b"<key-submission@example.org>")
+    milter._header(ctx, "From", sender.encode())
+    return milter._eom(ctx)
 
 
 def test_the_milter_sets_the_queue_id_postfix_names_and_clears_it(lines: io.StringIO) -> None:
-    # smtpd names the queue id at end of header at the latest (smtpd_delay_open_until_valid_rcpt)
-    macros: dict[str, str] = {}
-    milter = _milter(macros)
-    milter.envfrom("<alice@example.org>")
+    # Postfix names the queue id at end of message (smtpd_delay_open_until_valid_rcpt).
+    macros = {"{client_addr}": "192.0.2.1"}
+    ctx = _connection(macros)
     macros["i"] = "4QID1"
-    milter.envrcpt("<key-submission@example.org>")
-    milter.eoh()
-    milter.eom()
+    _message(ctx, "alice@example.org")
     STORE.info("after the message")
     macros["i"] = "4QID2"
-    _message(milter, "bob@example.org")
-    milter.close()
+    _message(ctx, "bob@example.org")
+    milter._close(ctx)
     got = lines.getvalue().splitlines()
-    assert got[2].startswith("INFO milter_wkd.milter 4QID1: Accept after ")
-    assert got[6].startswith("INFO milter_wkd.milter 4QID2: Accept after ")
-    del got[6], got[2]
+    assert got[1].startswith("INFO milter_wkd.milter 4QID1: Accept after ")
+    assert got[4].startswith("INFO milter_wkd.milter 4QID2: Accept after ")
+    del got[4], got[1]
     assert got == [
-        "INFO milter_wkd.store.ldapstore 4QID1: looking up alice@example.org [4QID1]",
         "INFO milter_wkd.publication 4QID1: publishing for alice@example.org [4QID1]",
         "INFO milter_wkd.store.ldapstore after the message [-]",
-        "INFO milter_wkd.store.ldapstore 4QID2: looking up bob@example.org [4QID2]",
         "INFO milter_wkd.publication 4QID2: publishing for bob@example.org [4QID2]",
     ]
     assert logcontext.current() is None
 
 
 def test_an_aborted_message_leaves_no_queue_id(lines: io.StringIO) -> None:
-    milter = _milter({"i": "4QID3"})
-    milter.envfrom("<alice@example.org>")
-    milter.eoh()
-    milter.abort()
+    ctx = _connection({"i": "4QID3"})
+    # An MTA that names the queue id early (smtpd_delay_open_until_valid_rcpt = no).
+    milter._envfrom(ctx, b"<alice@example.org>")
+    assert logcontext.current() == "4QID3"
+    milter._abort(ctx)
     STORE.info("next")
     assert lines.getvalue().splitlines()[-1] == "INFO milter_wkd.store.ldapstore next [-]"
