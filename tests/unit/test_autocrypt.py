@@ -2,6 +2,7 @@
 whose client does OpenPGP itself (issue #14)."""
 
 import base64
+from email.utils import getaddresses
 
 import pytest
 from hypothesis import given
@@ -145,3 +146,35 @@ def test_any_headers_and_body_give_a_reason_or_none(headers: list[tuple[str, str
                                                      body: bytes | None) -> None:
     found = autocrypt.client_does_openpgp(headers, body)
     assert found is None or isinstance(found, str)
+
+
+_FROM_PARTS = st.sampled_from(["a", "b.c", "Z9", "_", "-", "+", "=", "ä", " ", "\t", ".",
+                               "..", "@", "<", ">", ",", '"', "(", ")", ":", ";", "\\",
+                               "[", "]", "example.org", "x-y", "\n "])
+_ATOMS = st.sampled_from(["a", "b.c", "x-y", "example.org", "ä", "a..b", ".a", "a.", "",
+                          '"q"', "a b", "+", "_", "org."])
+_NAMES = st.sampled_from(["", "Alice", " Zoë Ä-b ", "A.", '"A"', "(c)", "a,b", "\t", "a@b"])
+# Mostly near "Name <local@domain>", with anything in between.
+_FROM_VALUES = st.one_of(
+    st.lists(_FROM_PARTS, max_size=12).map("".join),
+    st.tuples(_NAMES, st.sampled_from(["", "<", " <"]), _ATOMS, st.sampled_from(["@", ""]),
+              _ATOMS, st.sampled_from(["", ">", "> ", " (c)"])).map("".join))
+
+
+@given(_FROM_VALUES)
+def test_single_from_address_reads_simple_values_as_the_email_package_does(value: str,
+                                                                            ) -> None:
+    """The fast path for "addr", "<addr>" and "Name <addr>" gives what getaddresses gives."""
+    pairs = [addr for _, addr in getaddresses([value]) if addr]
+    try:
+        expected = Address.parse(pairs[0]) if len(pairs) == 1 else None
+    except Refused:
+        expected = None
+    assert autocrypt.single_from_address([value]) == expected
+
+
+@pytest.mark.parametrize("value", ["<user0@example.org>", "user0@example.org",
+                                   " Alice Liddell <alice@example.org> ", "Zoë <z@x.org>"])
+def test_simple_from_values_take_the_fast_path(value: str) -> None:
+    assert autocrypt._SIMPLE_FROM.fullmatch(value) is not None
+    assert autocrypt.single_from_address([value]) is not None
