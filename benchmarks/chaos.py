@@ -180,7 +180,11 @@ class Load:
         began = time.monotonic()
         ok = False
         try:
-            smtp.login(address(job.sender), password(job.sender))
+            # One mechanism, as mail clients use: smtplib's login() tries the next one after
+            # a failure, so a temporary failure (454, Dovecot could not ask slapd) came back
+            # as the LOGIN mechanism's 535 and counted as a refusal.
+            smtp.user, smtp.password = address(job.sender), password(job.sender)
+            smtp.auth("PLAIN", smtp.auth_plain)
             ok = True
         finally:
             # How long SMTP AUTH took (Dovecot asks slapd, or its cache), answered or not.
