@@ -23,7 +23,10 @@ from milter_wkd.store.ldapview import LdapKeyView
 from milter_wkd.store.schema import address_slot
 from milter_wkd.values import Address
 from milter_wkd.web.cache import KeyCache
-from tests.integration.test_replication import topology_fixture  # noqa: F401 (fixture)
+from tests.integration.test_replication import (  # the topology fixture, its poll
+    topology_fixture,  # noqa: F401 (a fixture)
+    wait_for,
+)
 from tests.support.gnupg import GnuPG
 from tests.support.wkd import remove_key, write_key
 
@@ -74,15 +77,6 @@ def started() -> Iterator[Callable[..., tuple[KeyCache, LdapKeyView]]]:
     for cache, view in running:
         cache.stop()
         view.close()
-
-
-def wait_for(condition: Callable[[], object], what: str) -> float:
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > DEADLINE:
-            pytest.fail(f"not within {DEADLINE:.0f} s: {what}")
-        time.sleep(0.01)
-    return time.monotonic() - started
 
 
 def settled(view: LdapKeyView, server: Slapd) -> None:
