@@ -209,7 +209,8 @@ def test_logins_ride_out_a_slapd_restart(sandbox: Sandbox) -> None:
     up only after 4 to 6 s: logins while slapd restarted failed ("Temporary authentication
     failure") or stalled, and every such failure raised the auth penalty of the client's
     address, which then held up all logins from it (the known users' too) for 4 to 15 s.
-    The shipped config caches what the directory said and has no auth penalty."""
+    The shipped config caches what the directory said, so a known user's login neither
+    fails nor raises the penalty (which stays on: see dovecot/milter-wkd.conf)."""
     smtp_login(sandbox, "carol")  # Dovecot knows carol now
     imap_login(sandbox, "carol")
     pid = sandbox.slapd.pid
@@ -217,15 +218,11 @@ def test_logins_ride_out_a_slapd_restart(sandbox: Sandbox) -> None:
     os.kill(pid, signal.SIGKILL)  # a crash, as benchmarks/chaos.py's slapd-kill
     try:
         down = (timed(smtp_login, sandbox, "carol"), timed(imap_login, sandbox, "carol"))
-        # A login the cache cannot answer (a wrong password: the directory must judge it)
-        # fails while slapd is down, and holds up no later login from this address.
-        with pytest.raises(smtplib.SMTPAuthenticationError):
-            smtp_login(sandbox, "carol", password="not-the-password")
         assert penalties(sandbox) == []
-        after_failure = timed(smtp_login, sandbox, "carol")
     finally:
         sandbox.slapd.start()
     after = (timed(smtp_login, sandbox, "carol"), timed(imap_login, sandbox, "carol"))
+    assert penalties(sandbox) == []
     print(f"\nlogins with slapd down: SMTP AUTH {down[0]:.3f} s, IMAP {down[1]:.3f} s, "
-          f"SMTP AUTH after a failed one {after_failure:.3f} s; right after its restart: "
+          f"right after its restart: "
           f"SMTP AUTH {after[0]:.3f} s, IMAP {after[1]:.3f} s")
