@@ -1,8 +1,11 @@
 """`milter-wkd milter --config FILE`: run the milter daemon in the foreground.
 
-systemd runs it (see systemd/milter-wkd.service); SIGTERM stops it. The unix socket gets
-[milter] socket_mode and socket_group as soon as libmilter has created it, so the MTA's
-user can connect while others cannot. The key follower (milter_wkd.reconcile) runs beside
+systemd runs it (see systemd/milter-wkd.service); SIGTERM stops it. The unix socket is
+created with [milter] socket_mode (the process umask is set from it until libmilter has
+made the socket: a chmod afterwards left a window in which Postfix was refused and
+answered 451) and then given socket_group (under systemd the unit's group already is
+Postfix's, so the socket is right from its first moment), so the MTA's user can connect
+while others cannot. The key follower (milter_wkd.reconcile) runs beside
 it in a thread: the milter's account is the one that may write keys.
 """
 
@@ -38,10 +41,12 @@ def register(sub: Any) -> None:
     parser.set_defaults(func=_run)
 
 
-def _fix_socket(path: Path, mode: int, group: str) -> None:
-    """Wait for libmilter to create the socket, then set its mode and group."""
+def _fix_socket(path: Path, mode: int, group: str, umask: int) -> None:
+    """Wait for libmilter to create the socket, then restore the umask and set its group
+    (and mode, should the umask not have been the one in force)."""
     for _ in range(100):
         if path.exists():
+            os.umask(umask)
             try:
                 if group:
                     os.chown(path, -1, grp.getgrnam(group).gr_gid)
@@ -50,6 +55,7 @@ def _fix_socket(path: Path, mode: int, group: str) -> None:
                 log.error("cannot set mode/group of %s: %s", path, exc)  # noqa: TRY400
             return
         time.sleep(0.05)
+    os.umask(umask)
     log.error("milter socket %s did not appear", path)
 
 
@@ -65,7 +71,10 @@ def _run(args: argparse.Namespace) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        threading.Thread(target=_fix_socket, args=(path, mode, cfg.milter.socket_group),
+        # bind() makes the socket 0777 & ~umask: born with socket_mode, never wider.
+        umask = os.umask(0o777 & ~mode)
+        threading.Thread(target=_fix_socket,
+                         args=(path, mode, cfg.milter.socket_group, umask),
                          daemon=True).start()
     directory = LdapStore(cfg.directory)
     service = MailService(cfg, directory, mailer.from_config(cfg.mailer))

@@ -1,16 +1,21 @@
 """The milter as a sandbox daemon: `milter-wkd milter --config <sandbox config>` in its own
-session, on a unix socket below the sandbox directory, ready when the socket accepts.
+session, on a unix socket below the sandbox directory, ready when the socket accepts and
+has its [milter] socket_group (the sandbox runs it as root: until the group is set,
+Postfix's smtpd would be refused).
 
 Failure: SandboxError with the milter's log tail.
 """
 
 from __future__ import annotations
 
+import grp
+import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from milter_wkd import config as config_mod
 from milter_wkd.sandbox.daemons import SandboxError, log_tail, read_pid, terminate, wait_until
 
 # The process name the kernel reports for `python -m milter_wkd` (argv[0] of the venv).
@@ -34,7 +39,12 @@ class MilterDaemon:
     def pid(self) -> int | None:
         return read_pid(self.pid_file)
 
-    def _answers(self) -> bool:
+    def _answers(self, group: str) -> bool:
+        try:
+            if group and os.stat(self.socket_path).st_gid != grp.getgrnam(group).gr_gid:
+                return False
+        except (OSError, KeyError):
+            return False
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
             try:
                 probe.connect(str(self.socket_path))
@@ -52,9 +62,10 @@ class MilterDaemon:
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
         self._proc = proc
+        group = config_mod.load(self.config_path).milter.socket_group
         self.pid_file.write_text(f"{proc.pid}\n", encoding="ascii")
         try:
-            wait_until(lambda: proc.poll() is None and self._answers(),
+            wait_until(lambda: proc.poll() is None and self._answers(group),
                        f"milter on {self.socket_path}", log=self.log)
         except SandboxError:
             if proc.poll() is not None:

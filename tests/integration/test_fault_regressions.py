@@ -21,6 +21,7 @@ import os
 import signal
 import smtplib
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
@@ -226,3 +227,27 @@ def test_logins_ride_out_a_slapd_restart(sandbox: Sandbox) -> None:
     print(f"\nlogins with slapd down: SMTP AUTH {down[0]:.3f} s, IMAP {down[1]:.3f} s, "
           f"right after its restart: "
           f"SMTP AUTH {after[0]:.3f} s, IMAP {after[1]:.3f} s")
+
+
+def test_the_milter_socket_is_born_with_its_mode(sandbox: Sandbox, tmp_path: Path) -> None:
+    """libmilter creates the socket with the process umask; the mode used to be set up to
+    50 ms later, and a connection in that window was refused ("Permission denied": Postfix
+    answered 451). The first stat of a new milter's socket must show [milter] socket_mode."""
+    path = tmp_path / "second.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "milter_wkd", "milter", "--config",
+         str(sandbox.config_path), "--socket", f"unix:{path}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        first = None
+        while first is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                first = os.stat(path)
+            except FileNotFoundError:
+                continue  # poll as fast as we can: the window was milliseconds wide
+        assert first is not None, "the socket did not appear"
+        assert first.st_mode & 0o777 == 0o660, oct(first.st_mode & 0o777)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
