@@ -79,11 +79,21 @@ class Holdings:
     attributes: dict[str, tuple[tuple[str, bool], ...]]  # hex -> (DN, held as primary)
 
 
+# The record a WKS publication keeps of the message that made it, at the end of the actor
+# (milter_wkd.submissions.actor writes it): not for people's eyes.
+_MESSAGE_RECORD = re.compile(r" \(submission [0-9a-f]{16}(?:, notice unsent)?\)\Z")
+
+
 @dataclass(frozen=True, slots=True)
 class Provenance:
     source: KeyOrigin
     actor: str
     published: int  # seconds since the epoch
+
+    @property
+    def who(self) -> str:
+        """The actor as people read it: without the record of the submission message."""
+        return _MESSAGE_RECORD.sub("", self.actor)
 
 
 @dataclass(frozen=True, slots=True)
