@@ -107,8 +107,12 @@ def check_postfix_params(params: dict[str, str], milter_socket: str, where: str,
     else:
         results.append(ok("postfix", "milter_protocol = 6"))
     if "{auth_authen}" not in params.get("milter_mail_macros", "").split():
-        results.append(fail("postfix", "milter_mail_macros lacks {auth_authen}: the milter "
-                            "cannot see who logged in", f"postconf -c {where} -e "
+        # The milter asks Postfix for the macros it needs (SMFIF_SETSYMLIST, milter_wkd.
+        # milter), which overrides this list for it: only an MTA that cannot be asked
+        # leaves the milter blind to who logged in.
+        results.append(warn("postfix", "milter_mail_macros lacks {auth_authen}: the milter "
+                            "asks Postfix for it itself, but an MTA that cannot be asked "
+                            "would not show it who logged in", f"postconf -c {where} -e "
                             "'milter_mail_macros = i {auth_type} {auth_authen} {auth_author} "
                             "{mail_addr} {mail_host} {mail_mailer}'"))
     else:
