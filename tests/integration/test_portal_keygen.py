@@ -3,9 +3,10 @@ the sandbox (as tests/integration/test_portal_browser.py, whose sandbox, NSS-db 
 page helpers this module reuses): alice signs in, makes a key pair in the page, the secret
 key and the revocation certificate land in the browser's download directory, then the page
 publishes the public key; gpg imports the downloaded secret key with its passphrase, the
-responder serves the same public key by WKD, gpg encrypts to the served key and decrypts
-with the imported one. Every request the browser sent (Chrome's performance log:
-Network.requestWillBeSent with its postData) is checked for secret key material.
+responder serves the same public key by WKD (gpg --locate-keys finds it), gpg encrypts to
+the served key and decrypts with the imported one. Every request the browser sent
+(Chrome's performance log: Network.requestWillBeSent with its postData) is checked for
+secret key material.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from tests.integration.test_portal_browser import (  # noqa: F401 (fixtures)
     wait_served,
 )
 from tests.support.gnupg import GnuPG
-from tests.support.peers import require_binary
+from tests.support.peers import ON_CI, require_binary
+from tests.support.wkd import WkdNamespace
 from tests.unit.test_portal import (  # noqa: F401 (fixtures)
     BASE,
     app,
@@ -241,6 +243,21 @@ def test_the_page_makes_a_key_pair_gpg_uses_and_the_server_never_sees_the_secret
         decrypted = gpg.run("--batch", "--pinentry-mode", "loopback", "--passphrase",
                             PASSPHRASE, "--decrypt", input=encrypted).stdout
         assert decrypted == b"a note for alice"
+
+        # gpg --locate-keys finds the same key by WKD (real clients ask port 443 only: a
+        # sandbox that could not have it, beside another one, leaves this step out).
+        if sandbox.wkd.port == 443:
+            with GnuPG(tmp_path / "loc") as locator:
+                space = WkdNamespace(tmp_path / "ns", sandbox.wkd.ca_file)
+                located = space.run([locator.gpg, "--batch", "--auto-key-locate",
+                                     "clear,nodefault,wkd", "--locate-keys",
+                                     "alice@example.org"], env=locator.env)
+                assert located.returncode == 0, located.stderr.decode(errors="replace")
+                rows = locator.colons("--list-keys")
+                assert next(r[9] for r in rows if r[0] == "fpr") == fingerprint
+                print("\ngpg --locate-keys alice@example.org found", fingerprint)
+        elif ON_CI:
+            pytest.fail("port 443 was taken: gpg --locate-keys could not be run")
 
         # No request the page sent carries secret key material (nor the passphrase); the
         # publishing POST carried the public key, so the log did see request bodies.
