@@ -34,7 +34,7 @@ Targets (#15): cold start <= 60 s with the LRU, p99 <= 5 ms, freshness <= 1 s, l
 
 Run (as root, in a network namespace of its own when others use the machine):
     .venv/bin/python benchmarks/scale.py [--users 1000000 --procs 2 --workdir /var/tmp]
-A small run for development: --users 20000. It needs disk (about 9 GB per slapd at
+A small run for development: --users 20000. It needs disk (about 5 GB per slapd at
 1,000,000 users, three of them, plus 1,000,000 small static files) and leaves nothing
 behind unless --keep.
 """
@@ -253,7 +253,7 @@ def topology(workdir: Path, ldif: Path, servers: list[Slapd],
     times["slapadd"] = time.monotonic() - started
     # The service accounts' passwords now, before the copies: every copy then holds the
     # same contextCSN, which syncrepl takes as its cookie - nothing to refresh. (Written
-    # after the copies, they made each replica refresh the whole directory: 15 minutes.)
+    # after the copies, they made each replica refresh the whole directory: > 5 minutes.)
     provider1.start(timeout=600)
     provider1.set_service_passwords()
     provider1.stop(timeout=600)
