@@ -38,7 +38,10 @@ from tests.support.gnupg import GnuPG
 from tests.support.peers import require_binary
 
 webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
+from selenium.common.exceptions import (  # noqa: E402
+    StaleElementReferenceException,
+    WebDriverException,
+)
 from selenium.webdriver.chrome.options import Options  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -168,6 +171,11 @@ def _stale(element: WebElement) -> bool:
         element.is_enabled()
     except StaleElementReferenceException:
         return True
+    except WebDriverException as exc:
+        # Chromium says so in other words while the old document is being replaced.
+        if "does not belong to the document" in str(exc):
+            return True
+        raise
     return False
 
 
